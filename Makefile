@@ -1,0 +1,31 @@
+# `make pretrain` and `make test` set up .venv on first use (about 2-3 minutes), then run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: venv pretrain test test-fast bench lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# Main job. Until the SimMIM stage lands this runs the encoder demo.
+pretrain: venv
+	$(PY) -m swinv2
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+bench: venv
+	$(PY) benchmarks/encoder.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache lightning_logs runs

@@ -1,0 +1,40 @@
+"""Shared test helpers: tiny SwinV2 configurations and weight randomisation."""
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise calls the network at import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# A 2-stage model small enough to run forward+backward in milliseconds: 32 px, patch 4 -> 8x8 -> 4x4 tokens.
+TINY = dict(
+    img_size=32,
+    patch_size=4,
+    embed_dim=24,
+    depths=(2, 2),
+    num_heads=(2, 4),
+    window_size=4,
+    num_classes=5,
+    drop_path_rate=0.0,
+)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Give every parameter non-trivial values (the official init zeroes the post-norms, hiding errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            if name.endswith("logit_scale"):
+                p.copy_(torch.log(torch.tensor(10.0)) + noise * 10)
+            elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + noise * 4)
+            else:
+                p.copy_(noise if p.ndim > 1 else noise * 4)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

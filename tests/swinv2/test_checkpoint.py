@@ -1,0 +1,184 @@
+"""load_pretrained: every supported format, window transfer, clear errors, no code execution."""
+
+import os
+
+import pytest
+import torch
+from conftest import TINY, randomize_
+from safetensors.torch import save_file
+
+import swinv2
+from swinv2.checkpoint import CheckpointMismatchError
+
+EMBED, DEPTHS, HEADS, WINDOW, CLASSES = TINY["embed_dim"], TINY["depths"], TINY["num_heads"], 4, TINY["num_classes"]
+
+
+def official_layout(rpe_names=False):
+    """A state dict written from the documented official layout (REFERENCE.md), not from our model."""
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+
+    def put(key, *shape):
+        sd[key] = torch.randn(*shape, generator=g) * 0.05
+
+    put("patch_embed.proj.weight", EMBED, 3, 4, 4)
+    put("patch_embed.proj.bias", EMBED)
+    put("patch_embed.norm.weight", EMBED)
+    put("patch_embed.norm.bias", EMBED)
+    n = WINDOW * WINDOW
+    for i, (depth, heads) in enumerate(zip(DEPTHS, HEADS)):
+        c = EMBED * 2**i
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}."
+            mlp = "rpe_mlp" if rpe_names else "cpb_mlp"
+            for norm in ("norm1", "norm2"):
+                put(p + f"{norm}.weight", c)
+                put(p + f"{norm}.bias", c)
+            put(p + "attn.logit_scale", heads, 1, 1)
+            put(p + "attn.q_bias", c)
+            put(p + "attn.v_bias", c)
+            put(p + "attn.qkv.weight", 3 * c, c)
+            put(p + "attn.proj.weight", c, c)
+            put(p + "attn.proj.bias", c)
+            put(p + f"attn.{mlp}.0.weight", 512, 2)
+            put(p + f"attn.{mlp}.0.bias", 512)
+            put(p + f"attn.{mlp}.2.weight", heads, 512)
+            put(p + "mlp.fc1.weight", 4 * c, c)
+            put(p + "mlp.fc1.bias", 4 * c)
+            put(p + "mlp.fc2.weight", c, 4 * c)
+            put(p + "mlp.fc2.bias", c)
+            put(p + "attn.relative_coords_table", 1, 2 * WINDOW - 1, 2 * WINDOW - 1, 2)
+            sd[p + "attn.relative_position_index"] = torch.zeros(n, n, dtype=torch.long)
+            if j % 2 and i == 0:
+                put(p + "attn_mask", 4, n, n)
+        if i < len(DEPTHS) - 1:
+            put(f"layers.{i}.downsample.reduction.weight", 2 * c, 4 * c)
+            put(f"layers.{i}.downsample.norm.weight", 2 * c)
+            put(f"layers.{i}.downsample.norm.bias", 2 * c)
+    put("norm.weight", EMBED * 2 ** (len(DEPTHS) - 1))
+    put("norm.bias", EMBED * 2 ** (len(DEPTHS) - 1))
+    put("head.weight", CLASSES, EMBED * 2 ** (len(DEPTHS) - 1))
+    put("head.bias", CLASSES)
+    return sd
+
+
+class YacsLikeConfig(dict):
+    """Stands in for the yacs CfgNode the official code pickles into its checkpoints."""
+
+
+def _assert_loaded(model, source_sd, prefix=""):
+    own = model.state_dict()
+    for k, v in source_sd.items():
+        k = k[len(prefix) :].replace("rpe_mlp", "cpb_mlp")
+        if k in own and not k.endswith(("relative_coords_table", "relative_position_index", "attn_mask")):
+            assert torch.equal(own[k], v), k
+
+
+@pytest.mark.parametrize("rpe_names", [False, True])
+def test_official_layout_loads_completely(tmp_path, rpe_names):
+    sd = official_layout(rpe_names)
+    path = tmp_path / "official.pth"
+    torch.save({"model": sd, "optimizer": {}, "epoch": 99, "config": YacsLikeConfig(DATA={"IMG_SIZE": 32})}, path)
+    model = swinv2.SwinTransformerV2(**TINY)
+    report = swinv2.load_pretrained(model, path)
+    assert report.format == "official"
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    _assert_loaded(model, sd)
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
+
+
+def test_simmim_checkpoint_with_encoder_prefix(tmp_path):
+    sd = {f"encoder.{k}": v for k, v in official_layout().items() if not k.startswith("head.")}
+    sd["encoder.mask_token"] = torch.randn(1, 1, EMBED)
+    sd["decoder.0.weight"] = torch.randn(32 * 32 * 3 // 4, 48, 1, 1)
+    sd["decoder.0.bias"] = torch.randn(32 * 32 * 3 // 4)
+    torch.save({"model": sd, "epoch": 800}, tmp_path / "simmim.pth")
+
+    model = swinv2.SwinTransformerV2(**{**TINY, "num_classes": 0}, mask_token=True)
+    report = swinv2.load_pretrained(model, tmp_path / "simmim.pth")
+    assert report.format == "simmim" and report.prefix == "encoder."
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert "decoder.0.weight" in report.dropped_keys
+    _assert_loaded(model, sd, prefix="encoder.")
+
+    finetune = swinv2.SwinTransformerV2(**TINY)  # fine-tuning model: new head, no mask token
+    report = swinv2.load_pretrained(finetune, sd)
+    assert report.unexpected_keys == [] and "mask_token" in report.dropped_keys
+    assert report.missing_keys == ["head.bias", "head.weight"]
+
+
+def test_ours_timm_and_safetensors_round_trip(tmp_path):
+    source = randomize_(swinv2.SwinTransformerV2(**TINY)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = source(x)
+    save_file(source.state_dict(), tmp_path / "encoder.safetensors")
+    for src in (source.state_dict(), tmp_path / "encoder.safetensors", {"module": source.state_dict()}):
+        model = swinv2.SwinTransformerV2(**TINY).eval()
+        report = swinv2.load_pretrained(model, src)
+        assert report.missing_keys == [] and report.unexpected_keys == []
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_larger_window_loads_and_recomputes_buffers():
+    source = randomize_(swinv2.SwinTransformerV2(**TINY))
+    target = swinv2.SwinTransformerV2(**{**TINY, "img_size": 64, "window_size": 8}, pretrained_window_sizes=(4, 4))
+    report = swinv2.load_pretrained(target, source.state_dict())
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert target.layers[0].blocks[0].attn.relative_coords_table.shape == (1, 15, 15, 2)
+    assert target.layers[0].blocks[1].attn_mask.shape == (4, 64, 64)
+    assert torch.isfinite(target(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_bias_table_variant_is_interpolated_to_new_window():
+    source = randomize_(swinv2.SwinTransformerV2(**TINY, position_bias="table"))
+    target = swinv2.SwinTransformerV2(**{**TINY, "img_size": 64, "window_size": 8}, position_bias="table")
+    report = swinv2.load_pretrained(target, source.state_dict())
+    key = "layers.0.blocks.0.attn.relative_position_bias_table"
+    assert key in report.resized_keys and report.missing_keys == []
+    table = target.state_dict()[key]
+    assert table.shape == (15 * 15, 2)
+    # The centre of the resized table (relative offset 0) keeps the source's centre value up to interpolation.
+    src = source.state_dict()[key].view(7, 7, 2)
+    assert torch.allclose(table.view(15, 15, 2)[7, 7], src[3, 3], atol=0.05)
+    assert torch.isfinite(target(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_mismatched_architecture_raises_clear_error():
+    source = swinv2.SwinTransformerV2(**{**TINY, "embed_dim": 32})
+    model = swinv2.SwinTransformerV2(**TINY)
+    with pytest.raises(CheckpointMismatchError) as err:
+        swinv2.load_pretrained(model, source.state_dict())
+    msg = str(err.value)
+    assert "'patch_embed.proj.weight'" in msg and "(32, 3, 4, 4)" in msg and "(24, 3, 4, 4)" in msg
+    assert "embed_dim" in msg
+
+
+def test_classifier_of_another_size_is_dropped():
+    source = randomize_(swinv2.SwinTransformerV2(**{**TINY, "num_classes": 1000}))
+    model = swinv2.SwinTransformerV2(**TINY)
+    report = swinv2.load_pretrained(model, source.state_dict())
+    assert "head.weight" in report.dropped_keys and report.missing_keys == ["head.bias", "head.weight"]
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), tmp_path / "nothing.pth")
+    with pytest.raises(CheckpointMismatchError, match="not a SwinV2 checkpoint"):
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), {"conv1.weight": torch.zeros(1)})
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_loading_never_executes_pickled_code(tmp_path):
+    marker = str(tmp_path / "pwned")
+    sd = swinv2.SwinTransformerV2(**TINY).state_dict()
+    torch.save({"model": sd, "payload": Exploit(marker)}, tmp_path / "evil.pth")
+    report = swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), tmp_path / "evil.pth")
+    assert not os.path.exists(marker)
+    assert report.missing_keys == []

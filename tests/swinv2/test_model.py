@@ -1,0 +1,182 @@
+"""SwinTransformerV2: variants, shapes, gradients, masking, memory features, paper-level facts."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY, randomize_
+
+import swinv2
+from swinv2.blocks import clamp_window
+
+
+@pytest.mark.parametrize("name", sorted(swinv2.VARIANTS))
+def test_every_variant_builds_with_official_keys(name):
+    with torch.device("meta"):
+        model = swinv2.create_model(name)
+    keys = model.state_dict().keys()
+    assert "layers.0.downsample.reduction.weight" in keys and "layers.3.downsample.reduction.weight" not in keys
+    assert "layers.0.blocks.1.attn_mask" in keys and "layers.0.blocks.0.attn_mask" not in keys
+    assert {"head.weight", "norm.weight", "patch_embed.proj.weight", "layers.0.blocks.0.attn.cpb_mlp.2.weight"} <= keys
+    has_norm3 = any(".norm3." in k for k in keys)
+    assert has_norm3 == (name in ("swinv2_huge", "swinv2_giant"))
+
+
+@pytest.mark.parametrize(
+    "name,paper_millions", [("swinv2_tiny", 28), ("swinv2_small", 50), ("swinv2_base", 88), ("swinv2_large", 197)]
+)
+def test_parameter_counts_match_paper(name, paper_millions):
+    with torch.device("meta"):
+        model = swinv2.create_model(name, num_classes=1000)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count - paper_millions) / paper_millions < 0.02, count
+
+
+def test_huge_and_giant_sizes_and_extra_norm_positions():
+    with torch.device("meta"):
+        huge, giant = swinv2.create_model("swinv2_huge"), swinv2.create_model("swinv2_giant")
+    assert abs(sum(p.numel() for p in huge.parameters()) / 1e6 - 658) / 658 < 0.02  # paper: 658M
+    assert abs(sum(p.numel() for p in giant.parameters()) / 1e9 - 3.0) / 3.0 < 0.02  # paper: 3.0B
+    # Every 6th block of a stage (stage-local, as timm's swinv2_cr and mmpretrain): blocks 5, 11, ..., 41.
+    with_norm = [j for j, blk in enumerate(giant.layers[2].blocks) if isinstance(blk.norm3, torch.nn.LayerNorm)]
+    assert with_norm == list(range(5, 42, 6))
+
+
+@pytest.mark.parametrize("position_bias", ["log_cpb", "linear_cpb", "table"])
+@pytest.mark.parametrize("extra_norm_period", [0, 2])
+def test_forward_backward_every_parameter_gets_finite_gradient(position_bias, extra_norm_period):
+    model = swinv2.SwinTransformerV2(
+        **TINY, position_bias=position_bias, extra_norm_period=extra_norm_period, mask_token=True, ape=True
+    )
+    randomize_(model)
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(2, 8, 8) > 0.5
+    feats = model.forward_features(x, mask)
+    assert feats.shape == (2, 4, 4, 48)  # 2 stages: one patch merging
+    logits = model.forward_head(feats)
+    assert logits.shape == (2, 5)
+    logits.square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} receives no gradient"
+
+
+def test_official_init_zeroes_post_norms_so_blocks_start_as_identity():
+    model = swinv2.SwinTransformerV2(**TINY)
+    blk = model.layers[0].blocks[0]
+    x = torch.randn(2, 8, 8, 24)
+    assert torch.equal(blk(x), x)
+    assert torch.allclose(blk.attn.logit_scale, torch.log(torch.tensor(10.0)).expand(2, 1, 1))
+
+
+def test_mask_token_replaces_masked_patches_only():
+    model = randomize_(swinv2.SwinTransformerV2(**TINY, mask_token=True))
+    x = torch.randn(1, 3, 32, 32)
+    none = model.embed(x)
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, 2, 3] = True
+    masked = model.embed(x, mask)
+    assert torch.equal(masked[0, 2, 3], model.mask_token[0, 0])
+    keep = ~mask[0]
+    assert torch.equal(masked[0][keep], none[0][keep])
+    assert torch.equal(model.embed(x, mask.float()), masked)  # 0/1 float masks behave as bool
+
+
+def test_mask_errors_are_clear():
+    model = swinv2.SwinTransformerV2(**TINY)
+    with pytest.raises(ValueError, match="mask_token=True"):
+        model.forward_features(torch.randn(1, 3, 32, 32), torch.zeros(1, 8, 8))
+    model = swinv2.SwinTransformerV2(**TINY, mask_token=True)
+    with pytest.raises(ValueError, match=r"mask shape \(1, 4, 4\) does not match the patch grid \(1, 8, 8\)"):
+        model.forward_features(torch.randn(1, 3, 32, 32), torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match="not divisible by patch_size 4"):
+        model(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="unknown model"):
+        swinv2.create_model("swinv2_tiniest")
+    with pytest.raises(ValueError, match="one value per stage"):
+        swinv2.SwinTransformerV2(**{**TINY, "window_size": (4, 4, 4)})
+
+
+def _values_and_grads(model, x):
+    model.zero_grad()
+    out = model.forward_features(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("head.")}
+
+
+def _assert_same(a, b, atol=1e-5):
+    (va, ga), (vb, gb) = a, b
+    torch.testing.assert_close(va, vb, atol=atol, rtol=1e-4)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_sequential_attention_matches_all_at_once(chunk):
+    model = randomize_(swinv2.SwinTransformerV2(**{**TINY, "img_size": 48}))  # 12x12 tokens: 9 windows/image
+    x = torch.randn(2, 3, 48, 48)
+    reference = _values_and_grads(model, x)
+    for layer in model.layers:
+        for blk in layer.blocks:
+            blk.attn.chunk_size = chunk
+    _assert_same(_values_and_grads(model, x), reference)
+    with torch.no_grad():  # inference path (no recomputation)
+        torch.testing.assert_close(model.forward_features(x), reference[0], atol=1e-5, rtol=1e-4)
+
+
+def test_activation_checkpointing_matches():
+    model = randomize_(swinv2.SwinTransformerV2(**TINY))
+    x = torch.randn(2, 3, 32, 32)
+    reference = _values_and_grads(model, x)
+    model.set_grad_checkpointing(True)
+    assert all(layer.use_checkpoint for layer in model.layers)
+    _assert_same(_values_and_grads(model, x), reference)
+
+
+def test_fused_and_explicit_attention_agree():
+    model = randomize_(swinv2.SwinTransformerV2(**TINY, fused_attn=False))
+    x = torch.randn(2, 3, 32, 32)
+    reference = _values_and_grads(model, x)
+    for m in model.modules():
+        if hasattr(m, "fused"):
+            m.fused = True
+    _assert_same(_values_and_grads(model, x), reference)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    model = randomize_(swinv2.SwinTransformerV2(**TINY)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.forward_features(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.forward_features(x)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
+
+
+def test_window_clamps_to_small_stages_per_axis():
+    assert clamp_window((6, 6), (12, 12), shift=True) == ((6, 6), (0, 0))
+    assert clamp_window((6, 16), (8, 8), shift=True) == ((6, 8), (0, 4))
+    model = swinv2.create_model("swinv2_tiny", img_size=192, window_size=12)
+    assert model.window_sizes == ((12, 12), (12, 12), (12, 12), (6, 6))
+
+
+def test_other_input_sizes_run_with_padding():
+    model = randomize_(swinv2.SwinTransformerV2(**TINY)).eval()
+    out = model.forward_features(torch.randn(1, 3, 40, 56))  # 10x14 tokens: windows padded
+    assert out.shape == (1, 5, 7, 48) and torch.isfinite(out).all()
+
+
+def test_swinv2_does_not_import_lightning():
+    banned = "('lightning', 'pytorch_lightning', 'omegaconf')"
+    code = f"import sys, swinv2; assert not any(m.split('.')[0] in {banned} for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_weight_decay_names():
+    model = swinv2.SwinTransformerV2(**TINY, mask_token=True)
+    names = model.no_weight_decay()
+    assert "mask_token" in names and "layers.0.blocks.0.attn.logit_scale" in names
+    assert "layers.0.blocks.0.attn.cpb_mlp.0.weight" in names
+    assert "layers.0.blocks.0.attn.qkv.weight" not in names
