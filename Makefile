@@ -14,9 +14,9 @@ $(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# Main job. Until the SimMIM stage lands this runs the encoder demo.
+# Main job: SimMIM pretraining of a small SwinV2 on the built-in digits (configs/pretrain/default.yaml).
 pretrain: venv
-	$(PY) -m swinv2
+	$(PY) -m simmim.pretrain
 
 test: venv
 	$(PY) -m pytest -q

@@ -1,0 +1,44 @@
+"""LightningCLI conventions shared by the stages: omegaconf configs, `fit` as the default subcommand,
+checkpoints in a fixed `<default_root_dir>/checkpoints` folder with `last.ckpt` (so `--ckpt_path last` resumes)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# main(args) is how tests and the entry point drive the CLI; the warning about args beside sys.argv is noise.
+warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+
+
+def with_default_subcommand(args: Optional[List[str]], default_config: Path) -> List[str]:
+    """Arguments without a subcommand run `fit`; without `--config` the stage's default config comes first, so
+    `--data.root DIR` alone runs the default recipe on DIR."""
+    args = list(args or [])
+    if not args or args[0] not in (*SUBCOMMANDS, "-h", "--help"):
+        args = ["fit", *args]
+    if args[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in args):
+        args = [args[0], "--config", str(default_config), *args[1:]]
+    return args
+
+
+class StageCLI(LightningCLI):
+    """LightningCLI with a fixed checkpoint folder; stages add their callbacks in `stage_callbacks`."""
+
+    def stage_callbacks(self) -> list:
+        return []
+
+    def instantiate_trainer(self, **kwargs):
+        root = self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
+        extra = kwargs.setdefault("callbacks", [])
+        if not any(isinstance(c, ModelCheckpoint) for c in extra):
+            extra.append(ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True))
+        extra.extend(self.stage_callbacks())
+        return super().instantiate_trainer(**kwargs)

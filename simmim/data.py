@@ -1,0 +1,148 @@
+"""Pretraining data: a folder of images -> (image, mask) batches, masks made in the workers."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import albumentations as A
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.images import UnreadableImageError, decode_image, list_images
+from simmim.masking import MaskGenerator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pretrain_transform(img_size: int, train: bool, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    """Official SimMIM-SwinV2 augmentation: RandomResizedCrop(scale 0.67-1, ratio 3/4-4/3), h-flip, normalise.
+    Validation: a plain resize."""
+    if train:
+        ops = [
+            A.RandomResizedCrop(size=(img_size, img_size), scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
+            A.HorizontalFlip(p=0.5),
+        ]
+    else:
+        ops = [A.Resize(img_size, img_size)]
+    return A.Compose([*ops, A.Normalize(mean=mean, std=std, max_pixel_value=255.0)])
+
+
+class MaskedImageDataset(Dataset):
+    """Images with SimMIM masks. A file that fails to decode yields None (with a warning naming it).
+
+    Args:
+        files: Image paths.
+        transform: albumentations pipeline ending in Normalize.
+        mask_generator: Makes one mask per sample.
+        fixed_masks: Seed each sample's mask by its index (validation: the same masks every epoch).
+    """
+
+    def __init__(self, files: List, transform: A.Compose, mask_generator: MaskGenerator, fixed_masks: bool = False):
+        self.files = files
+        self.transform = transform
+        self.mask_generator = mask_generator
+        self.fixed_masks = fixed_masks
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            img = decode_image(self.files[i])
+        except UnreadableImageError as e:
+            warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
+            return None
+        x = torch.from_numpy(self.transform(image=img)["image"]).permute(2, 0, 1)  # (3, H, W)
+        # Train masks come from torch's RNG, which DataLoader seeds differently in every worker.
+        seed = i if self.fixed_masks else int(torch.randint(0, 2**62, ()).item())
+        mask = torch.from_numpy(self.mask_generator(np.random.default_rng(seed)))
+        return x, mask
+
+
+def collate_skipping(batch: List) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the decodable samples; the third element counts the skipped ones."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0), len(batch)
+    return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), len(batch) - len(good)
+
+
+class PretrainDataModule(pl.LightningDataModule):
+    """A folder of images (recursive; ImageFolder class folders allowed, labels unused), split into train/val.
+
+    Args:
+        root: Image folder. None: the built-in digits, prepared under `data/digits/prepared` on first use.
+        img_size: Square crop size.
+        mask_patch_size: SimMIM mask unit in pixels (official: 32).
+        model_patch_size: The encoder's patch size (linked from the model).
+        mask_ratio: Fraction of mask patches masked (official: 0.6).
+        batch_size: Per-device batch size.
+        num_workers: DataLoader workers.
+        val_fraction: Held-out fraction of the files (a fixed split).
+        max_bad_fraction: Fail when more than this fraction of the images seen so far could not be decoded.
+        mean, std: Normalisation (ImageNet's by default).
+    """
+
+    def __init__(
+        self,
+        root: Optional[str] = None,
+        img_size: int = 192,
+        mask_patch_size: int = 32,
+        model_patch_size: int = 4,
+        mask_ratio: float = 0.6,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        val_fraction: float = 0.05,
+        max_bad_fraction: float = 0.01,
+        mean: Tuple[float, float, float] = IMAGENET_MEAN,
+        std: Tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.root, self.img_size, self.batch_size = root, img_size, batch_size
+        self.num_workers, self.val_fraction, self.max_bad_fraction = num_workers, val_fraction, max_bad_fraction
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
+        self.files = list_images(root) if root is not None else None  # fail at start-up, not mid-run
+
+    def prepare_data(self) -> None:
+        if self.root is None:
+            prepare_digits(DEFAULT_DIGITS_ROOT)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        files = self.files if self.files is not None else list_images(DEFAULT_DIGITS_ROOT)
+        order = np.random.default_rng(0).permutation(len(files))  # fixed split, independent of the run seed
+        n_val = int(round(len(files) * self.val_fraction))
+        self.val_files = [files[i] for i in sorted(order[:n_val])]
+        self.train_files = [files[i] for i in sorted(order[n_val:])]
+
+    def _loader(self, files: List, train: bool) -> DataLoader:
+        ds = MaskedImageDataset(
+            files, pretrain_transform(self.img_size, train, self.mean, self.std), self.mask_generator, not train
+        )
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(files) >= self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_skipping,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_files, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_files, train=False)
+
+    @property
+    def data_root(self) -> str:
+        return os.fspath(self.root if self.root is not None else DEFAULT_DIGITS_ROOT)

@@ -1,0 +1,66 @@
+"""Robust image decoding and image-folder listing shared by both stages.
+
+Every image becomes uint8 H x W x 3 RGB: grayscale is replicated, 16-bit and float images are rescaled, alpha is
+composited over white, CMYK is converted by the decoder. Unreadable files raise `UnreadableImageError` naming the
+path, so callers can skip and count them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+
+
+class UnreadableImageError(ValueError):
+    """A file that cannot be decoded as an image."""
+
+
+def list_images(root: str | os.PathLike) -> List[Path]:
+    """All image files below `root`, recursively, sorted. Raises a clear error for a missing or empty folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root} (set --data.root to a folder of images)")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return files
+
+
+def to_uint8_rgb(img: np.ndarray) -> np.ndarray:
+    """Decoder output (H, W), (H, W, 1|2|3|4) in BGR(A) order, uint8/uint16/float -> uint8 (H, W, 3) RGB."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.dtype == np.uint16:
+        img = img.astype(np.float32) / 65535.0
+    elif img.dtype != np.uint8:
+        img = img.astype(np.float32)
+        lo, hi = float(img.min()), float(img.max())
+        img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    else:
+        img = img.astype(np.float32) / 255.0
+    channels = img.shape[2]
+    if channels in (2, 4):  # gray+alpha or BGRA: composite over white
+        alpha = img[:, :, -1:]
+        img = img[:, :, :-1] * alpha + (1.0 - alpha)
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    rgb = img[:, :, ::-1]  # BGR -> RGB
+    return np.ascontiguousarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """Read any supported image file as uint8 (H, W, 3) RGB."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise UnreadableImageError(f"cannot read {path}: {e}") from e
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None or img.size == 0:
+        raise UnreadableImageError(f"cannot decode {path} as an image (corrupt or not an image file)")
+    return to_uint8_rgb(img)

@@ -1,0 +1,90 @@
+"""SimMIM: masked image modeling with a linear decoder and an L1 loss on masked pixels.
+
+Xie et al., "SimMIM: A Simple Framework for Masked Image Modeling", CVPR 2022. Module names follow the official
+checkpoint layout: `encoder.*` (with `encoder.mask_token`) and `decoder.0.*`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+    """Official SimMIM reduction: `sum(|pred - target| * M) / (sum(M) + 1e-5) / C`.
+
+    Args:
+        pred, target: (B, C, H, W).
+        pixel_mask: (B, 1, H, W), 1 where the pixel was masked.
+
+    Returns:
+        Scalar: the mean absolute error per masked pixel and channel.
+    """
+    per_pixel = (pred - target).abs()  # (B, C, H, W)
+    return (per_pixel * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / pred.shape[1]
+
+
+def local_stats(x: torch.Tensor, patch_size: int = 47) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel, per-channel mean and std of the `patch_size` x `patch_size` neighbourhood (padding excluded,
+    unbiased variance), as the official SwinV2 SimMIM `norm_targets`. Returns (mean, sqrt(var + 1e-6))."""
+    if patch_size % 2 == 0:
+        raise ValueError(f"norm_target_patch_size must be odd, got {patch_size}")
+    pool = dict(kernel_size=patch_size, stride=1, padding=patch_size // 2)
+    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
+    mean_sq = F.avg_pool2d(x**2, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(x), count_include_pad=True, **pool) * patch_size**2  # pixels in window
+    var = ((mean_sq - mean**2) * (count / (count - 1))).clamp(min=0.0)
+    return mean, (var + 1e-6) ** 0.5
+
+
+def normalize_target(x: torch.Tensor, patch_size: int = 47) -> torch.Tensor:
+    """Local target normalisation of the official SwinV2 SimMIM recipe (`NORM_TARGET.PATCH_SIZE: 47`)."""
+    mean, std = local_stats(x, patch_size)
+    return (x - mean) / std
+
+
+class SimMIM(nn.Module):
+    """Encoder + linear decoder (1x1 conv to stride^2 * 3 channels, PixelShuffle back to the image size).
+
+    Args:
+        encoder: Any model with `forward_features(x, mask) -> (B, h, w, C)` (NHWC), `num_features`, `in_chans`,
+            `patch_size`, and a mask token (e.g. `swinv2.SwinTransformerV2(mask_token=True)`).
+        encoder_stride: Total downsampling of the encoder (32 for SwinV2).
+        norm_target_patch_size: Odd window for local target normalisation (official SwinV2 recipe: 47), or None.
+    """
+
+    def __init__(self, encoder: nn.Module, encoder_stride: int = 32, norm_target_patch_size: Optional[int] = None):
+        super().__init__()
+        self.encoder = encoder
+        self.encoder_stride = encoder_stride
+        self.in_chans = encoder.in_chans
+        self.patch_size = encoder.patch_size
+        self.norm_target_patch_size = norm_target_patch_size
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, encoder_stride**2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(encoder_stride),
+        )
+
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) and patch mask (B, H/p, W/p) -> reconstruction (B, C, H, W)."""
+        z = self.encoder.forward_features(x, mask)  # (B, H/32, W/32, D)
+        return self.decoder(z.permute(0, 3, 1, 2))
+
+    def pixel_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, H/p, W/p) patch mask -> (B, 1, H, W) pixel mask."""
+        m = mask.to(torch.float32)
+        m = m.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)
+        return m.unsqueeze(1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked-pixel L1 loss (scalar) for images (B, C, H, W) and patch mask (B, H/p, W/p)."""
+        rec = self.reconstruct(x, mask).float()
+        target = (
+            x.float()
+            if self.norm_target_patch_size is None
+            else normalize_target(x.float(), self.norm_target_patch_size)
+        )
+        return masked_l1_loss(rec, target, self.pixel_mask(mask))

@@ -1,0 +1,77 @@
+"""Optimizer parameter groups and the per-step LR schedule of the official SimMIM/SwinV2 recipes."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Sequence, Set
+
+import torch
+
+
+def param_groups_weight_decay(
+    named_params: Iterable, weight_decay: float, skip_names: Set[str] = frozenset()
+) -> List[Dict]:
+    """Two AdamW groups: decayed weights, and the rest (1-D params, biases, names in `skip_names`).
+
+    The official pretraining code prefixes its skip keywords with `encoder.` and so never matches them: it
+    decays `logit_scale` and `cpb_mlp` (Swin-Transformer issue #369). Here the model's full parameter names are
+    matched, so they are excluded, as in the official fine-tuning code.
+    """
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name in skip_names:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    warmup_factor: float,
+    min_factor: float,
+    schedule: str = "cosine",
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+) -> float:
+    """LR multiplier at `step`: linear warmup from `warmup_factor` to 1, then cosine down to `min_factor` or
+    multistep decay by `gamma` at each milestone step (the official pretraining uses multistep at epoch 700)."""
+    if step < warmup_steps:
+        return warmup_factor + (1.0 - warmup_factor) * step / warmup_steps
+    if schedule == "multistep":
+        return gamma ** sum(step >= m for m in milestones)
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_schedule must be 'cosine' or 'multistep', got {schedule!r}")
+
+
+def scaled_lr(base_lr: float, total_batch: int, enabled: bool = True, reference_batch: int = 512) -> float:
+    """Official linear scaling rule: lr = base_lr * total_batch / 512."""
+    return base_lr * total_batch / reference_batch if enabled else base_lr
+
+
+def build_adamw_with_schedule(
+    groups: List[Dict],
+    lr: float,
+    betas,
+    eps: float,
+    warmup_steps: int,
+    total_steps: int,
+    warmup_lr: float,
+    min_lr: float,
+    schedule: str,
+    milestones: Sequence[int],
+    gamma: float,
+):
+    """AdamW plus a per-step LambdaLR, in Lightning's `configure_optimizers` format."""
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: lr_factor(s, warmup_steps, total_steps, warmup_lr / lr, min_lr / lr, schedule, milestones, gamma),
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,47 @@
+"""Stage 1 entry point: `python -m simmim.pretrain [fit|validate] [--config FILE] [--data.root DIR] ...`.
+
+With no arguments it pretrains a small SwinV2 on the built-in digits with `configs/pretrain/default.yaml`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+from simmim.callbacks import ExportEncoder, ReconstructionGrid
+from simmim.cli import CONFIG_DIR, StageCLI, with_default_subcommand
+from simmim.data import PretrainDataModule
+from simmim.pretrain_module import SimMIMPretrainer
+
+
+class PretrainCLI(StageCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.img_size", "model.img_size")
+        parser.link_arguments("model.patch_size", "data.model_patch_size")
+        parser.add_argument("--grid_every_n_epochs", type=int, default=1, help="reconstruction grid period")
+
+    def stage_callbacks(self) -> list:
+        self.grid = ReconstructionGrid(every_n_epochs=self._get(self.config_init, "grid_every_n_epochs") or 1)
+        self.export = ExportEncoder()
+        return [self.grid, self.export]
+
+
+def main(args: Optional[List[str]] = None) -> PretrainCLI:
+    args = with_default_subcommand(sys.argv[1:] if args is None else list(args), CONFIG_DIR / "pretrain/default.yaml")
+    cli = PretrainCLI(
+        SimMIMPretrainer,
+        PretrainDataModule,
+        args=args,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+    )
+    if cli.subcommand == "fit" and cli.trainer.is_global_zero:
+        ckpt = cli.trainer.checkpoint_callback
+        print(f"\ncheckpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or '-'})")
+        print(f"encoder export: {cli.export.path}")
+        print(f"reconstruction grid: {cli.grid.last_path}")
+    return cli
+
+
+if __name__ == "__main__":
+    main()

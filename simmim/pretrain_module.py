@@ -1,0 +1,125 @@
+"""Stage 1 system: SimMIM pretraining of a SwinV2 encoder as a LightningModule."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import pytorch_lightning as pl
+import torch
+
+import swinv2
+from simmim.model import SimMIM
+from simmim.optim import build_adamw_with_schedule, param_groups_weight_decay, scaled_lr
+
+
+class SimMIMPretrainer(pl.LightningModule):
+    """SimMIM pretraining with the official SwinV2 recipe (REFERENCE.md).
+
+    Args:
+        arch: `swinv2.create_model` name.
+        img_size: Input size (linked from the data).
+        patch_size: Encoder patch size (linked to the data's mask generator).
+        window_size: Window per stage (int or one per stage).
+        drop_path_rate: Stochastic depth.
+        encoder_kwargs: Further `SwinTransformerV2` arguments (embed_dim, depths, num_heads, use_checkpoint, ...).
+        norm_target_patch_size: Local target normalisation window (official: 47); None for raw pixels.
+        base_lr, warmup_lr, min_lr: Per 512 images when `scale_lr` (official: 1e-4, 5e-7, 5e-6).
+        scale_lr: Apply lr * total_batch / 512 (total batch = per-device batch x devices x accumulation).
+        warmup_epochs: Linear warmup length.
+        lr_schedule: "multistep" (official pretraining) or "cosine".
+        milestones: Epochs at which multistep multiplies the LR by `gamma` (official: [700]).
+        weight_decay, betas, eps: AdamW.
+        max_bad_fraction: Abort when more than this fraction of the images seen could not be decoded.
+    """
+
+    def __init__(
+        self,
+        arch: str = "swinv2_base",
+        img_size: int = 192,
+        patch_size: int = 4,
+        window_size: Any = 12,
+        drop_path_rate: float = 0.1,
+        encoder_kwargs: Optional[Dict[str, Any]] = None,
+        norm_target_patch_size: Optional[int] = 47,
+        base_lr: float = 1e-4,
+        warmup_lr: float = 5e-7,
+        min_lr: float = 5e-6,
+        scale_lr: bool = True,
+        warmup_epochs: float = 10,
+        lr_schedule: str = "multistep",
+        milestones: Tuple[int, ...] = (700,),
+        gamma: float = 0.1,
+        weight_decay: float = 0.05,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        max_bad_fraction: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        encoder = swinv2.create_model(
+            arch,
+            img_size=img_size,
+            patch_size=patch_size,
+            window_size=window_size,
+            drop_path_rate=drop_path_rate,
+            num_classes=0,
+            mask_token=True,
+            **(encoder_kwargs or {}),
+        )
+        self.model = SimMIM(encoder, encoder.encoder_stride, norm_target_patch_size)
+        self.seen_images = 0
+        self.bad_images = 0
+        self._t_batch = time.perf_counter()
+
+    @property
+    def encoder(self) -> swinv2.SwinTransformerV2:
+        return self.model.encoder
+
+    def _count_bad(self, batch_size: int, skipped: int) -> None:
+        self.seen_images += batch_size + skipped
+        self.bad_images += skipped
+        if self.bad_images > max(1.0, self.hparams.max_bad_fraction * self.seen_images):  # one is always tolerated
+            raise RuntimeError(
+                f"{self.bad_images} of {self.seen_images} images could not be decoded, more than max_bad_fraction="
+                f"{self.hparams.max_bad_fraction}; see the warnings for their paths, fix or remove them"
+            )
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, mask, skipped = batch
+        self._count_bad(len(x), skipped)
+        loss = self.model(x, mask)
+        now = time.perf_counter()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/throughput_img_s", len(x) / max(now - self._t_batch, 1e-9))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        self._t_batch = now
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, mask, skipped = batch
+        if len(x):
+            self.log("val/loss", self.model(x, mask), prog_bar=True, batch_size=len(x), sync_dist=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        skip = {f"model.encoder.{n}" for n in self.encoder.no_weight_decay()}
+        groups = param_groups_weight_decay(self.named_parameters(), hp.weight_decay, skip)
+        trainer = self.trainer
+        total_batch = trainer.datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        total_steps = int(trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total_steps // max(1, trainer.max_epochs or 1))
+        lr = scaled_lr(hp.base_lr, total_batch, hp.scale_lr)
+        return build_adamw_with_schedule(
+            groups,
+            lr=lr,
+            betas=hp.betas,
+            eps=hp.eps,
+            warmup_steps=int(hp.warmup_epochs * steps_per_epoch),
+            total_steps=total_steps,
+            warmup_lr=scaled_lr(hp.warmup_lr, total_batch, hp.scale_lr),
+            min_lr=scaled_lr(hp.min_lr, total_batch, hp.scale_lr),
+            schedule=hp.lr_schedule,
+            milestones=[m * steps_per_epoch for m in hp.milestones],
+            gamma=hp.gamma,
+        )

@@ -1,0 +1,75 @@
+"""Robust decoding and the pretraining data module's handling of bad input."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from simmim.data import MaskedImageDataset, PretrainDataModule, collate_skipping, pretrain_transform
+from simmim.images import UnreadableImageError, decode_image, list_images
+from simmim.masking import MaskGenerator
+
+
+def _write(path, img):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+    return path
+
+
+def test_grayscale_16bit_rgba_and_colour_all_become_uint8_rgb(tmp_path):
+    gray = _write(tmp_path / "g.png", np.full((10, 12), 200, np.uint8))
+    deep = _write(tmp_path / "d.png", np.full((10, 12), 65535 // 2, np.uint16))
+    bgra = np.zeros((10, 12, 4), np.uint8)
+    bgra[..., 2], bgra[..., 3] = 255, 0  # red but fully transparent: composited over white
+    rgba = _write(tmp_path / "a.png", bgra)
+    bgr = np.zeros((10, 12, 3), np.uint8)
+    bgr[..., 0] = 255  # blue in OpenCV's BGR order
+    colour = _write(tmp_path / "c.bmp", bgr)
+    for p in (gray, deep, rgba, colour):
+        img = decode_image(p)
+        assert img.shape == (10, 12, 3) and img.dtype == np.uint8, p
+    assert (decode_image(gray) == 200).all()
+    assert (decode_image(deep) == 127).all()  # 16-bit is rescaled, not clipped to white
+    assert (decode_image(rgba) == 255).all()
+    assert decode_image(colour)[0, 0].tolist() == [0, 0, 255]  # RGB order
+
+
+def test_corrupt_file_raises_named_error(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(UnreadableImageError, match="bad.jpg"):
+        decode_image(bad)
+
+
+def test_missing_and_empty_folders_fail_at_start_up(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder not found: .*nowhere"):
+        PretrainDataModule(root=str(tmp_path / "nowhere"))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    with pytest.raises(FileNotFoundError, match="no images .* found under .*empty"):
+        PretrainDataModule(root=str(tmp_path / "empty"))
+
+
+def test_recursive_listing_with_class_folders(tmp_path):
+    for i, ext in enumerate(["png", "jpg", "webp", "tif", "bmp"]):
+        _write(tmp_path / f"class{i % 2}" / "deeper" / f"img{i}.{ext}", np.zeros((8, 8, 3), np.uint8))
+    assert len(list_images(tmp_path)) == 5
+
+
+def test_corrupt_file_among_good_ones_is_skipped_with_warning(tmp_path):
+    files = [_write(tmp_path / f"{i}.png", np.full((40, 40, 3), 50 * i, np.uint8)) for i in range(3)]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    files.append(tmp_path / "broken.png")
+    ds = MaskedImageDataset(files, pretrain_transform(32, True, (0.5,) * 3, (0.5,) * 3), MaskGenerator(32, 16, 4))
+    with pytest.warns(UserWarning, match="broken.png"):
+        x, mask, skipped = collate_skipping([ds[i] for i in range(len(ds))])
+    assert x.shape == (3, 3, 32, 32) and mask.shape == (3, 8, 8) and skipped == 1
+
+
+def test_train_masks_differ_and_val_masks_are_fixed(tmp_path):
+    files = [_write(tmp_path / f"{i}.png", np.zeros((32, 32, 3), np.uint8)) for i in range(2)]
+    gen = MaskGenerator(32, 8, 4, 0.5)
+    train = MaskedImageDataset(files, pretrain_transform(32, True, (0.5,) * 3, (0.5,) * 3), gen)
+    val = MaskedImageDataset(files, pretrain_transform(32, False, (0.5,) * 3, (0.5,) * 3), gen, fixed_masks=True)
+    assert not all(torch.equal(train[0][1], train[0][1]) for _ in range(5))
+    assert torch.equal(val[1][1], val[1][1])

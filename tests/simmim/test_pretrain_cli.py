@@ -1,0 +1,120 @@
+"""The pretraining CLI end to end on tiny budgets: configs, bad keys, learning, resume, export."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import swinv2
+from simmim.builtin_data import prepare_digits
+from simmim.pretrain import main
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "pretrain").glob("*.yaml"))
+FAST = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return str(prepare_digits(tmp_path_factory.mktemp("digits")))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_pretrain_config_parses_and_instantiates(config, tmp_path, digits):
+    cfg = OmegaConf.load(config)
+    # Large variants: check the recipe values, instantiate a shrunken copy so the test stays fast.
+    args = ["fit", "--config", str(config), "--data.root", digits, "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--print_config"]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 0
+    assert cfg.model.arch.startswith("swinv2_")
+    with torch.device("meta"):
+        swinv2.create_model(
+            cfg.model.arch,
+            img_size=cfg.data.img_size,
+            window_size=cfg.model.window_size,
+            mask_token=True,
+            **(cfg.model.get("encoder_kwargs") or {}),
+        )
+
+
+def test_unknown_config_key_names_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.learning_rat", "0.1", "--trainer.default_root_dir", str(tmp_path)])
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def _fit(tmp_path, digits, *extra):
+    return main(
+        [
+            "fit",
+            "--data.root",
+            digits,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.batch_size",
+            "32",
+            *FAST,
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_validation_loss_falls_and_encoder_is_exported(tmp_path, digits):
+    before = main(["validate", "--data.root", digits, "--trainer.default_root_dir", str(tmp_path), *FAST])
+    loss0 = before.trainer.callback_metrics["val/loss"].item()
+    cli = _fit(tmp_path, digits, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "20")
+    loss1 = cli.trainer.callback_metrics["val/loss"].item()
+    assert loss1 < 0.95 * loss0, (loss0, loss1)  # 40 steps of 32 images: about 10% lower
+    export = cli.export.path
+    assert os.path.exists(export) and os.path.exists(cli.grid.last_path)
+    enc = swinv2.create_model(
+        "swinv2_tiny",
+        img_size=64,
+        window_size=4,
+        embed_dim=48,
+        depths=(2, 2, 2, 2),
+        num_heads=(2, 4, 8, 16),
+        num_classes=0,
+        mask_token=True,
+    )
+    assert swinv2.load_pretrained(enc, export).missing_keys == []
+    report = swinv2.load_pretrained(enc, cli.trainer.checkpoint_callback.last_model_path)  # Lightning checkpoint
+    assert report.prefix == "model.encoder." and report.missing_keys == [] and report.unexpected_keys == []
+    assert torch.equal(enc.mask_token, cli.model.encoder.mask_token.detach())
+
+
+@pytest.mark.slow
+def test_resume_from_last_continues_step_and_optimizer_state(tmp_path, digits):
+    first = _fit(
+        tmp_path,
+        digits,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+    )
+    assert first.trainer.global_step == 3
+    saved = torch.load(os.path.join(tmp_path, "checkpoints", "last.ckpt"), weights_only=False)
+    second = _fit(
+        tmp_path,
+        digits,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--ckpt_path",
+        "last",
+    )
+    assert second.trainer.global_step == 6
+    assert saved["global_step"] == 3
+    resumed = torch.load(os.path.join(tmp_path, "checkpoints", "last.ckpt"), weights_only=False)
+    state = resumed["optimizer_states"][0]["state"]
+    assert all(s["step"].item() == 6 for s in state.values())  # Adam moments continued, not restarted
