@@ -3,8 +3,9 @@
     python benchmarks/encoder.py                       # SwinV2-T, 192 px, window 12, batch 8, fp32 + bf16, CPU
     python benchmarks/encoder.py --device cuda --batch 64
 
-Both models get the same weights (`to_timm_state_dict`). Timing alternates ours/timm round by round so that
-machine drift hits both equally; the figure is the median over rounds. Peak memory on CUDA is
+Both models get the same weights (`to_timm_state_dict`). Timing alternates the models step by step; img/s is the
+median over rounds, and the speed ratio is the median of the per-round ratios (paired, so that drift of this
+shared machine cancels). Peak memory on CUDA is
 `max_memory_allocated`; on CPU it is the peak resident set during one step minus the resident set before it,
 each model measured in a fresh subprocess (the CPU allocator has no peak counter).
 """
@@ -24,11 +25,13 @@ import torch
 
 import swinv2
 
-FUSED = {"ours": None, "timm": None, "ours-fused": True, "ours-unfused": False}
+FUSED = {"ours": None, "timm": None, "ours-fused": True, "ours-unfused": False, "ours-compiled": None}
 
 
 def build(impl: str, args: argparse.Namespace, fused: Optional[bool] = None) -> torch.nn.Module:
     ours = swinv2.create_model(args.model, img_size=args.img_size, window_size=args.window, fused_attn=fused)
+    if impl == "ours-compiled":
+        ours.compile_attention()
     if impl.startswith("ours"):
         return ours
     theirs = timm.create_model(
@@ -87,14 +90,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--variants", action="store_true", help="also time our encoder with fused_attn forced on and off")
+    p.add_argument("--compiled", action="store_true", help="also time our encoder with compile_attention()")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     impls = ["ours", "timm"] + (["ours-fused", "ours-unfused"] if args.variants else [])
+    impls += ["ours-compiled"] if args.compiled else []
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"{args.model}, {args.img_size} px, window {args.window}, batch {args.batch}, fwd+bwd, {device_name}")
     print(f"torch {torch.__version__}, timm {timm.__version__}")
@@ -114,11 +119,12 @@ def main() -> None:
                 times[impl].append(time.perf_counter() - t0)
         del steps
         med = {i: statistics.median(t) for i, t in times.items()}
+        ratio = {i: statistics.median(a / b for a, b in zip(times["timm"], times[i])) for i in impls}
         for impl in impls:
             mem = peak_memory_mib(impl, args, dtype, FUSED[impl])
             print(
                 f"| {dtype} | {impl} | {args.batch / med[impl]:.1f} | {med[impl] * 1e3:.0f} | {mem:.0f} "
-                f"| {med['timm'] / med[impl]:.2f}x |"
+                f"| {ratio[impl]:.2f}x |"
             )
 
 

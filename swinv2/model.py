@@ -203,6 +203,16 @@ class SwinTransformerV2(nn.Module):
         for layer in self.layers:
             layer.use_checkpoint = enable
 
+    def compile_attention(self, **compile_kwargs: Any) -> None:
+        """`torch.compile` every window-attention module (opt-in; the blocks stay eager).
+
+        Fuses the bias, mask, softmax and their backward. On the benchmark CPU this made SwinV2-T training
+        about 1.2x faster than eager after ~1 minute of compilation; compiling whole blocks was slower.
+        """
+        for layer in self.layers:
+            for blk in layer.blocks:
+                blk.attn.compile(**compile_kwargs)
+
     def embed(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Patch embedding, optional SimMIM masking, position embedding. (B, C, H, W) -> (B, H/p, W/p, D)."""
         x = self.patch_embed(x)

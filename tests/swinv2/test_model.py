@@ -180,3 +180,12 @@ def test_no_weight_decay_names():
     assert "mask_token" in names and "layers.0.blocks.0.attn.logit_scale" in names
     assert "layers.0.blocks.0.attn.cpb_mlp.0.weight" in names
     assert "layers.0.blocks.0.attn.qkv.weight" not in names
+
+
+@pytest.mark.slow
+def test_compiled_attention_matches_eager():
+    model = randomize_(swinv2.SwinTransformerV2(**TINY))
+    x = torch.randn(2, 3, 32, 32)
+    reference = _values_and_grads(model, x)
+    model.compile_attention()
+    _assert_same(_values_and_grads(model, x), reference, atol=1e-4)
