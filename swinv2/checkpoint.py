@@ -162,7 +162,7 @@ def _resize_bias_table(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _mismatch_hint(key: str) -> str:
-    if "patch_embed.proj" in key:
+    if key.startswith("patch_embed"):
         return "a different embed_dim, patch_size or in_chans"
     if "absolute_pos_embed" in key:
         return "a different img_size with ape=True"
@@ -200,7 +200,8 @@ def load_pretrained(model: torch.nn.Module, source: Union[str, os.PathLike, Mapp
     target = model.state_dict()
     window_buffers = {k for k in target if k.rsplit(".", 1)[-1] in WINDOW_BUFFERS}
     to_load: StateDict = {}
-    for k, v in sd.items():
+    # The patch embedding first: its shape names the likeliest cause of a mismatch (embed_dim, patch, channels).
+    for k, v in sorted(sd.items(), key=lambda kv: (kv[0] != ANCHOR, not kv[0].startswith("patch_embed"))):
         if k.rsplit(".", 1)[-1] in WINDOW_BUFFERS:
             report.dropped_keys[k] = "window buffer, recomputed for the model's window"
         elif k not in target:
