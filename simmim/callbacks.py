@@ -14,7 +14,9 @@ from simmim.model import local_stats
 
 
 def run_dir(trainer: pl.Trainer) -> str:
-    """The run's folder: the logger's version folder, or the root dir without a logger."""
+    """The run's folder: the logger's version folder, or the root dir without a logger.
+
+    Collective under DDP (`trainer.log_dir` broadcasts): call it on every rank, before any rank-zero check."""
     return trainer.log_dir or trainer.default_root_dir
 
 
@@ -50,11 +52,11 @@ class ReconstructionGrid(pl.Callback):
         return make_grid(rows, nrow=4, padding=2, pad_value=1.0)
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
+        folder = os.path.join(run_dir(trainer), "reconstructions")
         batch = getattr(pl_module, "first_val_batch", None)
         if batch is None or not trainer.is_global_zero:
             return
         grid = self.make_grid(pl_module, *batch)
-        folder = os.path.join(run_dir(trainer), "reconstructions")
         os.makedirs(folder, exist_ok=True)
         self.last_path = os.path.join(folder, f"{name}.png")
         save_image(grid, self.last_path)
@@ -74,6 +76,10 @@ class ReconstructionGrid(pl.Callback):
         self._save(trainer, pl_module, "final")
 
 
+# Checkpoint entry recording the encoder's per-stage (h, w) windows, read back as `pretrained_window_sizes`.
+WINDOWS_KEY = "swinv2_window_sizes"
+
+
 class ExportEncoder(pl.Callback):
     """At the end of fit, write the encoder (official key layout, with `mask_token`) to `<run>/encoder.safetensors`;
     `swinv2.load_pretrained` reads it."""
@@ -81,10 +87,16 @@ class ExportEncoder(pl.Callback):
     def __init__(self) -> None:
         self.path: Optional[str] = None
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[WINDOWS_KEY] = [list(w) for w in pl_module.encoder.window_sizes]
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        path = os.path.join(run_dir(trainer), "encoder.safetensors")
         if not trainer.is_global_zero:
             return
-        self.path = os.path.join(run_dir(trainer), "encoder.safetensors")
+        self.path = path
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in pl_module.encoder.state_dict().items()}
-        save_file(state, self.path, metadata={"format": "swinv2-official", "arch": str(pl_module.hparams.arch)})
+        windows = ",".join(f"{h}x{w}" for h, w in pl_module.encoder.window_sizes)
+        meta = {"format": "swinv2-official", "arch": str(pl_module.hparams.arch), "window_sizes": windows}
+        save_file(state, self.path, metadata=meta)

@@ -73,6 +73,19 @@ def collate_skipping(batch: List) -> Tuple[torch.Tensor, torch.Tensor, int]:
     return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), len(batch) - len(good)
 
 
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn) -> DataLoader:
+    """Shuffled, last-partial-batch-dropping loader for training; plain in-order loader otherwise."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) >= batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        persistent_workers=num_workers > 0,
+    )
+
+
 class PretrainDataModule(pl.LightningDataModule):
     """A folder of images (recursive; ImageFolder class folders allowed, labels unused), split into train/val.
 
@@ -85,7 +98,6 @@ class PretrainDataModule(pl.LightningDataModule):
         batch_size: Per-device batch size.
         num_workers: DataLoader workers.
         val_fraction: Held-out fraction of the files (a fixed split).
-        max_bad_fraction: Fail when more than this fraction of the images seen so far could not be decoded.
         mean, std: Normalisation (ImageNet's by default).
     """
 
@@ -99,7 +111,6 @@ class PretrainDataModule(pl.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 4,
         val_fraction: float = 0.05,
-        max_bad_fraction: float = 0.01,
         mean: Tuple[float, float, float] = IMAGENET_MEAN,
         std: Tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
@@ -107,7 +118,7 @@ class PretrainDataModule(pl.LightningDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.root, self.img_size, self.batch_size = root, img_size, batch_size
-        self.num_workers, self.val_fraction, self.max_bad_fraction = num_workers, val_fraction, max_bad_fraction
+        self.num_workers, self.val_fraction = num_workers, val_fraction
         self.mean, self.std = tuple(mean), tuple(std)
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
         self.files = list_images(root) if root is not None else None  # fail at start-up, not mid-run
@@ -127,15 +138,7 @@ class PretrainDataModule(pl.LightningDataModule):
         ds = MaskedImageDataset(
             files, pretrain_transform(self.img_size, train, self.mean, self.std), self.mask_generator, not train
         )
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(files) >= self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_skipping,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(ds, self.batch_size, self.num_workers, train, collate_skipping)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_files, train=True)

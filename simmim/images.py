@@ -64,3 +64,20 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     if img is None or img.size == 0:
         raise UnreadableImageError(f"cannot decode {path} as an image (corrupt or not an image file)")
     return to_uint8_rgb(img)
+
+
+class BadImageCounter:
+    """Counts the images the loaders skipped and fails once more than `max_fraction` of those seen were bad
+    (one bad image is always tolerated)."""
+
+    def __init__(self, max_fraction: float = 0.01) -> None:
+        self.max_fraction, self.seen, self.bad = max_fraction, 0, 0
+
+    def update(self, good: int, skipped: int) -> None:
+        self.seen += good + skipped
+        self.bad += skipped
+        if self.bad > max(1.0, self.max_fraction * self.seen):
+            raise RuntimeError(
+                f"{self.bad} of {self.seen} images could not be decoded, more than max_bad_fraction="
+                f"{self.max_fraction}; the warnings name their paths: fix or remove them, or raise the limit"
+            )

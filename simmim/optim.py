@@ -55,23 +55,52 @@ def scaled_lr(base_lr: float, total_batch: int, enabled: bool = True, reference_
     return base_lr * total_batch / reference_batch if enabled else base_lr
 
 
-def build_adamw_with_schedule(
+# The recipe hyper-parameters `configure_adamw` takes, as both stages name them.
+SCHEDULE_KEYS = ("base_lr", "warmup_lr", "min_lr", "scale_lr", "warmup_epochs", "betas", "eps")
+
+
+def configure_adamw(
+    trainer,
     groups: List[Dict],
-    lr: float,
-    betas,
-    eps: float,
-    warmup_steps: int,
-    total_steps: int,
+    base_lr: float,
     warmup_lr: float,
     min_lr: float,
-    schedule: str,
-    milestones: Sequence[int],
-    gamma: float,
+    scale_lr: bool,
+    warmup_epochs: float,
+    betas,
+    eps: float,
+    schedule: str = "cosine",
+    milestone_epochs: Sequence[int] = (),
+    gamma: float = 0.1,
 ):
-    """AdamW plus a per-step LambdaLR, in Lightning's `configure_optimizers` format."""
+    """AdamW with a per-step LambdaLR, in Lightning's `configure_optimizers` format.
+
+    LRs are per 512 images and scaled by the total batch (per-device batch x devices x accumulation) when
+    `scale_lr`. A group's `lr_scale` (layer decay) multiplies every LR of the schedule, as in timm's schedulers.
+    """
+    total_batch = trainer.datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    lr, warmup_lr, min_lr = (scaled_lr(v, total_batch, scale_lr) for v in (base_lr, warmup_lr, min_lr))
+    total_steps = int(trainer.estimated_stepping_batches)
+    steps_per_epoch = max(1, total_steps // max(1, trainer.max_epochs or 1))
+    warmup_steps = int(warmup_epochs * steps_per_epoch)
+    milestones = [m * steps_per_epoch for m in milestone_epochs]
+    for g in groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: lr_factor(s, warmup_steps, total_steps, warmup_lr / lr, min_lr / lr, schedule, milestones, gamma),
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def drop_nonfinite_grads(module: torch.nn.Module) -> bool:
+    """Skip an optimizer step whose gradients hold inf/NaN (e.g. an fp16 overflow) by clearing every gradient:
+    AdamW then leaves all parameters and moments untouched. Under DDP the gradients are already all-reduced, so
+    every rank takes the same decision. Returns True when the step was skipped."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+        return False
+    for p in module.parameters():
+        p.grad = None
+    return True

@@ -9,8 +9,9 @@ import pytorch_lightning as pl
 import torch
 
 import swinv2
+from simmim.images import BadImageCounter
 from simmim.model import SimMIM
-from simmim.optim import build_adamw_with_schedule, param_groups_weight_decay, scaled_lr
+from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads, param_groups_weight_decay
 
 
 class SimMIMPretrainer(pl.LightningModule):
@@ -22,6 +23,7 @@ class SimMIMPretrainer(pl.LightningModule):
         patch_size: Encoder patch size (linked to the data's mask generator).
         window_size: Window per stage (int or one per stage).
         drop_path_rate: Stochastic depth.
+        use_checkpoint: Activation checkpointing of every block (memory for compute).
         encoder_kwargs: Further `SwinTransformerV2` arguments (embed_dim, depths, num_heads, use_checkpoint, ...).
         norm_target_patch_size: Local target normalisation window (official: 47); None for raw pixels.
         base_lr, warmup_lr, min_lr: Per 512 images when `scale_lr` (official: 1e-4, 5e-7, 5e-6).
@@ -40,6 +42,7 @@ class SimMIMPretrainer(pl.LightningModule):
         patch_size: int = 4,
         window_size: Any = 12,
         drop_path_rate: float = 0.1,
+        use_checkpoint: bool = False,
         encoder_kwargs: Optional[Dict[str, Any]] = None,
         norm_target_patch_size: Optional[int] = 47,
         base_lr: float = 1e-4,
@@ -63,31 +66,23 @@ class SimMIMPretrainer(pl.LightningModule):
             patch_size=patch_size,
             window_size=window_size,
             drop_path_rate=drop_path_rate,
+            use_checkpoint=use_checkpoint,
             num_classes=0,
             mask_token=True,
             **(encoder_kwargs or {}),
         )
         self.model = SimMIM(encoder, encoder.encoder_stride, norm_target_patch_size)
-        self.seen_images = 0
-        self.bad_images = 0
+        self.bad_images = BadImageCounter(max_bad_fraction)
+        self.skipped_steps = 0
         self._t_batch = time.perf_counter()
 
     @property
     def encoder(self) -> swinv2.SwinTransformerV2:
         return self.model.encoder
 
-    def _count_bad(self, batch_size: int, skipped: int) -> None:
-        self.seen_images += batch_size + skipped
-        self.bad_images += skipped
-        if self.bad_images > max(1.0, self.hparams.max_bad_fraction * self.seen_images):  # one is always tolerated
-            raise RuntimeError(
-                f"{self.bad_images} of {self.seen_images} images could not be decoded, more than max_bad_fraction="
-                f"{self.hparams.max_bad_fraction}; see the warnings for their paths, fix or remove them"
-            )
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, mask, skipped = batch
-        self._count_bad(len(x), skipped)
+        self.bad_images.update(len(x), skipped)
         loss = self.model(x, mask)
         now = time.perf_counter()
         self.log("train/loss", loss, prog_bar=True)
@@ -101,25 +96,24 @@ class SimMIMPretrainer(pl.LightningModule):
         if len(x):
             self.log("val/loss", self.model(x, mask), prog_bar=True, batch_size=len(x), sync_dist=True)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if drop_nonfinite_grads(self):
+            self.skipped_steps += 1
+            print(
+                f"step {self.global_step}: non-finite gradients, optimizer step skipped ({self.skipped_steps} so far)"
+            )
+        if self._trainer is not None:
+            self.log("train/skipped_steps", float(self.skipped_steps))
+
     def configure_optimizers(self):
         hp = self.hparams
         skip = {f"model.encoder.{n}" for n in self.encoder.no_weight_decay()}
         groups = param_groups_weight_decay(self.named_parameters(), hp.weight_decay, skip)
-        trainer = self.trainer
-        total_batch = trainer.datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
-        total_steps = int(trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total_steps // max(1, trainer.max_epochs or 1))
-        lr = scaled_lr(hp.base_lr, total_batch, hp.scale_lr)
-        return build_adamw_with_schedule(
+        return configure_adamw(
+            self.trainer,
             groups,
-            lr=lr,
-            betas=hp.betas,
-            eps=hp.eps,
-            warmup_steps=int(hp.warmup_epochs * steps_per_epoch),
-            total_steps=total_steps,
-            warmup_lr=scaled_lr(hp.warmup_lr, total_batch, hp.scale_lr),
-            min_lr=scaled_lr(hp.min_lr, total_batch, hp.scale_lr),
+            **{k: hp[k] for k in SCHEDULE_KEYS},
             schedule=hp.lr_schedule,
-            milestones=[m * steps_per_epoch for m in hp.milestones],
+            milestone_epochs=hp.milestones,
             gamma=hp.gamma,
         )

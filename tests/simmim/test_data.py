@@ -73,3 +73,13 @@ def test_train_masks_differ_and_val_masks_are_fixed(tmp_path):
     val = MaskedImageDataset(files, pretrain_transform(32, False, (0.5,) * 3, (0.5,) * 3), gen, fixed_masks=True)
     assert not all(torch.equal(train[0][1], train[0][1]) for _ in range(5))
     assert torch.equal(val[1][1], val[1][1])
+
+
+def test_too_many_bad_images_stop_the_run_with_a_clear_message():
+    from simmim.images import BadImageCounter
+
+    counter = BadImageCounter(max_fraction=0.1)
+    counter.update(good=30, skipped=1)  # one bad image is tolerated
+    counter.update(good=30, skipped=2)  # 3 of 63: under 10%
+    with pytest.raises(RuntimeError, match=r"10 of 80 images could not be decoded, more than max_bad_fraction=0.1"):
+        counter.update(good=10, skipped=7)

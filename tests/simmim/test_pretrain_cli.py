@@ -118,3 +118,50 @@ def test_resume_from_last_continues_step_and_optimizer_state(tmp_path, digits):
     resumed = torch.load(os.path.join(tmp_path, "checkpoints", "last.ckpt"), weights_only=False)
     state = resumed["optimizer_states"][0]["state"]
     assert all(s["step"].item() == 6 for s in state.values())  # Adam moments continued, not restarted
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tmp_path, digits):
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "simmim.pretrain",
+        "--data.root",
+        digits,
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--data.batch_size",
+        "8",
+        "--model.use_checkpoint",
+        "true",
+        *FAST,
+    ]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert os.path.exists(tmp_path / "checkpoints" / "last.ckpt")
+    assert "encoder export:" in out.stdout
+
+
+def test_every_finetune_config_parses(tmp_path):
+    from simmim.finetune import main as finetune_main
+
+    for config in sorted((Path(__file__).parents[2] / "configs" / "finetune").glob("*.yaml")):
+        with pytest.raises(SystemExit) as done:
+            finetune_main(["fit", "--config", str(config), "--model.pretrained", "null", "--print_config"])
+        assert done.value.code == 0, config

@@ -126,3 +126,17 @@ def test_simmim_state_dict_uses_official_layout():
     assert {"encoder.mask_token", "decoder.0.weight", "decoder.0.bias", "encoder.patch_embed.proj.weight"} <= keys
     report = swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY, mask_token=True), model.state_dict())
     assert report.format == "simmim" and report.missing_keys == [] and "decoder.0.weight" in report.dropped_keys
+
+
+def test_nonfinite_gradients_skip_the_step():
+    from simmim.optim import drop_nonfinite_grads
+
+    model = swinv2.SwinTransformerV2(**TINY)
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    assert not drop_nonfinite_grads(model) and model.head.weight.grad is not None
+    model.head.weight.grad[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    assert drop_nonfinite_grads(model)
+    opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
