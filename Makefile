@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv pretrain test test-fast bench lint clean
+.PHONY: venv pretrain finetune test test-fast bench lint clean
 
 venv: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
 pretrain: venv
 	$(PY) -m simmim.pretrain
 
+# Stage 2 on the built-in digits, from the newest `make pretrain` export.
+finetune: venv
+	$(PY) -m simmim.finetune
+
 test: venv
 	$(PY) -m pytest -q
 
@@ -26,6 +30,9 @@ test-fast: venv
 
 bench: venv
 	$(PY) benchmarks/encoder.py
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache lightning_logs runs

@@ -1,0 +1,132 @@
+"""Stage 2 entry point: `python -m simmim.finetune [fit|validate|predict] [--config FILE] ...`.
+
+With no arguments it fine-tunes the default pretraining run's export on the built-in digits at a larger window.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import sys
+from typing import List, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from safetensors.torch import save_file
+
+import swinv2
+from simmim.callbacks import run_dir
+from simmim.cli import CONFIG_DIR, StageCLI, with_default_subcommand
+from simmim.finetune_data import ClassificationDataModule
+from simmim.finetune_module import SwinV2Classifier
+
+DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safetensors"
+
+
+class ExportClassifier(pl.Callback):
+    """At the end of fit: `<run>/classifier.safetensors` (official layout, with head) and
+    `<run>/classifier_timm.safetensors` (timm's `SwinTransformerV2` layout, loads with strict=True)."""
+
+    def __init__(self) -> None:
+        self.paths: List[str] = []
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: SwinV2Classifier) -> None:
+        folder = run_dir(trainer)  # collective: before the rank-zero check
+        if not trainer.is_global_zero:
+            return
+        os.makedirs(folder, exist_ok=True)
+        model = pl_module.model
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        self.paths = [
+            os.path.join(folder, "classifier.safetensors"),
+            os.path.join(folder, "classifier_timm.safetensors"),
+        ]
+        save_file(state, self.paths[0], metadata={"format": "swinv2-official"})
+        timm_state = {k: v.detach().cpu().contiguous() for k, v in swinv2.to_timm_state_dict(model).items()}
+        save_file(timm_state, self.paths[1], metadata={"format": "timm"})
+
+
+class PredictionCSV(pl.Callback):
+    """`predict` writes `<run>/predictions.csv`: path, predicted class name, its probability."""
+
+    def __init__(self) -> None:
+        self.rows: List = []
+        self.path: Optional[str] = None
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.rows += list(zip(outputs["index"].tolist(), outputs["pred"].tolist(), outputs["prob"].tolist()))
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        self.path = os.path.join(run_dir(trainer), "predictions.csv")
+        if not trainer.is_global_zero:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "pred", "prob"])
+            for i, pred, prob in self.rows:
+                w.writerow([os.fspath(dm.predict_files[i]), dm.classes[pred], f"{prob:.4f}"])
+
+
+class FinetuneCLI(StageCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.img_size", "model.img_size")
+
+    def stage_callbacks(self) -> list:
+        self.export, self.predictions = ExportClassifier(), PredictionCSV()
+        best = ModelCheckpoint(
+            dirpath=os.path.join(self._root(), "checkpoints"),
+            filename="best-{epoch:03d}",
+            monitor="val/acc1",
+            mode="max",
+            auto_insert_metric_name=False,
+        )
+        return [best, self.export, self.predictions]
+
+    def _root(self) -> str:
+        return self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
+
+
+def _default_pretrained(args: List[str]) -> List[str]:
+    """The default run starts from the newest default pretraining export; a clear message if there is none."""
+    if any(a.startswith("--model.pretrained") for a in args):
+        return args
+    exports = sorted(glob.glob(DEFAULT_PRETRAIN_EXPORTS), key=os.path.getmtime)
+    if not exports:
+        raise SystemExit(
+            f"no pretrained encoder found at {DEFAULT_PRETRAIN_EXPORTS}: run pretraining first "
+            "(`make pretrain` or `python -m simmim.pretrain`), or pass --model.pretrained PATH "
+            "(or --model.pretrained null to train from scratch)"
+        )
+    return [*args, "--model.pretrained", exports[-1]]
+
+
+def main(args: Optional[List[str]] = None) -> FinetuneCLI:
+    raw = sys.argv[1:] if args is None else list(args)
+    args = with_default_subcommand(raw, CONFIG_DIR / "finetune/default.yaml")
+    if not any(a == "--config" or a.startswith("--config=") for a in raw) and args[0] == "fit":
+        args = _default_pretrained(args)
+    torch.set_float32_matmul_precision("high")
+    cli = FinetuneCLI(
+        SwinV2Classifier,
+        ClassificationDataModule,
+        args=args,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+    )
+    if cli.subcommand == "validate":
+        print(f"val/acc1: {cli.trainer.callback_metrics['val/acc1'].item():.2f}")
+    elif cli.subcommand == "predict":
+        print(f"predictions: {cli.predictions.path}")
+    elif cli.subcommand == "fit" and cli.trainer.is_global_zero:
+        print(f"\ncheckpoints: {cli.trainer.checkpoint_callback.dirpath}; exports: {cli.export.paths}")
+        if "val/acc1" in cli.trainer.callback_metrics:
+            print(f"val/acc1: {cli.trainer.callback_metrics['val/acc1'].item():.2f}")
+    return cli
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Fine-tuning data: a labelled ImageFolder tree -> (image, label) batches with the official augmentation."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import albumentations as A
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.data import IMAGENET_MEAN, IMAGENET_STD, make_loader
+from simmim.images import UnreadableImageError, decode_image, list_images
+
+
+def rand_augment(magnitude: int = 9, num_ops: int = 2) -> A.BaseCompose:
+    """RandAugment-style policy ("rand-m9-mstd0.5" in timm): `num_ops` ops drawn per image from the RandAugment
+    op set, at magnitude `magnitude` of 10 (geometric ops scaled as in timm's `_LEVEL_DENOM = 10`)."""
+    m = magnitude / 10.0
+    ops = [
+        A.Affine(rotate=(-30 * m, 30 * m), p=1.0),
+        A.Affine(shear={"x": (-0.3 * m * 57.3, 0.3 * m * 57.3)}, p=1.0),
+        A.Affine(shear={"y": (-0.3 * m * 57.3, 0.3 * m * 57.3)}, p=1.0),
+        A.Affine(translate_percent={"x": (-0.45 * m, 0.45 * m)}, p=1.0),
+        A.Affine(translate_percent={"y": (-0.45 * m, 0.45 * m)}, p=1.0),
+        A.AutoContrast(p=1.0),
+        A.Equalize(p=1.0),
+        A.Posterize(num_bits=(max(1, int(8 - 4 * m)), 8), p=1.0),
+        A.Solarize(threshold_range=(1.0 - m, 1.0), p=1.0),
+        A.RandomBrightnessContrast(brightness_limit=0.9 * m, contrast_limit=0.0, p=1.0),
+        A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.9 * m, p=1.0),
+        A.ColorJitter(brightness=0, contrast=0, saturation=0.9 * m, hue=0, p=1.0),
+        A.Sharpen(alpha=(0.1, 0.9 * m), p=1.0),
+    ]
+    return A.SomeOf(ops, n=num_ops, replace=False, p=1.0)
+
+
+def classification_transform(
+    img_size: int, train: bool, mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.25
+) -> A.Compose:
+    """Train: RandomResizedCrop, flip, RandAugment m9, color jitter 0.4, random erasing 0.25 (official fine-tuning
+    recipe). Eval: resize the short side to size x 256/224, then center crop."""
+    if train:
+        ops = [
+            A.RandomResizedCrop(size=(img_size, img_size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+            A.HorizontalFlip(p=0.5),
+            rand_augment(9, 2),
+            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
+            A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
+            A.Erasing(p=erase_prob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random"),
+        ]
+    else:
+        resize = int(round(img_size * 256 / 224))
+        ops = [
+            A.SmallestMaxSize(max_size=resize),
+            A.CenterCrop(img_size, img_size),
+            A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
+        ]
+    return A.Compose(ops)
+
+
+def image_folder(root: Path) -> Tuple[List[Path], List[int], List[str]]:
+    """ImageFolder layout `root/<class>/**/<image>`: files, labels, sorted class names."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"no class folders under {root}: expected <root>/<class_name>/<images>")
+    files, labels = [], []
+    for idx, name in enumerate(classes):
+        class_files = list_images(root / name)
+        files += class_files
+        labels += [idx] * len(class_files)
+    return files, labels, classes
+
+
+class LabelledImageDataset(Dataset):
+    """(image, label, index); an unreadable image yields None with a warning naming it."""
+
+    def __init__(self, files: List[Path], labels: List[int], transform: A.Compose) -> None:
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            img = decode_image(self.files[i])
+        except UnreadableImageError as e:
+            warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
+            return None
+        x = torch.from_numpy(self.transform(image=img)["image"]).permute(2, 0, 1)  # (3, H, W)
+        return x, self.labels[i], i
+
+
+def collate_labelled(batch: List):
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), len(batch)
+    x = torch.stack([g[0] for g in good])
+    return x, torch.tensor([g[1] for g in good]), torch.tensor([g[2] for g in good]), len(batch) - len(good)
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """A labelled image folder: `root/train/<class>/...` and `root/val/<class>/...`, or `root/<class>/...`
+    split by `val_fraction` (stratified, fixed).
+
+    Args:
+        root: Folder as above. None: the built-in digits (labels 0-9), split by `val_fraction`.
+        img_size: Training crop / evaluation size.
+        batch_size, num_workers: DataLoader settings.
+        val_fraction: Held-out fraction when there is no `val/` folder.
+        label_fraction: Keep only this fraction of the training labels (per class), for low-label studies.
+        predict_root: Folder of images to classify with `predict` (default: the validation images).
+        erase_prob: Random erasing probability (official: 0.25).
+    """
+
+    def __init__(
+        self,
+        root: Optional[str] = None,
+        img_size: int = 224,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        val_fraction: float = 0.1,
+        label_fraction: float = 1.0,
+        predict_root: Optional[str] = None,
+        erase_prob: float = 0.25,
+        mean: Tuple[float, float, float] = IMAGENET_MEAN,
+        std: Tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+        self.root, self.img_size, self.batch_size, self.num_workers = root, img_size, batch_size, num_workers
+        self.val_fraction, self.label_fraction, self.predict_root = val_fraction, label_fraction, predict_root
+        self.erase_prob, self.mean, self.std = erase_prob, tuple(mean), tuple(std)
+        if root is None:
+            prepare_digits(DEFAULT_DIGITS_ROOT)
+        self._scan()
+
+    def _scan(self) -> None:
+        root = Path(self.root) if self.root is not None else DEFAULT_DIGITS_ROOT
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            tf, tl, self.classes = image_folder(root / "train")
+            vf, vl, val_classes = image_folder(root / "val")
+            if val_classes != self.classes:
+                only_train = sorted(set(self.classes) - set(val_classes))
+                only_val = sorted(set(val_classes) - set(self.classes))
+                raise ValueError(
+                    f"class folders differ between {root / 'train'} and {root / 'val'}: only in train {only_train}, "
+                    f"only in val {only_val}. Both splits need the same class folders."
+                )
+        else:
+            files, labels, self.classes = image_folder(root)
+            rng = np.random.default_rng(0)
+            is_val = np.zeros(len(files), dtype=bool)
+            for c in range(len(self.classes)):  # stratified split
+                idx = np.flatnonzero(np.asarray(labels) == c)
+                is_val[rng.permutation(idx)[: int(round(len(idx) * self.val_fraction))]] = True
+            tf = [f for f, v in zip(files, is_val) if not v]
+            tl = [lab for lab, v in zip(labels, is_val) if not v]
+            vf = [f for f, v in zip(files, is_val) if v]
+            vl = [lab for lab, v in zip(labels, is_val) if v]
+        if self.label_fraction < 1.0:
+            rng = np.random.default_rng(1)
+            keep = np.zeros(len(tf), dtype=bool)
+            for c in range(len(self.classes)):
+                idx = np.flatnonzero(np.asarray(tl) == c)
+                keep[rng.permutation(idx)[: max(1, int(round(len(idx) * self.label_fraction)))]] = True
+            tf = [f for f, k in zip(tf, keep) if k]
+            tl = [lab for lab, k in zip(tl, keep) if k]
+        self.train_files, self.train_labels, self.val_files, self.val_labels = tf, tl, vf, vl
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _loader(self, files, labels, train: bool) -> DataLoader:
+        tfm = classification_transform(self.img_size, train, self.mean, self.std, self.erase_prob)
+        return make_loader(
+            LabelledImageDataset(files, labels, tfm), self.batch_size, self.num_workers, train, collate_labelled
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_files, self.train_labels, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_files, self.val_labels, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_root is None:
+            self.predict_files = self.val_files
+            return self._loader(self.val_files, self.val_labels, train=False)
+        self.predict_files = list_images(self.predict_root)
+        return self._loader(self.predict_files, [-1] * len(self.predict_files), train=False)
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_classes} classes, {len(self.train_files)} train / {len(self.val_files)} val images "
+            f"from {os.fspath(self.root or DEFAULT_DIGITS_ROOT)}"
+        )

@@ -1,0 +1,170 @@
+"""Stage 2 system: fine-tune a (SimMIM-)pretrained SwinV2 for classification, at the same or a larger window."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+
+import swinv2
+from simmim.callbacks import WINDOWS_KEY
+from simmim.images import BadImageCounter
+from simmim.layer_decay import layer_decay_param_groups
+from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
+from swinv2.checkpoint import read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def pretrained_windows_of(source: str) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """Per-stage (h, w) windows a checkpoint was trained with, where the source records them (our exports'
+    metadata, our Lightning checkpoints); None otherwise (then pass `pretrained_window_sizes`)."""
+    if source.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(source, "pt") as f:
+            text = (f.metadata() or {}).get("window_sizes")
+        return tuple(tuple(int(v) for v in w.split("x")) for w in text.split(",")) if text else None
+    raw = read_checkpoint(source)
+    windows = raw.get(WINDOWS_KEY) if isinstance(raw, dict) else None
+    return tuple(tuple(w) for w in windows) if windows else None
+
+
+class SwinV2Classifier(pl.LightningModule):
+    """SwinV2 fine-tuning with the official SimMIM fine-tuning recipe (REFERENCE.md).
+
+    Args:
+        arch: `swinv2.create_model` name.
+        num_classes: Classifier outputs; must equal the data's class count (checked at fit start).
+        img_size: Input size (linked from the data).
+        window_size: Fine-tuning window (int or one per stage).
+        pretrained: Checkpoint to start from (our pretraining `.ckpt` or `encoder.safetensors`, official SimMIM or
+            SwinV2, timm). None trains from scratch.
+        pretrained_window_sizes: Windows of the pretraining run; None: read from `pretrained` where it records
+            them, else the fine-tuning windows (no rescaling).
+        drop_path_rate: Stochastic depth (official: 0.1 for B).
+        encoder_kwargs: Further `SwinTransformerV2` arguments (embed_dim, depths, num_heads, ...).
+        base_lr, warmup_lr, min_lr: Per 512 images when `scale_lr` (official B: 1.25e-3, 2.5e-7, 2.5e-7).
+        layer_decay: Layer-wise LR decay (official: 0.75 for B).
+        mixup, cutmix, mix_prob, switch_prob, label_smoothing: timm Mixup settings (official: 0.8, 1.0, 1, 0.5, 0.1).
+        max_bad_fraction: Abort when more than this fraction of the training images seen could not be decoded.
+    """
+
+    def __init__(
+        self,
+        arch: str = "swinv2_base",
+        num_classes: int = 1000,
+        img_size: int = 224,
+        window_size: Any = 14,
+        pretrained: Optional[str] = None,
+        pretrained_window_sizes: Optional[Sequence[Any]] = None,
+        drop_path_rate: float = 0.1,
+        use_checkpoint: bool = False,
+        encoder_kwargs: Optional[Dict[str, Any]] = None,
+        base_lr: float = 1.25e-3,
+        warmup_lr: float = 2.5e-7,
+        min_lr: float = 2.5e-7,
+        scale_lr: bool = True,
+        warmup_epochs: float = 20,
+        weight_decay: float = 0.05,
+        layer_decay: float = 0.75,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        mix_prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        max_bad_fraction: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if pretrained_window_sizes is None and pretrained is not None:
+            pretrained_window_sizes = pretrained_windows_of(pretrained)
+        self.save_hyperparameters()
+        self.hparams.pretrained_window_sizes = pretrained_window_sizes  # as resolved from the checkpoint
+        self.model = swinv2.create_model(
+            arch,
+            img_size=img_size,
+            window_size=window_size,
+            pretrained_window_sizes=tuple(pretrained_window_sizes) if pretrained_window_sizes else 0,
+            num_classes=num_classes,
+            drop_path_rate=drop_path_rate,
+            use_checkpoint=use_checkpoint,
+            **(encoder_kwargs or {}),
+        )
+        self.load_report = None
+        if pretrained is not None:
+            self.load_report = swinv2.load_pretrained(self.model, pretrained)
+            log.info("loaded %s:\n%s", pretrained, self.load_report)
+        self.mixup = (
+            Mixup(
+                mixup,
+                cutmix,
+                prob=mix_prob,
+                switch_prob=switch_prob,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            if (mixup > 0 or cutmix > 0) and mix_prob > 0
+            else None
+        )
+        self.soft_ce = SoftTargetCrossEntropy()
+        self.bad_images = BadImageCounter(max_bad_fraction)
+
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and getattr(dm, "num_classes", None) not in (None, self.hparams.num_classes):
+            raise ValueError(
+                f"--model.num_classes {self.hparams.num_classes} disagrees with the data: {dm.describe()}. "
+                f"Set --model.num_classes {dm.num_classes}."
+            )
+        if self.load_report is not None:
+            print(f"pretrained weights from {self.hparams.pretrained}:\n{self.load_report}")
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y, _, skipped = batch
+        self.bad_images.update(len(x), skipped)
+        if self.mixup is not None and len(x) % 2 == 0:
+            x, target = self.mixup(x, y)
+            loss = self.soft_ce(self.model(x).float(), target)
+        else:
+            loss = F.cross_entropy(self.model(x).float(), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y, _, _ = batch
+        if not len(x):
+            return
+        logits = self.model(x).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        metrics = {
+            "val/loss": F.cross_entropy(logits, y),
+            "val/acc1": (top[:, 0] == y).float().mean() * 100,
+            "val/acc5": (top == y[:, None]).any(1).float().mean() * 100,
+        }
+        self.log_dict(metrics, prog_bar=True, batch_size=len(x), sync_dist=True)
+
+    def predict_step(self, batch, batch_idx: int):
+        x, _, index, _ = batch
+        probs = self.model(x).float().softmax(-1)
+        conf, pred = probs.max(-1)
+        return {"index": index, "pred": pred, "prob": conf}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if drop_nonfinite_grads(self):
+            print(f"step {self.global_step}: non-finite gradients, optimizer step skipped")
+
+    def configure_optimizers(self):
+        hp, trainer = self.hparams, self.trainer
+        depths = [len(layer.blocks) for layer in self.model.layers]
+        groups = layer_decay_param_groups(
+            self.model.named_parameters(), depths, hp.weight_decay, hp.layer_decay, self.model.no_weight_decay()
+        )
+        return configure_adamw(trainer, groups, **{k: hp[k] for k in SCHEDULE_KEYS}, schedule="cosine")

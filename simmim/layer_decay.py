@@ -1,0 +1,55 @@
+"""Layer-wise learning-rate decay for SwinV2 fine-tuning (official `get_swin_layer` mapping, REFERENCE.md).
+
+Layer ids: `mask_token` and `patch_embed` 0; block j of stage i `sum(depths[:i]) + j + 1`; the downsample at the
+end of stage i `sum(depths[:i+1])`; everything else (final norm, head) `sum(depths) + 1`. A parameter of layer id
+l gets `lr * decay ** (sum(depths) + 1 - l)`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Sequence, Set, Tuple
+
+import torch
+
+
+def swin_layer_id(name: str, depths: Sequence[int]) -> int:
+    """Layer id of an encoder parameter name in the official layout (no prefix)."""
+    if name == "mask_token" or name.startswith(("patch_embed", "absolute_pos_embed")):
+        return 0
+    if name.startswith("layers."):
+        parts = name.split(".")
+        stage = int(parts[1])
+        if parts[2] == "downsample":
+            return sum(depths[: stage + 1])
+        return sum(depths[:stage]) + int(parts[3]) + 1
+    return sum(depths) + 1
+
+
+def layer_decay_param_groups(
+    named_params: Iterable[Tuple[str, torch.nn.Parameter]],
+    depths: Sequence[int],
+    weight_decay: float,
+    layer_decay: float,
+    skip_names: Set[str] = frozenset(),
+) -> List[Dict]:
+    """AdamW groups keyed by (layer id, decayed?), each with `lr_scale`; 1-D params, biases and `skip_names`
+    get no weight decay."""
+    last = sum(depths) + 1
+    groups: Dict[Tuple[int, bool], Dict] = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        layer = swin_layer_id(name, depths)
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip_names
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": layer_decay ** (last - layer),
+                "layer_id": layer,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]

@@ -1,0 +1,157 @@
+"""The fine-tuning CLI end to end on tiny budgets: window transfer, validate, predict, exports, bad input."""
+
+import csv
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
+
+import swinv2
+from simmim.builtin_data import prepare_digits
+from simmim.finetune import main
+from simmim.finetune_data import ClassificationDataModule
+from swinv2.checkpoint import CheckpointMismatchError
+
+FAST = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"]
+ENC = dict(embed_dim=24, depths=(2, 2), num_heads=(2, 4))
+SMALL = ["--model.arch", "swinv2_tiny", "--model.encoder_kwargs", "{embed_dim: 24, depths: [2, 2], num_heads: [2, 4]}"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return str(prepare_digits(tmp_path_factory.mktemp("digits"), size=32))
+
+
+@pytest.fixture(scope="module")
+def pretrained_w4(tmp_path_factory):
+    """A 'pretraining' export at 32 px, window 4, with the window metadata our exporter writes."""
+    enc = swinv2.create_model("swinv2_tiny", img_size=32, window_size=4, num_classes=0, mask_token=True, **ENC)
+    path = tmp_path_factory.mktemp("pre") / "encoder.safetensors"
+    save_file(enc.state_dict(), path, metadata={"window_sizes": "4x4,4x4"})
+    return str(path)
+
+
+def _args(tmp_path, digits, *extra):
+    return [
+        "--data.root",
+        digits,
+        "--data.img_size",
+        "32",
+        "--data.batch_size",
+        "32",
+        "--model.num_classes",
+        "10",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        *SMALL,
+        *FAST,
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits, pretrained_w4):
+    cli = main(
+        [
+            "fit",
+            *_args(
+                tmp_path,
+                digits,
+                "--model.window_size",
+                "8",
+                "--model.pretrained",
+                pretrained_w4,
+                "--trainer.max_epochs",
+                "1",
+                "--trainer.limit_train_batches",
+                "4",
+            ),
+        ]
+    )
+    report = cli.model.load_report
+    assert report.missing_keys == ["head.bias", "head.weight"] and report.unexpected_keys == []
+    assert cli.model.hparams.pretrained_window_sizes == ((4, 4), (4, 4))
+    assert cli.model.model.layers[0].blocks[0].attn.relative_coords_table.shape == (1, 15, 15, 2)
+    acc_fit = cli.trainer.callback_metrics["val/acc1"].item()
+    last = cli.trainer.checkpoint_callback.last_model_path
+    val = main(["validate", *_args(tmp_path, digits, "--model.window_size", "8", "--ckpt_path", last)])
+    assert val.trainer.callback_metrics["val/acc1"].item() == pytest.approx(acc_fit, abs=1e-4)
+
+    timm_path = [p for p in cli.export.paths if p.endswith("_timm.safetensors")][0]
+    theirs = TimmSwinV2(img_size=32, window_size=8, num_classes=10, pretrained_window_sizes=(4, 4), **ENC).eval()
+    theirs.load_state_dict(load_file(timm_path), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), cli.model.model.eval()(x), atol=1e-4, rtol=1e-4)
+
+    pred = main(["predict", *_args(tmp_path, digits, "--model.window_size", "8", "--ckpt_path", last)])
+    with open(pred.predictions.path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(pred.datamodule.val_files) and rows[0]["pred"] in [str(d) for d in range(10)]
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, digits):
+    other = swinv2.create_model(
+        "swinv2_tiny", img_size=32, window_size=4, num_classes=0, embed_dim=32, depths=(2, 2), num_heads=(2, 4)
+    )
+    path = tmp_path / "other.safetensors"
+    save_file(other.state_dict(), path)
+    with pytest.raises(CheckpointMismatchError, match=r"patch_embed.proj.weight.*\(32, 3, 4, 4\).*\(24, 3, 4, 4\)"):
+        main(["fit", *_args(tmp_path, digits, "--model.window_size", "4", "--model.pretrained", str(path))])
+
+
+def test_num_classes_must_match_the_data(tmp_path, digits):
+    with pytest.raises(ValueError, match="--model.num_classes 7 disagrees with the data: 10 classes"):
+        main(
+            [
+                "fit",
+                *_args(
+                    tmp_path,
+                    digits,
+                    "--model.window_size",
+                    "4",
+                    "--model.pretrained",
+                    "null",
+                    "--model.num_classes",
+                    "7",
+                    "--trainer.max_epochs",
+                    "1",
+                ),
+            ]
+        )
+
+
+def test_class_folders_must_agree_between_train_and_val(tmp_path):
+    img = np.zeros((8, 8, 3), np.uint8)
+    for split, classes in (("train", ["cat", "dog"]), ("val", ["cat", "emu"])):
+        for c in classes:
+            os.makedirs(tmp_path / split / c)
+            cv2.imwrite(str(tmp_path / split / c / "a.png"), img)
+    with pytest.raises(ValueError, match=r"only in train \['dog'\], only in val \['emu'\]"):
+        ClassificationDataModule(root=str(tmp_path))
+
+
+def test_label_fraction_keeps_every_class(digits):
+    full = ClassificationDataModule(root=digits, img_size=32, val_fraction=0.2)
+    tenth = ClassificationDataModule(root=digits, img_size=32, val_fraction=0.2, label_fraction=0.1)
+    assert tenth.val_files == full.val_files
+    assert abs(len(tenth.train_files) - 0.1 * len(full.train_files)) <= 10
+    assert set(tenth.train_labels) == set(range(10))
+
+
+def test_missing_pretraining_export_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="run pretraining first"):
+        main([])
+
+
+def test_train_and_eval_transforms(digits):
+    dm = ClassificationDataModule(root=digits, img_size=32, batch_size=4, num_workers=0)
+    x, y, idx, skipped = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and y.dtype == torch.long and skipped == 0
+    x, *_ = next(iter(dm.val_dataloader()))
+    assert x.shape == (4, 3, 32, 32)
