@@ -88,6 +88,12 @@ def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits, pretra
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), cli.model.model.eval()(x), atol=1e-4, rtol=1e-4)
 
+    ckpt_dir = os.path.dirname(last)
+    assert any(f.startswith("best-") for f in os.listdir(ckpt_dir))
+    resumed = main(["fit", *_args(tmp_path, digits, "--model.window_size", "8", "--model.pretrained", pretrained_w4,
+                   "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", "--ckpt_path", "last")])
+    assert resumed.trainer.global_step == 2 * cli.trainer.global_step
+
     pred = main(["predict", *_args(tmp_path, digits, "--model.window_size", "8", "--ckpt_path", last)])
     with open(pred.predictions.path) as f:
         rows = list(csv.DictReader(f))
