@@ -2,6 +2,7 @@
 
     python benchmarks/encoder.py                       # SwinV2-T, 192 px, window 12, batch 8, fp32 + bf16, CPU
     python benchmarks/encoder.py --device cuda --batch 64
+    python benchmarks/encoder.py --impls ours ours-fused ours-unfused ours-compiled timm
 
 Both models get the same weights (`to_timm_state_dict`). Timing alternates the models step by step; img/s is the
 median over rounds, and the speed ratio is the median of the per-round ratios (paired, so that drift of this
@@ -92,14 +93,19 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--variants", action="store_true", help="also time our encoder with fused_attn forced on and off")
-    p.add_argument("--compiled", action="store_true", help="also time our encoder with compile_attention()")
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=["ours", "timm"],
+        choices=sorted(FUSED),
+        help="what to time: ours (defaults), timm, ours-fused / ours-unfused (fused_attn forced), "
+        "ours-compiled (compile_attention())",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    impls = ["ours", "timm"] + (["ours-fused", "ours-unfused"] if args.variants else [])
-    impls += ["ours-compiled"] if args.compiled else []
+    impls = list(dict.fromkeys(args.impls + ["timm"]))  # timm is the reference of every ratio
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"{args.model}, {args.img_size} px, window {args.window}, batch {args.batch}, fwd+bwd, {device_name}")
     print(f"torch {torch.__version__}, timm {timm.__version__}")

@@ -24,6 +24,8 @@ class SimMIMPretrainer(pl.LightningModule):
         window_size: Window per stage (int or one per stage).
         drop_path_rate: Stochastic depth.
         use_checkpoint: Activation checkpointing of every block (memory for compute).
+        compile_attention: `torch.compile` the window attention (about a minute at start; 1.38x faster bf16
+            training steps than timm on the benchmark CPU, against 1.09x eager).
         encoder_kwargs: Further `SwinTransformerV2` arguments (embed_dim, depths, num_heads, use_checkpoint, ...).
         norm_target_patch_size: Local target normalisation window (official: 47); None for raw pixels.
         base_lr, warmup_lr, min_lr: Per 512 images when `scale_lr` (official: 1e-4, 5e-7, 5e-6).
@@ -43,6 +45,7 @@ class SimMIMPretrainer(pl.LightningModule):
         window_size: Any = 12,
         drop_path_rate: float = 0.1,
         use_checkpoint: bool = False,
+        compile_attention: bool = False,
         encoder_kwargs: Optional[Dict[str, Any]] = None,
         norm_target_patch_size: Optional[int] = 47,
         base_lr: float = 1e-4,
@@ -71,6 +74,8 @@ class SimMIMPretrainer(pl.LightningModule):
             mask_token=True,
             **(encoder_kwargs or {}),
         )
+        if compile_attention:
+            encoder.compile_attention()
         self.model = SimMIM(encoder, encoder.encoder_stride, norm_target_patch_size)
         self.bad_images = BadImageCounter(max_bad_fraction)
         self.skipped_steps = 0

@@ -90,8 +90,25 @@ def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits, pretra
 
     ckpt_dir = os.path.dirname(last)
     assert any(f.startswith("best-") for f in os.listdir(ckpt_dir))
-    resumed = main(["fit", *_args(tmp_path, digits, "--model.window_size", "8", "--model.pretrained", pretrained_w4,
-                   "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", "--ckpt_path", "last")])
+    resumed = main(
+        [
+            "fit",
+            *_args(
+                tmp_path,
+                digits,
+                "--model.window_size",
+                "8",
+                "--model.pretrained",
+                pretrained_w4,
+                "--trainer.max_epochs",
+                "2",
+                "--trainer.limit_train_batches",
+                "4",
+                "--ckpt_path",
+                "last",
+            ),
+        ]
+    )
     assert resumed.trainer.global_step == 2 * cli.trainer.global_step
 
     pred = main(["predict", *_args(tmp_path, digits, "--model.window_size", "8", "--ckpt_path", last)])
