@@ -30,7 +30,13 @@ def with_default_subcommand(args: Optional[List[str]], default_config: Path) -> 
 
 
 class StageCLI(LightningCLI):
-    """LightningCLI with a fixed checkpoint folder; stages add their callbacks in `stage_callbacks`."""
+    """LightningCLI with omegaconf configs, an overwritable saved config and a fixed checkpoint folder; stages add
+    their callbacks in `stage_callbacks`."""
+
+    def __init__(self, model_class, datamodule_class, args: List[str], **kwargs) -> None:
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(model_class, datamodule_class, args=args, **kwargs)
 
     def stage_callbacks(self) -> list:
         return []

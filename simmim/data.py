@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
@@ -145,7 +144,3 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_files, train=False)
-
-    @property
-    def data_root(self) -> str:
-        return os.fspath(self.root if self.root is not None else DEFAULT_DIGITS_ROOT)

@@ -12,7 +12,6 @@ import sys
 from typing import List, Optional
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 
@@ -109,14 +108,7 @@ def main(args: Optional[List[str]] = None) -> FinetuneCLI:
     args = with_default_subcommand(raw, CONFIG_DIR / "finetune/default.yaml")
     if not any(a == "--config" or a.startswith("--config=") for a in raw) and args[0] == "fit":
         args = _default_pretrained(args)
-    torch.set_float32_matmul_precision("high")
-    cli = FinetuneCLI(
-        SwinV2Classifier,
-        ClassificationDataModule,
-        args=args,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-    )
+    cli = FinetuneCLI(SwinV2Classifier, ClassificationDataModule, args=args)
     if cli.subcommand == "validate":
         print(f"val/acc1: {cli.trainer.callback_metrics['val/acc1'].item():.2f}")
     elif cli.subcommand == "predict":

@@ -98,6 +98,18 @@ class LabelledImageDataset(Dataset):
         return x, self.labels[i], i
 
 
+def stratified_pick(labels: List[int], num_classes: int, fraction: float, seed: int, at_least_one: bool) -> np.ndarray:
+    """Boolean mask choosing `round(fraction * n_c)` random samples of each class c (a fixed draw for `seed`)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    picked = np.zeros(len(labels), dtype=bool)
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        n = int(round(len(idx) * fraction))
+        picked[rng.permutation(idx)[: max(1, n) if at_least_one else n]] = True
+    return picked
+
+
 def collate_labelled(batch: List):
     good = [b for b in batch if b is not None]
     if not good:
@@ -157,21 +169,13 @@ class ClassificationDataModule(pl.LightningDataModule):
                 )
         else:
             files, labels, self.classes = image_folder(root)
-            rng = np.random.default_rng(0)
-            is_val = np.zeros(len(files), dtype=bool)
-            for c in range(len(self.classes)):  # stratified split
-                idx = np.flatnonzero(np.asarray(labels) == c)
-                is_val[rng.permutation(idx)[: int(round(len(idx) * self.val_fraction))]] = True
+            is_val = stratified_pick(labels, len(self.classes), self.val_fraction, seed=0, at_least_one=False)
             tf = [f for f, v in zip(files, is_val) if not v]
             tl = [lab for lab, v in zip(labels, is_val) if not v]
             vf = [f for f, v in zip(files, is_val) if v]
             vl = [lab for lab, v in zip(labels, is_val) if v]
         if self.label_fraction < 1.0:
-            rng = np.random.default_rng(1)
-            keep = np.zeros(len(tf), dtype=bool)
-            for c in range(len(self.classes)):
-                idx = np.flatnonzero(np.asarray(tl) == c)
-                keep[rng.permutation(idx)[: max(1, int(round(len(idx) * self.label_fraction)))]] = True
+            keep = stratified_pick(tl, len(self.classes), self.label_fraction, seed=1, at_least_one=True)
             tf = [f for f, k in zip(tf, keep) if k]
             tl = [lab for lab, k in zip(tl, keep) if k]
         self.train_files, self.train_labels, self.val_files, self.val_labels = tf, tl, vf, vl

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -21,18 +21,20 @@ from swinv2.checkpoint import read_checkpoint
 log = logging.getLogger(__name__)
 
 
-def pretrained_windows_of(source: str) -> Optional[Tuple[Tuple[int, int], ...]]:
-    """Per-stage (h, w) windows a checkpoint was trained with, where the source records them (our exports'
-    metadata, our Lightning checkpoints); None otherwise (then pass `pretrained_window_sizes`)."""
+def read_pretrained(source: str) -> Tuple[Mapping, Optional[Tuple[Tuple[int, int], ...]]]:
+    """Read a checkpoint once: its contents, and the per-stage (h, w) windows it was trained with where it records
+    them (our exports' metadata, our Lightning checkpoints), else None (then pass `pretrained_window_sizes`)."""
+    raw = read_checkpoint(source)
     if source.endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(source, "pt") as f:
             text = (f.metadata() or {}).get("window_sizes")
-        return tuple(tuple(int(v) for v in w.split("x")) for w in text.split(",")) if text else None
-    raw = read_checkpoint(source)
-    windows = raw.get(WINDOWS_KEY) if isinstance(raw, dict) else None
-    return tuple(tuple(w) for w in windows) if windows else None
+        windows = tuple(tuple(int(v) for v in w.split("x")) for w in text.split(",")) if text else None
+    else:
+        recorded = raw.get(WINDOWS_KEY) if isinstance(raw, Mapping) else None
+        windows = tuple(tuple(w) for w in recorded) if recorded else None
+    return raw, windows
 
 
 class SwinV2Classifier(pl.LightningModule):
@@ -87,8 +89,9 @@ class SwinV2Classifier(pl.LightningModule):
         max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
-        if pretrained_window_sizes is None and pretrained is not None:
-            pretrained_window_sizes = pretrained_windows_of(pretrained)
+        raw, recorded_windows = read_pretrained(pretrained) if pretrained is not None else (None, None)
+        if pretrained_window_sizes is None:
+            pretrained_window_sizes = recorded_windows
         self.save_hyperparameters()
         self.hparams.pretrained_window_sizes = pretrained_window_sizes  # as resolved from the checkpoint
         self.model = swinv2.create_model(
@@ -105,7 +108,7 @@ class SwinV2Classifier(pl.LightningModule):
             self.model.compile_attention()
         self.load_report = None
         if pretrained is not None:
-            self.load_report = swinv2.load_pretrained(self.model, pretrained)
+            self.load_report = swinv2.load_pretrained(self.model, raw)
             log.info("loaded %s:\n%s", pretrained, self.load_report)
         self.mixup = (
             Mixup(

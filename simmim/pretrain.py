@@ -28,13 +28,7 @@ class PretrainCLI(StageCLI):
 
 def main(args: Optional[List[str]] = None) -> PretrainCLI:
     args = with_default_subcommand(sys.argv[1:] if args is None else list(args), CONFIG_DIR / "pretrain/default.yaml")
-    cli = PretrainCLI(
-        SimMIMPretrainer,
-        PretrainDataModule,
-        args=args,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-    )
+    cli = PretrainCLI(SimMIMPretrainer, PretrainDataModule, args=args)
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:
         ckpt = cli.trainer.checkpoint_callback
         print(f"\ncheckpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or '-'})")

@@ -55,23 +55,8 @@ def _args(tmp_path, digits, *extra):
 
 @pytest.mark.slow
 def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits, pretrained_w4):
-    cli = main(
-        [
-            "fit",
-            *_args(
-                tmp_path,
-                digits,
-                "--model.window_size",
-                "8",
-                "--model.pretrained",
-                pretrained_w4,
-                "--trainer.max_epochs",
-                "1",
-                "--trainer.limit_train_batches",
-                "4",
-            ),
-        ]
-    )
+    w8 = ["--model.window_size", "8", "--model.pretrained", pretrained_w4, "--trainer.limit_train_batches", "4"]
+    cli = main(["fit", *_args(tmp_path, digits, *w8, "--trainer.max_epochs", "1")])
     report = cli.model.load_report
     assert report.missing_keys == ["head.bias", "head.weight"] and report.unexpected_keys == []
     assert cli.model.hparams.pretrained_window_sizes == ((4, 4), (4, 4))
@@ -90,25 +75,7 @@ def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits, pretra
 
     ckpt_dir = os.path.dirname(last)
     assert any(f.startswith("best-") for f in os.listdir(ckpt_dir))
-    resumed = main(
-        [
-            "fit",
-            *_args(
-                tmp_path,
-                digits,
-                "--model.window_size",
-                "8",
-                "--model.pretrained",
-                pretrained_w4,
-                "--trainer.max_epochs",
-                "2",
-                "--trainer.limit_train_batches",
-                "4",
-                "--ckpt_path",
-                "last",
-            ),
-        ]
-    )
+    resumed = main(["fit", *_args(tmp_path, digits, *w8, "--trainer.max_epochs", "2", "--ckpt_path", "last")])
     assert resumed.trainer.global_step == 2 * cli.trainer.global_step
 
     pred = main(["predict", *_args(tmp_path, digits, "--model.window_size", "8", "--ckpt_path", last)])
