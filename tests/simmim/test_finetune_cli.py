@@ -145,3 +145,31 @@ def test_train_and_eval_transforms(digits):
     assert x.shape == (4, 3, 32, 32) and y.dtype == torch.long and skipped == 0
     x, *_ = next(iter(dm.val_dataloader()))
     assert x.shape == (4, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_no_arguments_finetunes_the_default_export_at_a_larger_window(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    enc = swinv2.create_model(
+        "swinv2_tiny",
+        img_size=64,
+        window_size=4,
+        num_classes=0,
+        mask_token=True,
+        embed_dim=48,
+        depths=(2, 2, 2, 2),
+        num_heads=(2, 4, 8, 16),
+    )
+    export = tmp_path / "runs/pretrain_default/logs/version_0/encoder.safetensors"
+    export.parent.mkdir(parents=True)
+    save_file(enc.state_dict(), export, metadata={"window_sizes": "4x4,4x4,4x4,2x2"})
+    cli = main(
+        ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1", *FAST]
+    )
+    assert cli.model.hparams.pretrained == str(export.relative_to(tmp_path))
+    assert cli.model.model.window_sizes[0] == (8, 8)  # default config: window 8, pretrained at 4
+    assert cli.model.hparams.pretrained_window_sizes == ((4, 4), (4, 4), (4, 4), (2, 2))
+    assert cli.model.load_report.unexpected_keys == [] and cli.model.load_report.missing_keys == [
+        "head.bias",
+        "head.weight",
+    ]
