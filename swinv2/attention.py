@@ -99,6 +99,17 @@ class CosineQKV(torch.autograd.Function):
         return dqkv, dscale, None
 
 
+def cosine_qkv(qkv: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`CosineQKV` in eager mode; under `torch.compile` the same math in plain ops, which the compiler fuses
+    (it cannot trace the hand-written kernels' `out=` arguments and would break the graph there).
+    """
+    if not torch.compiler.is_compiling():
+        return CosineQKV.apply(qkv, scale)
+    dtype = qkv.dtype
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return (F.normalize(q, dim=-1) * scale).to(dtype), F.normalize(k, dim=-1).to(dtype), v
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside (shifted) windows with scaled cosine similarity.
 
@@ -202,7 +213,7 @@ class WindowAttention(nn.Module):
         # bf16 instead of bouncing between fp32 and bf16.
         dtype = qkv.dtype
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-        q, k, v = CosineQKV.apply(qkv, scale)  # each (B*nW, nH, N, hd), contiguous
+        q, k, v = cosine_qkv(qkv, scale)  # each (B*nW, nH, N, hd), contiguous
         mask = self.relative_bias().unsqueeze(0)  # (1, nH, N, N)
         if shift_mask is not None:
             mask = mask + shift_mask.unsqueeze(1)  # (nW, nH, N, N)

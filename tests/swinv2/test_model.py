@@ -8,7 +8,7 @@ import torch
 from conftest import TINY, randomize_
 
 import swinv2
-from swinv2.attention import CosineQKV
+from swinv2.attention import CosineQKV, WindowAttention
 from swinv2.blocks import clamp_window
 
 
@@ -233,3 +233,10 @@ def test_compiled_attention_matches_eager():
     reference = _values_and_grads(model, x)
     model.compile_attention()
     _assert_same(_values_and_grads(model, x), reference, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_attention_has_no_graph_break():
+    attn = WindowAttention(48, (4, 4), num_heads=3)
+    x, mask = torch.randn(8, 16, 48), torch.zeros(4, 16, 16)
+    assert torch._dynamo.explain(attn)(x, mask).graph_break_count == 0
