@@ -4,6 +4,8 @@ Formats (key layouts in REFERENCE.md):
 - ours / official microsoft/Swin-Transformer (also wrapped in `{"model": ...}`, also with the old `rpe_mlp` names);
 - an official SimMIM pretraining checkpoint (`encoder.` prefix, `decoder.*` dropped);
 - timm's `SwinTransformerV2` (downsample at the start of stages 1-3, `head.fc`);
+- HuggingFace transformers' `Swinv2Model`, `Swinv2ForImageClassification` (`classifier` -> head) and
+  `Swinv2ForMaskedImageModeling` (decoder dropped): separate query/key/value, `swinv2.` prefix;
 - any of the above as `.safetensors`, or behind a prefix such as `module.` (DDP) or `model.encoder.` (Lightning).
 
 Files are read with `torch.load(weights_only=True)`, or, for official checkpoints that also pickle their yacs
@@ -27,6 +29,27 @@ StateDict = Dict[str, torch.Tensor]
 # Buffers that depend on the window and input size: always recomputed by the model that loads the weights.
 WINDOW_BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask")
 ANCHOR = "patch_embed.proj.weight"  # present in every SwinV2 checkpoint; locates the key prefix
+HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"  # its name in transformers' layout
+
+# transformers' names inside a block -> official names (query/key/value weights are concatenated separately).
+_HF_BLOCK_NAMES = (
+    ("attention.self.logit_scale", "attn.logit_scale"),
+    ("attention.self.continuous_position_bias_mlp.", "attn.cpb_mlp."),
+    ("attention.self.query.bias", "attn.q_bias"),
+    ("attention.self.value.bias", "attn.v_bias"),
+    ("attention.self.relative_", "attn.relative_"),  # window buffers, if an older version saved them
+    ("attention.output.dense.", "attn.proj."),
+    ("layernorm_before.", "norm1."),
+    ("layernorm_after.", "norm2."),
+    ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."),
+)
+_HF_TOP_NAMES = (
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+    ("embeddings.norm.", "patch_embed.norm."),
+    ("embeddings.mask_token", "mask_token"),
+    ("layernorm.", "norm."),
+)
 
 
 @dataclass
@@ -34,7 +57,7 @@ class LoadReport:
     """What `load_pretrained` did.
 
     Attributes:
-        format: Detected layout: "official", "simmim", "timm".
+        format: Detected layout: "official", "simmim", "timm", "transformers".
         prefix: Key prefix that was stripped ("" if none).
         missing_keys: Model weights the checkpoint did not provide (they keep their initialisation).
         unexpected_keys: Checkpoint weights the model has no place for.
@@ -119,22 +142,75 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
 
 
-def _unwrap(obj: Mapping) -> Tuple[StateDict, str]:
-    """Find the state dict (inside `model`/`state_dict`/`module` wrappers) and the prefix before `patch_embed`."""
+def _unwrap(obj: Mapping) -> Tuple[StateDict, str, bool]:
+    """Find the state dict (inside `model`/`state_dict`/`module` wrappers); transformers' keys are renamed to the
+    official layout. Returns the tensors, the prefix before `patch_embed`, and whether they were transformers'."""
     for wrapper in ("model", "state_dict", "module"):
         if ANCHOR not in obj and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
-    anchors = [k for k in obj if isinstance(k, str) and k.endswith(ANCHOR)]
+    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    hf = [k for k in sd if k.endswith(HF_ANCHOR)]
+    transformers = bool(hf) and not any(k.endswith(ANCHOR) for k in sd)
+    if transformers:
+        sd = from_transformers(sd, min(hf, key=len)[: -len(HF_ANCHOR)])
+    anchors = [k for k in sd if k.endswith(ANCHOR)]
     if not anchors:
         raise CheckpointMismatchError(
-            f"no '{ANCHOR}' key found, so this is not a SwinV2 checkpoint in a known layout "
-            f"(first keys: {list(obj)[:8]})"
+            f"no '{ANCHOR}' (or transformers' '{HF_ANCHOR}') key found, so this is not a SwinV2 checkpoint in a "
+            f"known layout (first keys: {list(obj)[:8]})"
         )
-    prefix = min(anchors, key=len)[: -len(ANCHOR)]
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, prefix
+    return sd, min(anchors, key=len)[: -len(ANCHOR)], transformers
 
 
-def _detect_format(sd: StateDict, prefix: str) -> str:
+def from_transformers(sd: StateDict, prefix: str = "swinv2.") -> StateDict:
+    """Rename a transformers `Swinv2*` state dict to the official layout, keeping `prefix`.
+
+    query/key/value weights are concatenated into `attn.qkv.weight` (key has no bias, as in the official code);
+    `classifier.*` next to the prefix becomes `head.*`. Other keys (the MIM decoder, unknown names) keep their names
+    and are reported by `load_pretrained` as dropped or unexpected.
+    """
+    parent = prefix[: -len("swinv2.")] if prefix.endswith("swinv2.") else prefix
+    out: StateDict = {}
+    qkv: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, v in sd.items():
+        if key.startswith(parent + "classifier."):
+            out[prefix + "head." + key[len(parent + "classifier.") :]] = v
+            continue
+        if not key.startswith(prefix):
+            out[key] = v
+            continue
+        k = key[len(prefix) :]
+        block = re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)", k)
+        if block:
+            head, rest = f"layers.{block.group(1)}.blocks.{block.group(2)}.", block.group(3)
+            part = re.fullmatch(r"attention\.self\.(query|key|value)\.weight", rest)
+            if part:
+                qkv.setdefault(head, {})[part.group(1)] = v
+                continue
+            for a, b in _HF_BLOCK_NAMES:
+                if rest.startswith(a):
+                    rest = b + rest[len(a) :]
+                    break
+            k = head + rest
+        elif k.startswith("encoder.layers."):
+            k = k[len("encoder.") :]  # downsample: at the end of stages 0..N-2, as in the official code
+        else:
+            for a, b in _HF_TOP_NAMES:
+                if k.startswith(a):
+                    k = b + k[len(a) :]
+                    break
+        out[prefix + k] = v
+    for head, parts in qkv.items():
+        if len(parts) == 3:
+            out[prefix + head + "attn.qkv.weight"] = torch.cat([parts[n] for n in ("query", "key", "value")])
+        else:
+            out.update({f"{prefix}{head}attention.self.{n}.weight": t for n, t in parts.items()})
+    return out
+
+
+def _detect_format(sd: StateDict, prefix: str, transformers: bool = False) -> str:
+    if transformers:
+        return "transformers"
     stages = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.downsample\.", k))}
     if "head.fc.weight" in sd or (stages and min(stages) > 0):
         return "timm"
@@ -188,13 +264,13 @@ def load_pretrained(model: torch.nn.Module, source: Union[str, os.PathLike, Mapp
         CheckpointMismatchError: a tensor's shape does not fit the model; the message names key, shapes, cause.
     """
     raw = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    sd, prefix = _unwrap(raw)
+    sd, prefix, transformers = _unwrap(raw)
     report = LoadReport(format="", prefix=prefix)
     for k in sd:
         if not k.startswith(prefix):
             report.dropped_keys[k] = f"outside the encoder prefix {prefix!r}"
     sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    report.format = _detect_format(sd, prefix)
+    report.format = _detect_format(sd, prefix, transformers)
     sd = convert_to_official(sd, report.format)
 
     target = model.state_dict()

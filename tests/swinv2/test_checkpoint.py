@@ -119,6 +119,51 @@ def test_ours_timm_and_safetensors_round_trip(tmp_path):
         torch.testing.assert_close(model(x), expected)
 
 
+def _transformers_model(cls_name, **overrides):
+    """A transformers Swinv2 model with TINY's configuration and every parameter randomised."""
+    import transformers
+
+    config = dict(image_size=32, patch_size=4, embed_dim=EMBED, depths=list(DEPTHS), num_heads=list(HEADS))
+    config.update(window_size=WINDOW, num_labels=CLASSES, drop_path_rate=0.0, encoder_stride=16, **overrides)
+    return randomize_(getattr(transformers, cls_name)(transformers.Swinv2Config(**config)), seed=5).eval()
+
+
+def test_transformers_classifier_loads_and_matches(tmp_path):
+    hf = _transformers_model("Swinv2ForImageClassification")
+    save_file(hf.state_dict(), tmp_path / "model.safetensors")  # what save_pretrained writes
+    model = swinv2.SwinTransformerV2(**TINY).eval()
+    report = swinv2.load_pretrained(model, tmp_path / "model.safetensors")
+    assert report.format == "transformers" and report.prefix == "swinv2."
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = hf.swinv2(x)
+        feats = model.forward_features(x)
+        torch.testing.assert_close(feats.flatten(1, 2), out.last_hidden_state, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_transformers_mim_checkpoint_loads_encoder_and_mask_token():
+    hf = _transformers_model("Swinv2ForMaskedImageModeling")
+    model = swinv2.SwinTransformerV2(**{**TINY, "num_classes": 0}, mask_token=True).eval()
+    report = swinv2.load_pretrained(model, {"state_dict": hf.state_dict()})
+    assert report.format == "transformers"
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert any(k.startswith("decoder.") for k in report.dropped_keys)
+    torch.testing.assert_close(model.mask_token, hf.swinv2.embeddings.mask_token)
+    mask = torch.rand(2, 8, 8) < 0.5
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = hf.swinv2(x, bool_masked_pos=mask.flatten(1)).last_hidden_state
+        torch.testing.assert_close(model.forward_features(x, mask).flatten(1, 2), expected, atol=1e-4, rtol=0)
+
+
+def test_transformers_checkpoint_of_another_size_raises_clear_error():
+    hf = _transformers_model("Swinv2Model", embed_dim=32)
+    with pytest.raises(CheckpointMismatchError, match=r"patch_embed\.proj\.weight.*\(32, 3, 4, 4\).*embed_dim"):
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), hf.state_dict())
+
+
 def test_larger_window_loads_and_recomputes_buffers():
     source = randomize_(swinv2.SwinTransformerV2(**TINY))
     target = swinv2.SwinTransformerV2(**{**TINY, "img_size": 64, "window_size": 8}, pretrained_window_sizes=(4, 4))
