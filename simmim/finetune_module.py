@@ -51,8 +51,8 @@ class SwinV2Classifier(pl.LightningModule):
             them, else the fine-tuning windows (no rescaling).
         drop_path_rate: Stochastic depth (official: 0.1 for B).
         use_checkpoint: Activation checkpointing of every block (memory for compute).
-        compile_attention: `torch.compile` the window attention (about a minute at start; 1.21x-1.39x faster bf16
-            training steps than timm on the benchmark CPU, against 1.09x-1.17x eager).
+        compile_attention: `torch.compile` the window attention (about a minute at start; on the benchmark CPU
+            0.99x-1.07x of the eager speed, which is already 1.29x-1.39x timm's in bf16).
         encoder_kwargs: Further `SwinTransformerV2` arguments (embed_dim, depths, num_heads, ...).
         base_lr, warmup_lr, min_lr: Per 512 images when `scale_lr` (official B: 1.25e-3, 2.5e-7, 2.5e-7).
         layer_decay: Layer-wise LR decay (official: 0.75 for B).
