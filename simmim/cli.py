@@ -34,7 +34,9 @@ class StageCLI(LightningCLI):
     their callbacks in `stage_callbacks`."""
 
     def __init__(self, model_class, datamodule_class, args: List[str], **kwargs) -> None:
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        # omegaconf+: interpolations are resolved after the command line is applied, so the default configs'
+        # `save_dir: ${...default_root_dir}` follows `--trainer.default_root_dir`.
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
 

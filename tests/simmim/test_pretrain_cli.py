@@ -1,5 +1,6 @@
 """The pretraining CLI end to end on tiny budgets: configs, bad keys, learning, resume, export."""
 
+import importlib
 import os
 from pathlib import Path
 
@@ -165,3 +166,17 @@ def test_every_finetune_config_parses(tmp_path):
         with pytest.raises(SystemExit) as done:
             finetune_main(["fit", "--config", str(config), "--model.pretrained", "null", "--print_config"])
         assert done.value.code == 0, config
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_default_root_dir_moves_the_logs_too(stage, tmp_path, capsys):
+    """The default configs' TensorBoard folder follows `--trainer.default_root_dir` (an interpolation, not a copy)."""
+    stage_main = importlib.import_module(f"simmim.{stage}").main
+    root = tmp_path / "elsewhere"
+    args = ["fit", "--trainer.default_root_dir", str(root)]
+    if stage == "finetune":
+        args += ["--model.pretrained", "null"]  # the default looks for the default pretraining export
+    with pytest.raises(SystemExit):
+        stage_main([*args, "--print_config"])
+    cfg = OmegaConf.create(capsys.readouterr().out)
+    assert cfg.trainer.logger.init_args.save_dir == str(root)
