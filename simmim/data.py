@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import albumentations as A
@@ -12,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
-from simmim.images import UnreadableImageError, decode_image, list_images
+from simmim.images import list_images, read_sample_image
 from simmim.masking import MaskGenerator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,43 +32,54 @@ def pretrain_transform(img_size: int, train: bool, mean: Sequence[float], std: S
 
 
 class MaskedImageDataset(Dataset):
-    """Images with SimMIM masks. A file that fails to decode yields None (with a warning naming it).
+    """Images with SimMIM masks: (image, mask, number of unreadable files passed over).
+
+    An unreadable file is warned about by name; with `refill` the next readable file replaces it, otherwise the
+    sample is None and the batch is smaller (`read_sample_image`).
 
     Args:
         files: Image paths.
         transform: albumentations pipeline ending in Normalize.
         mask_generator: Makes one mask per sample.
         fixed_masks: Seed each sample's mask by its index (validation: the same masks every epoch).
+        refill: Replace unreadable files by the next readable one (training).
     """
 
-    def __init__(self, files: List, transform: A.Compose, mask_generator: MaskGenerator, fixed_masks: bool = False):
+    def __init__(
+        self,
+        files: List,
+        transform: A.Compose,
+        mask_generator: MaskGenerator,
+        fixed_masks: bool = False,
+        refill: bool = False,
+    ) -> None:
         self.files = files
         self.transform = transform
         self.mask_generator = mask_generator
         self.fixed_masks = fixed_masks
+        self.refill = refill
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        try:
-            img = decode_image(self.files[i])
-        except UnreadableImageError as e:
-            warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
+    def __getitem__(self, i: int) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+        img, _, bad = read_sample_image(self.files, i, self.refill)
+        if img is None:
             return None
         x = torch.from_numpy(self.transform(image=img)["image"]).permute(2, 0, 1)  # (3, H, W)
         # Train masks come from torch's RNG, which DataLoader seeds differently in every worker.
         seed = i if self.fixed_masks else int(torch.randint(0, 2**62, ()).item())
         mask = torch.from_numpy(self.mask_generator(np.random.default_rng(seed)))
-        return x, mask
+        return x, mask, bad
 
 
 def collate_skipping(batch: List) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the decodable samples; the third element counts the skipped ones."""
+    """Stack the decoded samples; the third element counts the unreadable files (dropped or replaced)."""
     good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good) + sum(g[2] for g in good)
     if not good:
-        return torch.empty(0), torch.empty(0), len(batch)
-    return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), len(batch) - len(good)
+        return torch.empty(0), torch.empty(0), skipped
+    return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), skipped
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn) -> DataLoader:
@@ -135,7 +145,11 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def _loader(self, files: List, train: bool) -> DataLoader:
         ds = MaskedImageDataset(
-            files, pretrain_transform(self.img_size, train, self.mean, self.std), self.mask_generator, not train
+            files,
+            pretrain_transform(self.img_size, train, self.mean, self.std),
+            self.mask_generator,
+            fixed_masks=not train,
+            refill=train,
         )
         return make_loader(ds, self.batch_size, self.num_workers, train, collate_skipping)
 

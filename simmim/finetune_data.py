@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.data import IMAGENET_MEAN, IMAGENET_STD, make_loader
-from simmim.images import UnreadableImageError, decode_image, list_images
+from simmim.images import list_images, read_sample_image
 
 
 def rand_augment(magnitude: int = 9, num_ops: int = 2) -> A.BaseCompose:
@@ -80,22 +79,21 @@ def image_folder(root: Path) -> Tuple[List[Path], List[int], List[str]]:
 
 
 class LabelledImageDataset(Dataset):
-    """(image, label, index); an unreadable image yields None with a warning naming it."""
+    """(image, label, index, number of unreadable files passed over). An unreadable file is warned about by name;
+    with `refill` (training) the next readable file and its label replace it, otherwise the sample is None."""
 
-    def __init__(self, files: List[Path], labels: List[int], transform: A.Compose) -> None:
-        self.files, self.labels, self.transform = files, labels, transform
+    def __init__(self, files: List[Path], labels: List[int], transform: A.Compose, refill: bool = False) -> None:
+        self.files, self.labels, self.transform, self.refill = files, labels, transform, refill
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        try:
-            img = decode_image(self.files[i])
-        except UnreadableImageError as e:
-            warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
+        img, j, bad = read_sample_image(self.files, i, self.refill)
+        if img is None:
             return None
         x = torch.from_numpy(self.transform(image=img)["image"]).permute(2, 0, 1)  # (3, H, W)
-        return x, self.labels[i], i
+        return x, self.labels[j], j, bad
 
 
 def stratified_pick(labels: List[int], num_classes: int, fraction: float, seed: int, at_least_one: bool) -> np.ndarray:
@@ -111,11 +109,13 @@ def stratified_pick(labels: List[int], num_classes: int, fraction: float, seed: 
 
 
 def collate_labelled(batch: List):
+    """(images, labels, indices, number of unreadable files dropped or replaced)."""
     good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good) + sum(g[3] for g in good)
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), len(batch)
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
     x = torch.stack([g[0] for g in good])
-    return x, torch.tensor([g[1] for g in good]), torch.tensor([g[2] for g in good]), len(batch) - len(good)
+    return x, torch.tensor([g[1] for g in good]), torch.tensor([g[2] for g in good]), skipped
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -187,7 +187,11 @@ class ClassificationDataModule(pl.LightningDataModule):
     def _loader(self, files, labels, train: bool) -> DataLoader:
         tfm = classification_transform(self.img_size, train, self.mean, self.std, self.erase_prob)
         return make_loader(
-            LabelledImageDataset(files, labels, tfm), self.batch_size, self.num_workers, train, collate_labelled
+            LabelledImageDataset(files, labels, tfm, refill=train),
+            self.batch_size,
+            self.num_workers,
+            train,
+            collate_labelled,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -8,8 +8,9 @@ path, so callers can skip and count them.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -64,6 +65,30 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     if img is None or img.size == 0:
         raise UnreadableImageError(f"cannot decode {path} as an image (corrupt or not an image file)")
     return to_uint8_rgb(img)
+
+
+def read_sample_image(files: Sequence, i: int, refill: bool) -> Tuple[Optional[np.ndarray], int, int]:
+    """Decode `files[i]` for a dataset sample; an unreadable file is warned about by name.
+
+    Without `refill` (validation, prediction) the sample is then dropped: (None, i, 1). With `refill` (training)
+    the next readable file in the list takes its place, so a batch never shrinks or empties, even at batch size 1.
+
+    Returns:
+        (image or None, index of the decoded file, number of unreadable files passed over).
+
+    Raises:
+        UnreadableImageError: with `refill`, when no file in the list decodes.
+    """
+    n = len(files)
+    for step in range(n if refill else 1):
+        j = (i + step) % n
+        try:
+            return decode_image(files[j]), j, step
+        except UnreadableImageError as e:
+            warnings.warn(f"skipping unreadable image: {e}", stacklevel=3)
+    if not refill:
+        return None, i, 1
+    raise UnreadableImageError(f"none of the {n} images could be decoded; the warnings name them")
 
 
 class BadImageCounter:

@@ -180,3 +180,21 @@ def test_default_root_dir_moves_the_logs_too(stage, tmp_path, capsys):
         stage_main([*args, "--print_config"])
     cfg = OmegaConf.create(capsys.readouterr().out)
     assert cfg.trainer.logger.init_args.save_dir == str(root)
+
+
+def test_batch_size_one_survives_an_unreadable_file(tmp_path):
+    """Training refills a bad file's slot, so even a batch of one never arrives empty; the file is counted."""
+    import cv2
+    import numpy as np
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    (folder / "3_broken.png").write_bytes(b"not an image")
+    args = ["--data.batch_size", "1", "--data.val_fraction", "0", "--trainer.limit_val_batches", "0"]
+    with pytest.warns(UserWarning, match="3_broken.png"):
+        cli = _fit(tmp_path, str(folder), *args, "--trainer.max_epochs", "1")
+    assert cli.trainer.global_step == 7  # every file's slot trained, the bad one with its neighbour
+    assert cli.model.bad_images.bad == 1 and cli.model.bad_images.seen == 8
