@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
@@ -27,6 +28,13 @@ def with_default_subcommand(args: Optional[List[str]], default_config: Path) -> 
     if args[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in args):
         args = [args[0], "--config", str(default_config), *args[1:]]
     return args
+
+
+def finish_distributed() -> None:
+    """Destroy the process group before the interpreter exits. Left alive, gloo's threads sometimes abort the
+    process at exit ("terminate called without an active exception", return code -6) after the work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class StageCLI(LightningCLI):

@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional
 
 from simmim.callbacks import ExportEncoder, ReconstructionGrid
-from simmim.cli import CONFIG_DIR, StageCLI, with_default_subcommand
+from simmim.cli import CONFIG_DIR, StageCLI, finish_distributed, with_default_subcommand
 from simmim.data import PretrainDataModule
 from simmim.pretrain_module import SimMIMPretrainer
 
@@ -39,3 +39,4 @@ def main(args: Optional[List[str]] = None) -> PretrainCLI:
 
 if __name__ == "__main__":
     main()
+    finish_distributed()

@@ -35,6 +35,19 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
     return model
 
 
+def noise_images_with_a_broken_one(folder, count: int, size: int, broken: str):
+    """`count` random PNGs named 0.png, 1.png, ... plus one file `broken` that is not an image; returns `folder`."""
+    import cv2
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    (folder / broken).write_bytes(b"not an image")
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

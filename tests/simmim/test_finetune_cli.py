@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import noise_images_with_a_broken_one
 from safetensors.torch import load_file, save_file
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
@@ -173,3 +174,22 @@ def test_no_arguments_finetunes_the_default_export_at_a_larger_window(tmp_path, 
         "head.bias",
         "head.weight",
     ]
+
+
+@pytest.mark.slow
+def test_ddp_predict_writes_every_file_once_in_order(tmp_path, digits):
+    """Two CPU processes over gloo, an odd number of files and one corrupt file: every file keeps exactly one row."""
+    import subprocess
+    import sys
+
+    folder = noise_images_with_a_broken_one(tmp_path / "to_classify", count=5, size=32, broken="2_broken.png")
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    predict = ["--model.pretrained", "null", "--model.window_size", "4", "--data.predict_root", str(folder)]
+    cmd = [sys.executable, "-m", "simmim.finetune", "predict", *_args(tmp_path, digits, *ddp, *predict)]
+    cmd[cmd.index("--data.batch_size") + 1] = "2"
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [os.path.basename(r["path"]) for r in rows] == ["0.png", "1.png", "2.png", "2_broken.png", "3.png", "4.png"]
+    assert rows[3]["pred"] == "" and all(r["pred"] in [str(d) for d in range(10)] for r in rows if r is not rows[3])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import noise_images_with_a_broken_one
 from omegaconf import OmegaConf
 
 import swinv2
@@ -184,15 +185,7 @@ def test_default_root_dir_moves_the_logs_too(stage, tmp_path, capsys):
 
 def test_batch_size_one_survives_an_unreadable_file(tmp_path):
     """Training refills a bad file's slot, so even a batch of one never arrives empty; the file is counted."""
-    import cv2
-    import numpy as np
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    (folder / "3_broken.png").write_bytes(b"not an image")
+    folder = noise_images_with_a_broken_one(tmp_path / "images", count=6, size=64, broken="3_broken.png")
     args = ["--data.batch_size", "1", "--data.val_fraction", "0", "--trainer.limit_val_batches", "0"]
     with pytest.warns(UserWarning, match="3_broken.png"):
         cli = _fit(tmp_path, str(folder), *args, "--trainer.max_epochs", "1")
