@@ -137,7 +137,7 @@ class SwinV2Classifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, _, skipped = batch
-        self.bad_images.update(len(x), skipped)
+        self.bad_images.update(len(x), skipped, self.trainer)
         if self.mixup is not None and len(x) % 2 == 0:
             x, target = self.mixup(x, y)
             loss = self.soft_ce(self.model(x).float(), target)

@@ -87,7 +87,7 @@ class SimMIMPretrainer(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, mask, skipped = batch
-        self.bad_images.update(len(x), skipped)
+        self.bad_images.update(len(x), skipped, self.trainer)
         loss = self.model(x, mask)
         now = time.perf_counter()
         self.log("train/loss", loss, prog_bar=True)

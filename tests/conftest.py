@@ -35,16 +35,18 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
     return model
 
 
-def noise_images_with_a_broken_one(folder, count: int, size: int, broken: str):
-    """`count` random PNGs named 0.png, 1.png, ... plus one file `broken` that is not an image; returns `folder`."""
+def image_folder(folder, names, size: int, broken=()):
+    """Random-noise PNGs named `names` in `folder`; those also in `broken` hold bytes that are not an image."""
     import cv2
     import numpy as np
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for i in range(count):
-        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
-    (folder / broken).write_bytes(b"not an image")
+    for name in names:
+        if name in broken:
+            (folder / name).write_bytes(b"not an image")
+        else:
+            cv2.imwrite(str(folder / name), rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
     return folder
 
 

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import noise_images_with_a_broken_one
+from conftest import image_folder
 from safetensors.torch import load_file, save_file
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
@@ -182,7 +182,8 @@ def test_ddp_predict_writes_every_file_once_in_order(tmp_path, digits):
     import subprocess
     import sys
 
-    folder = noise_images_with_a_broken_one(tmp_path / "to_classify", count=5, size=32, broken="2_broken.png")
+    names = [f"{i}.png" for i in range(5)] + ["2_broken.png"]
+    folder = image_folder(tmp_path / "to_classify", names, size=32, broken=["2_broken.png"])
     ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
     predict = ["--model.pretrained", "null", "--model.window_size", "4", "--data.predict_root", str(folder)]
     cmd = [sys.executable, "-m", "simmim.finetune", "predict", *_args(tmp_path, digits, *ddp, *predict)]
