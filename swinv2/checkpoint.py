@@ -14,6 +14,7 @@ config, with an unpickler restricted to the same allowlist: no pickled code is e
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -30,6 +31,7 @@ StateDict = Dict[str, torch.Tensor]
 WINDOW_BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask")
 ANCHOR = "patch_embed.proj.weight"  # present in every SwinV2 checkpoint; locates the key prefix
 HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"  # its name in transformers' layout
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what a transformers hub folder holds
 
 # transformers' names inside a block -> official names (query/key/value weights are concatenated separately).
 _HF_BLOCK_NAMES = (
@@ -123,13 +125,19 @@ class _RestrictedPickle:
 
 
 def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping:
-    """Read a `.safetensors` or torch checkpoint file without executing any pickled code.
+    """Read a `.safetensors` or torch checkpoint file without executing any pickled code. A folder (a
+    transformers hub download) is read through its `model.safetensors` or `pytorch_model.bin`.
 
     `torch.load(weights_only=True)` first. Official checkpoints also pickle their yacs config, which that loader
     refuses; they are then read with an unpickler that resolves the same allowlist and turns every other global
     into an inert placeholder.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = [os.path.join(path, n) for n in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
+        if not inside:
+            raise FileNotFoundError(f"{path} is a folder without {' or '.join(HF_WEIGHT_FILES)}: pass the file")
+        path = inside[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
@@ -206,6 +214,43 @@ def from_transformers(sd: StateDict, prefix: str = "swinv2.") -> StateDict:
         else:
             out.update({f"{prefix}{head}attention.self.{n}.weight": t for n, t in parts.items()})
     return out
+
+
+def transformers_config_kwargs(config: Union[str, os.PathLike, Mapping]) -> Dict:
+    """`SwinTransformerV2` keyword arguments for a transformers `Swinv2Config` (a `config.json` path or its dict).
+
+    `num_classes` is the number of labels for `Swinv2ForImageClassification` checkpoints, else 0 (features only);
+    override it for fine-tuning. Raises ValueError for settings this implementation does not reproduce.
+    """
+    if not isinstance(config, Mapping):
+        with open(config) as f:
+            config = json.load(f)
+    unsupported = {
+        "hidden_act": (config.get("hidden_act", "gelu"), "gelu"),
+        "layer_norm_eps": (config.get("layer_norm_eps", 1e-5), 1e-5),
+        "use_absolute_embeddings": (config.get("use_absolute_embeddings", False), False),
+    }
+    for key, (value, ours) in unsupported.items():
+        if value != ours:
+            raise ValueError(f"transformers config has {key}={value!r}; this SwinV2 implements only {ours!r}")
+    classifier = "Swinv2ForImageClassification" in (config.get("architectures") or [])
+    depths = tuple(config.get("depths", (2, 2, 6, 2)))
+    return dict(
+        img_size=config.get("image_size", 224),
+        patch_size=config.get("patch_size", 4),
+        in_chans=config.get("num_channels", 3),
+        num_classes=len(config.get("id2label") or {}) if classifier else 0,
+        embed_dim=config.get("embed_dim", 96),
+        depths=depths,
+        num_heads=tuple(config.get("num_heads", (3, 6, 12, 24))),
+        window_size=config.get("window_size", 7),
+        pretrained_window_sizes=tuple(config.get("pretrained_window_sizes", (0, 0, 0, 0)))[: len(depths)],
+        mlp_ratio=config.get("mlp_ratio", 4.0),
+        qkv_bias=config.get("qkv_bias", True),
+        drop_rate=config.get("hidden_dropout_prob", 0.0),
+        attn_drop_rate=config.get("attention_probs_dropout_prob", 0.0),
+        drop_path_rate=config.get("drop_path_rate", 0.1),
+    )
 
 
 def _detect_format(sd: StateDict, prefix: str, transformers: bool = False) -> str:

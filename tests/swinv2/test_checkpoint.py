@@ -130,9 +130,12 @@ def _transformers_model(cls_name, **overrides):
 
 def test_transformers_classifier_loads_and_matches(tmp_path):
     hf = _transformers_model("Swinv2ForImageClassification")
-    save_file(hf.state_dict(), tmp_path / "model.safetensors")  # what save_pretrained writes
-    model = swinv2.SwinTransformerV2(**TINY).eval()
-    report = swinv2.load_pretrained(model, tmp_path / "model.safetensors")
+    hf.save_pretrained(tmp_path)  # a hub folder: config.json + model.safetensors
+    kwargs = swinv2.transformers_config_kwargs(tmp_path / "config.json")
+    assert kwargs == {**TINY, "in_chans": 3, "pretrained_window_sizes": (0, 0), "mlp_ratio": 4.0, "qkv_bias": True,
+                      "drop_rate": 0.0, "attn_drop_rate": 0.0}  # fmt: skip
+    model = swinv2.SwinTransformerV2(**kwargs).eval()
+    report = swinv2.load_pretrained(model, tmp_path)  # the folder: its model.safetensors
     assert report.format == "transformers" and report.prefix == "swinv2."
     assert report.missing_keys == [] and report.unexpected_keys == []
     x = torch.randn(2, 3, 32, 32)
@@ -156,6 +159,16 @@ def test_transformers_mim_checkpoint_loads_encoder_and_mask_token():
     with torch.no_grad():
         expected = hf.swinv2(x, bool_masked_pos=mask.flatten(1)).last_hidden_state
         torch.testing.assert_close(model.forward_features(x, mask).flatten(1, 2), expected, atol=1e-4, rtol=0)
+
+
+def test_folder_without_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="folder without model.safetensors or pytorch_model.bin"):
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), tmp_path)
+
+
+def test_transformers_config_with_unsupported_settings_is_refused():
+    with pytest.raises(ValueError, match="hidden_act='relu'.*only 'gelu'"):
+        swinv2.transformers_config_kwargs({"hidden_act": "relu", "embed_dim": 24})
 
 
 def test_transformers_checkpoint_of_another_size_raises_clear_error():
