@@ -162,6 +162,8 @@ class SwinV2Classifier(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx: int):
         x, _, index, _ = batch
+        if not len(x):  # every file of the batch was unreadable: their CSV rows stay empty
+            return {"index": index, "pred": index, "prob": index}
         probs = self.model(x).float().softmax(-1)
         conf, pred = probs.max(-1)
         return {"index": index, "pred": pred, "prob": conf}
