@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -18,6 +18,13 @@ def run_dir(trainer: pl.Trainer) -> str:
 
     Collective under DDP (`trainer.log_dir` broadcasts): call it on every rank, before any rank-zero check."""
     return trainer.log_dir or trainer.default_root_dir
+
+
+def save_weights(path: str, state_dict: Mapping[str, torch.Tensor], **metadata: str) -> str:
+    """Write `state_dict` as safetensors (detached, on CPU, contiguous) with string `metadata`; returns `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, path, metadata=metadata)
+    return path
 
 
 class ReconstructionGrid(pl.Callback):
@@ -94,9 +101,6 @@ class ExportEncoder(pl.Callback):
         path = os.path.join(run_dir(trainer), "encoder.safetensors")
         if not trainer.is_global_zero:
             return
-        self.path = path
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in pl_module.encoder.state_dict().items()}
         windows = ",".join(f"{h}x{w}" for h, w in pl_module.encoder.window_sizes)
         meta = {"format": "swinv2-official", "arch": str(pl_module.hparams.arch), "window_sizes": windows}
-        save_file(state, self.path, metadata=meta)
+        self.path = save_weights(path, pl_module.encoder.state_dict(), **meta)

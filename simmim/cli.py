@@ -19,13 +19,18 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
 
 
+def has_config(args: List[str]) -> bool:
+    """Whether the arguments name a `--config` file."""
+    return any(a == "--config" or a.startswith("--config=") for a in args)
+
+
 def with_default_subcommand(args: Optional[List[str]], default_config: Path) -> List[str]:
     """Arguments without a subcommand run `fit`; without `--config` the stage's default config comes first, so
     `--data.root DIR` alone runs the default recipe on DIR."""
     args = list(args or [])
     if not args or args[0] not in (*SUBCOMMANDS, "-h", "--help"):
         args = ["fit", *args]
-    if args[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in args):
+    if args[0] in SUBCOMMANDS and not has_config(args):
         args = [args[0], "--config", str(default_config), *args[1:]]
     return args
 
@@ -51,8 +56,12 @@ class StageCLI(LightningCLI):
     def stage_callbacks(self) -> list:
         return []
 
+    def root_dir(self) -> str:
+        """The run's `trainer.default_root_dir` (the working directory when unset)."""
+        return self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
+
     def instantiate_trainer(self, **kwargs):
-        root = self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
+        root = self.root_dir()
         extra = kwargs.setdefault("callbacks", [])
         if not any(isinstance(c, ModelCheckpoint) for c in extra):
             extra.append(ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True))

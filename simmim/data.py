@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import albumentations as A
@@ -73,13 +74,16 @@ class MaskedImageDataset(Dataset):
         return x, mask, bad
 
 
-def collate_skipping(batch: List) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the decoded samples; the third element counts the unreadable files (dropped or replaced)."""
+def collate_readable(batch: List, num_fields: int) -> Tuple:
+    """Stack the decoded samples field by field (tensors stacked, numbers made one tensor); the last element
+    counts the unreadable files, dropped (None samples) or replaced (each sample's last field). A batch with
+    nothing readable gives `num_fields` empty tensors."""
     good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good) + sum(g[2] for g in good)
+    skipped = len(batch) - len(good) + sum(g[-1] for g in good)
     if not good:
-        return torch.empty(0), torch.empty(0), skipped
-    return torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), skipped
+        return (*(torch.empty(0) for _ in range(num_fields)), skipped)
+    fields = zip(*(g[:-1] for g in good))
+    return (*(torch.stack(f) if isinstance(f[0], torch.Tensor) else torch.tensor(f) for f in fields), skipped)
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn) -> DataLoader:
@@ -151,7 +155,7 @@ class PretrainDataModule(pl.LightningDataModule):
             fixed_masks=not train,
             refill=train,
         )
-        return make_loader(ds, self.batch_size, self.num_workers, train, collate_skipping)
+        return make_loader(ds, self.batch_size, self.num_workers, train, partial(collate_readable, num_fields=2))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_files, train=True)

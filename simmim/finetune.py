@@ -14,11 +14,10 @@ from typing import List, Optional
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from safetensors.torch import save_file
 
 import swinv2
-from simmim.callbacks import run_dir
-from simmim.cli import CONFIG_DIR, StageCLI, finish_distributed, with_default_subcommand
+from simmim.callbacks import run_dir, save_weights
+from simmim.cli import CONFIG_DIR, StageCLI, finish_distributed, has_config, with_default_subcommand
 from simmim.finetune_data import ClassificationDataModule
 from simmim.finetune_module import SwinV2Classifier
 
@@ -36,16 +35,13 @@ class ExportClassifier(pl.Callback):
         folder = run_dir(trainer)  # collective: before the rank-zero check
         if not trainer.is_global_zero:
             return
-        os.makedirs(folder, exist_ok=True)
         model = pl_module.model
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         self.paths = [
-            os.path.join(folder, "classifier.safetensors"),
-            os.path.join(folder, "classifier_timm.safetensors"),
+            save_weights(os.path.join(folder, "classifier.safetensors"), model.state_dict(), format="swinv2-official"),
+            save_weights(
+                os.path.join(folder, "classifier_timm.safetensors"), swinv2.to_timm_state_dict(model), format="timm"
+            ),
         ]
-        save_file(state, self.paths[0], metadata={"format": "swinv2-official"})
-        timm_state = {k: v.detach().cpu().contiguous() for k, v in swinv2.to_timm_state_dict(model).items()}
-        save_file(timm_state, self.paths[1], metadata={"format": "timm"})
 
 
 class PredictionCSV(pl.Callback):
@@ -94,16 +90,13 @@ class FinetuneCLI(StageCLI):
     def stage_callbacks(self) -> list:
         self.export, self.predictions = ExportClassifier(), PredictionCSV()
         best = ModelCheckpoint(
-            dirpath=os.path.join(self._root(), "checkpoints"),
+            dirpath=os.path.join(self.root_dir(), "checkpoints"),
             filename="best-{epoch:03d}",
             monitor="val/acc1",
             mode="max",
             auto_insert_metric_name=False,
         )
         return [best, self.export, self.predictions]
-
-    def _root(self) -> str:
-        return self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
 
 
 def _default_pretrained(args: List[str]) -> List[str]:
@@ -123,7 +116,7 @@ def _default_pretrained(args: List[str]) -> List[str]:
 def main(args: Optional[List[str]] = None) -> FinetuneCLI:
     raw = sys.argv[1:] if args is None else list(args)
     args = with_default_subcommand(raw, CONFIG_DIR / "finetune/default.yaml")
-    if not any(a == "--config" or a.startswith("--config=") for a in raw) and args[0] == "fit":
+    if not has_config(raw) and args[0] == "fit":
         args = _default_pretrained(args)
     cli = FinetuneCLI(SwinV2Classifier, ClassificationDataModule, args=args)
     if cli.subcommand == "validate":

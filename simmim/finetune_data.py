@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -13,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
-from simmim.data import IMAGENET_MEAN, IMAGENET_STD, make_loader
+from simmim.data import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
 from simmim.images import list_images, read_sample_image
 
 
@@ -108,16 +109,6 @@ def stratified_pick(labels: List[int], num_classes: int, fraction: float, seed: 
     return picked
 
 
-def collate_labelled(batch: List):
-    """(images, labels, indices, number of unreadable files dropped or replaced)."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good) + sum(g[3] for g in good)
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
-    x = torch.stack([g[0] for g in good])
-    return x, torch.tensor([g[1] for g in good]), torch.tensor([g[2] for g in good]), skipped
-
-
 class ClassificationDataModule(pl.LightningDataModule):
     """A labelled image folder: `root/train/<class>/...` and `root/val/<class>/...`, or `root/<class>/...`
     split by `val_fraction` (stratified, fixed).
@@ -191,7 +182,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             self.batch_size,
             self.num_workers,
             train,
-            collate_labelled,
+            partial(collate_readable, num_fields=3),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -11,6 +11,8 @@ from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
 import torch
 
+from simmim.optim import is_no_decay
+
 
 def swin_layer_id(name: str, depths: Sequence[int]) -> int:
     """Layer id of an encoder parameter name in the official layout (no prefix)."""
@@ -40,7 +42,7 @@ def layer_decay_param_groups(
         if not p.requires_grad:
             continue
         layer = swin_layer_id(name, depths)
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip_names
+        no_decay = is_no_decay(name, p, skip_names)
         key = (layer, no_decay)
         if key not in groups:
             groups[key] = {

@@ -6,12 +6,9 @@ import math
 from typing import Optional, Tuple, Union
 
 import numpy as np
+from timm.layers import to_2tuple
 
 IntOrPair = Union[int, Tuple[int, int]]
-
-
-def _pair(v: IntOrPair) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 class MaskGenerator:
@@ -34,7 +31,7 @@ class MaskGenerator:
         model_patch_size: int = 4,
         mask_ratio: float = 0.6,
     ) -> None:
-        self.input_size = _pair(input_size)
+        self.input_size = to_2tuple(input_size)
         for side in self.input_size:
             if side % mask_patch_size:
                 raise ValueError(f"input size {self.input_size} is not divisible by mask_patch_size {mask_patch_size}")

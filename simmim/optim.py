@@ -8,6 +8,12 @@ from typing import Dict, Iterable, List, Sequence, Set
 import torch
 
 
+def is_no_decay(name: str, param: torch.Tensor, skip_names: Set[str] = frozenset()) -> bool:
+    """The official rule: 1-D parameters (norm weights), biases and `skip_names` (the model's `no_weight_decay()`:
+    `logit_scale`, `cpb_mlp`, `mask_token`, ...) get no weight decay."""
+    return param.ndim <= 1 or name.endswith(".bias") or name in skip_names
+
+
 def param_groups_weight_decay(
     named_params: Iterable, weight_decay: float, skip_names: Set[str] = frozenset()
 ) -> List[Dict]:
@@ -21,7 +27,7 @@ def param_groups_weight_decay(
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip_names:
+        if is_no_decay(name, p, skip_names):
             no_decay.append(p)
         else:
             decay.append(p)

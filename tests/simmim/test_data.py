@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from simmim.data import MaskedImageDataset, PretrainDataModule, collate_skipping, pretrain_transform
-from simmim.finetune_data import LabelledImageDataset, classification_transform, collate_labelled
+from simmim.data import MaskedImageDataset, PretrainDataModule, collate_readable, pretrain_transform
+from simmim.finetune_data import LabelledImageDataset, classification_transform
 from simmim.images import UnreadableImageError, decode_image, list_images
 from simmim.masking import MaskGenerator
 
@@ -63,7 +63,7 @@ def test_corrupt_file_among_good_ones_is_skipped_with_warning(tmp_path):
     files.append(tmp_path / "broken.png")
     ds = MaskedImageDataset(files, pretrain_transform(32, True, (0.5,) * 3, (0.5,) * 3), MaskGenerator(32, 16, 4))
     with pytest.warns(UserWarning, match="broken.png"):
-        x, mask, skipped = collate_skipping([ds[i] for i in range(len(ds))])
+        x, mask, skipped = collate_readable([ds[i] for i in range(len(ds))], 2)
     assert x.shape == (3, 3, 32, 32) and mask.shape == (3, 8, 8) and skipped == 1
 
 
@@ -75,14 +75,14 @@ def test_training_replaces_an_unreadable_file_by_the_next_readable_one(tmp_path)
         files, pretrain_transform(32, True, (0.5,) * 3, (0.5,) * 3), MaskGenerator(32, 16, 4), refill=True
     )
     with pytest.warns(UserWarning, match="broken.png"):
-        x, mask, skipped = collate_skipping([ds[1]])  # batch size 1: still a full batch
+        x, mask, skipped = collate_readable([ds[1]], 2)  # batch size 1: still a full batch
     assert x.shape == (1, 3, 32, 32) and mask.shape == (1, 8, 8) and skipped == 1
 
     labelled = LabelledImageDataset(
         files, [0, 1, 2, 3], classification_transform(32, False, (0.5,) * 3, (0.5,) * 3), refill=True
     )
     with pytest.warns(UserWarning, match="broken.png"):
-        x, y, index, skipped = collate_labelled([labelled[1], labelled[3]])
+        x, y, index, skipped = collate_readable([labelled[1], labelled[3]], 3)
     assert y.tolist() == [2, 3] and index.tolist() == [2, 3] and skipped == 1  # the replacement's own label
 
     all_bad = MaskedImageDataset(files[1:2], ds.transform, ds.mask_generator, refill=True)
