@@ -170,6 +170,14 @@ def _unwrap(obj: Mapping) -> Tuple[StateDict, str, bool]:
     return sd, min(anchors, key=len)[: -len(ANCHOR)], transformers
 
 
+def _rename_start(name: str, table: Tuple[Tuple[str, str], ...]) -> str:
+    """Replace the first matching leading `old` of `(old, new)` pairs in `table`."""
+    for old, new in table:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
 def from_transformers(sd: StateDict, prefix: str = "swinv2.") -> StateDict:
     """Rename a transformers `Swinv2*` state dict to the official layout, keeping `prefix`.
 
@@ -195,18 +203,11 @@ def from_transformers(sd: StateDict, prefix: str = "swinv2.") -> StateDict:
             if part:
                 qkv.setdefault(head, {})[part.group(1)] = v
                 continue
-            for a, b in _HF_BLOCK_NAMES:
-                if rest.startswith(a):
-                    rest = b + rest[len(a) :]
-                    break
-            k = head + rest
+            k = head + _rename_start(rest, _HF_BLOCK_NAMES)
         elif k.startswith("encoder.layers."):
             k = k[len("encoder.") :]  # downsample: at the end of stages 0..N-2, as in the official code
         else:
-            for a, b in _HF_TOP_NAMES:
-                if k.startswith(a):
-                    k = b + k[len(a) :]
-                    break
+            k = _rename_start(k, _HF_TOP_NAMES)
         out[prefix + k] = v
     for head, parts in qkv.items():
         if len(parts) == 3:
@@ -253,9 +254,7 @@ def transformers_config_kwargs(config: Union[str, os.PathLike, Mapping]) -> Dict
     )
 
 
-def _detect_format(sd: StateDict, prefix: str, transformers: bool = False) -> str:
-    if transformers:
-        return "transformers"
+def _detect_format(sd: StateDict, prefix: str) -> str:
     stages = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.downsample\.", k))}
     if "head.fc.weight" in sd or (stages and min(stages) > 0):
         return "timm"
@@ -315,7 +314,7 @@ def load_pretrained(model: torch.nn.Module, source: Union[str, os.PathLike, Mapp
         if not k.startswith(prefix):
             report.dropped_keys[k] = f"outside the encoder prefix {prefix!r}"
     sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    report.format = _detect_format(sd, prefix, transformers)
+    report.format = "transformers" if transformers else _detect_format(sd, prefix)
     sd = convert_to_official(sd, report.format)
 
     target = model.state_dict()
