@@ -50,6 +50,18 @@ def image_folder(folder, names, size: int, broken=()):
     return folder
 
 
+def run_ddp_on_cpu(module: str, *args: str):
+    """`python -m module *args` as two CPU processes over gloo (Lightning's DDP launcher); asserts it succeeded and
+    returns the completed process (its stdout and stderr)."""
+    import subprocess
+    import sys
+
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    out = subprocess.run([sys.executable, "-m", module, *args, *ddp], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

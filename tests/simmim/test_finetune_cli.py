@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import image_folder
+from conftest import image_folder, run_ddp_on_cpu
 from safetensors.torch import load_file, save_file
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
@@ -180,17 +180,12 @@ def test_no_arguments_finetunes_the_default_export_at_a_larger_window(tmp_path, 
 def test_ddp_predict_writes_every_file_once_in_order(tmp_path, digits):
     """Two CPU processes over gloo, an odd number of files and one corrupt file alone in its batch: every file keeps
     exactly one row."""
-    import subprocess
-    import sys
-
     names = [f"{i}.png" for i in range(5)] + ["2_broken.png"]
     folder = image_folder(tmp_path / "to_classify", names, size=32, broken=["2_broken.png"])
-    ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
     predict = ["--model.pretrained", "null", "--model.window_size", "4", "--data.predict_root", str(folder)]
-    cmd = [sys.executable, "-m", "simmim.finetune", "predict", *_args(tmp_path, digits, *ddp, *predict)]
-    cmd[cmd.index("--data.batch_size") + 1] = "1"  # the corrupt file is a batch of its own
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    args = _args(tmp_path, digits, *predict)
+    args[args.index("--data.batch_size") + 1] = "1"  # the corrupt file is a batch of its own
+    run_ddp_on_cpu("simmim.finetune", "predict", *args)
     with open(tmp_path / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert [os.path.basename(r["path"]) for r in rows] == ["0.png", "1.png", "2.png", "2_broken.png", "3.png", "4.png"]

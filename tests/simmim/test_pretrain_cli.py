@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import image_folder
+from conftest import image_folder, run_ddp_on_cpu
 from omegaconf import OmegaConf
 
 import swinv2
@@ -124,38 +124,9 @@ def test_resume_from_last_continues_step_and_optimizer_state(tmp_path, digits):
 
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path, digits):
-    import subprocess
-    import sys
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "simmim.pretrain",
-        "--data.root",
-        digits,
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.devices",
-        "2",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "2",
-        "--trainer.limit_val_batches",
-        "1",
-        "--data.batch_size",
-        "8",
-        "--model.use_checkpoint",
-        "true",
-        *FAST,
-    ]
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    args = ["--data.root", digits, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1"]
+    args += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--data.batch_size", "8"]
+    out = run_ddp_on_cpu("simmim.pretrain", *args, "--model.use_checkpoint", "true", *FAST)
     assert os.path.exists(tmp_path / "checkpoints" / "last.ckpt")
     assert "encoder export:" in out.stdout
 
@@ -198,17 +169,11 @@ def test_batch_size_one_survives_an_unreadable_file(tmp_path):
 def test_ddp_counts_bad_images_over_all_ranks(tmp_path):
     """Two unreadable files, both in rank 1's shard: 2 of 10 images there (over the limit of 0.15), 2 of 18 over
     both ranks (under it). Counted per rank, rank 1 would stop alone and leave rank 0 waiting."""
-    import subprocess
-    import sys
-
     # DistributedSampler's draw for Lightning's seed 0 and epoch 0: rank r gets perm[r::2].
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()
     bad = [i for i in perm[1::2] if (i + 1) % 16 not in perm[1::2]][:2]  # refilled from a good neighbour
     folder = image_folder(tmp_path / "images", [f"{i:02d}.png" for i in range(16)], 64, [f"{i:02d}.png" for i in bad])
-    cmd = [sys.executable, "-m", "simmim.pretrain", "--data.root", str(folder), "--data.val_fraction", "0"]
-    cmd += ["--trainer.default_root_dir", str(tmp_path), "--trainer.limit_val_batches", "0"]
-    cmd += ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    cmd += ["--trainer.max_epochs", "1", "--data.batch_size", "8", "--model.max_bad_fraction", "0.15", *FAST]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    args = ["--data.root", str(folder), "--data.val_fraction", "0", "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", "--data.batch_size", "8"]
+    out = run_ddp_on_cpu("simmim.pretrain", *args, "--model.max_bad_fraction", "0.15", *FAST)
     assert all(f"{i:02d}.png" in out.stderr for i in bad)  # both were warned about, on rank 1
