@@ -102,7 +102,7 @@ def test_mask_errors_are_clear():
 def _values_and_grads(model, x):
     model.zero_grad()
     out = model.forward_features(x)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("head.")}
 
 
@@ -143,6 +143,20 @@ def test_fused_and_explicit_attention_agree():
         if hasattr(m, "fused"):
             m.fused = True
     _assert_same(_values_and_grads(model, x), reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_sdpa_matches_explicit_attention():
+    """On CUDA the default attention is SDPA; it must give the explicit path's values and gradients."""
+    model = randomize_(swinv2.SwinTransformerV2(**TINY)).cuda()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    sdpa = _values_and_grads(model, x)
+    for m in model.modules():
+        if hasattr(m, "fused"):
+            assert m.fused is None  # the default: SDPA because the tensors are on CUDA
+            m.fused = False
+    _assert_same(_values_and_grads(model, x), sdpa, atol=1e-4)
 
 
 def test_bf16_autocast_stays_close_to_fp32():
