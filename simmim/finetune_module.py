@@ -16,7 +16,7 @@ from simmim.callbacks import WINDOWS_KEY
 from simmim.images import BadImageCounter
 from simmim.layer_decay import layer_decay_param_groups
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
-from swinv2.checkpoint import read_checkpoint
+from swinv2.reading import read_checkpoint
 
 log = logging.getLogger(__name__)
 

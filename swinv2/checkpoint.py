@@ -1,57 +1,40 @@
-"""Load SwinV2 weights from any common checkpoint format, and export to timm's layout.
+"""The checkpoint contract: what a weights file records about its model, and loading SwinV2 weights of any layout.
 
-Formats (key layouts in REFERENCE.md):
-- ours / official microsoft/Swin-Transformer (also wrapped in `{"model": ...}`, also with the old `rpe_mlp` names);
-- an official SimMIM pretraining checkpoint (`encoder.` prefix, `decoder.*` dropped);
-- timm's `SwinTransformerV2` (downsample at the start of stages 1-3, `head.fc`);
-- HuggingFace transformers' `Swinv2Model`, `Swinv2ForImageClassification` (`classifier` -> head) and
-  `Swinv2ForMaskedImageModeling` (decoder dropped): separate query/key/value, `swinv2.` prefix;
-- any of the above as `.safetensors`, or behind a prefix such as `module.` (DDP) or `model.encoder.` (Lightning).
-
-Files are read with `torch.load(weights_only=True)`, or, for official checkpoints that also pickle their yacs
-config, with an unpickler restricted to the same allowlist: no pickled code is ever run.
+`save_weights(path, model)` writes safetensors whose header records `model.architecture()` (variant, embed dim,
+depths, heads, patch and image size, the window of every stage, the pretraining windows, the position-bias type).
+Lightning checkpoints carry the same record under the same key (`ARCH_KEY`). `create_model_from_checkpoint(path)`
+builds the model from that record alone; `load_pretrained(model, path)` loads weights of any supported layout into
+a model built by hand, and warns when the model's position-bias windows disagree with the file's.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-import torch
-import torch.nn.functional as F
-from torch import _weights_only_unpickler
+from safetensors.torch import save_file
 
-StateDict = Dict[str, torch.Tensor]
-
-# Buffers that depend on the window and input size: always recomputed by the model that loads the weights.
-WINDOW_BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask")
-ANCHOR = "patch_embed.proj.weight"  # present in every SwinV2 checkpoint; locates the key prefix
-HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"  # its name in transformers' layout
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what a transformers hub folder holds
-
-# transformers' names inside a block -> official names (query/key/value weights are concatenated separately).
-_HF_BLOCK_NAMES = (
-    ("attention.self.logit_scale", "attn.logit_scale"),
-    ("attention.self.continuous_position_bias_mlp.", "attn.cpb_mlp."),
-    ("attention.self.query.bias", "attn.q_bias"),
-    ("attention.self.value.bias", "attn.v_bias"),
-    ("attention.self.relative_", "attn.relative_"),  # window buffers, if an older version saved them
-    ("attention.output.dense.", "attn.proj."),
-    ("layernorm_before.", "norm1."),
-    ("layernorm_after.", "norm2."),
-    ("intermediate.dense.", "mlp.fc1."),
-    ("output.dense.", "mlp.fc2."),
+from swinv2.convert import (
+    ANCHOR,
+    WINDOW_BUFFERS,
+    CheckpointMismatchError,
+    StateDict,
+    _resize_bias_table,
+    official_state_dict,
+    to_timm_state_dict,
 )
-_HF_TOP_NAMES = (
-    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
-    ("embeddings.norm.", "patch_embed.norm."),
-    ("embeddings.mask_token", "mask_token"),
-    ("layernorm.", "norm."),
-)
+from swinv2.model import VARIANTS, SwinTransformerV2
+from swinv2.reading import read_checkpoint
+
+ARCH_KEY = "swinv2_architecture"  # safetensors metadata entry / Lightning checkpoint entry: JSON of the record
+LAYOUT_KEY = "format"  # safetensors metadata entry: "swinv2-official" or "timm"
+Source = Union[str, os.PathLike, Mapping]
+Windows = Tuple[Tuple[int, int], ...]
 
 
 @dataclass
@@ -66,6 +49,7 @@ class LoadReport:
         dropped_keys: Checkpoint entries dropped on purpose (window buffers, decoder, a head or mask token the
             model does not use), with the reason.
         resized_keys: Entries interpolated to the model's shape (Swin V1 bias tables on a new window).
+        windows: The windows the file's position bias was trained for, per stage, where the file tells.
     """
 
     format: str
@@ -74,9 +58,10 @@ class LoadReport:
     unexpected_keys: List[str] = field(default_factory=list)
     dropped_keys: Dict[str, str] = field(default_factory=dict)
     resized_keys: List[str] = field(default_factory=list)
+    windows: Optional[Windows] = None
 
     def __str__(self) -> str:
-        lines = [f"format={self.format!r} prefix={self.prefix!r}"]
+        lines = [f"format={self.format!r} prefix={self.prefix!r} windows={self.windows}"]
         for name in ("missing_keys", "unexpected_keys", "resized_keys"):
             keys = getattr(self, name)
             lines.append(f"{name} ({len(keys)}): {keys[:20]}{' ...' if len(keys) > 20 else ''}")
@@ -84,201 +69,111 @@ class LoadReport:
         return "\n".join(lines)
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint tensor does not fit the model (different architecture or configuration)."""
+# ---------------------------------------------------------------------------------------------------------------
+# The record
 
 
-class _Inert(dict):
-    """Stands in for any non-allowlisted global in a checkpoint (e.g. the yacs `CfgNode` holding the official
-    config): it accepts construction, items, appends and state, and runs nothing."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__()
-
-    def __setstate__(self, state) -> None:
-        self["__state__"] = state
-
-    def append(self, item) -> None:
-        self.setdefault("__items__", []).append(item)
-
-    def extend(self, items) -> None:
-        self.setdefault("__items__", []).extend(items)
+def variant_of(arch: Mapping[str, Any]) -> str:
+    """The `VARIANTS` name whose shape (embed dim, depths, heads, extra norms) `arch` has, else "custom"."""
+    for name, spec in VARIANTS.items():
+        want = {"extra_norm_period": 0, **spec}
+        if all(arch[k] == (list(v) if isinstance(v, tuple) else v) for k, v in want.items()):
+            return name
+    return "custom"
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals torch's `weights_only` loader allows; every other global becomes `_Inert`,
-    so no function named in the file (os.system, ...) can ever be called."""
-
-    def find_class(self, module: str, name: str):
-        allowed = _weights_only_unpickler._get_allowed_globals()
-        if f"{module}.{name}" in allowed:
-            return allowed[f"{module}.{name}"]
-        return _Inert
+def architecture(model: SwinTransformerV2) -> Dict[str, Any]:
+    """`model.architecture()` and the variant it matches: the record every weights file of this project carries."""
+    arch = model.architecture()
+    return {"variant": variant_of(arch), **arch}
 
 
-class _RestrictedPickle:
-    """A `pickle_module` for `torch.load` built around `_RestrictedUnpickler`."""
+def save_weights(path: Union[str, os.PathLike], model: SwinTransformerV2, layout: str = "official") -> str:
+    """Write `model`'s weights as safetensors with its architecture record; returns `path`.
 
-    Unpickler = _RestrictedUnpickler
-    load = staticmethod(lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
-    __name__ = "restricted_pickle"
-
-
-def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping:
-    """Read a `.safetensors` or torch checkpoint file without executing any pickled code. A folder (a
-    transformers hub download) is read through its `model.safetensors` or `pytorch_model.bin`.
-
-    `torch.load(weights_only=True)` first. Official checkpoints also pickle their yacs config, which that loader
-    refuses; they are then read with an unpickler that resolves the same allowlist and turns every other global
-    into an inert placeholder.
+    Args:
+        layout: "official" (this project's and microsoft/Swin-Transformer's keys, mask token included) or "timm"
+            (`to_timm_state_dict`, which timm's `SwinTransformerV2` loads with `strict=True`).
     """
+    if layout not in ("official", "timm"):
+        raise ValueError(f"layout must be 'official' or 'timm', got {layout!r}")
+    sd = model.state_dict() if layout == "official" else to_timm_state_dict(model)
     path = os.fspath(path)
-    if os.path.isdir(path):
-        inside = [os.path.join(path, n) for n in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
-        if not inside:
-            raise FileNotFoundError(f"{path} is a folder without {' or '.join(HF_WEIGHT_FILES)}: pass the file")
-        path = inside[0]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
-
-
-def _unwrap(obj: Mapping) -> Tuple[StateDict, str, bool]:
-    """Find the state dict (inside `model`/`state_dict`/`module` wrappers); transformers' keys are renamed to the
-    official layout. Returns the tensors, the prefix before `patch_embed`, and whether they were transformers'."""
-    for wrapper in ("model", "state_dict", "module"):
-        if ANCHOR not in obj and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    hf = [k for k in sd if k.endswith(HF_ANCHOR)]
-    transformers = bool(hf) and not any(k.endswith(ANCHOR) for k in sd)
-    if transformers:
-        sd = from_transformers(sd, min(hf, key=len)[: -len(HF_ANCHOR)])
-    anchors = [k for k in sd if k.endswith(ANCHOR)]
-    if not anchors:
-        raise CheckpointMismatchError(
-            f"no '{ANCHOR}' (or transformers' '{HF_ANCHOR}') key found, so this is not a SwinV2 checkpoint in a "
-            f"known layout (first keys: {list(obj)[:8]})"
-        )
-    return sd, min(anchors, key=len)[: -len(ANCHOR)], transformers
-
-
-def _rename_start(name: str, table: Tuple[Tuple[str, str], ...]) -> str:
-    """Replace the first matching leading `old` of `(old, new)` pairs in `table`."""
-    for old, new in table:
-        if name.startswith(old):
-            return new + name[len(old) :]
-    return name
-
-
-def from_transformers(sd: StateDict, prefix: str = "swinv2.") -> StateDict:
-    """Rename a transformers `Swinv2*` state dict to the official layout, keeping `prefix`.
-
-    query/key/value weights are concatenated into `attn.qkv.weight` (key has no bias, as in the official code);
-    `classifier.*` next to the prefix becomes `head.*`. Other keys (the MIM decoder, unknown names) keep their names
-    and are reported by `load_pretrained` as dropped or unexpected.
-    """
-    parent = prefix[: -len("swinv2.")] if prefix.endswith("swinv2.") else prefix
-    out: StateDict = {}
-    qkv: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, v in sd.items():
-        if key.startswith(parent + "classifier."):
-            out[prefix + "head." + key[len(parent + "classifier.") :]] = v
-            continue
-        if not key.startswith(prefix):
-            out[key] = v
-            continue
-        k = key[len(prefix) :]
-        block = re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)", k)
-        if block:
-            head, rest = f"layers.{block.group(1)}.blocks.{block.group(2)}.", block.group(3)
-            part = re.fullmatch(r"attention\.self\.(query|key|value)\.weight", rest)
-            if part:
-                qkv.setdefault(head, {})[part.group(1)] = v
-                continue
-            k = head + _rename_start(rest, _HF_BLOCK_NAMES)
-        elif k.startswith("encoder.layers."):
-            k = k[len("encoder.") :]  # downsample: at the end of stages 0..N-2, as in the official code
-        else:
-            k = _rename_start(k, _HF_TOP_NAMES)
-        out[prefix + k] = v
-    for head, parts in qkv.items():
-        if len(parts) == 3:
-            out[prefix + head + "attn.qkv.weight"] = torch.cat([parts[n] for n in ("query", "key", "value")])
-        else:
-            out.update({f"{prefix}{head}attention.self.{n}.weight": t for n, t in parts.items()})
-    return out
-
-
-def transformers_config_kwargs(config: Union[str, os.PathLike, Mapping]) -> Dict:
-    """`SwinTransformerV2` keyword arguments for a transformers `Swinv2Config` (a `config.json` path or its dict).
-
-    `num_classes` is the number of labels for `Swinv2ForImageClassification` checkpoints, else 0 (features only);
-    override it for fine-tuning. Raises ValueError for settings this implementation does not reproduce.
-    """
-    if not isinstance(config, Mapping):
-        with open(config) as f:
-            config = json.load(f)
-    unsupported = {
-        "hidden_act": (config.get("hidden_act", "gelu"), "gelu"),
-        "layer_norm_eps": (config.get("layer_norm_eps", 1e-5), 1e-5),
-        "use_absolute_embeddings": (config.get("use_absolute_embeddings", False), False),
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    metadata = {
+        ARCH_KEY: json.dumps(architecture(model)),
+        LAYOUT_KEY: "timm" if layout == "timm" else "swinv2-official",
     }
-    for key, (value, ours) in unsupported.items():
-        if value != ours:
-            raise ValueError(f"transformers config has {key}={value!r}; this SwinV2 implements only {ours!r}")
-    classifier = "Swinv2ForImageClassification" in (config.get("architectures") or [])
-    depths = tuple(config.get("depths", (2, 2, 6, 2)))
-    return dict(
-        img_size=config.get("image_size", 224),
-        patch_size=config.get("patch_size", 4),
-        in_chans=config.get("num_channels", 3),
-        num_classes=len(config.get("id2label") or {}) if classifier else 0,
-        embed_dim=config.get("embed_dim", 96),
-        depths=depths,
-        num_heads=tuple(config.get("num_heads", (3, 6, 12, 24))),
-        window_size=config.get("window_size", 7),
-        pretrained_window_sizes=tuple(config.get("pretrained_window_sizes", (0, 0, 0, 0)))[: len(depths)],
-        mlp_ratio=config.get("mlp_ratio", 4.0),
-        qkv_bias=config.get("qkv_bias", True),
-        drop_rate=config.get("hidden_dropout_prob", 0.0),
-        attn_drop_rate=config.get("attention_probs_dropout_prob", 0.0),
-        drop_path_rate=config.get("drop_path_rate", 0.1),
+    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, path, metadata=metadata)
+    return path
+
+
+def read_architecture(raw: Mapping) -> Optional[Dict[str, Any]]:
+    """The architecture record of a read checkpoint (safetensors header or Lightning checkpoint), or None."""
+    record = raw.get(ARCH_KEY) if isinstance(raw, Mapping) else None
+    if isinstance(record, str):
+        record = json.loads(record)
+    return dict(record) if isinstance(record, Mapping) else None
+
+
+def reference_windows(arch: Mapping[str, Any]) -> Windows:
+    """Per stage, the window the position-bias coordinates are normalised by: the pretraining window where one is
+    set, else the stage's own window (as `swinv2.attention.relative_coords_table` does)."""
+    pretrained = arch.get("pretrained_window_sizes") or [[0, 0]] * len(arch["window_size"])
+    return tuple(
+        (int(p[0]), int(p[1])) if p[0] > 0 else (int(w[0]), int(w[1])) for w, p in zip(arch["window_size"], pretrained)
     )
 
 
-def _detect_format(sd: StateDict, prefix: str) -> str:
-    stages = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.downsample\.", k))}
-    if "head.fc.weight" in sd or (stages and min(stages) > 0):
-        return "timm"
-    return "simmim" if prefix.endswith("encoder.") else "official"
+def _implied_side(w: int, top: float, log_spaced: bool) -> int:
+    """The reference window R that puts the largest offset w - 1 at the stored coordinate `top`."""
+    t = 2 ** (3 * top) - 1 if log_spaced else top  # log-CPB stores log2(8 (w-1)/(R-1) + 1) / log2(8)
+    if w <= 1 or t <= 0:
+        return w
+    return round((8 if log_spaced else 1) * (w - 1) / t + 1)
 
 
-def convert_to_official(sd: StateDict, fmt: str) -> StateDict:
-    """Rename keys of a prefix-free state dict in `fmt` layout to the official layout."""
-    out = {}
-    for k, v in sd.items():
-        k = k.replace("rpe_mlp", "cpb_mlp")  # older released checkpoints
-        if fmt == "timm":
-            k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
-            k = re.sub(r"^head\.fc\.", "head.", k)
-        out[k] = v
-    return out
+def implied_windows(sd: StateDict, log_spaced: bool = True) -> Optional[Windows]:
+    """Per stage, the window a (prefix-free, official-layout) state dict's `relative_coords_table` was made for,
+    read from its largest coordinate; None if a stage has no table (timm files, Swin V1 bias tables)."""
+    stages = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.blocks\.", k))}
+    windows = []
+    for i in sorted(stages):
+        table = sd.get(f"layers.{i}.blocks.0.attn.relative_coords_table")  # (1, 2Wh-1, 2Ww-1, 2)
+        if table is None:
+            return None
+        sides = ((table.shape[1] + 1) // 2, (table.shape[2] + 1) // 2)
+        windows.append(tuple(_implied_side(sides[a], float(table[0, -1, -1, a]), log_spaced) for a in range(2)))
+    return tuple(windows) if windows else None
 
 
-def _resize_bias_table(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Bicubic resize of a Swin V1 relative-position bias table ((2W-1)^2, nH) to a new window."""
-    (n_src, heads), (n_dst, _) = table.shape, shape
-    s, d = int(n_src**0.5), int(n_dst**0.5)
-    grid = table.float().T.reshape(1, heads, s, s)
-    return F.interpolate(grid, size=(d, d), mode="bicubic", align_corners=False).reshape(heads, d * d).T
+def checkpoint_windows(raw: Mapping) -> Optional[Windows]:
+    """The windows a read checkpoint's position bias was trained for: recorded, else implied by its tables."""
+    arch = read_architecture(raw)
+    if arch is not None:
+        return reference_windows(arch)
+    sd, *_ = official_state_dict(raw)
+    return implied_windows(sd)
+
+
+def _check_windows(model: SwinTransformerV2, file_windows: Optional[Windows], how: str, name: str) -> None:
+    arch = model.architecture()
+    if file_windows is None or arch["position_bias"] == "table":
+        return
+    model_windows = reference_windows(arch)
+    if tuple(file_windows) != model_windows:
+        warnings.warn(
+            f"{name}: its position bias was trained at windows {list(file_windows)} ({how}), but the model "
+            f"normalises its position coordinates by {list(model_windows)} (pretrained_window_sizes="
+            f"{arch['pretrained_window_sizes']}, windows {arch['window_size']}): the weights will not mean what they "
+            f"were trained to. Build the model with pretrained_window_sizes={[list(w) for w in file_windows]} "
+            "(--model.pretrained_window_sizes in the fine-tuning stage).",
+            stacklevel=3,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
 
 
 def _mismatch_hint(key: str) -> str:
@@ -291,31 +186,37 @@ def _mismatch_hint(key: str) -> str:
     return "a different variant (embed_dim, num_heads or mlp_ratio)"
 
 
-def load_pretrained(model: torch.nn.Module, source: Union[str, os.PathLike, Mapping]) -> LoadReport:
-    """Load SwinV2 weights of any supported format into `model`.
+def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
+    """Load SwinV2 weights of any supported layout into `model`.
 
     Window-dependent buffers are dropped from the source and recomputed for the model's own windows, so a
-    checkpoint loads at another window size. A classifier head of another size is dropped (fine-tuning).
+    checkpoint loads at another window size. A classifier head of another size is dropped (fine-tuning). When the
+    file records (or its `relative_coords_table` implies) position-bias windows other than the model's
+    `pretrained_window_sizes`, a warning names both.
 
     Args:
         model: A `swinv2.SwinTransformerV2`.
-        source: A checkpoint path (`.pth`/`.ckpt`/`.safetensors`) or an already loaded (state) dict.
+        source: A checkpoint path (`.pth`/`.ckpt`/`.safetensors`, a transformers folder) or an already read
+            checkpoint or state dict.
 
     Returns:
         A `LoadReport` with the detected format and the missing, unexpected and dropped keys.
 
     Raises:
         CheckpointMismatchError: a tensor's shape does not fit the model; the message names key, shapes, cause.
+        UnsafeCheckpointError: the file would need pickled code to load (see `swinv2.reading`).
     """
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the checkpoint"
     raw = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    sd, prefix, transformers = _unwrap(raw)
-    report = LoadReport(format="", prefix=prefix)
-    for k in sd:
-        if not k.startswith(prefix):
-            report.dropped_keys[k] = f"outside the encoder prefix {prefix!r}"
-    sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    report.format = "transformers" if transformers else _detect_format(sd, prefix)
-    sd = convert_to_official(sd, report.format)
+    sd, fmt, prefix, outside = official_state_dict(raw)
+    report = LoadReport(format=fmt, prefix=prefix, dropped_keys=outside)
+    arch = read_architecture(raw)
+    if arch is not None:
+        report.windows, how = reference_windows(arch), "recorded in the file"
+    else:
+        log_spaced = model.architecture()["position_bias"] == "log_cpb"
+        report.windows, how = implied_windows(sd, log_spaced), "implied by its relative_coords_table"
+    _check_windows(model, report.windows, how, name)
 
     target = model.state_dict()
     window_buffers = {k for k in target if k.rsplit(".", 1)[-1] in WINDOW_BUFFERS}
@@ -343,7 +244,7 @@ def load_pretrained(model: torch.nn.Module, source: Union[str, os.PathLike, Mapp
                 raise CheckpointMismatchError(
                     f"checkpoint key '{prefix}{k}' has shape {tuple(v.shape)} but the model expects "
                     f"{tuple(target[k].shape)}: the checkpoint was probably trained with {_mismatch_hint(k)}. "
-                    "Build the model with the checkpoint's configuration."
+                    "Build the model with the checkpoint's configuration (swinv2.create_model_from_checkpoint)."
                 )
         else:
             to_load[k] = v
@@ -352,25 +253,88 @@ def load_pretrained(model: torch.nn.Module, source: Union[str, os.PathLike, Mapp
     return report
 
 
-def to_timm_state_dict(model: torch.nn.Module) -> StateDict:
-    """Export `model` in timm's `SwinTransformerV2` layout, which timm loads with `strict=True`.
+def infer_architecture(sd: StateDict) -> Dict[str, Any]:
+    """What an official-layout state dict without a record shows of its architecture: channels, depths, heads,
+    patch size, classes, MLP ratio, extra norms, position-bias type, mask token, and the window and pretraining
+    window of each stage where its buffers tell (`relative_position_index`, `relative_coords_table`). The image
+    size shows only through `absolute_pos_embed` or a shifted block's `attn_mask`."""
+    proj = sd[ANCHOR]  # (C, in_chans, p, p)
+    stages = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.blocks\.", k)))
+    depths = [
+        1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"layers\.{i}\.blocks\.(\d+)\.", k)))
+        for i in range(stages)
+    ]
+    norm3 = [int(m.group(1)) for k in sd if (m := re.match(r"layers\.\d+\.blocks\.(\d+)\.norm3\.weight", k))]
+    arch: Dict[str, Any] = dict(
+        patch_size=proj.shape[-1],
+        in_chans=proj.shape[1],
+        num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+        embed_dim=proj.shape[0],
+        depths=depths,
+        num_heads=[sd[f"layers.{i}.blocks.0.attn.logit_scale"].shape[0] for i in range(stages)],
+        mlp_ratio=sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / proj.shape[0],
+        qkv_bias="layers.0.blocks.0.attn.q_bias" in sd,
+        ape="absolute_pos_embed" in sd,
+        patch_norm="patch_embed.norm.weight" in sd,
+        extra_norm_period=min(norm3) + 1 if norm3 else 0,
+        position_bias="table" if "layers.0.blocks.0.attn.relative_position_bias_table" in sd else "log_cpb",
+        mask_token="mask_token" in sd,
+    )
+    index = [sd.get(f"layers.{i}.blocks.0.attn.relative_position_index") for i in range(stages)]
+    if all(t is not None for t in index):
+        sides = [math.isqrt(t.shape[0]) for t in index]  # N = Wh * Ww; released checkpoints use square windows
+        arch["window_size"] = [[s, s] for s in sides]
+        implied = implied_windows(sd, arch["position_bias"] == "log_cpb")
+        if implied is not None:
+            arch["pretrained_window_sizes"] = [list(p) for p in implied]
+    if arch["ape"]:
+        n = math.isqrt(sd["absolute_pos_embed"].shape[1])
+        arch["img_size"] = [n * arch["patch_size"]] * 2
+    elif "layers.0.blocks.1.attn_mask" in sd and "window_size" in arch:
+        windows_per_side = math.isqrt(sd["layers.0.blocks.1.attn_mask"].shape[0])
+        arch["img_size"] = [windows_per_side * arch["window_size"][0][0] * arch["patch_size"]] * 2
+    return arch
 
-    Raises:
-        ValueError: the model uses a feature timm's SwinV2 does not have (non-log CPB, extra norms, APE).
+
+def create_model_from_checkpoint(source: Source, strict: bool = True, **overrides: Any) -> SwinTransformerV2:
+    """Build the model a weights file was written from, and load it.
+
+    The architecture comes from the file's record (every file this project writes has one); for other files
+    (official, SimMIM, timm) it is inferred from the keys, and what they cannot show (the image size, for timm
+    files also the window) must be given in `overrides`. Changing the window in `overrides` without
+    `pretrained_window_sizes` keeps the file's position-bias windows as the pretraining windows (window transfer).
+
+    Args:
+        source: A path or an already read checkpoint.
+        strict: Raise if the model and the file do not have exactly the same weights (set False when `overrides`
+            change the head or drop the mask token).
+        **overrides: `SwinTransformerV2` arguments that replace the recorded ones (`num_classes`, `window_size`,
+            `img_size`, `drop_path_rate`, `use_checkpoint`, ...).
+
+    Returns:
+        The model, with the `LoadReport` as `model.load_report`.
     """
-    keys = model.state_dict().keys()
-    extras = sorted({n for n in ("norm3", "absolute_pos_embed") for k in keys if n in k})
-    position_bias = model.layers[0].blocks[0].attn.position_bias
-    if position_bias != "log_cpb" or extras:
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the checkpoint"
+    raw = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    arch = read_architecture(raw)
+    if arch is None:
+        arch = infer_architecture(official_state_dict(raw)[0])
+    arch.pop("variant", None)
+    if "window_size" in overrides and "pretrained_window_sizes" not in overrides and "window_size" in arch:
+        overrides["pretrained_window_sizes"] = [list(w) for w in reference_windows(arch)]
+    kwargs = {**arch, **overrides}
+    unknown = [k for k in ("img_size", "window_size") if k not in kwargs]
+    if unknown:
         raise ValueError(
-            "timm's SwinTransformerV2 has only log-spaced CPB, no extra main-branch norms and no absolute position "
-            f"embedding; this model has position_bias={position_bias!r} and {extras or 'no'} extra parameters"
+            f"{name} records no architecture and its keys do not show {' or '.join(unknown)}: pass "
+            + ", ".join(f"{k}=..." for k in unknown)
+            + " (the values it was trained with)"
         )
-    out = {}
-    for k, v in model.state_dict().items():
-        if k.rsplit(".", 1)[-1] in WINDOW_BUFFERS or k == "mask_token":
-            continue  # non-persistent in timm / not part of timm's model
-        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
-        k = re.sub(r"^head\.", "head.fc.", k)
-        out[k] = v
-    return out
+    model = SwinTransformerV2(**kwargs)
+    model.load_report = load_pretrained(model, raw)
+    if strict and (model.load_report.missing_keys or model.load_report.unexpected_keys):
+        raise CheckpointMismatchError(
+            f"{name} does not fill the model it describes exactly: {model.load_report}. Pass strict=False if the "
+            "overrides change the head or the mask token on purpose."
+        )
+    return model

@@ -125,6 +125,8 @@ class SwinTransformerV2(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dim = embed_dim
+        self.mlp_ratio = mlp_ratio
+        self.extra_norm_period = extra_norm_period
         self.num_features = int(embed_dim * 2 ** (num_stages - 1))
         self.encoder_stride = patch_size * 2 ** (num_stages - 1)
         windows = _per_stage(window_size, num_stages, "window_size")
@@ -193,6 +195,30 @@ class SwinTransformerV2(nn.Module):
         """The (clamped) window each stage uses."""
         return tuple(layer.blocks[0].window_size for layer in self.layers)
 
+    def architecture(self) -> Dict[str, Any]:
+        """The constructor arguments that fix this model's weights and their meaning, JSON-able (lists, not tuples),
+        with the window each stage really uses. Dropout, checkpointing and kernel choices are left out: they change
+        how the model trains, not what its weights are. `SwinTransformerV2(**model.architecture())` rebuilds it."""
+        attn = [layer.blocks[0].attn for layer in self.layers]
+        return dict(
+            img_size=list(self.img_size),
+            patch_size=self.patch_size,
+            in_chans=self.in_chans,
+            num_classes=self.num_classes,
+            embed_dim=self.embed_dim,
+            depths=[len(layer.blocks) for layer in self.layers],
+            num_heads=[a.num_heads for a in attn],
+            window_size=[list(w) for w in self.window_sizes],
+            pretrained_window_sizes=[list(a.pretrained_window_size) for a in attn],
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=attn[0].q_bias is not None,
+            ape=self.absolute_pos_embed is not None,
+            patch_norm=isinstance(self.patch_embed.norm, nn.LayerNorm),
+            extra_norm_period=self.extra_norm_period,
+            position_bias=attn[0].position_bias,
+            mask_token=self.mask_token is not None,
+        )
+
     def no_weight_decay(self) -> Set[str]:
         """Names of parameters the official recipe keeps out of weight decay (besides 1-D weights and biases,
         which the optimizer factory excludes by shape)."""
@@ -258,7 +284,7 @@ class SwinTransformerV2(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# Variant table: paper Table 1 / REFERENCE.md. Patch 4, MLP ratio 4 for all.
+# Variant table: paper Table 1 (docs/encoder.md). Patch 4, MLP ratio 4 for all.
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "swinv2_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
     "swinv2_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),

@@ -15,7 +15,7 @@ import swinv2
 from simmim.builtin_data import prepare_digits
 from simmim.finetune import main
 from simmim.finetune_data import ClassificationDataModule
-from swinv2.checkpoint import CheckpointMismatchError
+from swinv2.convert import CheckpointMismatchError
 
 FAST = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"]
 ENC = dict(embed_dim=24, depths=(2, 2), num_heads=(2, 4))
