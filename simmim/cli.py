@@ -1,16 +1,24 @@
 """LightningCLI conventions shared by the stages: omegaconf configs, `fit` as the default subcommand,
-checkpoints in a fixed `<default_root_dir>/checkpoints` folder with `last.ckpt` (so `--ckpt_path last` resumes)."""
+checkpoints in a fixed `<default_root_dir>/checkpoints` folder with `last.ckpt` (so `--ckpt_path last` resumes),
+checkpoints read safely, the bad-image limit, and checkpoint errors as one line instead of a traceback."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.plugins import CheckpointIO
+
+from simmim.bad_images import BadImageLimit
+from simmim.export import SafeCheckpointIO
+from swinv2.convert import CheckpointMismatchError
+from swinv2.reading import UnreadableCheckpointError, UnsafeCheckpointError, read_checkpoint
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -42,6 +50,20 @@ def finish_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+@contextmanager
+def checkpoint_errors_as_messages() -> Iterator[None]:
+    """A checkpoint that is refused, unreadable or of another architecture ends the command with its one-line
+    message (exit code 1), wherever it was named: `--model.pretrained`, `--ckpt_path`, a config."""
+    try:
+        yield
+    except (UnsafeCheckpointError, UnreadableCheckpointError, CheckpointMismatchError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 class StageCLI(LightningCLI):
     """LightningCLI with omegaconf configs, an overwritable saved config and a fixed checkpoint folder; stages add
     their callbacks in `stage_callbacks`."""
@@ -56,14 +78,29 @@ class StageCLI(LightningCLI):
     def stage_callbacks(self) -> list:
         return []
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads `--ckpt_path`'s hyper-parameters with `torch.load(weights_only=True)` before anything
+        else; a file it cannot read is read again by `swinv2.read_checkpoint`, whose error is one line."""
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            read_checkpoint(self.config[self.config.subcommand].get("ckpt_path"))
+            raise
+
     def root_dir(self) -> str:
         """The run's `trainer.default_root_dir` (the working directory when unset)."""
         return self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
 
     def instantiate_trainer(self, **kwargs):
-        root = self.root_dir()
-        extra = kwargs.setdefault("callbacks", [])
-        if not any(isinstance(c, ModelCheckpoint) for c in extra):
-            extra.append(ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True))
-        extra.extend(self.stage_callbacks())
-        return super().instantiate_trainer(**kwargs)
+        """The configured callbacks and plugins, plus: a `ModelCheckpoint` in `<root>/checkpoints` keeping
+        `last.ckpt` (unless one is configured), the bad-image limit, the stage's callbacks, and safe checkpoint
+        reading (unless a `CheckpointIO` plugin is configured)."""
+        callbacks = [*_as_list(self._get(self.config_init, "trainer.callbacks")), *kwargs.pop("callbacks", [])]
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(ModelCheckpoint(dirpath=os.path.join(self.root_dir(), "checkpoints"), save_last=True))
+        self.bad_images = BadImageLimit(self.datamodule.max_bad_fraction)
+        callbacks += [self.bad_images, *self.stage_callbacks()]
+        plugins = _as_list(self._get(self.config_init, "trainer.plugins"))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)

@@ -14,7 +14,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
@@ -90,25 +89,3 @@ def read_sample_image(files: Sequence, i: int, refill: bool) -> Tuple[Optional[n
     if not refill:
         return None, i, 1
     raise UnreadableImageError(f"none of the {n} images could be decoded; the warnings name them")
-
-
-class BadImageCounter:
-    """Counts the images the loaders skipped and fails once more than `max_fraction` of those seen were bad
-    (one bad image is always tolerated). Under DDP the counts are summed over the ranks first, so every rank sees
-    the same totals and all stop at the same step (a rank stopping alone would leave the others waiting)."""
-
-    def __init__(self, max_fraction: float = 0.01) -> None:
-        self.max_fraction, self.seen, self.bad = max_fraction, 0, 0
-
-    def update(self, good: int, skipped: int, trainer=None) -> None:
-        """Add one batch: `good` decoded images, `skipped` unreadable files. `trainer`: sum over its ranks."""
-        if trainer is not None and trainer.world_size > 1:
-            counts = torch.tensor([good, skipped], dtype=torch.long, device=trainer.strategy.root_device)
-            good, skipped = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        self.seen += good + skipped
-        self.bad += skipped
-        if self.bad > max(1.0, self.max_fraction * self.seen):
-            raise RuntimeError(
-                f"{self.bad} of {self.seen} images could not be decoded, more than max_bad_fraction="
-                f"{self.max_fraction}; the warnings name their paths: fix or remove them, or raise the limit"
-            )

@@ -25,6 +25,10 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint needs a Python global (a function or class) that loading it would have to import or call."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A file that is not a checkpoint at all (truncated, another format)."""
+
+
 class OfficialConfig:
     """Stands in for yacs' `CfgNode` (a dict subclass) in official checkpoints. The unpickler creates it through
     `__new__`, which returns a plain `OrderedDict`: the config's items become its items, and the attributes yacs
@@ -54,7 +58,9 @@ def _refusal(path: str, error: Exception) -> Exception:
             f"refused to load {path}: {reason.group(1).strip()} (only tensors, plain containers and the official "
             "yacs config are read); re-save the weights from a trusted copy of the file"
         )
-    return ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(error).__name__}: {text.splitlines()[0]})")
+    return UnreadableCheckpointError(
+        f"cannot read {path} as a PyTorch checkpoint ({type(error).__name__}: {text.splitlines()[0]})"
+    )
 
 
 def _weights_file(path: str) -> str:
@@ -89,7 +95,7 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
     Raises:
         FileNotFoundError: no such file, or a folder without weights.
         UnsafeCheckpointError: the file needs a global beyond tensors, containers and the official yacs config.
-        ValueError: the file is not a checkpoint at all (truncated, another format).
+        UnreadableCheckpointError: the file is not a checkpoint at all (truncated, another format).
     """
     path = _weights_file(os.fspath(path))
     if path.endswith(".safetensors"):

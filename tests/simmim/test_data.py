@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from simmim.data import MaskedImageDataset, PretrainDataModule, collate_readable, pretrain_transform
-from simmim.finetune_data import LabelledImageDataset, classification_transform
+from simmim.finetune.augment import classification_transform
+from simmim.finetune.data import LabelledImageDataset
 from simmim.images import UnreadableImageError, decode_image, list_images
-from simmim.masking import MaskGenerator
+from simmim.loaders import collate_readable
+from simmim.pretrain.data import MaskedImageDataset, PretrainDataModule, pretrain_transform
+from simmim.pretrain.masking import MaskGenerator
 
 
 def _write(path, img):
@@ -100,9 +102,9 @@ def test_train_masks_differ_and_val_masks_are_fixed(tmp_path):
 
 
 def test_too_many_bad_images_stop_the_run_with_a_clear_message():
-    from simmim.images import BadImageCounter
+    from simmim.bad_images import BadImageLimit
 
-    counter = BadImageCounter(max_fraction=0.1)
+    counter = BadImageLimit(max_fraction=0.1)
     counter.update(good=30, skipped=1)  # one bad image is tolerated
     counter.update(good=30, skipped=2)  # 3 of 63: under 10%
     with pytest.raises(RuntimeError, match=r"10 of 80 images could not be decoded, more than max_bad_fraction=0.1"):

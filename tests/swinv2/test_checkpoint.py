@@ -1,6 +1,5 @@
 """load_pretrained: every supported format, window transfer, clear errors, no code execution."""
 
-
 import pytest
 import torch
 from conftest import TINY, randomize_

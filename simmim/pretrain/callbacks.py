@@ -1,30 +1,16 @@
-"""Pretraining callbacks: reconstruction grids and the encoder export."""
+"""Pretraining callbacks: reconstruction grids."""
 
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
-from safetensors.torch import save_file
 from torchvision.utils import make_grid, save_image
 
-from simmim.model import local_stats
-
-
-def run_dir(trainer: pl.Trainer) -> str:
-    """The run's folder: the logger's version folder, or the root dir without a logger.
-
-    Collective under DDP (`trainer.log_dir` broadcasts): call it on every rank, before any rank-zero check."""
-    return trainer.log_dir or trainer.default_root_dir
-
-
-def save_weights(path: str, state_dict: Mapping[str, torch.Tensor], **metadata: str) -> str:
-    """Write `state_dict` as safetensors (detached, on CPU, contiguous) with string `metadata`; returns `path`."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, path, metadata=metadata)
-    return path
+from simmim.export import run_dir
+from simmim.pretrain.model import local_stats
 
 
 class ReconstructionGrid(pl.Callback):
@@ -81,26 +67,3 @@ class ReconstructionGrid(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer, pl_module, "final")
-
-
-# Checkpoint entry recording the encoder's per-stage (h, w) windows, read back as `pretrained_window_sizes`.
-WINDOWS_KEY = "swinv2_window_sizes"
-
-
-class ExportEncoder(pl.Callback):
-    """At the end of fit, write the encoder (official key layout, with `mask_token`) to `<run>/encoder.safetensors`;
-    `swinv2.load_pretrained` reads it."""
-
-    def __init__(self) -> None:
-        self.path: Optional[str] = None
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        checkpoint[WINDOWS_KEY] = [list(w) for w in pl_module.encoder.window_sizes]
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        path = os.path.join(run_dir(trainer), "encoder.safetensors")
-        if not trainer.is_global_zero:
-            return
-        windows = ",".join(f"{h}x{w}" for h, w in pl_module.encoder.window_sizes)
-        meta = {"format": "swinv2-official", "arch": str(pl_module.hparams.arch), "window_sizes": windows}
-        self.path = save_weights(path, pl_module.encoder.state_dict(), **meta)

@@ -143,8 +143,8 @@ def test_nonfinite_gradients_skip_the_step():
 
 
 def test_stages_can_compile_the_attention():
-    from simmim.finetune_module import SwinV2Classifier
-    from simmim.pretrain_module import SimMIMPretrainer
+    from simmim.finetune.module import SwinV2Classifier
+    from simmim.pretrain.module import SimMIMPretrainer
 
     enc = dict(embed_dim=24, depths=(2, 2), num_heads=(2, 4))
     pre = SimMIMPretrainer("swinv2_tiny", img_size=32, window_size=4, encoder_kwargs=enc, compile_attention=True)

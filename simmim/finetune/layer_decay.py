@@ -1,4 +1,5 @@
-"""Layer-wise learning-rate decay for SwinV2 fine-tuning (official `get_swin_layer` mapping, REFERENCE.md).
+"""Layer-wise learning-rate decay for SwinV2 fine-tuning (official `get_swin_layer` mapping,
+docs/recipes.md).
 
 Layer ids: `mask_token` and `patch_embed` 0; block j of stage i `sum(depths[:i]) + j + 1`; the downsample at the
 end of stage i `sum(depths[:i+1])`; everything else (final norm, head) `sum(depths) + 1`. A parameter of layer id

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -12,33 +12,15 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 import swinv2
-from simmim.callbacks import WINDOWS_KEY
-from simmim.images import BadImageCounter
-from simmim.layer_decay import layer_decay_param_groups
+from simmim.finetune.layer_decay import layer_decay_param_groups
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
-from swinv2.reading import read_checkpoint
+from swinv2.checkpoint import ARCH_KEY
 
 log = logging.getLogger(__name__)
 
 
-def read_pretrained(source: str) -> Tuple[Mapping, Optional[Tuple[Tuple[int, int], ...]]]:
-    """Read a checkpoint once: its contents, and the per-stage (h, w) windows it was trained with where it records
-    them (our exports' metadata, our Lightning checkpoints), else None (then pass `pretrained_window_sizes`)."""
-    raw = read_checkpoint(source)
-    if source.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(source, "pt") as f:
-            text = (f.metadata() or {}).get("window_sizes")
-        windows = tuple(tuple(int(v) for v in w.split("x")) for w in text.split(",")) if text else None
-    else:
-        recorded = raw.get(WINDOWS_KEY) if isinstance(raw, Mapping) else None
-        windows = tuple(tuple(w) for w in recorded) if recorded else None
-    return raw, windows
-
-
 class SwinV2Classifier(pl.LightningModule):
-    """SwinV2 fine-tuning with the official SimMIM fine-tuning recipe (REFERENCE.md).
+    """SwinV2 fine-tuning with the official SimMIM fine-tuning recipe (docs/recipes.md).
 
     Args:
         arch: `swinv2.create_model` name.
@@ -47,8 +29,9 @@ class SwinV2Classifier(pl.LightningModule):
         window_size: Fine-tuning window (int or one per stage).
         pretrained: Checkpoint to start from (our pretraining `.ckpt` or `encoder.safetensors`, official SimMIM or
             SwinV2, timm). None trains from scratch.
-        pretrained_window_sizes: Windows of the pretraining run; None: read from `pretrained` where it records
-            them, else the fine-tuning windows (no rescaling).
+        pretrained_window_sizes: Windows of the pretraining run; None: those `pretrained` records (every file
+            this project writes) or its `relative_coords_table` implies (official files), else the fine-tuning
+            windows (no rescaling).
         drop_path_rate: Stochastic depth (official: 0.1 for B).
         use_checkpoint: Activation checkpointing of every block (memory for compute).
         compile_attention: `torch.compile` the window attention (about a minute at start; on the benchmark CPU
@@ -57,7 +40,6 @@ class SwinV2Classifier(pl.LightningModule):
         base_lr, warmup_lr, min_lr: Per 512 images when `scale_lr` (official B: 1.25e-3, 2.5e-7, 2.5e-7).
         layer_decay: Layer-wise LR decay (official: 0.75 for B).
         mixup, cutmix, mix_prob, switch_prob, label_smoothing: timm Mixup settings (official: 0.8, 1.0, 1, 0.5, 0.1).
-        max_bad_fraction: Abort when more than this fraction of the training images seen could not be decoded.
     """
 
     def __init__(
@@ -86,12 +68,11 @@ class SwinV2Classifier(pl.LightningModule):
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
-        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
-        raw, recorded_windows = read_pretrained(pretrained) if pretrained is not None else (None, None)
-        if pretrained_window_sizes is None:
-            pretrained_window_sizes = recorded_windows
+        raw = swinv2.read_checkpoint(pretrained) if pretrained is not None else None
+        if pretrained_window_sizes is None and raw is not None:
+            pretrained_window_sizes = swinv2.checkpoint_windows(raw)
         self.save_hyperparameters()
         self.hparams.pretrained_window_sizes = pretrained_window_sizes  # as resolved from the checkpoint
         self.model = swinv2.create_model(
@@ -123,7 +104,6 @@ class SwinV2Classifier(pl.LightningModule):
             else None
         )
         self.soft_ce = SoftTargetCrossEntropy()
-        self.bad_images = BadImageCounter(max_bad_fraction)
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
@@ -136,8 +116,7 @@ class SwinV2Classifier(pl.LightningModule):
             print(f"pretrained weights from {self.hparams.pretrained}:\n{self.load_report}")
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y, _, skipped = batch
-        self.bad_images.update(len(x), skipped, self.trainer)
+        x, y, _, _ = batch
         if self.mixup is not None and len(x) % 2 == 0:
             x, target = self.mixup(x, y)
             loss = self.soft_ce(self.model(x).float(), target)
@@ -167,6 +146,9 @@ class SwinV2Classifier(pl.LightningModule):
         probs = self.model(x).float().softmax(-1)
         conf, pred = probs.max(-1)
         return {"index": index, "pred": pred, "prob": conf}
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[ARCH_KEY] = swinv2.architecture(self.model)  # the record of the checkpoint contract
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if drop_nonfinite_grads(self):

@@ -13,10 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.images import list_images, read_sample_image
-from simmim.masking import MaskGenerator
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
+from simmim.pretrain.masking import MaskGenerator
 
 
 def pretrain_transform(img_size: int, train: bool, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
@@ -74,31 +72,6 @@ class MaskedImageDataset(Dataset):
         return x, mask, bad
 
 
-def collate_readable(batch: List, num_fields: int) -> Tuple:
-    """Stack the decoded samples field by field (tensors stacked, numbers made one tensor); the last element
-    counts the unreadable files, dropped (None samples) or replaced (each sample's last field). A batch with
-    nothing readable gives `num_fields` empty tensors."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good) + sum(g[-1] for g in good)
-    if not good:
-        return (*(torch.empty(0) for _ in range(num_fields)), skipped)
-    fields = zip(*(g[:-1] for g in good))
-    return (*(torch.stack(f) if isinstance(f[0], torch.Tensor) else torch.tensor(f) for f in fields), skipped)
-
-
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn) -> DataLoader:
-    """Shuffled, last-partial-batch-dropping loader for training; plain in-order loader otherwise."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) >= batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-        persistent_workers=num_workers > 0,
-    )
-
-
 class PretrainDataModule(pl.LightningDataModule):
     """A folder of images (recursive; ImageFolder class folders allowed, labels unused), split into train/val.
 
@@ -112,6 +85,7 @@ class PretrainDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         val_fraction: Held-out fraction of the files (a fixed split).
         mean, std: Normalisation (ImageNet's by default).
+        max_bad_fraction: Stop training once more than this fraction of the images seen could not be decoded.
     """
 
     def __init__(
@@ -126,13 +100,14 @@ class PretrainDataModule(pl.LightningDataModule):
         val_fraction: float = 0.05,
         mean: Tuple[float, float, float] = IMAGENET_MEAN,
         std: Tuple[float, float, float] = IMAGENET_STD,
+        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.root, self.img_size, self.batch_size = root, img_size, batch_size
         self.num_workers, self.val_fraction = num_workers, val_fraction
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.max_bad_fraction = tuple(mean), tuple(std), max_bad_fraction
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
         self.files = list_images(root) if root is not None else None  # fail at start-up, not mid-run
 

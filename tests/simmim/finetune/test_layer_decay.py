@@ -5,7 +5,7 @@ import torch
 from conftest import TINY
 
 import swinv2
-from simmim.layer_decay import layer_decay_param_groups, swin_layer_id
+from simmim.finetune.layer_decay import layer_decay_param_groups, swin_layer_id
 
 
 def test_layer_ids_hand_computed_for_depths_2_2():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import albumentations as A
 import numpy as np
@@ -14,54 +14,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
-from simmim.data import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
+from simmim.finetune.augment import classification_transform
 from simmim.images import list_images, read_sample_image
-
-
-def rand_augment(magnitude: int = 9, num_ops: int = 2) -> A.BaseCompose:
-    """RandAugment-style policy ("rand-m9-mstd0.5" in timm): `num_ops` ops drawn per image from the RandAugment
-    op set, at magnitude `magnitude` of 10 (geometric ops scaled as in timm's `_LEVEL_DENOM = 10`)."""
-    m = magnitude / 10.0
-    ops = [
-        A.Affine(rotate=(-30 * m, 30 * m), p=1.0),
-        A.Affine(shear={"x": (-0.3 * m * 57.3, 0.3 * m * 57.3)}, p=1.0),
-        A.Affine(shear={"y": (-0.3 * m * 57.3, 0.3 * m * 57.3)}, p=1.0),
-        A.Affine(translate_percent={"x": (-0.45 * m, 0.45 * m)}, p=1.0),
-        A.Affine(translate_percent={"y": (-0.45 * m, 0.45 * m)}, p=1.0),
-        A.AutoContrast(p=1.0),
-        A.Equalize(p=1.0),
-        A.Posterize(num_bits=(max(1, int(8 - 4 * m)), 8), p=1.0),
-        A.Solarize(threshold_range=(1.0 - m, 1.0), p=1.0),
-        A.RandomBrightnessContrast(brightness_limit=0.9 * m, contrast_limit=0.0, p=1.0),
-        A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.9 * m, p=1.0),
-        A.ColorJitter(brightness=0, contrast=0, saturation=0.9 * m, hue=0, p=1.0),
-        A.Sharpen(alpha=(0.1, 0.9 * m), p=1.0),
-    ]
-    return A.SomeOf(ops, n=num_ops, replace=False, p=1.0)
-
-
-def classification_transform(
-    img_size: int, train: bool, mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.25
-) -> A.Compose:
-    """Train: RandomResizedCrop, flip, RandAugment m9, color jitter 0.4, random erasing 0.25 (official fine-tuning
-    recipe). Eval: resize the short side to size x 256/224, then center crop."""
-    if train:
-        ops = [
-            A.RandomResizedCrop(size=(img_size, img_size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-            A.HorizontalFlip(p=0.5),
-            rand_augment(9, 2),
-            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
-            A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
-            A.Erasing(p=erase_prob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random"),
-        ]
-    else:
-        resize = int(round(img_size * 256 / 224))
-        ops = [
-            A.SmallestMaxSize(max_size=resize),
-            A.CenterCrop(img_size, img_size),
-            A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
-        ]
-    return A.Compose(ops)
+from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
 
 
 def image_folder(root: Path) -> Tuple[List[Path], List[int], List[str]]:
@@ -121,6 +76,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         label_fraction: Keep only this fraction of the training labels (per class), for low-label studies.
         predict_root: Folder of images to classify with `predict` (default: the validation images).
         erase_prob: Random erasing probability (official: 0.25).
+        max_bad_fraction: Stop training once more than this fraction of the images seen could not be decoded.
     """
 
     def __init__(
@@ -135,6 +91,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         erase_prob: float = 0.25,
         mean: Tuple[float, float, float] = IMAGENET_MEAN,
         std: Tuple[float, float, float] = IMAGENET_STD,
+        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         if not 0.0 < label_fraction <= 1.0:
@@ -142,9 +99,18 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.root, self.img_size, self.batch_size, self.num_workers = root, img_size, batch_size, num_workers
         self.val_fraction, self.label_fraction, self.predict_root = val_fraction, label_fraction, predict_root
         self.erase_prob, self.mean, self.std = erase_prob, tuple(mean), tuple(std)
-        if root is None:
+        self.max_bad_fraction = max_bad_fraction
+        self.classes: Optional[List[str]] = None
+        if root is not None:
+            self._scan()  # a user's folder fails at start-up, not mid-run; the digits are written in prepare_data
+
+    def prepare_data(self) -> None:
+        if self.root is None:
             prepare_digits(DEFAULT_DIGITS_ROOT)
-        self._scan()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.classes is None:
+            self._scan()
 
     def _scan(self) -> None:
         root = Path(self.root) if self.root is not None else DEFAULT_DIGITS_ROOT
@@ -172,8 +138,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.train_files, self.train_labels, self.val_files, self.val_labels = tf, tl, vf, vl
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def num_classes(self) -> Optional[int]:
+        """The number of class folders (None before `setup` for the built-in digits)."""
+        return None if self.classes is None else len(self.classes)
 
     def _loader(self, files, labels, train: bool) -> DataLoader:
         tfm = classification_transform(self.img_size, train, self.mean, self.std, self.erase_prob)

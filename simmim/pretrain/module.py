@@ -9,13 +9,13 @@ import pytorch_lightning as pl
 import torch
 
 import swinv2
-from simmim.images import BadImageCounter
-from simmim.model import SimMIM
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads, param_groups_weight_decay
+from simmim.pretrain.model import SimMIM
+from swinv2.checkpoint import ARCH_KEY
 
 
 class SimMIMPretrainer(pl.LightningModule):
-    """SimMIM pretraining with the official SwinV2 recipe (REFERENCE.md).
+    """SimMIM pretraining with the official SwinV2 recipe (docs/recipes.md).
 
     Args:
         arch: `swinv2.create_model` name.
@@ -34,7 +34,6 @@ class SimMIMPretrainer(pl.LightningModule):
         lr_schedule: "multistep" (official pretraining) or "cosine".
         milestones: Epochs at which multistep multiplies the LR by `gamma` (official: [700]).
         weight_decay, betas, eps: AdamW.
-        max_bad_fraction: Abort when more than this fraction of the images seen could not be decoded.
     """
 
     def __init__(
@@ -59,7 +58,6 @@ class SimMIMPretrainer(pl.LightningModule):
         weight_decay: float = 0.05,
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -77,7 +75,6 @@ class SimMIMPretrainer(pl.LightningModule):
         if compile_attention:
             encoder.compile_attention()
         self.model = SimMIM(encoder, encoder.encoder_stride, norm_target_patch_size)
-        self.bad_images = BadImageCounter(max_bad_fraction)
         self.skipped_steps = 0
         self._t_batch = time.perf_counter()
 
@@ -86,8 +83,7 @@ class SimMIMPretrainer(pl.LightningModule):
         return self.model.encoder
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, mask, skipped = batch
-        self.bad_images.update(len(x), skipped, self.trainer)
+        x, mask, _ = batch
         loss = self.model(x, mask)
         now = time.perf_counter()
         self.log("train/loss", loss, prog_bar=True)
@@ -97,9 +93,12 @@ class SimMIMPretrainer(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        x, mask, skipped = batch
+        x, mask, _ = batch
         if len(x):
             self.log("val/loss", self.model(x, mask), prog_bar=True, batch_size=len(x), sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[ARCH_KEY] = swinv2.architecture(self.encoder)  # the record of the checkpoint contract
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if drop_nonfinite_grads(self):

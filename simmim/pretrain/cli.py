@@ -1,4 +1,4 @@
-"""Stage 1 entry point: `python -m simmim.pretrain [fit|validate] [--config FILE] [--data.root DIR] ...`.
+"""Stage 1 command line: `python -m simmim.pretrain [fit|validate] [--config FILE] [--data.root DIR] ...`.
 
 With no arguments it pretrains a small SwinV2 on the built-in digits with `configs/pretrain/default.yaml`.
 """
@@ -8,10 +8,11 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from simmim.callbacks import ExportEncoder, ReconstructionGrid
-from simmim.cli import CONFIG_DIR, StageCLI, finish_distributed, with_default_subcommand
-from simmim.data import PretrainDataModule
-from simmim.pretrain_module import SimMIMPretrainer
+from simmim.cli import CONFIG_DIR, StageCLI, checkpoint_errors_as_messages, with_default_subcommand
+from simmim.export import ExportWeights
+from simmim.pretrain.callbacks import ReconstructionGrid
+from simmim.pretrain.data import PretrainDataModule
+from simmim.pretrain.module import SimMIMPretrainer
 
 
 class PretrainCLI(StageCLI):
@@ -22,21 +23,17 @@ class PretrainCLI(StageCLI):
 
     def stage_callbacks(self) -> list:
         self.grid = ReconstructionGrid(every_n_epochs=self._get(self.config_init, "grid_every_n_epochs") or 1)
-        self.export = ExportEncoder()
+        self.export = ExportWeights("encoder", {"encoder.safetensors": "official"})
         return [self.grid, self.export]
 
 
 def main(args: Optional[List[str]] = None) -> PretrainCLI:
     args = with_default_subcommand(sys.argv[1:] if args is None else list(args), CONFIG_DIR / "pretrain/default.yaml")
-    cli = PretrainCLI(SimMIMPretrainer, PretrainDataModule, args=args)
+    with checkpoint_errors_as_messages():
+        cli = PretrainCLI(SimMIMPretrainer, PretrainDataModule, args=args)
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:
         ckpt = cli.trainer.checkpoint_callback
         print(f"\ncheckpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or '-'})")
         print(f"encoder export: {cli.export.path}")
         print(f"reconstruction grid: {cli.grid.last_path}")
     return cli
-
-
-if __name__ == "__main__":
-    main()
-    finish_distributed()

@@ -1,0 +1,58 @@
+"""The Lightning side of the checkpoint contract (`swinv2.checkpoint`): weight exports at the end of fit, and
+Lightning reading `--ckpt_path` files through the same safe reader as every other weights file."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.plugins import TorchCheckpointIO
+
+import swinv2
+from swinv2.reading import read_checkpoint
+
+
+def run_dir(trainer: pl.Trainer) -> str:
+    """The run's folder: the logger's version folder, or the root dir without a logger.
+
+    Collective under DDP (`trainer.log_dir` broadcasts): call it on every rank, before any rank-zero check."""
+    return trainer.log_dir or trainer.default_root_dir
+
+
+class ExportWeights(pl.Callback):
+    """At the end of fit, write the SwinV2 in `pl_module.<attribute>` to `<run>/<name>` for every
+    `{name: layout}` in `files` with `swinv2.save_weights` (each file records the architecture, so
+    `swinv2.create_model_from_checkpoint(path)` rebuilds the model alone).
+
+    Args:
+        attribute: The LightningModule attribute holding the `swinv2.SwinTransformerV2`.
+        files: File name -> layout ("official" or "timm").
+    """
+
+    def __init__(self, attribute: str, files: Dict[str, str]) -> None:
+        self.attribute, self.files = attribute, dict(files)
+        self.paths: List[str] = []
+
+    @property
+    def path(self) -> Optional[str]:
+        """The first file written (None before the end of fit, and on ranks other than zero)."""
+        return self.paths[0] if self.paths else None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        folder = run_dir(trainer)  # collective: before the rank-zero check
+        if not trainer.is_global_zero:
+            return
+        model = getattr(pl_module, self.attribute)
+        self.paths = [swinv2.save_weights(os.path.join(folder, n), model, layout) for n, layout in self.files.items()]
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning reads checkpoints (`--ckpt_path`) with `swinv2.read_checkpoint`: tensors and plain containers
+    only, and a one-line `UnsafeCheckpointError` naming what a crafted file asked for. Remote paths (fsspec URLs)
+    go through Lightning's loader with `weights_only=True`."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> Dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, weights_only=True)
+        return read_checkpoint(path)

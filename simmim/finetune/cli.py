@@ -1,0 +1,72 @@
+"""Stage 2 command line: `python -m simmim.finetune [fit|validate|predict] [--config FILE] ...`.
+
+With no arguments it fine-tunes the default pretraining run's export on the built-in digits at a larger window.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from typing import List, Optional
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from simmim.cli import CONFIG_DIR, StageCLI, checkpoint_errors_as_messages, has_config, with_default_subcommand
+from simmim.export import ExportWeights
+from simmim.finetune.callbacks import PredictionCSV
+from simmim.finetune.data import ClassificationDataModule
+from simmim.finetune.module import SwinV2Classifier
+
+DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safetensors"
+
+
+class FinetuneCLI(StageCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.img_size", "model.img_size")
+
+    def stage_callbacks(self) -> list:
+        self.export = ExportWeights(
+            "model", {"classifier.safetensors": "official", "classifier_timm.safetensors": "timm"}
+        )
+        self.predictions = PredictionCSV()
+        best = ModelCheckpoint(
+            dirpath=os.path.join(self.root_dir(), "checkpoints"),
+            filename="best-{epoch:03d}",
+            monitor="val/acc1",
+            mode="max",
+            auto_insert_metric_name=False,
+        )
+        return [best, self.export, self.predictions]
+
+
+def _default_pretrained(args: List[str]) -> List[str]:
+    """The default run starts from the newest default pretraining export; a clear message if there is none."""
+    if any(a.startswith("--model.pretrained") for a in args):
+        return args
+    exports = sorted(glob.glob(DEFAULT_PRETRAIN_EXPORTS), key=os.path.getmtime)
+    if not exports:
+        raise SystemExit(
+            f"no pretrained encoder found at {DEFAULT_PRETRAIN_EXPORTS}: run pretraining first "
+            "(`make pretrain` or `python -m simmim.pretrain`), or pass --model.pretrained PATH "
+            "(or --model.pretrained null to train from scratch)"
+        )
+    return [*args, "--model.pretrained", exports[-1]]
+
+
+def main(args: Optional[List[str]] = None) -> FinetuneCLI:
+    raw = sys.argv[1:] if args is None else list(args)
+    args = with_default_subcommand(raw, CONFIG_DIR / "finetune/default.yaml")
+    if not has_config(raw) and args[0] == "fit":
+        args = _default_pretrained(args)
+    with checkpoint_errors_as_messages():
+        cli = FinetuneCLI(SwinV2Classifier, ClassificationDataModule, args=args)
+    if cli.subcommand == "validate":
+        print(f"val/acc1: {cli.trainer.callback_metrics['val/acc1'].item():.2f}")
+    elif cli.subcommand == "predict":
+        print(f"predictions: {cli.predictions.path}")
+    elif cli.subcommand == "fit" and cli.trainer.is_global_zero:
+        print(f"\ncheckpoints: {cli.trainer.checkpoint_callback.dirpath}; exports: {cli.export.paths}")
+        if "val/acc1" in cli.trainer.callback_metrics:
+            print(f"val/acc1: {cli.trainer.callback_metrics['val/acc1'].item():.2f}")
+    return cli

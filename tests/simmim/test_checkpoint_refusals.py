@@ -1,0 +1,83 @@
+"""Crafted checkpoints named on the command line (`--model.pretrained`, `--ckpt_path`) end the command with one line,
+run nothing and change nothing in the process."""
+
+import collections
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY
+from crafted_checkpoints import CRAFTED
+
+import swinv2
+from simmim.builtin_data import prepare_digits
+from simmim.finetune import main as finetune
+from simmim.pretrain import main as pretrain
+
+FAST = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"]
+SMALL = ["--model.encoder_kwargs", "{embed_dim: 24, depths: [2, 2], num_heads: [2, 4]}", "--model.window_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return str(prepare_digits(tmp_path_factory.mktemp("digits"), size=32))
+
+
+def _args(tmp_path, digits, *extra):
+    return [
+        "--data.root",
+        digits,
+        "--data.img_size",
+        "32",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        *SMALL,
+        *FAST,
+        *extra,
+    ]
+
+
+def _crafted(tmp_path, kind):
+    marker = tmp_path / "marker"
+    state = swinv2.create_model("swinv2_tiny", **{**TINY, "num_classes": 0}).state_dict()
+    return CRAFTED[kind](tmp_path / f"{kind}.ckpt", marker, state), marker
+
+
+COMMANDS = {
+    "finetune --model.pretrained": lambda args, path: finetune(["fit", *args, "--model.num_classes", "10", "--model.pretrained", path]),
+    "finetune validate --ckpt_path": lambda args, path: finetune(["validate", *args, "--model.num_classes", "10", "--ckpt_path", path]),
+    "pretrain --ckpt_path": lambda args, path: pretrain(["fit", *args, "--data.mask_patch_size", "8", "--ckpt_path", path]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("kind", sorted(CRAFTED))
+def test_crafted_checkpoint_on_the_command_line_is_refused(tmp_path, digits, kind, command):
+    path, marker = _crafted(tmp_path, kind)
+    update = collections.Counter.update
+    with pytest.raises(SystemExit, match=rf"^error: refused to load .*{kind}\.ckpt: ") as err:
+        COMMANDS[command](_args(tmp_path, digits), str(path))
+    assert "\n" not in str(err.value.code)
+    assert not marker.exists()
+    assert collections.Counter.update is update and collections.Counter("aab") == {"a": 2, "b": 1}
+
+
+@pytest.mark.parametrize("kind", sorted(CRAFTED))
+def test_crafted_last_checkpoint_is_refused_on_resume(tmp_path, digits, kind):
+    """`--ckpt_path last` is resolved by the trainer, not the CLI: the trainer reads it with our reader too."""
+    path, marker = _crafted(tmp_path, kind)
+    (tmp_path / "checkpoints").mkdir()
+    path.rename(tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(SystemExit, match=r"^error: refused to load .*last\.ckpt: "):
+        pretrain(["fit", *_args(tmp_path, digits, "--data.mask_patch_size", "8", "--ckpt_path", "last")])
+    assert not marker.exists() and collections.Counter("aab") == {"a": 2, "b": 1}
+
+
+def test_refusal_is_one_line_on_stderr_without_a_traceback(tmp_path, digits):
+    path, marker = _crafted(tmp_path, "inside_config")
+    args = ["-m", "simmim.pretrain", *_args(tmp_path, digits, "--data.mask_patch_size", "8", "--ckpt_path", str(path))]
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: refused to load") and "'posix.system'" in last
+    assert "Traceback" not in out.stderr and not marker.exists()

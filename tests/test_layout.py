@@ -1,0 +1,115 @@
+"""The package layout's rules, read from the source: stages never import each other, shared modules never import a
+stage, `swinv2` never imports `simmim`, nothing cites files outside the repository, documented names resolve."""
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = sorted(p.name for p in (ROOT / "simmim").iterdir() if (p / "__init__.py").exists())
+
+
+def imported_modules(path: Path, root: Path = ROOT) -> set:
+    """Every module a file imports (absolute names; relative imports resolved against its package)."""
+    tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    return names
+
+
+def _files(folder: Path):
+    return sorted(folder.rglob("*.py"))
+
+
+def test_the_stages_are_subpackages():
+    assert {"pretrain", "finetune"} <= set(STAGES)
+
+
+def cross_stage_imports(root: Path) -> list:
+    """(file, module) for every import of one stage subpackage of `root/simmim` from inside another."""
+    stages = sorted(p.name for p in (root / "simmim").iterdir() if (p / "__init__.py").exists())
+    found = []
+    for stage in stages:
+        for path in _files(root / "simmim" / stage):
+            for m in imported_modules(path, root):
+                if any(m == f"simmim.{o}" or m.startswith(f"simmim.{o}.") for o in stages if o != stage):
+                    found.append((str(path.relative_to(root)), m))
+    return found
+
+
+def test_no_stage_imports_another():
+    assert cross_stage_imports(ROOT) == [], "move what both stages need to the top of simmim/"
+
+
+def test_shared_modules_import_no_stage():
+    for path in sorted((ROOT / "simmim").glob("*.py")):
+        if path.name == "__init__.py":
+            continue  # the package's re-exports
+        bad = [m for m in imported_modules(path) for s in STAGES if m.startswith(f"simmim.{s}")]
+        assert not bad, f"{path.relative_to(ROOT)} is shared but imports {bad}"
+
+
+def test_swinv2_imports_neither_simmim_nor_lightning():
+    for path in _files(ROOT / "swinv2"):
+        bad = [m for m in imported_modules(path) if m.split(".")[0] in ("simmim", "lightning", "pytorch_lightning")]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_the_rule_checker_sees_a_cross_import(tmp_path):
+    """The checker itself, on a copy of the layout where one stage imports the other in both import forms."""
+    for stage in ("pretrain", "finetune"):
+        (tmp_path / "simmim" / stage).mkdir(parents=True)
+        (tmp_path / "simmim" / stage / "__init__.py").write_text("")
+    probe = tmp_path / "simmim" / "pretrain" / "data.py"
+    probe.write_text(
+        "from simmim.finetune.data import image_folder\nimport simmim.finetune\nfrom ..finetune import x\n"
+    )
+    found = {m for _, m in cross_stage_imports(tmp_path)}
+    assert {"simmim.finetune.data", "simmim.finetune", "simmim.finetune.x"} <= found
+
+
+def test_nothing_cites_files_outside_the_repository():
+    texts = [*_files(ROOT / "simmim"), *_files(ROOT / "swinv2"), *ROOT.glob("*.md"), *(ROOT / "docs").rglob("*.md")]
+    texts += [*(ROOT / "configs").rglob("*.yaml"), *(ROOT / "notebooks").glob("*.ipynb"), *_files(ROOT / "benchmarks")]
+    for path in texts:
+        text = path.read_text()
+        assert "REFERENCE.md" not in text and "../shared" not in text, path.relative_to(ROOT)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "simmim.SimMIM",
+        "simmim.MaskGenerator",
+        "simmim.masked_l1_loss",
+        "simmim.normalize_target",
+        "simmim.SimMIMPretrainer",
+        "simmim.PretrainDataModule",
+        "simmim.SwinV2Classifier",
+        "simmim.ClassificationDataModule",
+        "simmim.pretrain.main",
+        "simmim.finetune.main",
+        "swinv2.create_model_from_checkpoint",
+        "swinv2.save_weights",
+        "swinv2.load_pretrained",
+        "swinv2.read_checkpoint",
+        "swinv2.to_timm_state_dict",
+        "swinv2.transformers_config_kwargs",
+    ],
+)
+def test_documented_names_resolve(name):
+    module, attr = name.rsplit(".", 1)
+    assert getattr(importlib.import_module(module), attr) is not None
