@@ -43,11 +43,14 @@ def _crafted(tmp_path, kind):
     return CRAFTED[kind](tmp_path / f"{kind}.ckpt", marker, state), marker
 
 
+CLASSES = ["--model.num_classes", "10"]
 COMMANDS = {
-    "finetune --model.pretrained": lambda args, path: finetune(["fit", *args, "--model.num_classes", "10", "--model.pretrained", path]),
-    "finetune validate --ckpt_path": lambda args, path: finetune(["validate", *args, "--model.num_classes", "10", "--ckpt_path", path]),
-    "pretrain --ckpt_path": lambda args, path: pretrain(["fit", *args, "--data.mask_patch_size", "8", "--ckpt_path", path]),
-}  # fmt: skip
+    "finetune --model.pretrained": lambda args, path: finetune(["fit", *args, *CLASSES, "--model.pretrained", path]),
+    "finetune validate --ckpt_path": lambda args, path: finetune(["validate", *args, *CLASSES, "--ckpt_path", path]),
+    "pretrain --ckpt_path": lambda args, path: pretrain(
+        ["fit", *args, "--data.mask_patch_size", "8", "--ckpt_path", path]
+    ),
+}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
