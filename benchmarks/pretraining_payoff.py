@@ -14,7 +14,7 @@ import glob
 import os
 import statistics
 
-from simmim.finetune import DEFAULT_PRETRAIN_EXPORTS, main
+from simmim.finetune.cli import DEFAULT_PRETRAIN_EXPORTS, main
 
 
 def run(pretrained: str, args: argparse.Namespace, seed: int, tag: str) -> float:

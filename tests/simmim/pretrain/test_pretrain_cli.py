@@ -170,3 +170,18 @@ def test_ddp_counts_bad_images_over_all_ranks(tmp_path):
     args += ["--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", "--data.batch_size", "8"]
     out = run_ddp_on_cpu("simmim.pretrain", *args, "--data.max_bad_fraction", "0.15", *FAST)
     assert all(f"{i:02d}.png" in out.stderr for i in bad)  # both were warned about, on rank 1
+
+
+def test_configured_callbacks_join_the_stages_own(tmp_path, digits):
+    """A callback named on the command line (or in a config) reaches the trainer beside the stage's callbacks, and
+    checkpoints are still read through the safe reader."""
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from simmim.bad_images import BadImageLimit
+    from simmim.export import ExportWeights, SafeCheckpointIO
+
+    args = ["--data.root", digits, "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_val_batches", "1"]
+    cli = main(["validate", *args, "--trainer.callbacks+=pytorch_lightning.callbacks.LearningRateMonitor", *FAST])
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert {LearningRateMonitor, ModelCheckpoint, BadImageLimit, ExportWeights} <= kinds
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
