@@ -109,3 +109,20 @@ def test_too_many_bad_images_stop_the_run_with_a_clear_message():
     counter.update(good=30, skipped=2)  # 3 of 63: under 10%
     with pytest.raises(RuntimeError, match=r"10 of 80 images could not be decoded, more than max_bad_fraction=0.1"):
         counter.update(good=10, skipped=7)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_builtin_digits_are_written_in_prepare_data_not_the_constructor(tmp_path, monkeypatch, stage):
+    """Under DDP every rank builds the datamodule; only `prepare_data` (rank zero per node) may write files."""
+    from simmim.finetune.data import ClassificationDataModule
+
+    monkeypatch.chdir(tmp_path)
+    dm = (
+        PretrainDataModule(root=None, img_size=32, mask_patch_size=8)
+        if stage == "pretrain"
+        else ClassificationDataModule(root=None, img_size=32)
+    )
+    assert not (tmp_path / "data").exists()
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (tmp_path / "data/digits/prepared/.complete").exists() and len(dm.train_files) > 1000

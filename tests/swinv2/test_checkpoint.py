@@ -6,6 +6,7 @@ from conftest import TINY, randomize_
 from safetensors.torch import save_file
 
 import swinv2
+from swinv2.attention import relative_coords_table
 from swinv2.convert import CheckpointMismatchError
 
 EMBED, DEPTHS, HEADS, WINDOW, CLASSES = TINY["embed_dim"], TINY["depths"], TINY["num_heads"], 4, TINY["num_classes"]
@@ -45,7 +46,7 @@ def official_layout(rpe_names=False):
             put(p + "mlp.fc1.bias", 4 * c)
             put(p + "mlp.fc2.weight", c, 4 * c)
             put(p + "mlp.fc2.bias", c)
-            put(p + "attn.relative_coords_table", 1, 2 * WINDOW - 1, 2 * WINDOW - 1, 2)
+            sd[p + "attn.relative_coords_table"] = relative_coords_table((WINDOW, WINDOW), (0, 0))  # as saved
             sd[p + "attn.relative_position_index"] = torch.zeros(n, n, dtype=torch.long)
             if j % 2 and i == 0:
                 put(p + "attn_mask", 4, n, n)

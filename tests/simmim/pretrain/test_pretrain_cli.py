@@ -79,7 +79,8 @@ def test_validation_loss_falls_and_encoder_is_exported(tmp_path, digits):
         for path in (export, cli.trainer.checkpoint_callback.last_model_path):  # the export, the Lightning checkpoint
             enc = swinv2.create_model_from_checkpoint(path).eval()  # from the file alone
             torch.testing.assert_close(enc.forward_features(x, mask), expected, atol=0, rtol=0)
-    assert enc.load_report.prefix == "model.encoder." and enc.load_report.windows == ((4, 4), (4, 4), (4, 4), (2, 2))  # stage 4 is 2x2 at 64 px
+    assert enc.load_report.prefix == "model.encoder."
+    assert enc.load_report.windows == ((4, 4), (4, 4), (4, 4), (2, 2))  # stage 4 is 2x2 at 64 px
 
 
 @pytest.mark.slow
