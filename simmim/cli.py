@@ -14,6 +14,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins import CheckpointIO
+from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.bad_images import BadImageLimit
 from simmim.export import SafeCheckpointIO
@@ -84,8 +85,21 @@ class StageCLI(LightningCLI):
         try:
             super()._parse_ckpt_path()
         except Exception:
-            read_checkpoint(self.config[self.config.subcommand].get("ckpt_path"))
-            raise
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raw = read_checkpoint(path)  # raises the one-line error for a refused or unreadable file
+            raise UnreadableCheckpointError(
+                f"{path} is not a Lightning checkpoint of this project (its entries: {sorted(raw)[:8]}): "
+                "--ckpt_path resumes or evaluates a run; to start from the file's weights pass --model.pretrained"
+            ) from None
+
+    def _max_bad_fraction(self) -> float:
+        """`--data.max_bad_fraction`; the module argument it replaced is still read (older configs and checkpoints
+        carry it) with a warning."""
+        old = getattr(self.model, "hparams", {}).get("max_bad_fraction")
+        if old is None:
+            return self.datamodule.max_bad_fraction
+        rank_zero_warn(f"--model.max_bad_fraction is deprecated: it is now --data.max_bad_fraction (using {old})")
+        return old
 
     def root_dir(self) -> str:
         """The run's `trainer.default_root_dir` (the working directory when unset)."""
@@ -98,7 +112,7 @@ class StageCLI(LightningCLI):
         callbacks = [*_as_list(self._get(self.config_init, "trainer.callbacks")), *kwargs.pop("callbacks", [])]
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(dirpath=os.path.join(self.root_dir(), "checkpoints"), save_last=True))
-        self.bad_images = BadImageLimit(self.datamodule.max_bad_fraction)
+        self.bad_images = BadImageLimit(self._max_bad_fraction())
         callbacks += [self.bad_images, *self.stage_callbacks()]
         plugins = _as_list(self._get(self.config_init, "trainer.plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):

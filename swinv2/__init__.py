@@ -2,6 +2,7 @@
 
 from swinv2.checkpoint import (
     LoadReport,
+    add_record,
     architecture,
     checkpoint_windows,
     create_model_from_checkpoint,
@@ -20,6 +21,7 @@ __all__ = [
     "create_model_from_checkpoint",
     "save_weights",
     "architecture",
+    "add_record",
     "checkpoint_windows",
     "read_checkpoint",
     "to_timm_state_dict",

@@ -88,6 +88,12 @@ def architecture(model: SwinTransformerV2) -> Dict[str, Any]:
     return {"variant": variant_of(arch), **arch}
 
 
+def add_record(checkpoint: Dict[str, Any], model: SwinTransformerV2) -> Dict[str, Any]:
+    """Put `model`'s architecture record into a checkpoint dict (a Lightning checkpoint being saved); returns it."""
+    checkpoint[ARCH_KEY] = architecture(model)
+    return checkpoint
+
+
 def save_weights(path: Union[str, os.PathLike], model: SwinTransformerV2, layout: str = "official") -> str:
     """Write `model`'s weights as safetensors with its architecture record; returns `path`.
 
@@ -147,13 +153,34 @@ def implied_windows(sd: StateDict, log_spaced: bool = True) -> Optional[Windows]
     return tuple(windows) if windows else None
 
 
+def spacing(sd: StateDict) -> Optional[str]:
+    """ "log_cpb" or "linear_cpb", read from stage 0's `relative_coords_table` (linear coordinates double from
+    offset 1 to offset 2, log-spaced ones do not); None without a table or with a window under 3."""
+    table = sd.get("layers.0.blocks.0.attn.relative_coords_table")  # (1, 2Wh-1, 2Ww-1, 2)
+    if table is None or table.shape[1] < 5:
+        return None
+    centre = (table.shape[1] - 1) // 2
+    one, two = float(table[0, centre + 1, 0, 0]), float(table[0, centre + 2, 0, 0])
+    return "linear_cpb" if abs(two - 2 * one) < 1e-5 * max(1.0, abs(two)) else "log_cpb"
+
+
 def checkpoint_windows(raw: Mapping) -> Optional[Windows]:
     """The windows a read checkpoint's position bias was trained for: recorded, else implied by its tables."""
     arch = read_architecture(raw)
     if arch is not None:
         return reference_windows(arch)
     sd, *_ = official_state_dict(raw)
-    return implied_windows(sd)
+    return implied_windows(sd, spacing(sd) != "linear_cpb")
+
+
+def _same_coordinates(arch: Mapping[str, Any], file_windows: Windows) -> bool:
+    """Whether the model's coordinates equal those the file was trained with: per stage and axis the divisor is
+    `max(R - 1, 1)` (so R = 1 and R = 2 agree), and an axis whose window is 1 has only the offset 0."""
+    for w, ours, theirs in zip(arch["window_size"], reference_windows(arch), file_windows):
+        for a in range(2):
+            if w[a] > 1 and max(ours[a] - 1, 1) != max(theirs[a] - 1, 1):
+                return False
+    return len(file_windows) == len(arch["window_size"])
 
 
 def _check_windows(model: SwinTransformerV2, file_windows: Optional[Windows], how: str, name: str) -> None:
@@ -161,7 +188,7 @@ def _check_windows(model: SwinTransformerV2, file_windows: Optional[Windows], ho
     if file_windows is None or arch["position_bias"] == "table":
         return
     model_windows = reference_windows(arch)
-    if tuple(file_windows) != model_windows:
+    if not _same_coordinates(arch, file_windows):
         warnings.warn(
             f"{name}: its position bias was trained at windows {list(file_windows)} ({how}), but the model "
             f"normalises its position coordinates by {list(model_windows)} (pretrained_window_sizes="
@@ -214,7 +241,7 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
     if arch is not None:
         report.windows, how = reference_windows(arch), "recorded in the file"
     else:
-        log_spaced = model.architecture()["position_bias"] == "log_cpb"
+        log_spaced = (spacing(sd) or model.architecture()["position_bias"]) == "log_cpb"
         report.windows, how = implied_windows(sd, log_spaced), "implied by its relative_coords_table"
     _check_windows(model, report.windows, how, name)
 
@@ -256,8 +283,9 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
 def infer_architecture(sd: StateDict) -> Dict[str, Any]:
     """What an official-layout state dict without a record shows of its architecture: channels, depths, heads,
     patch size, classes, MLP ratio, extra norms, position-bias type, mask token, and the window and pretraining
-    window of each stage where its buffers tell (`relative_position_index`, `relative_coords_table`). The image
-    size shows only through `absolute_pos_embed` or a shifted block's `attn_mask`."""
+    window of each stage where its buffers tell (`relative_coords_table`, else `relative_position_index`). The image
+    size shows only through `absolute_pos_embed` or a shifted block's `attn_mask` (whose window count gives the
+    image size padded to a whole number of windows: the official recipes' sizes are such multiples)."""
     proj = sd[ANCHOR]  # (C, in_chans, p, p)
     stages = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.blocks\.", k)))
     depths = [
@@ -277,22 +305,25 @@ def infer_architecture(sd: StateDict) -> Dict[str, Any]:
         ape="absolute_pos_embed" in sd,
         patch_norm="patch_embed.norm.weight" in sd,
         extra_norm_period=min(norm3) + 1 if norm3 else 0,
-        position_bias="table" if "layers.0.blocks.0.attn.relative_position_bias_table" in sd else "log_cpb",
+        position_bias="table"
+        if "layers.0.blocks.0.attn.relative_position_bias_table" in sd
+        else spacing(sd) or "log_cpb",
         mask_token="mask_token" in sd,
     )
+    tables = [sd.get(f"layers.{i}.blocks.0.attn.relative_coords_table") for i in range(stages)]
     index = [sd.get(f"layers.{i}.blocks.0.attn.relative_position_index") for i in range(stages)]
-    if all(t is not None for t in index):
-        sides = [math.isqrt(t.shape[0]) for t in index]  # N = Wh * Ww; released checkpoints use square windows
-        arch["window_size"] = [[s, s] for s in sides]
+    if all(t is not None for t in tables):  # (1, 2Wh-1, 2Ww-1, 2)
+        arch["window_size"] = [[(t.shape[1] + 1) // 2, (t.shape[2] + 1) // 2] for t in tables]
         implied = implied_windows(sd, arch["position_bias"] == "log_cpb")
-        if implied is not None:
-            arch["pretrained_window_sizes"] = [list(p) for p in implied]
+        arch["pretrained_window_sizes"] = [list(p) for p in implied]
+    elif all(t is not None for t in index):  # N = Wh * Ww: square windows, as in every released checkpoint
+        arch["window_size"] = [[math.isqrt(t.shape[0])] * 2 for t in index]
     if arch["ape"]:
         n = math.isqrt(sd["absolute_pos_embed"].shape[1])
         arch["img_size"] = [n * arch["patch_size"]] * 2
     elif "layers.0.blocks.1.attn_mask" in sd and "window_size" in arch:
-        windows_per_side = math.isqrt(sd["layers.0.blocks.1.attn_mask"].shape[0])
-        arch["img_size"] = [windows_per_side * arch["window_size"][0][0] * arch["patch_size"]] * 2
+        windows_per_side = math.isqrt(sd["layers.0.blocks.1.attn_mask"].shape[0])  # square images, as released
+        arch["img_size"] = [windows_per_side * w * arch["patch_size"] for w in arch["window_size"][0]]
     return arch
 
 

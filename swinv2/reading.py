@@ -50,13 +50,15 @@ def _refusal(path: str, error: Exception) -> Exception:
         return UnsafeCheckpointError(
             f"refused to load {path}: it needs the Python global '{found.group(1)}', which loading would import "
             "or call (only tensors, plain containers and the official yacs config are read). If you trust the "
-            "file, re-save its weights: torch.save(torch.load(path, weights_only=False)['model'], 'clean.pth')"
+            "file, load it once with torch.load(path, weights_only=False), delete the entry holding that object "
+            "and torch.save the rest"
         )
     reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
     if reason:
         return UnsafeCheckpointError(
             f"refused to load {path}: {reason.group(1).strip()} (only tensors, plain containers and the official "
-            "yacs config are read); re-save the weights from a trusted copy of the file"
+            "yacs config are read); if you trust the file, load it once with torch.load(path, weights_only=False), "
+            "delete the offending entry and torch.save the rest"
         )
     return UnreadableCheckpointError(
         f"cannot read {path} as a PyTorch checkpoint ({type(error).__name__}: {text.splitlines()[0]})"
@@ -78,12 +80,15 @@ def _weights_file(path: str) -> str:
 def read_safetensors(path: str) -> Dict[str, Any]:
     """`{"state_dict": tensors, **header metadata}`: the same shape as a Lightning checkpoint, so the metadata a
     file records is found under the same keys whichever container holds it."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(path, "pt") as f:
-        metadata = dict(f.metadata() or {})
-    return {**metadata, "state_dict": load_file(path)}
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = dict(f.metadata() or {})
+        return {**metadata, "state_dict": load_file(path)}
+    except (SafetensorError, OSError) as e:
+        raise UnreadableCheckpointError(f"cannot read {path} as safetensors ({e}): corrupt or truncated") from None
 
 
 def read_checkpoint(path: PathLike) -> Dict[str, Any]:

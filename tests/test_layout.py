@@ -3,6 +3,8 @@ stage, `swinv2` never imports `simmim`, nothing cites files outside the reposito
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,16 @@ def test_no_stage_imports_another():
     assert cross_stage_imports(ROOT) == [], "move what both stages need to the top of simmim/"
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_importing_a_stage_loads_no_other_stage(stage):
+    """At run time too, packages' `__init__` re-exports included (a fresh interpreter)."""
+    loaded = "sorted({m.split('.')[1] for m in sys.modules if m.startswith('simmim.')})"
+    code = f"import sys, simmim, simmim.{stage}; print({loaded})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    loaded = set(ast.literal_eval(out.strip()))
+    assert stage in loaded and not loaded & (set(STAGES) - {stage}), loaded
+
+
 def test_shared_modules_import_no_stage():
     for path in sorted((ROOT / "simmim").glob("*.py")):
         if path.name == "__init__.py":
@@ -62,9 +74,10 @@ def test_shared_modules_import_no_stage():
         assert not bad, f"{path.relative_to(ROOT)} is shared but imports {bad}"
 
 
-def test_swinv2_imports_neither_simmim_nor_lightning():
+def test_swinv2_imports_neither_simmim_nor_lightning_nor_omegaconf():
     for path in _files(ROOT / "swinv2"):
-        bad = [m for m in imported_modules(path) if m.split(".")[0] in ("simmim", "lightning", "pytorch_lightning")]
+        banned = ("simmim", "lightning", "pytorch_lightning", "lightning_fabric", "omegaconf")
+        bad = [m for m in imported_modules(path) if m.split(".")[0] in banned]
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
@@ -79,6 +92,14 @@ def test_the_rule_checker_sees_a_cross_import(tmp_path):
     )
     found = {m for _, m in cross_stage_imports(tmp_path)}
     assert {"simmim.finetune.data", "simmim.finetune", "simmim.finetune.x"} <= found
+
+
+def test_the_architecture_record_has_one_owner():
+    """Only `swinv2/checkpoint.py` names the record's key; everything else goes through its functions."""
+    for path in [*_files(ROOT / "simmim"), *_files(ROOT / "swinv2")]:
+        if path != ROOT / "swinv2" / "checkpoint.py":
+            text = path.read_text()
+            assert "ARCH_KEY" not in text and "swinv2_architecture" not in text, path.relative_to(ROOT)
 
 
 def test_nothing_cites_files_outside_the_repository():

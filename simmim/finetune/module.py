@@ -14,7 +14,6 @@ from timm.loss import SoftTargetCrossEntropy
 import swinv2
 from simmim.finetune.layer_decay import layer_decay_param_groups
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
-from swinv2.checkpoint import ARCH_KEY
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,8 @@ class SwinV2Classifier(pl.LightningModule):
         base_lr, warmup_lr, min_lr: Per 512 images when `scale_lr` (official B: 1.25e-3, 2.5e-7, 2.5e-7).
         layer_decay: Layer-wise LR decay (official: 0.75 for B).
         mixup, cutmix, mix_prob, switch_prob, label_smoothing: timm Mixup settings (official: 0.8, 1.0, 1, 0.5, 0.1).
+        max_bad_fraction: Deprecated, use `--data.max_bad_fraction`; still honoured (with a warning) so that
+            older configs and checkpoints load.
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class SwinV2Classifier(pl.LightningModule):
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
+        max_bad_fraction: Optional[float] = None,
     ) -> None:
         super().__init__()
         raw = swinv2.read_checkpoint(pretrained) if pretrained is not None else None
@@ -148,7 +150,7 @@ class SwinV2Classifier(pl.LightningModule):
         return {"index": index, "pred": pred, "prob": conf}
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint[ARCH_KEY] = swinv2.architecture(self.model)  # the record of the checkpoint contract
+        swinv2.add_record(checkpoint, self.model)  # the checkpoint contract's architecture record
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if drop_nonfinite_grads(self):

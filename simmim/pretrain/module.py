@@ -11,7 +11,6 @@ import torch
 import swinv2
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads, param_groups_weight_decay
 from simmim.pretrain.model import SimMIM
-from swinv2.checkpoint import ARCH_KEY
 
 
 class SimMIMPretrainer(pl.LightningModule):
@@ -34,6 +33,8 @@ class SimMIMPretrainer(pl.LightningModule):
         lr_schedule: "multistep" (official pretraining) or "cosine".
         milestones: Epochs at which multistep multiplies the LR by `gamma` (official: [700]).
         weight_decay, betas, eps: AdamW.
+        max_bad_fraction: Deprecated, use `--data.max_bad_fraction`; still honoured (with a warning) so that
+            older configs and checkpoints load.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class SimMIMPretrainer(pl.LightningModule):
         weight_decay: float = 0.05,
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        max_bad_fraction: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -98,7 +100,7 @@ class SimMIMPretrainer(pl.LightningModule):
             self.log("val/loss", self.model(x, mask), prog_bar=True, batch_size=len(x), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint[ARCH_KEY] = swinv2.architecture(self.encoder)  # the record of the checkpoint contract
+        swinv2.add_record(checkpoint, self.encoder)  # the checkpoint contract's architecture record
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if drop_nonfinite_grads(self):

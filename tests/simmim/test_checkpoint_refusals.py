@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import TINY
 from crafted_checkpoints import CRAFTED
 
@@ -84,3 +85,28 @@ def test_refusal_is_one_line_on_stderr_without_a_traceback(tmp_path, digits):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: refused to load") and "'posix.system'" in last
     assert "Traceback" not in out.stderr and not marker.exists()
+
+
+def test_unreadable_or_foreign_files_end_in_one_line(tmp_path, digits):
+    """A corrupt safetensors file as --model.pretrained, and an official checkpoint (readable, with its yacs config)
+    given to --ckpt_path, which resumes runs of this project only."""
+    bad = tmp_path / "encoder.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    with pytest.raises(SystemExit, match=r"^error: cannot read .*encoder\.safetensors as safetensors"):
+        finetune(["fit", *_args(tmp_path, digits), *CLASSES, "--model.pretrained", str(bad)])
+
+    official, _ = _crafted(tmp_path, "inside_config")  # a real yacs config, here without the payload
+    from yacs.config import CfgNode
+
+    torch.save({"model": {}, "config": CfgNode({"DATA": CfgNode({"IMG_SIZE": 32})})}, official)
+    with pytest.raises(
+        SystemExit, match=r"^error: .*inside_config\.ckpt is not a Lightning checkpoint.*--model\.pretrained"
+    ):
+        pretrain(["fit", *_args(tmp_path, digits, "--data.mask_patch_size", "8", "--ckpt_path", str(official))])
+
+
+def test_deprecated_model_max_bad_fraction_is_still_honoured(tmp_path, digits):
+    args = _args(tmp_path, digits, "--trainer.limit_val_batches", "1", "--model.max_bad_fraction", "0.2")
+    with pytest.warns(UserWarning, match="--model.max_bad_fraction is deprecated"):
+        cli = finetune(["validate", *args, *CLASSES])
+    assert cli.bad_images.max_fraction == 0.2

@@ -108,3 +108,24 @@ def test_strict_rebuild_refuses_a_partial_fill(tmp_path):
     with pytest.raises(swinv2.CheckpointMismatchError, match="strict=False"):
         swinv2.create_model_from_checkpoint(path, mask_token=True)
     assert swinv2.create_model_from_checkpoint(path, strict=False, num_classes=3).num_classes == 3
+
+
+def test_equivalent_windows_do_not_warn():
+    """R = 1 and R = 2 give the same coordinates (the divisor is max(R - 1, 1)), and a stage whose window is 1 has
+    only the offset 0: neither is a mismatch."""
+    kwargs = {**TINY, "img_size": 64, "window_size": [8, 1], "pretrained_window_sizes": [(4, 4), (1, 1)]}
+    source = swinv2.SwinTransformerV2(**{**kwargs, "window_size": [8, 2]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**{**kwargs, "window_size": [8, 2]}), source.state_dict())
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**{**kwargs, "pretrained_window_sizes": [(4, 4), (2, 2)]}),
+                               source.state_dict())  # fmt: skip
+
+
+@pytest.mark.parametrize("bias", ["log_cpb", "linear_cpb"])
+def test_plain_state_dict_shows_its_spacing_and_non_square_windows(bias):
+    model = randomize_(swinv2.SwinTransformerV2(**{**TRANSFERRED, "window_size": [(8, 6)] * 2}, position_bias=bias))
+    arch = infer_architecture(model.state_dict())
+    assert arch["position_bias"] == bias and arch["window_size"] == [[8, 6], [8, 6]]
+    assert swinv2.checkpoint_windows(model.state_dict()) == ((4, 4), (4, 4))
+    _same_logits(model, swinv2.create_model_from_checkpoint(model.state_dict(), img_size=64), 64)

@@ -2,6 +2,7 @@
 
 import csv
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -191,3 +192,10 @@ def test_ddp_predict_writes_every_file_once_in_order(tmp_path, digits):
         rows = list(csv.DictReader(f))
     assert [os.path.basename(r["path"]) for r in rows] == ["0.png", "1.png", "2.png", "2_broken.png", "3.png", "4.png"]
     assert rows[3]["pred"] == "" and all(r["pred"] in [str(d) for d in range(10)] for r in rows if r is not rows[3])
+
+
+def test_every_finetune_config_parses(tmp_path):
+    for config in sorted((Path(__file__).parents[3] / "configs" / "finetune").glob("*.yaml")):
+        with pytest.raises(SystemExit) as done:
+            main(["fit", "--config", str(config), "--model.pretrained", "null", "--print_config"])
+        assert done.value.code == 0, config
