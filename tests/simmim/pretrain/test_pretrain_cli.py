@@ -68,7 +68,17 @@ def _fit(tmp_path, digits, *extra):
 def test_validation_loss_falls_and_encoder_is_exported(tmp_path, digits):
     before = main(["validate", "--data.root", digits, "--trainer.default_root_dir", str(tmp_path), *FAST])
     loss0 = before.trainer.callback_metrics["val/loss"].item()
-    cli = _fit(tmp_path, digits, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "20")
+    # fp32: on a CPU without native bf16 (emulated, ~400x slower matmuls) bf16-mixed made this test take minutes
+    cli = _fit(
+        tmp_path,
+        digits,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "20",
+        "--trainer.precision",
+        "32",
+    )
     loss1 = cli.trainer.callback_metrics["val/loss"].item()
     assert loss1 < 0.95 * loss0, (loss0, loss1)  # 40 steps of 32 images: about 10% lower
     export = cli.export.path
