@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Sequence, Set
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 
 
 def is_no_decay(name: str, param: torch.Tensor, skip_names: Set[str] = frozenset()) -> bool:
@@ -61,6 +63,40 @@ def scaled_lr(base_lr: float, total_batch: int, enabled: bool = True, reference_
     return base_lr * total_batch / reference_batch if enabled else base_lr
 
 
+@dataclass(frozen=True)
+class ScheduleLengths:
+    """What a per-step schedule needs from the run.
+
+    Attributes:
+        steps_per_epoch: Optimizer steps per epoch: ceil(train batches / gradient accumulation).
+        total_steps: Optimizer steps of the whole run (`max_steps` when it ends the run first); None when the run
+            has no end (`max_epochs=-1` without `max_steps`).
+        total_batch: Images per optimizer step over all ranks: per-device batch x world size x accumulation.
+    """
+
+    steps_per_epoch: int
+    total_steps: Optional[int]
+    total_batch: int
+
+
+def schedule_lengths(trainer) -> ScheduleLengths:
+    """Read the schedule's lengths from a trainer inside `configure_optimizers` (the train loader is set up here if
+    Lightning has not done so yet). The per-device batch is the train loader's; the batch count is Lightning's
+    (`limit_train_batches` applied)."""
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    loader = trainer.train_dataloader
+    per_device = loader.batch_size if loader.batch_size is not None else loader.batch_sampler.batch_size
+    accumulate = trainer.accumulate_grad_batches
+    steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / accumulate))
+    total = trainer.estimated_stepping_batches
+    return ScheduleLengths(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=None if math.isinf(total) else int(total),
+        total_batch=per_device * trainer.world_size * accumulate,
+    )
+
+
 # The recipe hyper-parameters `configure_adamw` takes, as both stages name them.
 SCHEDULE_KEYS = ("base_lr", "warmup_lr", "min_lr", "scale_lr", "warmup_epochs", "betas", "eps")
 
@@ -81,15 +117,28 @@ def configure_adamw(
 ):
     """AdamW with a per-step LambdaLR, in Lightning's `configure_optimizers` format.
 
-    LRs are per 512 images and scaled by the total batch (per-device batch x devices x accumulation) when
-    `scale_lr`. A group's `lr_scale` (layer decay) multiplies every LR of the schedule, as in timm's schedulers.
+    LRs are per 512 images and scaled by the total batch (per-device batch x world size x accumulation, read from
+    the trainer) when `scale_lr`. Warmup and milestones are in epochs of `steps_per_epoch` optimizer steps, so a
+    run that `max_steps` ends early keeps the recipe's warmup; cosine decays to the run's last step. A group's
+    `lr_scale` (layer decay) multiplies every LR of the schedule, as in timm's schedulers.
+
+    Raises:
+        ValueError: a cosine schedule for a run without an end (`max_epochs=-1` and no `max_steps`).
     """
-    total_batch = trainer.datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
-    lr, warmup_lr, min_lr = (scaled_lr(v, total_batch, scale_lr) for v in (base_lr, warmup_lr, min_lr))
-    total_steps = int(trainer.estimated_stepping_batches)
-    steps_per_epoch = max(1, total_steps // max(1, trainer.max_epochs or 1))
-    warmup_steps = int(warmup_epochs * steps_per_epoch)
-    milestones = [m * steps_per_epoch for m in milestone_epochs]
+    lengths = schedule_lengths(trainer)
+    if lengths.total_steps is None and schedule == "cosine":
+        raise ValueError(
+            "the cosine LR schedule needs the run's length: set --trainer.max_epochs or --trainer.max_steps "
+            "(or use --model.lr_schedule multistep in pretraining)"
+        )
+    lr, warmup_lr, min_lr = (scaled_lr(v, lengths.total_batch, scale_lr) for v in (base_lr, warmup_lr, min_lr))
+    total_steps = lengths.total_steps or 0
+    warmup_steps = int(warmup_epochs * lengths.steps_per_epoch)
+    milestones = [m * lengths.steps_per_epoch for m in milestone_epochs]
+    rank_zero_info(
+        f"LR schedule: {schedule}, {lengths.steps_per_epoch} steps/epoch, warmup {warmup_steps} steps, "
+        f"{lengths.total_steps or 'no end'} steps in all; total batch {lengths.total_batch}, peak LR {lr:.3g}"
+    )
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
