@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from simmim.cli import CONFIG_DIR, StageCLI, checkpoint_errors_as_messages, has_config, with_default_subcommand
 from simmim.export import ExportWeights
 from simmim.finetune.callbacks import PredictionCSV
-from simmim.finetune.data import ClassificationDataModule
+from simmim.finetune.data import ClassificationDataModule, class_names
 from simmim.finetune.module import SwinV2Classifier
 
 DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safetensors"
@@ -24,6 +24,22 @@ DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safeten
 class FinetuneCLI(StageCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.img_size", "model.img_size")
+
+    def before_instantiate_classes(self) -> None:
+        """`--model.num_classes` unset: the number of class folders of `--data.root`; set: it must agree."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        try:
+            found = len(class_names(config.data.root))
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: --data.root: {e}") from None
+        given = config.model.num_classes
+        if given is None:
+            config.model.num_classes = found
+        elif given != found:
+            raise SystemExit(
+                f"error: --model.num_classes {given} disagrees with the data: {found} class folders under "
+                f"{config.data.root or 'the built-in digits'}. Leave it unset (it is read from the data) or set {found}"
+            )
 
     def stage_callbacks(self) -> list:
         self.export = ExportWeights(

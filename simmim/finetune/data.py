@@ -18,14 +18,31 @@ from simmim.finetune.augment import classification_transform
 from simmim.images import list_images, read_sample_image
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
 
+DIGIT_CLASSES = [str(d) for d in range(10)]  # the built-in digits' class folders, written by prepare_data
 
-def image_folder(root: Path) -> Tuple[List[Path], List[int], List[str]]:
-    """ImageFolder layout `root/<class>/**/<image>`: files, labels, sorted class names."""
+
+def class_folders(root: Path) -> List[str]:
+    """The sorted class-folder names of an ImageFolder tree `root/<class>/...`."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise FileNotFoundError(f"no class folders under {root}: expected <root>/<class_name>/<images>")
+    return classes
+
+
+def class_names(root: Optional[str]) -> List[str]:
+    """The classes a `ClassificationDataModule(root=root)` will have, from the folder names alone (no image is
+    listed or read): `root/train/<class>` when `root` has train/ and val/, else `root/<class>`; the digits for None."""
+    if root is None:
+        return DIGIT_CLASSES
+    root = Path(root)
+    return class_folders(root / "train" if (root / "train").is_dir() and (root / "val").is_dir() else root)
+
+
+def image_folder(root: Path) -> Tuple[List[Path], List[int], List[str]]:
+    """ImageFolder layout `root/<class>/**/<image>`: files, labels, sorted class names."""
+    classes = class_folders(root)
     files, labels = [], []
     for idx, name in enumerate(classes):
         class_files = list_images(root / name)

@@ -23,7 +23,8 @@ class SwinV2Classifier(pl.LightningModule):
 
     Args:
         arch: `swinv2.create_model` name.
-        num_classes: Classifier outputs; must equal the data's class count (checked at fit start).
+        num_classes: Classifier outputs. The command line fills it with the data's class count when unset and
+            refuses a value that disagrees; built directly, the module needs it.
         img_size: Input size (linked from the data).
         window_size: Fine-tuning window (int or one per stage).
         pretrained: Checkpoint to start from (our pretraining `.ckpt` or `encoder.safetensors`, official SimMIM or
@@ -46,7 +47,7 @@ class SwinV2Classifier(pl.LightningModule):
     def __init__(
         self,
         arch: str = "swinv2_base",
-        num_classes: int = 1000,
+        num_classes: Optional[int] = None,
         img_size: int = 224,
         window_size: Any = 14,
         pretrained: Optional[str] = None,
@@ -72,6 +73,8 @@ class SwinV2Classifier(pl.LightningModule):
         max_bad_fraction: Optional[float] = None,
     ) -> None:
         super().__init__()
+        if num_classes is None:
+            raise ValueError("num_classes is required (the fine-tuning command line reads it from --data.root)")
         raw = swinv2.read_checkpoint(pretrained) if pretrained is not None else None
         if pretrained_window_sizes is None and raw is not None:
             pretrained_window_sizes = swinv2.checkpoint_windows(raw)

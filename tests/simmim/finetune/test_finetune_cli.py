@@ -98,24 +98,22 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, digits):
 
 
 def test_num_classes_must_match_the_data(tmp_path, digits):
-    with pytest.raises(ValueError, match="--model.num_classes 7 disagrees with the data: 10 classes"):
-        main(
-            [
-                "fit",
-                *_args(
-                    tmp_path,
-                    digits,
-                    "--model.window_size",
-                    "4",
-                    "--model.pretrained",
-                    "null",
-                    "--model.num_classes",
-                    "7",
-                    "--trainer.max_epochs",
-                    "1",
-                ),
-            ]
-        )
+    """Checked before any model is built, in one line."""
+    args = _args(tmp_path, digits, "--model.window_size", "4", "--model.pretrained", "null", "--model.num_classes", "7")
+    with pytest.raises(SystemExit, match=r"^error: --model.num_classes 7 disagrees with the data: 10 class folders"):
+        main(["fit", *args, "--trainer.max_epochs", "1"])
+
+
+def test_num_classes_is_read_from_the_data(tmp_path):
+    """Any class-folder tree fine-tunes without --model.num_classes (flat, or train/ and val/)."""
+    for split in ("train", "val"):
+        for c in ("cat", "dog", "emu"):
+            image_folder(tmp_path / "tree" / split / c, [f"{i}.png" for i in range(4)], size=32)
+    args = [a for a in _args(tmp_path, str(tmp_path / "tree")) if a not in ("--model.num_classes", "10")]
+    args += ["--model.window_size", "4", "--model.pretrained", "null", "--trainer.max_steps", "1"]
+    cli = main(["fit", *args, "--trainer.limit_val_batches", "1", "--data.batch_size", "4"])
+    assert cli.model.hparams.num_classes == 3 and cli.model.model.head.out_features == 3
+    assert cli.datamodule.classes == ["cat", "dog", "emu"]
 
 
 def test_class_folders_must_agree_between_train_and_val(tmp_path):
