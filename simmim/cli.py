@@ -8,7 +8,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Set
 
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -21,7 +21,7 @@ from simmim.export import SafeCheckpointIO
 from swinv2.convert import CheckpointMismatchError
 from swinv2.reading import UnreadableCheckpointError, UnsafeCheckpointError, read_checkpoint
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # main(args) is how tests and the entry point drive the CLI; the warning about args beside sys.argv is noise.
@@ -33,13 +33,18 @@ def has_config(args: List[str]) -> bool:
     return any(a == "--config" or a.startswith("--config=") for a in args)
 
 
-def with_default_subcommand(args: Optional[List[str]], default_config: Path) -> List[str]:
+def with_default_subcommand(
+    args: Optional[List[str]], default_config: Path, subcommands: Sequence[str], prog: str
+) -> List[str]:
     """Arguments without a subcommand run `fit`; without `--config` the stage's default config comes first, so
-    `--data.root DIR` alone runs the default recipe on DIR."""
+    `--data.root DIR` alone runs the default recipe on DIR. A Lightning subcommand the stage does not offer (such as
+    `test`, which has no meaning without labels in pretraining) ends with a one-line message."""
     args = list(args or [])
-    if not args or args[0] not in (*SUBCOMMANDS, "-h", "--help"):
+    if args and args[0] in LIGHTNING_SUBCOMMANDS and args[0] not in subcommands:
+        raise SystemExit(f"error: {prog} has no `{args[0]}` subcommand; it offers {', '.join(subcommands)}")
+    if not args or args[0] not in (*subcommands, "-h", "--help"):
         args = ["fit", *args]
-    if args[0] in SUBCOMMANDS and not has_config(args):
+    if args[0] in subcommands and not has_config(args):
         args = [args[0], "--config", str(default_config), *args[1:]]
     return args
 
@@ -66,18 +71,28 @@ def _as_list(value) -> list:
 
 
 class StageCLI(LightningCLI):
-    """LightningCLI with omegaconf configs, an overwritable saved config and a fixed checkpoint folder; stages add
-    their callbacks in `stage_callbacks`."""
+    """LightningCLI with omegaconf configs, an overwritable saved config and a fixed checkpoint folder; stages name
+    their program and subcommands (`PROG`, `SUBCOMMANDS`) and add their callbacks in `stage_callbacks`."""
+
+    PROG = "python -m simmim"
+    DESCRIPTION = ""
+    SUBCOMMANDS: Sequence[str] = ("fit", "validate")
 
     def __init__(self, model_class, datamodule_class, args: List[str], **kwargs) -> None:
         # omegaconf+: interpolations are resolved after the command line is applied, so the default configs'
         # `save_dir: ${...default_root_dir}` follows `--trainer.default_root_dir`.
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
+        kwargs.setdefault(
+            "parser_kwargs", {"parser_mode": "omegaconf+", "prog": self.PROG, "description": self.DESCRIPTION}
+        )
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
 
     def stage_callbacks(self) -> list:
         return []
+
+    def subcommands(self) -> Dict[str, Set[str]]:
+        """The Lightning subcommands this stage offers (`--help` lists only these)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in self.SUBCOMMANDS}
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads `--ckpt_path`'s hyper-parameters with `torch.load(weights_only=True)` before anything

@@ -22,6 +22,10 @@ DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safeten
 
 
 class FinetuneCLI(StageCLI):
+    PROG = "python -m simmim.finetune"
+    DESCRIPTION = "Fine-tune a pretrained SwinV2 for classification (no subcommand: fit; no --config: the default)"
+    SUBCOMMANDS = ("fit", "validate", "predict")
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.img_size", "model.img_size")
 
@@ -72,8 +76,8 @@ def _default_pretrained(args: List[str]) -> List[str]:
 
 def main(args: Optional[List[str]] = None) -> FinetuneCLI:
     raw = sys.argv[1:] if args is None else list(args)
-    args = with_default_subcommand(raw, CONFIG_DIR / "finetune/default.yaml")
-    if not has_config(raw) and args[0] == "fit":
+    args = with_default_subcommand(raw, CONFIG_DIR / "finetune/default.yaml", FinetuneCLI.SUBCOMMANDS, FinetuneCLI.PROG)
+    if not has_config(raw) and args[0] == "fit" and not {"-h", "--help"} & set(args):
         args = _default_pretrained(args)
     with checkpoint_errors_as_messages():
         cli = FinetuneCLI(SwinV2Classifier, ClassificationDataModule, args=args)

@@ -16,6 +16,10 @@ from simmim.pretrain.module import SimMIMPretrainer
 
 
 class PretrainCLI(StageCLI):
+    PROG = "python -m simmim.pretrain"
+    DESCRIPTION = "SimMIM pretraining of a SwinV2 encoder (no subcommand: fit; no --config: the default recipe)"
+    SUBCOMMANDS = ("fit", "validate")
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.img_size", "model.img_size")
         parser.link_arguments("model.patch_size", "data.model_patch_size")
@@ -28,7 +32,12 @@ class PretrainCLI(StageCLI):
 
 
 def main(args: Optional[List[str]] = None) -> PretrainCLI:
-    args = with_default_subcommand(sys.argv[1:] if args is None else list(args), CONFIG_DIR / "pretrain/default.yaml")
+    args = with_default_subcommand(
+        sys.argv[1:] if args is None else list(args),
+        CONFIG_DIR / "pretrain/default.yaml",
+        PretrainCLI.SUBCOMMANDS,
+        PretrainCLI.PROG,
+    )
     with checkpoint_errors_as_messages():
         cli = PretrainCLI(SimMIMPretrainer, PretrainDataModule, args=args)
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:
