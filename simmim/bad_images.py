@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from simmim.errors import require
+
 
 class BadImageLimit(pl.Callback):
     """Counts the unreadable files the training loader passed over (the last field of every batch, see
@@ -17,8 +19,7 @@ class BadImageLimit(pl.Callback):
     """
 
     def __init__(self, max_fraction: float = 0.01) -> None:
-        if not 0.0 <= max_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_fraction}")
+        require(0.0 <= max_fraction <= 1.0, "--data.max_bad_fraction", max_fraction, "must be in [0, 1]")
         self.max_fraction, self.seen, self.bad = max_fraction, 0, 0
 
     def update(self, good: int, skipped: int, trainer: pl.Trainer | None = None) -> None:

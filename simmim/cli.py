@@ -17,6 +17,7 @@ from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.bad_images import BadImageLimit
+from simmim.errors import ConfigError
 from simmim.export import SafeCheckpointIO
 from swinv2.convert import CheckpointMismatchError
 from swinv2.reading import UnreadableCheckpointError, UnsafeCheckpointError, read_checkpoint
@@ -57,12 +58,12 @@ def finish_distributed() -> None:
 
 
 @contextmanager
-def checkpoint_errors_as_messages() -> Iterator[None]:
-    """A checkpoint that is refused, unreadable or of another architecture ends the command with its one-line
-    message (exit code 1), wherever it was named: `--model.pretrained`, `--ckpt_path`, a config."""
+def user_errors_as_messages() -> Iterator[None]:
+    """A bad configuration value, or a checkpoint that is refused, unreadable or of another architecture, ends the
+    command with its one-line message (exit code 1) instead of a traceback, wherever it was named."""
     try:
         yield
-    except (UnsafeCheckpointError, UnreadableCheckpointError, CheckpointMismatchError) as e:
+    except (ConfigError, UnsafeCheckpointError, UnreadableCheckpointError, CheckpointMismatchError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from simmim.cli import CONFIG_DIR, StageCLI, checkpoint_errors_as_messages, has_config, with_default_subcommand
+from simmim.cli import CONFIG_DIR, StageCLI, has_config, user_errors_as_messages, with_default_subcommand
 from simmim.export import ExportWeights
 from simmim.finetune.callbacks import PredictionCSV
 from simmim.finetune.data import ClassificationDataModule, class_names
@@ -79,7 +79,7 @@ def main(args: Optional[List[str]] = None) -> FinetuneCLI:
     args = with_default_subcommand(raw, CONFIG_DIR / "finetune/default.yaml", FinetuneCLI.SUBCOMMANDS, FinetuneCLI.PROG)
     if not has_config(raw) and args[0] == "fit" and not {"-h", "--help"} & set(args):
         args = _default_pretrained(args)
-    with checkpoint_errors_as_messages():
+    with user_errors_as_messages():
         cli = FinetuneCLI(SwinV2Classifier, ClassificationDataModule, args=args)
     if cli.subcommand == "validate":
         print(f"val/acc1: {cli.trainer.callback_metrics['val/acc1'].item():.2f}")

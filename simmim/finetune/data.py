@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.errors import check_loader, require
 from simmim.finetune.augment import classification_transform
 from simmim.images import list_images, read_sample_image
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
@@ -111,8 +112,10 @@ class ClassificationDataModule(pl.LightningDataModule):
         max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
-        if not 0.0 < label_fraction <= 1.0:
-            raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+        check_loader(batch_size, num_workers, val_fraction, max_bad_fraction)
+        require(0.0 < label_fraction <= 1.0, "--data.label_fraction", label_fraction, "must be in (0, 1]")
+        require(0.0 <= erase_prob <= 1.0, "--data.erase_prob", erase_prob, "must be in [0, 1] (official: 0.25)")
+        require(img_size > 0, "--data.img_size", img_size, "must be positive")
         self.root, self.img_size, self.batch_size, self.num_workers = root, img_size, batch_size, num_workers
         self.val_fraction, self.label_fraction, self.predict_root = val_fraction, label_fraction, predict_root
         self.erase_prob, self.mean, self.std = erase_prob, tuple(mean), tuple(std)

@@ -12,6 +12,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 import swinv2
+from simmim.errors import require
 from simmim.finetune.layer_decay import layer_decay_param_groups
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
 
@@ -75,6 +76,8 @@ class SwinV2Classifier(pl.LightningModule):
         super().__init__()
         if num_classes is None:
             raise ValueError("num_classes is required (the fine-tuning command line reads it from --data.root)")
+        patch = (encoder_kwargs or {}).get("patch_size", 4)
+        require(img_size % patch == 0, "--data.img_size", img_size, f"must be a multiple of the patch size {patch}")
         raw = swinv2.read_checkpoint(pretrained) if pretrained is not None else None
         if pretrained_window_sizes is None and raw is not None:
             pretrained_window_sizes = swinv2.checkpoint_windows(raw)

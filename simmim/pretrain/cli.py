@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from simmim.cli import CONFIG_DIR, StageCLI, checkpoint_errors_as_messages, with_default_subcommand
+from simmim.cli import CONFIG_DIR, StageCLI, user_errors_as_messages, with_default_subcommand
 from simmim.export import ExportWeights
 from simmim.pretrain.callbacks import ReconstructionGrid
 from simmim.pretrain.data import PretrainDataModule
@@ -38,7 +38,7 @@ def main(args: Optional[List[str]] = None) -> PretrainCLI:
         PretrainCLI.SUBCOMMANDS,
         PretrainCLI.PROG,
     )
-    with checkpoint_errors_as_messages():
+    with user_errors_as_messages():
         cli = PretrainCLI(SimMIMPretrainer, PretrainDataModule, args=args)
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:
         ckpt = cli.trainer.checkpoint_callback

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.errors import check_loader, require
 from simmim.images import list_images, read_sample_image
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
 from simmim.pretrain.masking import MaskGenerator
@@ -103,8 +104,21 @@ class PretrainDataModule(pl.LightningDataModule):
         max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_loader(batch_size, num_workers, val_fraction, max_bad_fraction)
+        require(0.0 < mask_ratio < 1.0, "--data.mask_ratio", mask_ratio, "must be in (0, 1) (official: 0.6)")
+        require(
+            mask_patch_size % model_patch_size == 0,
+            "--data.mask_patch_size",
+            mask_patch_size,
+            f"must be a multiple of the encoder's patch size {model_patch_size} (--model.patch_size)",
+        )
+        require(
+            img_size > 0 and img_size % mask_patch_size == 0,
+            "--data.img_size",
+            img_size,
+            f"must be a positive multiple of --data.mask_patch_size {mask_patch_size} "
+            f"(e.g. {max(1, round(img_size / mask_patch_size)) * mask_patch_size})",
+        )
         self.root, self.img_size, self.batch_size = root, img_size, batch_size
         self.num_workers, self.val_fraction = num_workers, val_fraction
         self.mean, self.std, self.max_bad_fraction = tuple(mean), tuple(std), max_bad_fraction

@@ -1,6 +1,7 @@
 """What both command lines share: the program name in --help, only meaningful subcommands."""
 
 import importlib
+import re
 
 import pytest
 
@@ -25,3 +26,36 @@ def test_a_subcommand_without_meaning_is_refused_in_one_line(stage):
     main = importlib.import_module(f"simmim.{stage}").main
     with pytest.raises(SystemExit, match=rf"^error: python -m simmim.{stage} has no `test` subcommand; it offers fit"):
         main(["test"])
+
+
+BAD_VALUES = [
+    (
+        "pretrain",
+        ["--data.img_size", "70"],
+        "--data.img_size 70: must be a positive multiple of --data.mask_patch_size",
+    ),
+    ("pretrain", ["--data.mask_ratio", "1.5"], r"--data.mask_ratio 1.5: must be in \(0, 1\)"),
+    ("pretrain", ["--data.mask_patch_size", "6"], "--data.mask_patch_size 6: must be a multiple of the encoder's"),
+    ("pretrain", ["--data.batch_size", "-3"], "--data.batch_size -3: must be a positive number"),
+    ("pretrain", ["--data.num_workers", "-1"], "--data.num_workers -1: must be 0"),
+    ("pretrain", ["--data.val_fraction", "1.0"], r"--data.val_fraction 1.0: must be in \[0, 1\)"),
+    ("pretrain", ["--data.max_bad_fraction", "2"], r"--data.max_bad_fraction 2.0: must be in \[0, 1\]"),
+    ("finetune", ["--data.img_size", "70"], "--data.img_size 70: must be a multiple of the patch size 4"),
+    ("finetune", ["--data.batch_size", "0"], "--data.batch_size 0: must be a positive number"),
+    ("finetune", ["--data.label_fraction", "0"], r"--data.label_fraction 0.0: must be in \(0, 1\]"),
+    ("finetune", ["--data.erase_prob", "1.5"], r"--data.erase_prob 1.5: must be in \[0, 1\]"),
+    ("finetune", ["--model.num_classes", "7"], "--model.num_classes 7 disagrees with the data: 10 class folders"),
+]
+
+
+@pytest.mark.parametrize("stage, args, message", BAD_VALUES, ids=[" ".join(a) for _, a, _ in BAD_VALUES])
+def test_a_bad_value_is_refused_in_one_line_before_training(stage, args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the built-in digits are prepared here, if anything gets that far
+    main = importlib.import_module(f"simmim.{stage}").main
+    extra = ["--model.pretrained", "null"] if stage == "finetune" else []
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--trainer.default_root_dir", str(tmp_path), *extra, *args])
+    text = str(done.value.code)
+    assert text.startswith("error: ") and "\n" not in text
+    assert re.search(message, text), text
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained
