@@ -23,11 +23,15 @@ class UnreadableImageError(ValueError):
 
 
 def list_images(root: str | os.PathLike) -> List[Path]:
-    """All image files below `root`, recursively, sorted. Raises a clear error for a missing or empty folder."""
+    """All image files below `root`, recursively, sorted. A symbolic link that leads nowhere (a missing target, a
+    loop) is skipped with a warning naming it. Raises a clear error for a missing or empty folder."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (set --data.root to a folder of images)")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = [p for p in candidates if p.is_file()]
+    for link in (p for p in candidates if p.is_symlink() and not p.is_file()):
+        warnings.warn(f"skipping {link}: a symbolic link whose target is missing or loops back", stacklevel=2)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     return files

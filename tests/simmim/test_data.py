@@ -126,3 +126,17 @@ def test_builtin_digits_are_written_in_prepare_data_not_the_constructor(tmp_path
     dm.prepare_data()
     dm.setup("fit")
     assert (tmp_path / "data/digits/prepared/.complete").exists() and len(dm.train_files) > 1000
+
+
+def test_broken_and_looping_links_are_named(tmp_path):
+    folder = tmp_path / "imgs"
+    _write(folder / "good.png", np.zeros((8, 8, 3), np.uint8))
+    (folder / "gone.png").symlink_to(tmp_path / "missing.png")
+    (folder / "a.png").symlink_to(folder / "b.png")
+    (folder / "b.png").symlink_to(folder / "a.png")
+    (folder / "alias.png").symlink_to(folder / "good.png")  # a working link is an ordinary image
+    with pytest.warns(UserWarning) as record:
+        files = list_images(folder)
+    assert [f.name for f in files] == ["alias.png", "good.png"]
+    named = sorted(str(w.message).split(":")[0].rsplit("/", 1)[-1] for w in record)
+    assert named == ["a.png", "b.png", "gone.png"]
