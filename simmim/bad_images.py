@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable, List, Optional, Set
+
 import pytorch_lightning as pl
 import torch
 
@@ -9,32 +11,38 @@ from simmim.errors import require
 
 
 class BadImageLimit(pl.Callback):
-    """Counts the unreadable files the training loader passed over (the last field of every batch, see
-    `simmim.loaders.collate_readable`) and stops the run once more than `max_fraction` of the images seen were bad
-    (one bad image is always tolerated). Under DDP the counts are summed over the ranks first, so every rank sees
-    the same totals and all stop at the same step (a rank stopping alone would leave the others waiting).
+    """Stops a run once more than `max_fraction` of its training files turned out unreadable (one bad file is always
+    tolerated). Counted are distinct files (a file passed over in every epoch, or by two neighbours' refills, counts
+    once), judged against the number of files in the training set, so a dataset under the limit never stops,
+    however early its bad files come. Under DDP the ranks share what they found: every rank sees the same set and
+    all stop at the same step (a rank stopping alone would leave the others waiting).
 
     Args:
-        max_fraction: The tolerated fraction of unreadable images.
+        max_fraction: The tolerated fraction of unreadable training files.
     """
 
     def __init__(self, max_fraction: float = 0.01) -> None:
         require(0.0 <= max_fraction <= 1.0, "--data.max_bad_fraction", max_fraction, "must be in [0, 1]")
-        self.max_fraction, self.seen, self.bad = max_fraction, 0, 0
+        self.max_fraction = max_fraction
+        self.bad: Set[int] = set()  # indices of the unreadable training files found so far, on every rank
 
-    def update(self, good: int, skipped: int, trainer: pl.Trainer | None = None) -> None:
-        """Add one batch: `good` decoded images, `skipped` unreadable files. `trainer`: sum over its ranks."""
+    def update(self, unreadable: Iterable[int], num_files: int, trainer: Optional[pl.Trainer] = None) -> None:
+        """Add one batch's unreadable file indices; `num_files`: the training set's size. `trainer`: share the new
+        indices with its other ranks (one all-reduce per batch; a gather only when some rank found a new file)."""
+        new = sorted(set(int(i) for i in unreadable) - self.bad)
         if trainer is not None and trainer.world_size > 1:
-            counts = torch.tensor([good, skipped], dtype=torch.long, device=trainer.strategy.root_device)
-            good, skipped = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        self.seen += good + skipped
-        self.bad += skipped
-        if self.bad > max(1.0, self.max_fraction * self.seen):
+            found = torch.tensor(len(new), device=trainer.strategy.root_device)
+            if trainer.strategy.reduce(found, reduce_op="sum").item() > 0:
+                shards: List = [None] * trainer.world_size
+                torch.distributed.all_gather_object(shards, new)
+                new = [i for shard in shards for i in shard]
+        self.bad.update(new)
+        if len(self.bad) > max(1.0, self.max_fraction * num_files):
             raise RuntimeError(
-                f"{self.bad} of {self.seen} images could not be decoded, more than max_bad_fraction="
-                f"{self.max_fraction}; the warnings name their paths: fix or remove them, or raise "
+                f"{len(self.bad)} of the {num_files} training images could not be decoded, more than "
+                f"max_bad_fraction={self.max_fraction}; the warnings name their paths: fix or remove them, or raise "
                 "--data.max_bad_fraction"
             )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        self.update(len(batch[0]), int(batch[-1]), trainer)
+        self.update(batch[-1], len(trainer.train_dataloader.dataset), trainer)

@@ -71,25 +71,27 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     return to_uint8_rgb(img)
 
 
-def read_sample_image(files: Sequence, i: int, refill: bool) -> Tuple[Optional[np.ndarray], int, int]:
+def read_sample_image(files: Sequence, i: int, refill: bool) -> Tuple[Optional[np.ndarray], int, Tuple[int, ...]]:
     """Decode `files[i]` for a dataset sample; an unreadable file is warned about by name.
 
-    Without `refill` (validation, prediction) the sample is then dropped: (None, i, 1). With `refill` (training)
+    Without `refill` (validation, prediction) the sample is then dropped: (None, i, (i,)). With `refill` (training)
     the next readable file in the list takes its place, so a batch never shrinks or empties, even at batch size 1.
 
     Returns:
-        (image or None, index of the decoded file, number of unreadable files passed over).
+        (image or None, index of the decoded file, indices of the unreadable files passed over).
 
     Raises:
         UnreadableImageError: with `refill`, when no file in the list decodes.
     """
     n = len(files)
+    passed: List[int] = []
     for step in range(n if refill else 1):
         j = (i + step) % n
         try:
-            return decode_image(files[j]), j, step
+            return decode_image(files[j]), j, tuple(passed)
         except UnreadableImageError as e:
             warnings.warn(f"skipping unreadable image: {e}", stacklevel=3)
+            passed.append(j)
     if not refill:
-        return None, i, 1
+        return None, i, (i,)
     raise UnreadableImageError(f"none of the {n} images could be decoded; the warnings name them")

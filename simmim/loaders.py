@@ -13,15 +13,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def collate_readable(batch: List, num_fields: int) -> Tuple:
-    """Stack the decoded samples field by field (tensors stacked, numbers made one tensor); the last element
-    counts the unreadable files, dropped (None samples) or replaced (each sample's last field). A batch with
-    nothing readable gives `num_fields` empty tensors."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good) + sum(g[-1] for g in good)
+    """Stack the decoded samples field by field (tensors stacked, numbers made one tensor). Every sample ends with
+    the indices of the unreadable files it passed over; a sample whose own file was unreadable is `(None, (i,))` and
+    is dropped. The batch's last element is all those indices (a tuple of ints). A batch with nothing readable gives
+    `num_fields` empty tensors."""
+    good = [b for b in batch if b[0] is not None]
+    unreadable = tuple(j for b in batch for j in b[-1])
     if not good:
-        return (*(torch.empty(0) for _ in range(num_fields)), skipped)
+        return (*(torch.empty(0) for _ in range(num_fields)), unreadable)
     fields = zip(*(g[:-1] for g in good))
-    return (*(torch.stack(f) if isinstance(f[0], torch.Tensor) else torch.tensor(f) for f in fields), skipped)
+    return (*(torch.stack(f) if isinstance(f[0], torch.Tensor) else torch.tensor(f) for f in fields), unreadable)
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn) -> DataLoader:

@@ -53,8 +53,9 @@ def image_folder(root: Path) -> Tuple[List[Path], List[int], List[str]]:
 
 
 class LabelledImageDataset(Dataset):
-    """(image, label, index, number of unreadable files passed over). An unreadable file is warned about by name;
-    with `refill` (training) the next readable file and its label replace it, otherwise the sample is None."""
+    """(image, label, index, indices of the unreadable files passed over). An unreadable file is warned about by
+    name; with `refill` (training) the next readable file and its label replace it, otherwise the sample is
+    `(None, (i,))`, which `collate_readable` drops."""
 
     def __init__(self, files: List[Path], labels: List[int], transform: A.Compose, refill: bool = False) -> None:
         self.files, self.labels, self.transform, self.refill = files, labels, transform, refill
@@ -65,7 +66,7 @@ class LabelledImageDataset(Dataset):
     def __getitem__(self, i: int):
         img, j, bad = read_sample_image(self.files, i, self.refill)
         if img is None:
-            return None
+            return None, bad  # dropped by the collate, its file counted
         x = torch.from_numpy(self.transform(image=img)["image"]).permute(2, 0, 1)  # (3, H, W)
         return x, self.labels[j], j, bad
 

@@ -32,10 +32,10 @@ def pretrain_transform(img_size: int, train: bool, mean: Sequence[float], std: S
 
 
 class MaskedImageDataset(Dataset):
-    """Images with SimMIM masks: (image, mask, number of unreadable files passed over).
+    """Images with SimMIM masks: (image, mask, indices of the unreadable files passed over).
 
     An unreadable file is warned about by name; with `refill` the next readable file replaces it, otherwise the
-    sample is None and the batch is smaller (`read_sample_image`).
+    sample is `(None, (i,))`, dropped by `collate_readable`, and the batch is smaller (`read_sample_image`).
 
     Args:
         files: Image paths.
@@ -65,7 +65,7 @@ class MaskedImageDataset(Dataset):
     def __getitem__(self, i: int) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
         img, _, bad = read_sample_image(self.files, i, self.refill)
         if img is None:
-            return None
+            return None, bad  # dropped by the collate, its file counted
         x = torch.from_numpy(self.transform(image=img)["image"]).permute(2, 0, 1)  # (3, H, W)
         # Train masks come from torch's RNG, which DataLoader seeds differently in every worker.
         seed = i if self.fixed_masks else int(torch.randint(0, 2**62, ()).item())

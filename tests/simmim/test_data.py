@@ -66,7 +66,7 @@ def test_corrupt_file_among_good_ones_is_skipped_with_warning(tmp_path):
     ds = MaskedImageDataset(files, pretrain_transform(32, True, (0.5,) * 3, (0.5,) * 3), MaskGenerator(32, 16, 4))
     with pytest.warns(UserWarning, match="broken.png"):
         x, mask, skipped = collate_readable([ds[i] for i in range(len(ds))], 2)
-    assert x.shape == (3, 3, 32, 32) and mask.shape == (3, 8, 8) and skipped == 1
+    assert x.shape == (3, 3, 32, 32) and mask.shape == (3, 8, 8) and skipped == (3,)  # broken.png's index
 
 
 def test_training_replaces_an_unreadable_file_by_the_next_readable_one(tmp_path):
@@ -78,14 +78,14 @@ def test_training_replaces_an_unreadable_file_by_the_next_readable_one(tmp_path)
     )
     with pytest.warns(UserWarning, match="broken.png"):
         x, mask, skipped = collate_readable([ds[1]], 2)  # batch size 1: still a full batch
-    assert x.shape == (1, 3, 32, 32) and mask.shape == (1, 8, 8) and skipped == 1
+    assert x.shape == (1, 3, 32, 32) and mask.shape == (1, 8, 8) and skipped == (1,)
 
     labelled = LabelledImageDataset(
         files, [0, 1, 2, 3], classification_transform(32, False, (0.5,) * 3, (0.5,) * 3), refill=True
     )
     with pytest.warns(UserWarning, match="broken.png"):
         x, y, index, skipped = collate_readable([labelled[1], labelled[3]], 3)
-    assert y.tolist() == [2, 3] and index.tolist() == [2, 3] and skipped == 1  # the replacement's own label
+    assert y.tolist() == [2, 3] and index.tolist() == [2, 3] and skipped == (1,)  # the replacement's own label
 
     all_bad = MaskedImageDataset(files[1:2], ds.transform, ds.mask_generator, refill=True)
     with pytest.warns(UserWarning), pytest.raises(UnreadableImageError, match="none of the 1 images"):
@@ -105,10 +105,23 @@ def test_too_many_bad_images_stop_the_run_with_a_clear_message():
     from simmim.bad_images import BadImageLimit
 
     counter = BadImageLimit(max_fraction=0.1)
-    counter.update(good=30, skipped=1)  # one bad image is tolerated
-    counter.update(good=30, skipped=2)  # 3 of 63: under 10%
-    with pytest.raises(RuntimeError, match=r"10 of 80 images could not be decoded, more than max_bad_fraction=0.1"):
-        counter.update(good=10, skipped=7)
+    counter.update([5], num_files=80)  # one bad file is always tolerated
+    counter.update([5, 5, 6, 7], num_files=80)  # 3 distinct of 80: under 10%, however early
+    counter.update([6, 7, 5], num_files=80)  # the same files again (a later epoch, a neighbour's refill)
+    assert counter.bad == {5, 6, 7}
+    with pytest.raises(RuntimeError, match=r"9 of the 80 training images could not be decoded, more than max_bad"):
+        counter.update(range(8, 14), num_files=80)
+
+
+def test_a_dataset_under_the_limit_never_stops():
+    """4 corrupt files in 204 (2%) under a limit of 5%, all met among the first images: no stop (the old running
+    fraction stopped such a run after 68 images, at "4 of 68")."""
+    from simmim.bad_images import BadImageLimit
+
+    counter = BadImageLimit(max_fraction=0.05)
+    for step in range(20):
+        counter.update([0, 1, 2, 3] if step < 3 else [], num_files=204)
+    assert len(counter.bad) == 4
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])

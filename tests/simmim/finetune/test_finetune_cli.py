@@ -143,7 +143,7 @@ def test_missing_pretraining_export_says_what_to_do(tmp_path, monkeypatch):
 def test_train_and_eval_transforms(digits):
     dm = ClassificationDataModule(root=digits, img_size=32, batch_size=4, num_workers=0)
     x, y, idx, skipped = next(iter(dm.train_dataloader()))
-    assert x.shape == (4, 3, 32, 32) and y.dtype == torch.long and skipped == 0
+    assert x.shape == (4, 3, 32, 32) and y.dtype == torch.long and skipped == ()
     x, *_ = next(iter(dm.val_dataloader()))
     assert x.shape == (4, 3, 32, 32)
 

@@ -157,21 +157,50 @@ def test_batch_size_one_survives_an_unreadable_file(tmp_path):
     with pytest.warns(UserWarning, match="3_broken.png"):
         cli = _fit(tmp_path, str(folder), *args, "--trainer.max_epochs", "1")
     assert cli.trainer.global_step == 7  # every file's slot trained, the bad one with its neighbour
-    assert cli.bad_images.bad == 1 and cli.bad_images.seen == 8
+    assert cli.bad_images.bad == {4}  # 3_broken.png, the 5th file, counted once
+
+
+def _shards():
+    """DistributedSampler's draw for Lightning's seed 0 and epoch 0 over 16 files: rank r gets perm[r::2]."""
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()
+    return perm[0::2], perm[1::2]
+
+
+def _refilled_from_good(shard):
+    return [i for i in shard if (i + 1) % 16 not in shard]  # its refill neighbour is read by the other rank
 
 
 @pytest.mark.slow
-def test_ddp_counts_bad_images_over_all_ranks(tmp_path):
-    """Two unreadable files, both in rank 1's shard: 2 of 10 images there (over the limit of 0.15), 2 of 18 over
-    both ranks (under it). Counted per rank, rank 1 would stop alone and leave rank 0 waiting."""
-    # DistributedSampler's draw for Lightning's seed 0 and epoch 0: rank r gets perm[r::2].
-    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()
-    bad = [i for i in perm[1::2] if (i + 1) % 16 not in perm[1::2]][:2]  # refilled from a good neighbour
+def test_ddp_run_under_the_limit_completes(tmp_path):
+    """Two unreadable files, both in rank 1's shard: 2 of the 16 files (under the limit of 0.15), although 2 of
+    rank 1's 8 (over it). Judged per rank, rank 1 would stop alone and leave rank 0 waiting."""
+    bad = _refilled_from_good(_shards()[1])[:2]
     folder = image_folder(tmp_path / "images", [f"{i:02d}.png" for i in range(16)], 64, [f"{i:02d}.png" for i in bad])
     args = ["--data.root", str(folder), "--data.val_fraction", "0", "--trainer.default_root_dir", str(tmp_path)]
     args += ["--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", "--data.batch_size", "8"]
     out = run_ddp_on_cpu("simmim.pretrain", *args, "--data.max_bad_fraction", "0.15", *FAST)
     assert all(f"{i:02d}.png" in out.stderr for i in bad)  # both were warned about, on rank 1
+
+
+@pytest.mark.slow
+def test_ddp_ranks_pool_what_they_found_and_stop_together(tmp_path):
+    """One unreadable file in each rank's shard: 1 per rank is within the tolerated one, 2 over both ranks exceed
+    0.1 x 16. Both ranks must stop at the same step with the message; a rank stopping alone would hang the other."""
+    import subprocess
+    import sys
+
+    zero, one = _shards()
+    first = _refilled_from_good(zero)[0]
+    second = [j for j in _refilled_from_good(one) if (j - first) % 16 not in (1, 15)][0]  # not each other's refill
+    bad = [first, second]
+    folder = image_folder(tmp_path / "images", [f"{i:02d}.png" for i in range(16)], 64, [f"{i:02d}.png" for i in bad])
+    args = ["--data.root", str(folder), "--data.val_fraction", "0", "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", "--data.batch_size", "8"]
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    cmd = [sys.executable, "-m", "simmim.pretrain", *args, "--data.max_bad_fraction", "0.1", *ddp, *FAST]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert out.stderr.count("2 of the 16 training images could not be decoded") >= 1, out.stderr[-2000:]
 
 
 def test_configured_callbacks_join_the_stages_own(tmp_path, digits):
