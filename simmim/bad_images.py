@@ -7,7 +7,7 @@ from typing import Iterable, List, Optional, Set
 import pytorch_lightning as pl
 import torch
 
-from simmim.errors import require
+from simmim.errors import DataError, require
 
 
 class BadImageLimit(pl.Callback):
@@ -38,7 +38,7 @@ class BadImageLimit(pl.Callback):
                 new = [i for shard in shards for i in shard]
         self.bad.update(new)
         if len(self.bad) > max(1.0, self.max_fraction * num_files):
-            raise RuntimeError(
+            raise DataError(
                 f"{len(self.bad)} of the {num_files} training images could not be decoded, more than "
                 f"max_bad_fraction={self.max_fraction}; the warnings name their paths: fix or remove them, or raise "
                 "--data.max_bad_fraction"

@@ -17,7 +17,7 @@ from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.bad_images import BadImageLimit
-from simmim.errors import ConfigError
+from simmim.errors import ConfigError, DataError
 from simmim.export import SafeCheckpointIO
 from swinv2.convert import CheckpointMismatchError
 from swinv2.reading import UnreadableCheckpointError, UnsafeCheckpointError, read_checkpoint
@@ -63,7 +63,7 @@ def user_errors_as_messages() -> Iterator[None]:
     command with its one-line message (exit code 1) instead of a traceback, wherever it was named."""
     try:
         yield
-    except (ConfigError, UnsafeCheckpointError, UnreadableCheckpointError, CheckpointMismatchError) as e:
+    except (ConfigError, DataError, UnsafeCheckpointError, UnreadableCheckpointError, CheckpointMismatchError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

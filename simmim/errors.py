@@ -9,6 +9,14 @@ class ConfigError(ValueError):
     """A configuration value that cannot work. The command lines end with its one-line message, no traceback."""
 
 
+class DataFolderError(ConfigError, FileNotFoundError):
+    """A data folder that is missing, empty, or not laid out as the stage needs (still a FileNotFoundError)."""
+
+
+class DataError(ValueError):
+    """The data turned out unusable during the run (too many unreadable images); ends the run in one line."""
+
+
 def require(ok: bool, option: str, value: Any, what: str) -> None:
     """Raise `ConfigError("--option value: what")` unless `ok`."""
     if not ok:

@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from simmim.errors import DataFolderError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 
@@ -27,13 +29,13 @@ def list_images(root: str | os.PathLike) -> List[Path]:
     loop) is skipped with a warning naming it. Raises a clear error for a missing or empty folder."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root} (set --data.root to a folder of images)")
+        raise DataFolderError(f"--data.root {root}: image folder not found (set it to a folder of images)")
     candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     files = [p for p in candidates if p.is_file()]
     for link in (p for p in candidates if p.is_symlink() and not p.is_file()):
         warnings.warn(f"skipping {link}: a symbolic link whose target is missing or loops back", stacklevel=2)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        raise DataFolderError(f"--data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     return files
 
 

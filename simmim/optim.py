@@ -9,6 +9,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from simmim.errors import ConfigError
+
 
 def is_no_decay(name: str, param: torch.Tensor, skip_names: Set[str] = frozenset()) -> bool:
     """The official rule: 1-D parameters (norm weights), biases and `skip_names` (the model's `no_weight_decay()`:
@@ -88,6 +90,8 @@ def schedule_lengths(trainer) -> ScheduleLengths:
     loader = trainer.train_dataloader
     per_device = loader.batch_size if loader.batch_size is not None else loader.batch_sampler.batch_size
     accumulate = trainer.accumulate_grad_batches
+    if math.isinf(trainer.num_training_batches):
+        raise ConfigError("the LR schedule counts epochs: the training set needs a length (a map-style dataset)")
     steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / accumulate))
     total = trainer.estimated_stepping_batches
     return ScheduleLengths(
@@ -123,11 +127,11 @@ def configure_adamw(
     `lr_scale` (layer decay) multiplies every LR of the schedule, as in timm's schedulers.
 
     Raises:
-        ValueError: a cosine schedule for a run without an end (`max_epochs=-1` and no `max_steps`).
+        ConfigError: a cosine schedule for a run without an end (`max_epochs=-1` and no `max_steps`).
     """
     lengths = schedule_lengths(trainer)
     if lengths.total_steps is None and schedule == "cosine":
-        raise ValueError(
+        raise ConfigError(
             "the cosine LR schedule needs the run's length: set --trainer.max_epochs or --trainer.max_steps "
             "(or use --model.lr_schedule multistep in pretraining)"
         )

@@ -13,6 +13,7 @@ from typing import List, Optional
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from simmim.cli import CONFIG_DIR, StageCLI, has_config, user_errors_as_messages, with_default_subcommand
+from simmim.errors import ConfigError
 from simmim.export import ExportWeights
 from simmim.finetune.callbacks import PredictionCSV
 from simmim.finetune.data import ClassificationDataModule, class_names
@@ -32,17 +33,20 @@ class FinetuneCLI(StageCLI):
     def before_instantiate_classes(self) -> None:
         """`--model.num_classes` unset: the number of class folders of `--data.root`; set: it must agree."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        try:
-            found = len(class_names(config.data.root))
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: --data.root: {e}") from None
-        given = config.model.num_classes
+        found = len(class_names(config.data.root))
+        data = f"{found} class folders under {config.data.root or 'the built-in digits'}"
+        given, ckpt = config.model.num_classes, config.get("ckpt_path")
         if given is None:
             config.model.num_classes = found
+        elif given != found and ckpt and os.path.isfile(ckpt):
+            raise ConfigError(
+                f"--ckpt_path {ckpt} was trained with {given} classes, but --data.root has {data}: "
+                "pass the training data's --data.root (or its --config), so that classes keep their names"
+            )
         elif given != found:
-            raise SystemExit(
-                f"error: --model.num_classes {given} disagrees with the data: {found} class folders under "
-                f"{config.data.root or 'the built-in digits'}. Leave it unset (it is read from the data) or set {found}"
+            raise ConfigError(
+                f"--model.num_classes {given} disagrees with the data: {data}. "
+                f"Leave it unset (it is read from the data) or set {found}"
             )
 
     def stage_callbacks(self) -> list:

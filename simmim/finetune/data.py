@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
-from simmim.errors import check_loader, require
+from simmim.errors import DataFolderError, check_loader, require
 from simmim.finetune.augment import classification_transform
 from simmim.images import list_images, read_sample_image
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
@@ -25,10 +25,10 @@ DIGIT_CLASSES = [str(d) for d in range(10)]  # the built-in digits' class folder
 def class_folders(root: Path) -> List[str]:
     """The sorted class-folder names of an ImageFolder tree `root/<class>/...`."""
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise DataFolderError(f"--data.root: image folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
-        raise FileNotFoundError(f"no class folders under {root}: expected <root>/<class_name>/<images>")
+        raise DataFolderError(f"--data.root: no class folders under {root}: expected <root>/<class_name>/<images>")
     return classes
 
 
@@ -95,7 +95,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         label_fraction: Keep only this fraction of the training labels (per class), for low-label studies.
         predict_root: Folder of images to classify with `predict` (default: the validation images).
         erase_prob: Random erasing probability (official: 0.25).
-        max_bad_fraction: Stop training once more than this fraction of the images seen could not be decoded.
+        max_bad_fraction: Stop training once more than this fraction of the training files could not be decoded.
     """
 
     def __init__(
@@ -141,9 +141,9 @@ class ClassificationDataModule(pl.LightningDataModule):
             if val_classes != self.classes:
                 only_train = sorted(set(self.classes) - set(val_classes))
                 only_val = sorted(set(val_classes) - set(self.classes))
-                raise ValueError(
-                    f"class folders differ between {root / 'train'} and {root / 'val'}: only in train {only_train}, "
-                    f"only in val {only_val}. Both splits need the same class folders."
+                raise DataFolderError(
+                    f"--data.root: class folders differ between {root / 'train'} and {root / 'val'}: "
+                    f"only in train {only_train}, only in val {only_val}. Both splits need the same class folders."
                 )
         else:
             files, labels, self.classes = image_folder(root)

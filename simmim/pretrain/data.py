@@ -86,7 +86,7 @@ class PretrainDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         val_fraction: Held-out fraction of the files (a fixed split).
         mean, std: Normalisation (ImageNet's by default).
-        max_bad_fraction: Stop training once more than this fraction of the images seen could not be decoded.
+        max_bad_fraction: Stop training once more than this fraction of the training files could not be decoded.
     """
 
     def __init__(

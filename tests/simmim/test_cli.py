@@ -45,6 +45,9 @@ BAD_VALUES = [
     ("finetune", ["--data.label_fraction", "0"], r"--data.label_fraction 0.0: must be in \(0, 1\]"),
     ("finetune", ["--data.erase_prob", "1.5"], r"--data.erase_prob 1.5: must be in \[0, 1\]"),
     ("finetune", ["--model.num_classes", "7"], "--model.num_classes 7 disagrees with the data: 10 class folders"),
+    ("pretrain", ["--data.root", "/nonexistent"], "--data.root /nonexistent: image folder not found"),
+    ("finetune", ["--data.root", "/nonexistent"], "--data.root: image folder not found: /nonexistent"),
+    ("pretrain", ["--trainer.max_epochs", "-1"], "the cosine LR schedule needs the run's length"),
 ]
 
 
@@ -59,3 +62,17 @@ def test_a_bad_value_is_refused_in_one_line_before_training(stage, args, message
     assert text.startswith("error: ") and "\n" not in text
     assert re.search(message, text), text
     assert not (tmp_path / "checkpoints").exists()  # nothing trained
+
+
+def test_a_checkpoint_trained_on_other_classes_names_the_checkpoint(tmp_path, monkeypatch):
+    """`validate --ckpt_path` takes the class count from the checkpoint: a mismatch with --data.root is about the
+    data, not about an option the user typed."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"hyper_parameters": {"num_classes": 3}}, tmp_path / "run.ckpt")
+    main = importlib.import_module("simmim.finetune").main
+    with pytest.raises(
+        SystemExit, match=r"^error: --ckpt_path .*run\.ckpt was trained with 3 classes, but --data.root"
+    ):
+        main(["validate", "--ckpt_path", str(tmp_path / "run.ckpt"), "--trainer.default_root_dir", str(tmp_path)])

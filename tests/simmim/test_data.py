@@ -45,7 +45,7 @@ def test_corrupt_file_raises_named_error(tmp_path):
 
 
 def test_missing_and_empty_folders_fail_at_start_up(tmp_path):
-    with pytest.raises(FileNotFoundError, match="image folder not found: .*nowhere"):
+    with pytest.raises(FileNotFoundError, match="--data.root .*nowhere: image folder not found"):
         PretrainDataModule(root=str(tmp_path / "nowhere"))
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images")
@@ -103,13 +103,14 @@ def test_train_masks_differ_and_val_masks_are_fixed(tmp_path):
 
 def test_too_many_bad_images_stop_the_run_with_a_clear_message():
     from simmim.bad_images import BadImageLimit
+    from simmim.errors import DataError
 
     counter = BadImageLimit(max_fraction=0.1)
     counter.update([5], num_files=80)  # one bad file is always tolerated
     counter.update([5, 5, 6, 7], num_files=80)  # 3 distinct of 80: under 10%, however early
     counter.update([6, 7, 5], num_files=80)  # the same files again (a later epoch, a neighbour's refill)
     assert counter.bad == {5, 6, 7}
-    with pytest.raises(RuntimeError, match=r"9 of the 80 training images could not be decoded, more than max_bad"):
+    with pytest.raises(DataError, match=r"9 of the 80 training images could not be decoded, more than max_bad"):
         counter.update(range(8, 14), num_files=80)
 
 
