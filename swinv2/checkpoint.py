@@ -24,7 +24,7 @@ from swinv2.convert import (
     WINDOW_BUFFERS,
     CheckpointMismatchError,
     StateDict,
-    _resize_bias_table,
+    resize_bias_table,
     official_state_dict,
     to_timm_state_dict,
 )
@@ -265,7 +265,7 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
                     f"classifier of shape {tuple(v.shape)}, the model's is {tuple(target[k].shape)}"
                 )
             elif k.endswith("relative_position_bias_table"):
-                to_load[k] = _resize_bias_table(v, target[k].shape).to(target[k].dtype)
+                to_load[k] = resize_bias_table(v, target[k].shape).to(target[k].dtype)
                 report.resized_keys.append(k)
             else:
                 raise CheckpointMismatchError(

@@ -188,7 +188,7 @@ def official_state_dict(obj: Mapping) -> Tuple[StateDict, str, str, Dict[str, st
     return convert_to_official(sd, fmt), fmt, prefix, outside
 
 
-def _resize_bias_table(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def resize_bias_table(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Bicubic resize of a Swin V1 relative-position bias table ((2W-1)^2, nH) to a new window."""
     (n_src, heads), (n_dst, _) = table.shape, shape
     s, d = int(n_src**0.5), int(n_dst**0.5)
