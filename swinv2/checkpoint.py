@@ -24,8 +24,8 @@ from swinv2.convert import (
     WINDOW_BUFFERS,
     CheckpointMismatchError,
     StateDict,
-    resize_bias_table,
     official_state_dict,
+    resize_bias_table,
     to_timm_state_dict,
 )
 from swinv2.model import VARIANTS, SwinTransformerV2
