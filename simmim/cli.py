@@ -1,6 +1,7 @@
-"""LightningCLI conventions shared by the stages: omegaconf configs, `fit` as the default subcommand,
-checkpoints in a fixed `<default_root_dir>/checkpoints` folder with `last.ckpt` (so `--ckpt_path last` resumes),
-checkpoints read safely, the bad-image limit, and checkpoint errors as one line instead of a traceback."""
+"""LightningCLI conventions shared by the stages: omegaconf configs, `fit` as the default subcommand, checkpoints in
+the run's own folder with `last.ckpt` (`--ckpt_path last` resumes the newest run under the root, in its folder),
+optional checkpoints every N steps, checkpoints read safely, the bad-image limit, and user errors as one line
+instead of a traceback."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from simmim.bad_images import BadImageLimit
 from simmim.errors import ConfigError, DataError
 from simmim.export import SafeCheckpointIO
+from simmim.runs import ClaimCheckpointFolders, newest_last_checkpoint
 from swinv2.convert import CheckpointMismatchError
 from swinv2.reading import UnreadableCheckpointError, UnsafeCheckpointError, read_checkpoint
 
@@ -91,22 +93,52 @@ class StageCLI(LightningCLI):
     def stage_callbacks(self) -> list:
         return []
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=Optional[int],
+            default=None,
+            help="also write last.ckpt every N optimizer steps (exact mid-epoch resume loses at most N steps)",
+        )
+
     def subcommands(self) -> Dict[str, Set[str]]:
         """The Lightning subcommands this stage offers (`--help` lists only these)."""
         return {k: v for k, v in LightningCLI.subcommands().items() if k in self.SUBCOMMANDS}
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads `--ckpt_path`'s hyper-parameters with `torch.load(weights_only=True)` before anything
-        else; a file it cannot read is read again by `swinv2.read_checkpoint`, whose error is one line."""
+        """`--ckpt_path last` is the newest `last.ckpt` under the root (every run has its own folder; left as
+        `last` when there is none, and Lightning starts afresh with a warning). LightningCLI then reads the file's
+        hyper-parameters with `torch.load(weights_only=True)`; a file it cannot read is read again by
+        `swinv2.read_checkpoint`, whose error is one line."""
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        if config.get("ckpt_path") == "last":
+            newest = newest_last_checkpoint(config.trainer.get("default_root_dir") or os.getcwd())
+            if newest is not None:
+                config.ckpt_path = str(newest)
         try:
             super()._parse_ckpt_path()
         except Exception:
-            path = self.config[self.config.subcommand].get("ckpt_path")
+            path = config.get("ckpt_path")
             raw = read_checkpoint(path)  # raises the one-line error for a refused or unreadable file
             raise UnreadableCheckpointError(
                 f"{path} is not a Lightning checkpoint of this project (its entries: {sorted(raw)[:8]}): "
                 "--ckpt_path resumes or evaluates a run; to start from the file's weights pass --model.pretrained"
             ) from None
+
+    def before_instantiate_classes(self) -> None:
+        """A run resumed from `<save_dir>/<name>/<version>/checkpoints/*.ckpt` logs and writes into that version
+        folder again (the logger's `version` is set to it), so one run keeps one folder across resumes."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt, logger = config.get("ckpt_path"), config.trainer.get("logger")
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        if self.subcommand != "fit" or not ckpt or not os.path.isfile(ckpt) or init is None:
+            return
+        run = Path(ckpt).resolve().parent.parent
+        if "save_dir" in init and "version" in init and init.get("version") is None:
+            if run.parent == (Path(init.save_dir) / (init.get("name") or "")).resolve():
+                init.version = run.name
 
     def _max_bad_fraction(self) -> float:
         """`--data.max_bad_fraction`; the module argument it replaced is still read (older configs and checkpoints
@@ -117,19 +149,19 @@ class StageCLI(LightningCLI):
         rank_zero_warn(f"--model.max_bad_fraction is deprecated: it is now --data.max_bad_fraction (using {old})")
         return old
 
-    def root_dir(self) -> str:
-        """The run's `trainer.default_root_dir` (the working directory when unset)."""
-        return self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
-
     def instantiate_trainer(self, **kwargs):
-        """The configured callbacks and plugins, plus: a `ModelCheckpoint` in `<root>/checkpoints` keeping
-        `last.ckpt` (unless one is configured), the bad-image limit, the stage's callbacks, and safe checkpoint
-        reading (unless a `CheckpointIO` plugin is configured)."""
+        """The configured callbacks and plugins, plus: a `ModelCheckpoint` keeping `last.ckpt` in the run's folder
+        (unless one is configured) and one every `--checkpoint_every_n_steps`, the claim on the checkpoint
+        folders, the bad-image limit, the stage's callbacks, and safe checkpoint reading (unless a `CheckpointIO`
+        plugin is configured)."""
         callbacks = [*_as_list(self._get(self.config_init, "trainer.callbacks")), *kwargs.pop("callbacks", [])]
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(ModelCheckpoint(dirpath=os.path.join(self.root_dir(), "checkpoints"), save_last=True))
+            callbacks.append(ModelCheckpoint(save_last=True))
+        every = self._get(self.config_init, "checkpoint_every_n_steps")
+        if every:
+            callbacks.append(ModelCheckpoint(every_n_train_steps=every, save_last=True, filename="periodic-{step}"))
         self.bad_images = BadImageLimit(self._max_bad_fraction())
-        callbacks += [self.bad_images, *self.stage_callbacks()]
+        callbacks += [ClaimCheckpointFolders(), self.bad_images, *self.stage_callbacks()]
         plugins = _as_list(self._get(self.config_init, "trainer.plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())

@@ -3,10 +3,12 @@ and the loader settings."""
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from simmim.seeding import ResumableLoader, make_train_sampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,14 +27,27 @@ def collate_readable(batch: List, num_fields: int) -> Tuple:
     return (*(torch.stack(f) if isinstance(f[0], torch.Tensor) else torch.tensor(f) for f in fields), unreadable)
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn) -> DataLoader:
-    """Shuffled, last-partial-batch-dropping loader for training; plain in-order loader otherwise."""
-    return DataLoader(
-        dataset,
+def worker_context(num_workers: int) -> Optional[str]:
+    """The start method of data-loader workers: `forkserver` once a process group is up. Forking a process whose
+    gloo or NCCL threads are running can leave the child blocked on a lock one of them held (a DDP run hung in
+    `os.fork()` that way); a forkserver starts workers from a clean single-threaded process. None: the default."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return "forkserver" if num_workers > 0 and distributed else None
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn, trainer=None
+) -> DataLoader:
+    """Training: a `ResumableLoader` over a `SeededSampler` for `trainer`'s rank (the seeded, resumable order;
+    a last partial batch is dropped). Otherwise a plain in-order loader (Lightning shares it out under DDP)."""
+    kwargs = dict(
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) >= batch_size,
         num_workers=num_workers,
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
+        multiprocessing_context=worker_context(num_workers),
     )
+    if not train:
+        return DataLoader(dataset, shuffle=False, **kwargs)
+    sampler = make_train_sampler(len(dataset), trainer)
+    return ResumableLoader(dataset, sampler, trainer, drop_last=len(sampler) >= batch_size, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from pytorch_lightning.utilities import rank_zero_info
@@ -81,19 +81,36 @@ class ScheduleLengths:
     total_batch: int
 
 
-def schedule_lengths(trainer) -> ScheduleLengths:
-    """Read the schedule's lengths from a trainer inside `configure_optimizers` (the train loader is set up here if
-    Lightning has not done so yet). The per-device batch is the train loader's; the batch count is Lightning's
-    (`limit_train_batches` applied)."""
-    if trainer.train_dataloader is None:
+def _train_loader_and_batches(trainer) -> Tuple[Any, Union[int, float]]:
+    """The train loader and Lightning's number of batches per epoch (`limit_train_batches` applied), without
+    setting up Lightning's train loader early: set up before a resumed run's loop state is restored, the loader
+    would not get its saved position back (Lightning issue #20550)."""
+    if trainer.train_dataloader is not None:
+        return trainer.train_dataloader, trainer.num_training_batches
+    if trainer.datamodule is None:  # loaders passed to fit(): only Lightning can build them
         trainer.fit_loop.setup_data()
-    loader = trainer.train_dataloader
+        return trainer.train_dataloader, trainer.num_training_batches
+    loader = trainer.datamodule.train_dataloader()
+    length, limit = (len(loader) if hasattr(loader, "__len__") else math.inf), trainer.limit_train_batches
+    if isinstance(limit, int):
+        return loader, min(length, limit)
+    return loader, (length if math.isinf(length) else int(length * limit))
+
+
+def schedule_lengths(trainer) -> ScheduleLengths:
+    """Read the schedule's lengths from a trainer inside `configure_optimizers`: batches per epoch from the train
+    loader, `limit_train_batches` and `accumulate_grad_batches`; the run's end from `max_epochs` and `max_steps`
+    (as Lightning's `estimated_stepping_batches`); the per-device batch from the loader, the world size from the
+    trainer."""
+    loader, batches = _train_loader_and_batches(trainer)
     per_device = loader.batch_size if loader.batch_size is not None else loader.batch_sampler.batch_size
     accumulate = trainer.accumulate_grad_batches
-    if math.isinf(trainer.num_training_batches):
+    if math.isinf(batches):
         raise ConfigError("the LR schedule counts epochs: the training set needs a length (a map-style dataset)")
-    steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / accumulate))
-    total = trainer.estimated_stepping_batches
+    steps_per_epoch = max(1, math.ceil(batches / accumulate))
+    total = math.inf if trainer.max_epochs == -1 else steps_per_epoch * max(trainer.max_epochs, 1)
+    if trainer.max_steps != -1:
+        total = min(total, trainer.max_steps)
     return ScheduleLengths(
         steps_per_epoch=steps_per_epoch,
         total_steps=None if math.isinf(total) else int(total),

@@ -28,10 +28,12 @@ class FinetuneCLI(StageCLI):
     SUBCOMMANDS = ("fit", "validate", "predict")
 
     def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.link_arguments("data.img_size", "model.img_size")
 
     def before_instantiate_classes(self) -> None:
         """`--model.num_classes` unset: the number of class folders of `--data.root`; set: it must agree."""
+        super().before_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
         found = len(class_names(config.data.root))
         data = f"{found} class folders under {config.data.root or 'the built-in digits'}"
@@ -54,8 +56,7 @@ class FinetuneCLI(StageCLI):
             "model", {"classifier.safetensors": "official", "classifier_timm.safetensors": "timm"}
         )
         self.predictions = PredictionCSV()
-        best = ModelCheckpoint(
-            dirpath=os.path.join(self.root_dir(), "checkpoints"),
+        best = ModelCheckpoint(  # in the run's folder, beside last.ckpt
             filename="best-{epoch:03d}",
             monitor="val/acc1",
             mode="max",

@@ -18,6 +18,7 @@ from simmim.errors import DataFolderError, check_loader, require
 from simmim.finetune.augment import classification_transform
 from simmim.images import list_images, read_sample_image
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
+from simmim.seeding import SampleKey, sample_generators, sample_seed
 
 DIGIT_CLASSES = [str(d) for d in range(10)]  # the built-in digits' class folders, written by prepare_data
 
@@ -53,9 +54,10 @@ def image_folder(root: Path) -> Tuple[List[Path], List[int], List[str]]:
 
 
 class LabelledImageDataset(Dataset):
-    """(image, label, index, indices of the unreadable files passed over). An unreadable file is warned about by
-    name; with `refill` (training) the next readable file and its label replace it, otherwise the sample is
-    `(None, (i,))`, which `collate_readable` drops."""
+    """(image, label, index, indices of the unreadable files passed over). A key is a `SeededSampler` key
+    `(index, seed)`, whose seed draws the augmentation, or a plain index (evaluation). An unreadable file is warned
+    about by name; with `refill` (training) the next readable file and its label replace it, otherwise the sample
+    is `(None, (i,))`, which `collate_readable` drops."""
 
     def __init__(self, files: List[Path], labels: List[int], transform: A.Compose, refill: bool = False) -> None:
         self.files, self.labels, self.transform, self.refill = files, labels, transform, refill
@@ -63,10 +65,13 @@ class LabelledImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: SampleKey):
+        i, seed = sample_seed(key)
         img, j, bad = read_sample_image(self.files, i, self.refill)
         if img is None:
             return None, bad  # dropped by the collate, its file counted
+        augment_rng, py_rng, _ = sample_generators(seed)
+        self.transform.set_random_state(augment_rng, py_rng)
         x = torch.from_numpy(self.transform(image=img)["image"]).permute(2, 0, 1)  # (3, H, W)
         return x, self.labels[j], j, bad
 
@@ -171,6 +176,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             self.num_workers,
             train,
             partial(collate_readable, num_fields=3),
+            self.trainer,
         )
 
     def train_dataloader(self) -> DataLoader:

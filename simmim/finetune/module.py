@@ -15,6 +15,7 @@ import swinv2
 from simmim.errors import require
 from simmim.finetune.layer_decay import layer_decay_param_groups
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
+from simmim.seeding import seed_step
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,10 @@ class SwinV2Classifier(pl.LightningModule):
             )
         if self.load_report is not None:
             print(f"pretrained weights from {self.hparams.pretrained}:\n{self.load_report}")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # drop-path, dropout and mixup draw from the global generators: seeded per batch and rank (simmim.seeding)
+        seed_step(self.global_rank, self.current_epoch, batch_idx)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, _, _ = batch

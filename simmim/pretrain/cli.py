@@ -21,6 +21,7 @@ class PretrainCLI(StageCLI):
     SUBCOMMANDS = ("fit", "validate")
 
     def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.link_arguments("data.img_size", "model.img_size")
         parser.link_arguments("model.patch_size", "data.model_patch_size")
         parser.add_argument("--grid_every_n_epochs", type=int, default=1, help="reconstruction grid period")

@@ -16,6 +16,7 @@ from simmim.errors import check_loader, require
 from simmim.images import list_images, read_sample_image
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
 from simmim.pretrain.masking import MaskGenerator
+from simmim.seeding import SampleKey, sample_generators, sample_seed
 
 
 def pretrain_transform(img_size: int, train: bool, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
@@ -34,6 +35,9 @@ def pretrain_transform(img_size: int, train: bool, mean: Sequence[float], std: S
 class MaskedImageDataset(Dataset):
     """Images with SimMIM masks: (image, mask, indices of the unreadable files passed over).
 
+    A key is a `simmim.seeding.SeededSampler` key `(index, seed)` (training: the seed draws the crop, the flip and
+    the mask) or a plain index (evaluation: a mask of its own per index, the same in every epoch and run).
+
     An unreadable file is warned about by name; with `refill` the next readable file replaces it, otherwise the
     sample is `(None, (i,))`, dropped by `collate_readable`, and the batch is smaller (`read_sample_image`).
 
@@ -41,36 +45,27 @@ class MaskedImageDataset(Dataset):
         files: Image paths.
         transform: albumentations pipeline ending in Normalize.
         mask_generator: Makes one mask per sample.
-        fixed_masks: Seed each sample's mask by its index (validation: the same masks every epoch).
         refill: Replace unreadable files by the next readable one (training).
     """
 
-    def __init__(
-        self,
-        files: List,
-        transform: A.Compose,
-        mask_generator: MaskGenerator,
-        fixed_masks: bool = False,
-        refill: bool = False,
-    ) -> None:
+    def __init__(self, files: List, transform: A.Compose, mask_generator: MaskGenerator, refill: bool = False) -> None:
         self.files = files
         self.transform = transform
         self.mask_generator = mask_generator
-        self.fixed_masks = fixed_masks
         self.refill = refill
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+    def __getitem__(self, key: SampleKey) -> Tuple:
+        i, seed = sample_seed(key)
         img, _, bad = read_sample_image(self.files, i, self.refill)
         if img is None:
             return None, bad  # dropped by the collate, its file counted
+        augment_rng, py_rng, mask_rng = sample_generators(seed)
+        self.transform.set_random_state(augment_rng, py_rng)
         x = torch.from_numpy(self.transform(image=img)["image"]).permute(2, 0, 1)  # (3, H, W)
-        # Train masks come from torch's RNG, which DataLoader seeds differently in every worker.
-        seed = i if self.fixed_masks else int(torch.randint(0, 2**62, ()).item())
-        mask = torch.from_numpy(self.mask_generator(np.random.default_rng(seed)))
-        return x, mask, bad
+        return x, torch.from_numpy(self.mask_generator(mask_rng)), bad
 
 
 class PretrainDataModule(pl.LightningDataModule):
@@ -141,10 +136,10 @@ class PretrainDataModule(pl.LightningDataModule):
             files,
             pretrain_transform(self.img_size, train, self.mean, self.std),
             self.mask_generator,
-            fixed_masks=not train,
             refill=train,
         )
-        return make_loader(ds, self.batch_size, self.num_workers, train, partial(collate_readable, num_fields=2))
+        collate = partial(collate_readable, num_fields=2)
+        return make_loader(ds, self.batch_size, self.num_workers, train, collate, self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_files, train=True)

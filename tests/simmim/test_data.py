@@ -92,13 +92,17 @@ def test_training_replaces_an_unreadable_file_by_the_next_readable_one(tmp_path)
         all_bad[0]
 
 
-def test_train_masks_differ_and_val_masks_are_fixed(tmp_path):
-    files = [_write(tmp_path / f"{i}.png", np.zeros((32, 32, 3), np.uint8)) for i in range(2)]
+def test_a_key_seed_draws_the_crop_and_mask_and_an_index_has_fixed_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    files = [_write(tmp_path / f"{i}.png", rng.integers(0, 255, (48, 48, 3), np.uint8)) for i in range(2)]
     gen = MaskGenerator(32, 8, 4, 0.5)
     train = MaskedImageDataset(files, pretrain_transform(32, True, (0.5,) * 3, (0.5,) * 3), gen)
-    val = MaskedImageDataset(files, pretrain_transform(32, False, (0.5,) * 3, (0.5,) * 3), gen, fixed_masks=True)
-    assert not all(torch.equal(train[0][1], train[0][1]) for _ in range(5))
-    assert torch.equal(val[1][1], val[1][1])
+    draws = [train[(0, seed)] for seed in range(6)]
+    assert len({d[1].numpy().tobytes() for d in draws}) > 1 and len({d[0].numpy().tobytes() for d in draws}) > 1
+    again = train[(0, 3)]
+    assert torch.equal(again[0], draws[3][0]) and torch.equal(again[1], draws[3][1])  # same key, same draw
+    val = MaskedImageDataset(files, pretrain_transform(32, False, (0.5,) * 3, (0.5,) * 3), gen)
+    assert torch.equal(val[1][1], val[1][1]) and not torch.equal(val[0][1], val[1][1])
 
 
 def test_too_many_bad_images_stop_the_run_with_a_clear_message():

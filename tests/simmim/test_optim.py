@@ -39,11 +39,13 @@ def test_lengths_count_world_size_and_accumulation():
     loader = SimpleNamespace(batch_size=128, batch_sampler=None)
     trainer = SimpleNamespace(
         train_dataloader=loader, accumulate_grad_batches=2, world_size=8, num_training_batches=11,
-        estimated_stepping_batches=6 * 800,
+        max_epochs=800, max_steps=-1,
     )  # fmt: skip
     lengths = schedule_lengths(trainer)
     assert lengths.total_batch == 128 * 8 * 2 and lengths.steps_per_epoch == 6 and lengths.total_steps == 4800
-    trainer.estimated_stepping_batches = float("inf")
+    trainer.max_steps = 1000
+    assert schedule_lengths(trainer).total_steps == 1000
+    trainer.max_epochs, trainer.max_steps = -1, -1
     assert schedule_lengths(trainer).total_steps is None
 
 

@@ -1,0 +1,175 @@
+"""Where every random draw of a run comes from, and the position a resumed run continues from.
+
+A run has one seed (`--seed_everything`; Lightning keeps it in `PL_GLOBAL_SEED`, which its DDP processes inherit).
+Every draw is seeded from it here and nowhere else:
+
+- **Per sample** (augmentation, SimMIM mask): `SeededSampler` yields `(index, sample_seed)` keys, the seed derived
+  from (run seed, epoch, the sample's position in that epoch's global order). Data-loader workers and DDP ranks
+  read different positions, so they draw differently; a sample's draw does not depend on which worker or rank
+  reads it, so 0 or 8 workers, 1 or 16 ranks, and an interrupted run's resume all see the same crops and masks.
+  `sample_generators` turns the seed into the generators the transforms and the mask use.
+- **Per training batch** (drop-path, dropout, mixup/cutmix): `seed_step` reseeds torch (every device), NumPy's and
+  Python's global generators from (run seed, rank, epoch, batch index) before each batch, so ranks differ and a
+  resumed run repeats the interrupted run's draws.
+- **Shuffling**: the epoch's order is a permutation drawn from (run seed, epoch).
+
+`ResumableLoader` makes the training loader stateful for Lightning: its state is the run seed and the global
+position the epoch had reached, read from Lightning's own count of trained batches when a checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import weakref
+from typing import Any, Dict, Iterator, Tuple, Union
+
+import numpy as np
+import torch
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, DistributedSampler
+
+SEED_ENV = "PL_GLOBAL_SEED"
+# Stream tags: each purpose draws from its own sequence.
+_SHUFFLE, _SAMPLE, _STEP, _EVAL = 0, 1, 2, 3
+
+SampleKey = Union[int, Tuple[int, int]]
+
+
+def run_seed() -> int:
+    """The run's seed: `--seed_everything` (Lightning's `PL_GLOBAL_SEED`), 0 when none was set."""
+    return int(os.environ.get(SEED_ENV, 0))
+
+
+def derive_seed(*key: int) -> int:
+    """A 63-bit seed from non-negative integers, through NumPy's SeedSequence (well mixed: neighbouring keys give
+    unrelated streams)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def sample_seed(key: SampleKey) -> Tuple[int, int]:
+    """`(index, seed)` of a dataset key: a `SeededSampler` key as it is, a plain index (evaluation loaders) with a
+    seed of its own that is the same in every epoch and run (fixed validation masks)."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(key), derive_seed(_EVAL, int(key))
+
+
+def sample_generators(seed: int) -> Tuple[np.random.Generator, random.Random, np.random.Generator]:
+    """Independent generators for one sample: NumPy and Python generators for the albumentations pipeline
+    (`Compose.set_random_state`), and a NumPy generator for the mask."""
+    augment, mask = np.random.SeedSequence(seed).spawn(2)
+    return np.random.default_rng(augment), random.Random(seed), np.random.default_rng(mask)
+
+
+def seed_step(rank: int, epoch: int, batch_idx: int) -> None:
+    """Seed torch (CPU and every GPU), NumPy's and Python's global generators for one training batch."""
+    seed = derive_seed(run_seed(), _STEP, rank, epoch, batch_idx)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class SeededSampler(DistributedSampler):
+    """The training order: a permutation per epoch, shared out across ranks, each index paired with its sample
+    seed. A subclass of `DistributedSampler` so that Lightning uses it under DDP as it is.
+
+    Rank r reads the epoch's global positions start + r, start + r + R, ... (R ranks); the positions past the
+    dataset's end wrap around, so every rank reads the same number of samples (as `DistributedSampler` pads).
+    `start` is 0 except in the epoch a resumed run continues.
+
+    Args:
+        size: Number of samples in the dataset.
+        seed: The run seed.
+        shuffle: A new permutation each epoch (else the dataset's order).
+        num_replicas, rank: DDP world size and this process's rank.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.start = 0, 0
+        self.drop_last = False
+        self.num_samples = math.ceil(size / num_replicas)  # per rank, in a whole epoch
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's global order of dataset indices."""
+        if not self.shuffle:
+            return np.arange(self.size)
+        return np.random.default_rng(derive_seed(self.seed, _SHUFFLE, epoch)).permutation(self.size)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch, start = self.epoch, self.start
+        self.start = 0  # a resume's offset applies to its first iteration only
+        order = self.order(epoch)
+        end = start + math.ceil((self.size - start) / self.num_replicas) * self.num_replicas
+        for p in range(start + self.rank, end, self.num_replicas):
+            yield int(order[p % self.size]), derive_seed(self.seed, _SAMPLE, epoch, p)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """A training `DataLoader` over a `SeededSampler` whose state Lightning saves in every checkpoint and restores
+    on resume (it has `state_dict`/`load_state_dict`), so a run resumed mid-epoch continues with the next sample of
+    the interrupted epoch, in the same order and with the same draws.
+
+    The state is taken from Lightning's count of trained batches in the epoch (`batch_progress.current.processed`),
+    not from what the loader has produced: its workers and Lightning's fetcher run ahead of training.
+
+    Args:
+        dataset: A dataset whose `__getitem__` takes `SampleKey`s.
+        sampler: The training order.
+        trainer: The trainer the checkpoints are written by (None outside a Lightning run: the state is the
+            epoch's start).
+        **kwargs: `DataLoader` arguments.
+    """
+
+    def __init__(self, dataset, sampler: SeededSampler, trainer=None, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._trainer = weakref.ref(trainer) if trainer is not None else (lambda: None)
+
+    def state_dict(self) -> Dict[str, int]:
+        sampler, trainer = self.sampler, self._trainer()
+        epoch, batches = sampler.epoch, 0
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if batches >= trainer.num_training_batches:  # the epoch is over: the next one starts afresh
+                epoch, batches = epoch + 1, 0
+        return {
+            "seed": sampler.seed,
+            "epoch": epoch,
+            "position": batches * self.batch_size * sampler.num_replicas,
+            "size": sampler.size,
+        }
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        sampler = self.sampler
+        if state["seed"] != sampler.seed:
+            rank_zero_warn(
+                f"resuming with the checkpoint's seed {state['seed']} (this command's is {sampler.seed}), so that "
+                "the resumed run draws what the interrupted one would have"
+            )
+            os.environ[SEED_ENV] = str(state["seed"])  # the per-batch seeding reads it too
+            sampler.seed = state["seed"]
+        if state["size"] != sampler.size:
+            rank_zero_warn(
+                f"the training set had {state['size']} files when the checkpoint was written and has {sampler.size} "
+                "now: the resumed epoch's order is not the interrupted one's"
+            )
+        sampler.epoch, sampler.start = state["epoch"], min(state["position"], sampler.size)
+
+
+def make_train_sampler(size: int, trainer=None) -> SeededSampler:
+    """The training sampler for `trainer`'s rank and world size (one process when None)."""
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    return SeededSampler(size, run_seed(), shuffle=True, num_replicas=world, rank=rank)
