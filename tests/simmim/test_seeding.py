@@ -1,0 +1,175 @@
+"""Where random draws come from (`simmim.seeding`): workers and ranks draw differently, the same seed repeats a
+run with any number of workers, another seed does not, and a run killed mid-epoch resumes exactly."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import image_folder
+
+from simmim.pretrain.data import PretrainDataModule
+from simmim.pretrain.module import SimMIMPretrainer
+from simmim.seeding import SEED_ENV, SeededSampler, seed_step
+
+HELPERS = str(Path(__file__).resolve().parents[1])  # tests/: recording.py
+ENC = dict(embed_dim=24, depths=(2, 2), num_heads=(2, 4))
+
+
+def test_ranks_share_out_each_epoch_and_a_resume_continues_at_any_world_size():
+    size = 10
+    for world in (1, 2, 3):
+        shares = [list(SeededSampler(size, seed=5, num_replicas=world, rank=r)) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1  # every rank reads as many samples (a padded tail)
+        assert {i for s in shares for i, _ in s} == set(range(size))
+    one = SeededSampler(size, seed=5)
+    epoch0, epoch1 = list(one), (one.set_epoch(1), list(one))[1]
+    assert [i for i, _ in epoch0] != [i for i, _ in epoch1]  # a new order each epoch
+    assert len({s for _, s in epoch0 + epoch1}) == 2 * size  # every draw its own seed
+    # 4 samples of epoch 1 consumed by 2 ranks, resumed on 3: the rest of the same order, the same seeds
+    resumed = []
+    for r in range(3):
+        s = SeededSampler(size, seed=5, num_replicas=3, rank=r)
+        s.set_epoch(1)
+        s.start = 4
+        resumed += list(s)
+    assert set(resumed) >= set(epoch1[4:]) and not set(resumed) & set(epoch1[:4])
+
+
+def _copies_of_one_image(folder, n=16):
+    src = image_folder(folder / "src", ["one.png"], size=48)
+    (folder / "copies").mkdir()
+    for i in range(n):
+        shutil.copy(src / "one.png", folder / "copies" / f"{i:02d}.png")
+    return str(folder / "copies")
+
+
+def _all_train_images(root, workers):
+    dm = PretrainDataModule(root, img_size=32, mask_patch_size=8, batch_size=4, num_workers=workers, val_fraction=0)
+    dm.setup("fit")
+    return torch.cat([x for x, _, _ in dm.train_dataloader()]), torch.cat([m for _, m, _ in dm.train_dataloader()])
+
+
+def test_two_workers_give_distinct_crops_and_the_same_ones_as_no_workers(tmp_path, monkeypatch):
+    """16 copies of one image: each sample its own crop, flip and mask; 2 workers or none, the same draws."""
+    monkeypatch.setenv(SEED_ENV, "3")
+    root = _copies_of_one_image(tmp_path)
+    x2, m2 = _all_train_images(root, workers=2)
+    assert len({x.numpy().tobytes() for x in x2}) == 16
+    x0, m0 = _all_train_images(root, workers=0)
+    assert torch.equal(x0, x2) and torch.equal(m0, m2)
+
+
+def test_step_draws_differ_between_ranks_and_repeat_for_the_same_step():
+    def draws(rank, epoch, batch):
+        seed_step(rank, epoch, batch)
+        return torch.rand(3).tolist(), float(np.random.rand())
+
+    assert draws(0, 2, 5) == draws(0, 2, 5)
+    assert draws(1, 2, 5)[0] != draws(0, 2, 5)[0] and draws(1, 2, 5)[1] != draws(0, 2, 5)[1]
+    assert draws(0, 2, 6) != draws(0, 2, 5)
+
+
+def _losses(root, seed, workers, steps=10):
+    pl.seed_everything(seed)  # sets PL_GLOBAL_SEED as --seed_everything does
+    dm = PretrainDataModule(root, img_size=32, mask_patch_size=8, batch_size=4, num_workers=workers, val_fraction=0)
+    model = SimMIMPretrainer(
+        "swinv2_tiny", img_size=32, window_size=4, encoder_kwargs=ENC, norm_target_patch_size=None,
+        drop_path_rate=0.2, warmup_epochs=0,
+    )  # fmt: skip
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[Record()],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    return losses
+
+
+def test_same_seed_repeats_the_losses_with_any_worker_count_and_another_seed_does_not(tmp_path, monkeypatch):
+    monkeypatch.delenv(SEED_ENV, raising=False)
+    root = str(image_folder(tmp_path / "imgs", [f"{i}.png" for i in range(24)], size=40))
+    first = _losses(root, seed=7, workers=0)
+    assert len(first) == 10
+    assert _losses(root, seed=7, workers=0) == first
+    assert _losses(root, seed=7, workers=2) == first  # 6 batches per epoch: crosses an epoch, reshuffled
+    other = _losses(root, seed=8, workers=0)
+    assert all(a != b for a, b in zip(other, first))
+
+
+def _run(args, log, kill_at_step=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")])}
+    record = ["--trainer.callbacks+=recording.BatchLog", "--trainer.callbacks.path", str(log)]
+    if kill_at_step is not None:
+        record += ["--trainer.callbacks.kill_at_step", str(kill_at_step)]
+    cmd = [sys.executable, "-m", "simmim.pretrain", *args, *record]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+TINY_RUN = [
+    "--data.img_size", "32", "--data.mask_patch_size", "8", "--data.batch_size", "4", "--data.val_fraction", "0",
+    "--model.encoder_kwargs", '{"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}',
+    "--model.drop_path_rate", "0.2", "--trainer.limit_val_batches", "0", "--trainer.precision", "32",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_exactly(tmp_path):
+    """SIGKILL in the second epoch (2 workers, a checkpoint every step), then `--ckpt_path last`: together the two
+    runs train on the samples, crops, masks and losses of an uninterrupted run, in its order, and end with its
+    weights; the resume continues in the killed run's folder and does not warn about resuming mid-epoch."""
+    from recording import read_log
+    from safetensors.torch import load_file
+
+    root = str(image_folder(tmp_path / "imgs", [f"{i}.png" for i in range(24)], size=40))
+    common = ["--data.root", root, "--data.num_workers", "2", "--trainer.max_epochs", "2", *TINY_RUN]
+    whole = _run([*common, "--trainer.default_root_dir", str(tmp_path / "whole")], tmp_path / "whole.jsonl")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = [*common, "--trainer.default_root_dir", str(tmp_path / "cut"), "--checkpoint_every_n_steps", "1"]
+    killed = _run(cut, tmp_path / "cut.jsonl", kill_at_step=8)  # 6 batches per epoch: epoch 1, batch 2
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert len(read_log(tmp_path / "cut.jsonl")) == 8
+    resumed = _run([*cut, "--ckpt_path", "last"], tmp_path / "cut.jsonl")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr and "resuming from a checkpoint that ended" not in resumed.stderr
+
+    a, b = read_log(tmp_path / "whole.jsonl"), read_log(tmp_path / "cut.jsonl")
+    assert [(r["epoch"], r["batch"], r["images"], r["masks"]) for r in b] == [
+        (r["epoch"], r["batch"], r["images"], r["masks"]) for r in a
+    ]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert not (tmp_path / "cut" / "logs" / "version_1").exists()  # one run, one folder
+    wa = load_file(tmp_path / "whole" / "logs" / "version_0" / "encoder.safetensors")
+    wb = load_file(tmp_path / "cut" / "logs" / "version_0" / "encoder.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.slow
+def test_two_ranks_draw_different_crops_and_masks(tmp_path):
+    """Two gloo processes, no workers, 16 copies of one image: the ranks' samples differ in crop and mask."""
+    from recording import read_log
+
+    root = _copies_of_one_image(tmp_path)
+    args = ["--data.root", root, "--data.num_workers", "0", "--trainer.max_steps", "2", *TINY_RUN]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu"]
+    args += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.logger", "false"]
+    out = _run(args, tmp_path / "log.jsonl")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_log(tmp_path / "log.jsonl")
+    by_rank = {r: [row for row in rows if row["rank"] == r] for r in (0, 1)}
+    assert len(by_rank[0]) == len(by_rank[1]) == 2
+    images = [set(sum((row["images"] for row in by_rank[r]), [])) for r in (0, 1)]
+    masks = [set(sum((row["masks"] for row in by_rank[r]), [])) for r in (0, 1)]
+    assert not images[0] & images[1] and len(images[0]) == 8
+    assert masks[0] != masks[1]
