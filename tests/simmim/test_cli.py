@@ -61,7 +61,7 @@ def test_a_bad_value_is_refused_in_one_line_before_training(stage, args, message
     text = str(done.value.code)
     assert text.startswith("error: ") and "\n" not in text
     assert re.search(message, text), text
-    assert not (tmp_path / "checkpoints").exists()  # nothing trained
+    assert not list(tmp_path.glob("**/*.ckpt"))  # nothing trained
 
 
 def test_a_checkpoint_trained_on_other_classes_names_the_checkpoint(tmp_path, monkeypatch):

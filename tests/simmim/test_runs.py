@@ -1,0 +1,67 @@
+"""Run folders (`simmim.runs`): a second run never overwrites the first, `--ckpt_path last` resumes the newest run
+in its own folder, a shared folder is claimed, and a used one stops a new run with what to do."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simmim.builtin_data import prepare_digits
+from simmim.pretrain import main
+from simmim.runs import LOCK_NAME, claim_folder
+
+QUICK = [
+    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+    "--trainer.precision", "32", "--data.num_workers", "0", "--data.batch_size", "16",
+    "--trainer.enable_progress_bar", "false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return str(prepare_digits(tmp_path_factory.mktemp("digits")))
+
+
+def test_a_second_run_gets_its_own_folder_and_last_resumes_the_newest_in_it(tmp_path, digits):
+    args = ["--data.root", digits, "--trainer.default_root_dir", str(tmp_path), *QUICK]
+    main(args)
+    first = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    before = first.read_bytes()
+    main(args)  # `make pretrain` twice: a second run, not an error and not a lost first run
+    second = tmp_path / "logs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert second.is_file() and first.read_bytes() == before
+    cli = main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 4  # 2 steps trained, 2 more resumed
+    assert not (tmp_path / "logs" / "version_2").exists() and first.read_bytes() == before
+    assert not list(tmp_path.glob(f"**/{LOCK_NAME}"))  # claims are released at the end
+
+
+def test_a_used_shared_folder_stops_a_new_run_and_keeps_resume_and_validate(tmp_path, digits):
+    args = ["--data.root", digits, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", *QUICK]
+    main(args)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(SystemExit, match=r"^error: .*checkpoints holds another run's checkpoints: to resume .*"):
+        main(args)
+    assert last.read_bytes() == before
+    main(["validate", *args, "--ckpt_path", "last"])
+    cli = main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 4
+
+
+def test_a_claim_by_a_live_run_is_refused_and_one_by_a_dead_run_taken_over(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        import json
+        import socket
+
+        lock = tmp_path / LOCK_NAME
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid, "started": "now"}))
+        assert f"another run (pid {live.pid}" in claim_folder(tmp_path, resuming_here=True)
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "then"}))
+        assert claim_folder(tmp_path, resuming_here=False) is None
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    finally:
+        live.kill()
