@@ -35,6 +35,7 @@ def run(pretrained: str, args: argparse.Namespace, seed: int, tag: str) -> float
             f"runs/payoff_{tag}",
             "--seed_everything",
             str(seed),
+            *(["--trainer.precision", args.precision] if args.precision else []),
         ]
     )
     return cli.trainer.callback_metrics["val/acc1"].item()
@@ -45,6 +46,7 @@ if __name__ == "__main__":
     p.add_argument("--label-fraction", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--precision", default=None, help="e.g. 32 on a CPU without native bf16 (default: the config's)")
     args = p.parse_args()
     exports = sorted(glob.glob(DEFAULT_PRETRAIN_EXPORTS), key=os.path.getmtime)
     if not exports:

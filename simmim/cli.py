@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import warnings
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Set
 
@@ -15,6 +16,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins import CheckpointIO
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.bad_images import BadImageLimit
@@ -67,6 +69,25 @@ def user_errors_as_messages() -> Iterator[None]:
         yield
     except (ConfigError, DataError, UnsafeCheckpointError, UnreadableCheckpointError, CheckpointMismatchError) as e:
         raise SystemExit(f"error: {e}") from None
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        raise SystemExit(
+            "error: a collective operation (gradient all-reduce, barrier, broadcast) timed out: another process of "
+            "the run stopped responding or died (its own output says why). A step that is slow on purpose (a long "
+            f"checkpoint write) needs a larger --collective_timeout_s. The library said: {str(e).splitlines()[0]}"
+        ) from e
+
+
+def ddp_with_timeout(strategy, seconds: float):
+    """`--trainer.strategy ddp` (or `ddp_find_unused_parameters_true`) as a `DDPStrategy` whose collectives fail
+    after `seconds` instead of Lightning's 30 minutes."""
+    if strategy not in ("ddp", "ddp_find_unused_parameters_true"):
+        raise ConfigError(
+            f"--collective_timeout_s applies to --trainer.strategy ddp, not {strategy!r}: give that strategy's own "
+            "timeout argument instead"
+        )
+    return DDPStrategy(timeout=timedelta(seconds=seconds), find_unused_parameters=strategy.endswith("true"))
 
 
 def _as_list(value) -> list:
@@ -99,6 +120,12 @@ class StageCLI(LightningCLI):
             type=Optional[int],
             default=None,
             help="also write last.ckpt every N optimizer steps (exact mid-epoch resume loses at most N steps)",
+        )
+        parser.add_argument(
+            "--collective_timeout_s",
+            type=Optional[float],
+            default=None,
+            help="with --trainer.strategy ddp: a collective that waits longer than this fails (default: 1800)",
         )
 
     def subcommands(self) -> Dict[str, Set[str]]:
@@ -162,6 +189,9 @@ class StageCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(every_n_train_steps=every, save_last=True, filename="periodic-{step}"))
         self.bad_images = BadImageLimit(self._max_bad_fraction())
         callbacks += [ClaimCheckpointFolders(), self.bad_images, *self.stage_callbacks()]
+        timeout = self._get(self.config_init, "collective_timeout_s")
+        if timeout is not None:
+            kwargs["strategy"] = ddp_with_timeout(self._get(self.config_init, "trainer.strategy"), timeout)
         plugins = _as_list(self._get(self.config_init, "trainer.plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())

@@ -42,3 +42,17 @@ class BatchLog(pl.Callback):
 def read_log(path) -> list:
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+class Stall(pl.Callback):
+    """Rank `rank` sleeps `seconds` before the training batch of step `at_step`, leaving the others waiting in the
+    next collective."""
+
+    def __init__(self, rank: int = 1, at_step: int = 1, seconds: float = 60.0) -> None:
+        self.rank, self.at_step, self.seconds = rank, at_step, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.at_step:
+            import time
+
+            time.sleep(self.seconds)
