@@ -7,6 +7,7 @@ Liu et al., "Swin Transformer V2: Scaling Up Capacity and Resolution", CVPR 2022
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -58,6 +59,23 @@ class PatchEmbed(nn.Module):
                 "resize or crop the images to a multiple of the patch size"
             )
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, D)
+
+
+def _warn_clamped_windows(requested, used, resolutions) -> None:
+    """Warn when a window larger than its feature map is clamped in any stage but the last (the recipes clamp the
+    last stage by design: 192 px, window 12 leaves it 6x6), naming the stages, their maps and windows."""
+    clamped = [i for i, (r, u) in enumerate(zip(requested, used)) if tuple(_pair(r)) != tuple(u)]
+    if any(i < len(used) - 1 for i in clamped):
+        stages = ", ".join(
+            f"stage {i + 1} ({resolutions[i][0]}x{resolutions[i][1]} map: window {used[i][0]}x{used[i][1]}, "
+            f"not {_pair(requested[i])[0]}x{_pair(requested[i])[1]})"
+            for i in clamped
+        )
+        warnings.warn(
+            f"window_size larger than the feature map is clamped to the map in {stages}; a larger image "
+            "(img_size) or a smaller window_size keeps the windows you asked for",
+            stacklevel=3,
+        )
 
 
 class SwinTransformerV2(nn.Module):
@@ -169,6 +187,7 @@ class SwinTransformerV2(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+        _warn_clamped_windows(windows, self.window_sizes, [layer.blocks[0].input_resolution for layer in self.layers])
 
     def init_weights(self) -> None:
         """Official init: trunc-normal(0.02) Linear weights, zero biases, unit LayerNorms, then the residual

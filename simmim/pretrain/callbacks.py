@@ -7,6 +7,7 @@ from typing import Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torchvision.utils import make_grid, save_image
 
 from simmim.export import run_dir
@@ -14,7 +15,7 @@ from simmim.pretrain.model import local_stats
 
 
 class ReconstructionGrid(pl.Callback):
-    """Every `every_n_epochs` and at the end of fit, save a PNG grid from the first validation batch.
+    """Every `every_n_epochs` and at the end of fit, save a PNG grid from the first readable validation batch.
 
     Columns: original, masked input, reconstruction, reconstruction pasted into the visible pixels.
     Files: `<run>/reconstructions/epoch_XXX.png` (and `final.png`); also logged to TensorBoard when active.
@@ -24,6 +25,13 @@ class ReconstructionGrid(pl.Callback):
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.last_path: Optional[str] = None
+        self.seen = 0  # readable validation images in the current validation epoch
+
+    def why_none(self, trainer: pl.Trainer) -> str:
+        """Why no grid was written (for the end-of-run summary)."""
+        if not trainer.num_val_batches or not sum(trainer.num_val_batches):
+            return "none: no validation images (--data.val_fraction)"
+        return "none: no validation image could be decoded"
 
     @torch.no_grad()
     def make_grid(self, pl_module: pl.LightningModule, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,11 +65,20 @@ class ReconstructionGrid(pl.Callback):
         if logger is not None and hasattr(logger.experiment, "add_image"):
             logger.experiment.add_image("reconstruction", grid, trainer.global_step)
 
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen = 0
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch_idx == 0 and len(batch[0]):
+        if len(batch[0]) and self.seen == 0:  # the epoch's first readable batch
             pl_module.first_val_batch = (batch[0].detach(), batch[1].detach())
+        self.seen += len(batch[0])
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.seen == 0 and sum(trainer.num_val_batches or [0]):
+            rank_zero_warn(
+                "no validation image could be decoded (the warnings name them): this validation has no val/loss "
+                "and no reconstruction grid; fix or remove the files, or set --data.val_fraction 0"
+            )
         if not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._save(trainer, pl_module, f"epoch_{trainer.current_epoch:03d}")
 

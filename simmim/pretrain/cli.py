@@ -45,5 +45,5 @@ def main(args: Optional[List[str]] = None) -> PretrainCLI:
         ckpt = cli.trainer.checkpoint_callback
         print(f"\ncheckpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or '-'})")
         print(f"encoder export: {cli.export.path}")
-        print(f"reconstruction grid: {cli.grid.last_path}")
+        print(f"reconstruction grid: {cli.grid.last_path or cli.grid.why_none(cli.trainer)}")
     return cli

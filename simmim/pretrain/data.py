@@ -9,6 +9,7 @@ import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
@@ -144,5 +145,8 @@ class PretrainDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_files, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self):
+        if not self.val_files:  # no validation loop at all, rather than Lightning's "length ... is zero" notice
+            rank_zero_info("no validation images (--data.val_fraction 0): no val/loss and no reconstruction grid")
+            return []
         return self._loader(self.val_files, train=False)

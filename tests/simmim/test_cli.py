@@ -2,6 +2,7 @@
 
 import importlib
 import re
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,21 @@ def test_a_checkpoint_trained_on_other_classes_names_the_checkpoint(tmp_path, mo
         SystemExit, match=r"^error: --ckpt_path .*run\.ckpt was trained with 3 classes, but --data.root"
     ):
         main(["validate", "--ckpt_path", str(tmp_path / "run.ckpt"), "--trainer.default_root_dir", str(tmp_path)])
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+RECIPES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("*/simmim__*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_long_recipe_parses_and_checkpoints_every_500_steps(recipe, capsys, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    stage = recipe.split("/")[0]
+    main = importlib.import_module(f"simmim.{stage}").main
+    extra = ["--model.pretrained", "null", "--model.num_classes", "10"] if stage == "finetune" else []
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(CONFIGS / recipe), *extra, "--print_config"])
+    assert done.value.code in (0, None)
+    assert OmegaConf.create(capsys.readouterr().out).checkpoint_every_n_steps == 500

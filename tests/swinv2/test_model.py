@@ -254,3 +254,15 @@ def test_compiled_attention_has_no_graph_break():
     attn = WindowAttention(48, (4, 4), num_heads=3)
     x, mask = torch.randn(8, 16, 48), torch.zeros(4, 16, 16)
     assert torch._dynamo.explain(attn)(x, mask).graph_break_count == 0
+
+
+def test_a_window_clamped_before_the_last_stage_is_warned_about_by_stage():
+    import warnings
+
+    import swinv2
+
+    with pytest.warns(UserWarning, match=r"stage 1 \(16x16 map: window 16x16, not 32x32\), stage 2"):
+        swinv2.create_model("swinv2_tiny", img_size=64, window_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recipes clamp only the last stage (192 px, window 12: 6x6)
+        swinv2.create_model("swinv2_tiny", img_size=192, window_size=12)

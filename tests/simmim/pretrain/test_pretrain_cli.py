@@ -217,3 +217,23 @@ def test_configured_callbacks_join_the_stages_own(tmp_path, digits):
     kinds = {type(c) for c in cli.trainer.callbacks}
     assert {LearningRateMonitor, ModelCheckpoint, BadImageLimit, ExportWeights} <= kinds
     assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
+
+
+def test_a_validation_split_left_empty_says_so(tmp_path, capsys):
+    """A split of only unreadable files warns that validation saw nothing; no split at all is said at the start;
+    the closing summary says why there is no grid instead of `None`."""
+    from simmim.pretrain.data import PretrainDataModule
+
+    names = [f"{i:02d}.png" for i in range(20)]
+    dm = PretrainDataModule(str(image_folder(tmp_path / "probe", names, size=64)), img_size=64, val_fraction=0.1)
+    dm.setup()
+    val = {os.path.basename(f) for f in dm.val_files}
+    folder = image_folder(tmp_path / "images", names, size=64, broken=sorted(val))
+    args = ["--data.val_fraction", "0.1", "--trainer.limit_train_batches", "1", "--trainer.max_epochs", "1"]
+    args += ["--data.batch_size", "4", "--data.max_bad_fraction", "0.2"]
+    with pytest.warns(UserWarning, match="no validation image could be decoded"):
+        _fit(tmp_path / "a", str(folder), *args)
+    assert "reconstruction grid: none: no validation image could be decoded" in capsys.readouterr().out
+    _fit(tmp_path / "b", str(folder), *args, "--data.val_fraction", "0")
+    out = capsys.readouterr().out
+    assert "reconstruction grid: none: no validation images (--data.val_fraction)" in out
