@@ -1,8 +1,8 @@
 """SimMIM pretraining and fine-tuning stages (Lightning) around the `swinv2` encoder.
 
 Shared modules live here (`images`, `loaders`, `optim`, `cli`, `export`, `bad_images`, `builtin_data`, `seeding`,
-`runs`, `errors`); each stage
-is a subpackage (`simmim.pretrain`, `simmim.finetune`) that imports the shared modules and never the other stage.
+`runs`, `errors`); each stage is a subpackage (`simmim.pretrain`, `simmim.finetune`) that imports the shared
+modules and never the other stage.
 The names below are re-exported lazily, so importing one stage never loads the other.
 """
 
