@@ -11,6 +11,7 @@ import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
@@ -182,7 +183,10 @@ class ClassificationDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_files, self.train_labels, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self):
+        if not self.val_files:  # no validation loop at all, rather than Lightning's "length ... is zero" notice
+            rank_zero_info("no validation images (--data.val_fraction 0 and no val/ folder): no val/acc1")
+            return []
         return self._loader(self.val_files, self.val_labels, train=False)
 
     def predict_dataloader(self) -> DataLoader:
