@@ -73,13 +73,21 @@ def user_errors_as_messages() -> Iterator[None]:
     except (ConfigError, DataError, UnsafeCheckpointError, UnreadableCheckpointError, CheckpointMismatchError) as e:
         raise SystemExit(f"error: {e}") from None
     except RuntimeError as e:
-        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+        if not is_collective_timeout(e):
             raise
         raise SystemExit(
             "error: a collective operation (gradient all-reduce, barrier, broadcast) timed out: another process of "
             "the run stopped responding or died (its own output says why). A step that is slow on purpose (a long "
             f"checkpoint write) needs a larger --collective_timeout_s. The library said: {str(e).splitlines()[0]}"
         ) from e
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether an error is a `torch.distributed` collective that timed out (gloo's "Timed out waiting ... for recv",
+    NCCL's watchdog), not another timeout such as a data loader's."""
+    text = str(error)
+    distributed = isinstance(error, torch.distributed.DistError) or "gloo" in text or "NCCL" in text
+    return distributed and ("timed out" in text.lower() or "timeout" in text.lower())
 
 
 def ddp_with_timeout(strategy, seconds: float):
@@ -186,12 +194,25 @@ class StageCLI(LightningCLI):
         plugin is configured)."""
         callbacks = [*_as_list(self._get(self.config_init, "trainer.callbacks")), *kwargs.pop("callbacks", [])]
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(ModelCheckpoint(save_last=True))
+            callbacks.append(ModelCheckpoint(save_last=True, enable_version_counter=False))
         every = self._get(self.config_init, "checkpoint_every_n_steps")
-        if every:
-            callbacks.append(ModelCheckpoint(every_n_train_steps=every, save_last=True, filename="periodic-{step}"))
+        if every:  # beside the first checkpoint callback, sharing its last.ckpt
+            dirpath = next(c.dirpath for c in callbacks if isinstance(c, ModelCheckpoint))
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=dirpath,
+                    every_n_train_steps=every,
+                    save_last=True,
+                    filename="periodic-{step}",
+                    enable_version_counter=False,
+                )
+            )
         self.bad_images = BadImageLimit(self._max_bad_fraction())
-        callbacks += [ClaimCheckpointFolders(), self.bad_images, *self.stage_callbacks()]
+        callbacks += [
+            ClaimCheckpointFolders(self._get(self.config_init, "ckpt_path")),
+            self.bad_images,
+            *self.stage_callbacks(),
+        ]
         timeout = self._get(self.config_init, "collective_timeout_s")
         if timeout is not None:
             kwargs["strategy"] = ddp_with_timeout(self._get(self.config_init, "trainer.strategy"), timeout)

@@ -25,9 +25,24 @@ LOCK_NAME = ".run.lock"
 
 
 def newest_last_checkpoint(root: str | os.PathLike) -> Optional[Path]:
-    """The most recently written `last*.ckpt` in any `checkpoints` folder under `root` (None when there is none)."""
-    found = [p for p in Path(root).glob("**/checkpoints/last*.ckpt") if p.is_file()]
+    """The most recently written `last*.ckpt` in a run's `checkpoints` folder under `root`: `<root>/checkpoints`
+    (no logger) or `<root>/<name>/<version>/checkpoints` (a logger), or one level between; None when there is
+    none. The search goes no deeper, so a root that also holds a dataset is not walked."""
+    patterns = ("checkpoints/last*.ckpt", "*/checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt")
+    found = [p for pattern in patterns for p in Path(root).glob(pattern) if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def checkpoint_folder(callback, trainer: pl.Trainer) -> Path:
+    """Where a `ModelCheckpoint` will write, resolved as Lightning resolves it in the callback's own `setup`: its
+    `dirpath`, else `<save_dir>/<name>/<version>/checkpoints` of the first logger, else `<root>/checkpoints`."""
+    if callback.dirpath is not None:
+        return Path(callback.dirpath)
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version / "checkpoints"
+    return Path(trainer.default_root_dir) / "checkpoints"
 
 
 def _alive(pid: int) -> bool:
@@ -50,8 +65,10 @@ def _read_lock(lock: Path) -> dict:
 def claim_folder(folder: Path, resuming_here: bool) -> Optional[str]:
     """Claim a checkpoint folder for this process: None when claimed, else why it cannot be.
 
-    Refused: a folder another live process on this machine has claimed, and a folder holding checkpoints when this
-    run does not resume from one of them. A claim left by a process that is gone (a killed run) is taken over."""
+    Refused: a folder another live process on this machine has claimed, a folder another machine has claimed
+    (unless this run resumes from it: that machine's run is then taken to be gone), and a folder holding
+    checkpoints when this run does not resume from one of them. A claim left by a process of this machine that is
+    gone (a killed run) is taken over."""
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
     owner = _read_lock(lock)
@@ -60,6 +77,11 @@ def claim_folder(folder: Path, resuming_here: bool) -> Optional[str]:
         return (
             f"another run (pid {owner['pid']}, started {owner.get('started')}) is writing checkpoints to {folder}; "
             "start this one with another --trainer.default_root_dir (or let the logger give it its own version)"
+        )
+    if owner.get("host") not in (None, mine["host"]) and not resuming_here:
+        return (
+            f"a run on {owner['host']} (pid {owner.get('pid')}, started {owner.get('started')}) claimed {folder}; "
+            f"start this one with another --trainer.default_root_dir, or delete {lock} if that run is gone"
         )
     if not resuming_here and any(folder.glob("*.ckpt")):
         return (
@@ -81,17 +103,28 @@ def claim_folder(folder: Path, resuming_here: bool) -> Optional[str]:
 
 
 class ClaimCheckpointFolders(pl.Callback):
-    """At the start of fit, rank zero claims every checkpoint callback's folder (`claim_folder`) and all ranks stop
-    together with the reason when it cannot; the claim is released at the end of fit."""
+    """Before anything is written (the first `setup` hook, ahead of the saved config and the checkpoint callbacks'
+    own setup), rank zero claims every checkpoint callback's folder (`claim_folder`) and all ranks stop together
+    with the reason when it cannot; the claim is released when fit ends, normally or not.
 
-    def __init__(self) -> None:
+    Args:
+        resume_from: The checkpoint the run resumes from (`--ckpt_path`; Lightning has not taken it up yet when
+            `setup` runs).
+    """
+
+    def __init__(self, resume_from: Optional[str] = None) -> None:
+        self.resume_from = resume_from
         self.claimed: List[Path] = []
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         problem = None
         if trainer.is_global_zero:
-            resumed = Path(trainer.ckpt_path).resolve().parent if trainer.ckpt_path else None
-            for folder in sorted({Path(cb.dirpath).resolve() for cb in trainer.checkpoint_callbacks if cb.dirpath}):
+            folders = sorted({checkpoint_folder(cb, trainer).resolve() for cb in trainer.checkpoint_callbacks})
+            ckpt = self.resume_from or trainer.ckpt_path
+            resumed = Path(ckpt).resolve().parent if ckpt and os.path.isfile(ckpt) else None
+            for folder in folders:
                 problem = claim_folder(folder, resuming_here=folder == resumed)
                 if problem:
                     break
@@ -109,3 +142,6 @@ class ClaimCheckpointFolders(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.release()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.release()  # Lightning's error path skips `teardown`

@@ -6,15 +6,17 @@ Every draw is seeded from it here and nowhere else:
 - **Per sample** (augmentation, SimMIM mask): `SeededSampler` yields `(index, sample_seed)` keys, the seed derived
   from (run seed, epoch, the sample's position in that epoch's global order). Data-loader workers and DDP ranks
   read different positions, so they draw differently; a sample's draw does not depend on which worker or rank
-  reads it, so 0 or 8 workers, 1 or 16 ranks, and an interrupted run's resume all see the same crops and masks.
+  reads it, so 0 or 8 workers, 1 or 16 ranks, and an interrupted run's resume all see the same crops and masks
+  (a resume on another number of ranks shares out the rest of its interrupted epoch anew, see `ResumableLoader`).
   `sample_generators` turns the seed into the generators the transforms and the mask use.
 - **Per training batch** (drop-path, dropout, mixup/cutmix): `seed_step` reseeds torch (every device), NumPy's and
   Python's global generators from (run seed, rank, epoch, batch index) before each batch, so ranks differ and a
   resumed run repeats the interrupted run's draws.
 - **Shuffling**: the epoch's order is a permutation drawn from (run seed, epoch).
 
-`ResumableLoader` makes the training loader stateful for Lightning: its state is the run seed and the global
-position the epoch had reached, read from Lightning's own count of trained batches when a checkpoint is written.
+`ResumableLoader` makes the training loader stateful for Lightning: its state is the epoch and the global position
+it had reached, read from Lightning's own count of trained batches when a checkpoint is written; `SeedState` keeps
+the run seed in the data module's part of the checkpoint.
 """
 
 from __future__ import annotations
@@ -120,11 +122,13 @@ class SeededSampler(DistributedSampler):
 
 class ResumableLoader(DataLoader):
     """A training `DataLoader` over a `SeededSampler` whose state Lightning saves in every checkpoint and restores
-    on resume (it has `state_dict`/`load_state_dict`), so a run resumed mid-epoch continues with the next sample of
+    when it resumes mid-epoch (it has `state_dict`/`load_state_dict`), so the run continues with the next sample of
     the interrupted epoch, in the same order and with the same draws.
 
     The state is taken from Lightning's count of trained batches in the epoch (`batch_progress.current.processed`),
-    not from what the loader has produced: its workers and Lightning's fetcher run ahead of training.
+    not from what the loader has produced: its workers and Lightning's fetcher run ahead of training. Every
+    iteration outside such a resume starts at the epoch Lightning is in (its `set_epoch` call comes after the
+    first `iter()` of a run, too late for workers that prefetch at once).
 
     Args:
         dataset: A dataset whose `__getitem__` takes `SampleKey`s.
@@ -137,36 +141,69 @@ class ResumableLoader(DataLoader):
     def __init__(self, dataset, sampler: SeededSampler, trainer=None, **kwargs: Any) -> None:
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._trainer = weakref.ref(trainer) if trainer is not None else (lambda: None)
+        self._resume_pending = False
+
+    def _fitting_trainer(self):
+        trainer = self._trainer()
+        return trainer if trainer is not None and trainer.state.fn == TrainerFn.FITTING else None
+
+    def __iter__(self):
+        trainer = self._fitting_trainer()
+        if trainer is not None and not self._resume_pending and isinstance(self.sampler, SeededSampler):
+            self.sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        self._resume_pending = False
+        return super().__iter__()
 
     def state_dict(self) -> Dict[str, int]:
-        sampler, trainer = self.sampler, self._trainer()
+        sampler, trainer = self.sampler, self._fitting_trainer()
+        if not isinstance(sampler, SeededSampler):  # Lightning swapped it (overfit_batches): nothing to resume
+            return {}
         epoch, batches = sampler.epoch, 0
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+        if trainer is not None:
             batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             if batches >= trainer.num_training_batches:  # the epoch is over: the next one starts afresh
                 epoch, batches = epoch + 1, 0
         return {
-            "seed": sampler.seed,
             "epoch": epoch,
             "position": batches * self.batch_size * sampler.num_replicas,
             "size": sampler.size,
+            "world_size": sampler.num_replicas,
         }
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         sampler = self.sampler
-        if state["seed"] != sampler.seed:
-            rank_zero_warn(
-                f"resuming with the checkpoint's seed {state['seed']} (this command's is {sampler.seed}), so that "
-                "the resumed run draws what the interrupted one would have"
-            )
-            os.environ[SEED_ENV] = str(state["seed"])  # the per-batch seeding reads it too
-            sampler.seed = state["seed"]
+        if not state or not isinstance(sampler, SeededSampler):
+            return
         if state["size"] != sampler.size:
             rank_zero_warn(
                 f"the training set had {state['size']} files when the checkpoint was written and has {sampler.size} "
                 "now: the resumed epoch's order is not the interrupted one's"
             )
+        if state["world_size"] != sampler.num_replicas:
+            rank_zero_warn(
+                f"resumed on {sampler.num_replicas} processes, the checkpoint was written on {state['world_size']}: "
+                "the rest of the interrupted epoch is shared out anew from where training stopped, but Lightning "
+                "counts that epoch's remaining batches per process, so some of its samples may be skipped or read "
+                "twice; later epochs are exact"
+            )
         sampler.epoch, sampler.start = state["epoch"], min(state["position"], sampler.size)
+        self._resume_pending = True
+
+
+class SeedState:
+    """For a `LightningDataModule`: the run seed goes into every checkpoint, and a resumed run takes it back, so
+    that `--seed_everything true` (a seed drawn per command) still resumes with the interrupted run's draws."""
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"seed": run_seed()}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if "seed" in state and state["seed"] != run_seed():
+            rank_zero_warn(
+                f"resuming with the checkpoint's seed {state['seed']} (this command's is {run_seed()}), so that the "
+                "resumed run draws what the interrupted one would have"
+            )
+            os.environ[SEED_ENV] = str(state["seed"])
 
 
 def make_train_sampler(size: int, trainer=None) -> SeededSampler:

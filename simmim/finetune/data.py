@@ -19,7 +19,7 @@ from simmim.errors import DataFolderError, check_loader, require
 from simmim.finetune.augment import classification_transform
 from simmim.images import list_images, read_sample_image
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
-from simmim.seeding import SampleKey, sample_generators, sample_seed
+from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
 
 DIGIT_CLASSES = [str(d) for d in range(10)]  # the built-in digits' class folders, written by prepare_data
 
@@ -89,7 +89,7 @@ def stratified_pick(labels: List[int], num_classes: int, fraction: float, seed: 
     return picked
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class ClassificationDataModule(SeedState, pl.LightningDataModule):
     """A labelled image folder: `root/train/<class>/...` and `root/val/<class>/...`, or `root/<class>/...`
     split by `val_fraction` (stratified, fixed).
 

@@ -17,7 +17,7 @@ from simmim.errors import check_loader, require
 from simmim.images import list_images, read_sample_image
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
 from simmim.pretrain.masking import MaskGenerator
-from simmim.seeding import SampleKey, sample_generators, sample_seed
+from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
 
 
 def pretrain_transform(img_size: int, train: bool, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
@@ -69,7 +69,7 @@ class MaskedImageDataset(Dataset):
         return x, torch.from_numpy(self.mask_generator(mask_rng)), bad
 
 
-class PretrainDataModule(pl.LightningDataModule):
+class PretrainDataModule(SeedState, pl.LightningDataModule):
     """A folder of images (recursive; ImageFolder class folders allowed, labels unused), split into train/val.
 
     Args:

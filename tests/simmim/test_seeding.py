@@ -21,7 +21,7 @@ HELPERS = str(Path(__file__).resolve().parents[1])  # tests/: recording.py
 ENC = dict(embed_dim=24, depths=(2, 2), num_heads=(2, 4))
 
 
-def test_ranks_share_out_each_epoch_and_a_resume_continues_at_any_world_size():
+def test_ranks_share_out_each_epoch_and_the_sampler_continues_a_position_at_any_world_size():
     size = 10
     for world in (1, 2, 3):
         shares = [list(SeededSampler(size, seed=5, num_replicas=world, rank=r)) for r in range(world)]
