@@ -31,9 +31,6 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # main(args) is how tests and the entry point drive the CLI; the warning about args beside sys.argv is noise.
 warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-# An empty validation split is announced by the data modules in words of their options; Lightning's notice about
-# the empty loader would only repeat it.
-warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
 
 
 def has_config(args: List[str]) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.seeding import ResumableLoader, make_train_sampler
@@ -51,3 +52,12 @@ def make_loader(
         return DataLoader(dataset, shuffle=False, **kwargs)
     sampler = make_train_sampler(len(dataset), trainer)
     return ResumableLoader(dataset, sampler, trainer, drop_last=len(sampler) >= batch_size, **kwargs)
+
+
+def skip_empty_validation(datamodule, message: str) -> None:
+    """In a data module's `setup`: with no validation files, say `message` once and turn the trainer's validation
+    loop off (rather than run it over an empty loader, with Lightning's notices about its zero length)."""
+    trainer = getattr(datamodule, "trainer", None)
+    if not datamodule.val_files and trainer is not None and trainer.limit_val_batches != 0:
+        rank_zero_info(message)
+        trainer.limit_val_batches = 0

@@ -11,14 +11,13 @@ import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.errors import DataFolderError, check_loader, require
 from simmim.finetune.augment import classification_transform
 from simmim.images import list_images, read_sample_image
-from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
+from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
 from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
 
 DIGIT_CLASSES = [str(d) for d in range(10)]  # the built-in digits' class folders, written by prepare_data
@@ -138,6 +137,7 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.classes is None:
             self._scan()
+        skip_empty_validation(self, "no validation images (--data.val_fraction 0 and no val/ folder): no val/acc1")
 
     def _scan(self) -> None:
         root = Path(self.root) if self.root is not None else DEFAULT_DIGITS_ROOT
@@ -184,8 +184,7 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         return self._loader(self.train_files, self.train_labels, train=True)
 
     def val_dataloader(self):
-        if not self.val_files:  # no validation loop at all, rather than Lightning's "length ... is zero" notice
-            rank_zero_info("no validation images (--data.val_fraction 0 and no val/ folder): no val/acc1")
+        if not self.val_files:  # under a trainer `setup` has turned validation off
             return []
         return self._loader(self.val_files, self.val_labels, train=False)
 

@@ -9,13 +9,12 @@ import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.errors import check_loader, require
 from simmim.images import list_images, read_sample_image
-from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
+from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
 from simmim.pretrain.masking import MaskGenerator
 from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
 
@@ -131,6 +130,7 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         n_val = int(round(len(files) * self.val_fraction))
         self.val_files = [files[i] for i in sorted(order[:n_val])]
         self.train_files = [files[i] for i in sorted(order[n_val:])]
+        skip_empty_validation(self, "no validation images (--data.val_fraction 0): no val/loss, no reconstruction grid")
 
     def _loader(self, files: List, train: bool) -> DataLoader:
         ds = MaskedImageDataset(
@@ -146,7 +146,6 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         return self._loader(self.train_files, train=True)
 
     def val_dataloader(self):
-        if not self.val_files:  # no validation loop at all, rather than Lightning's "length ... is zero" notice
-            rank_zero_info("no validation images (--data.val_fraction 0): no val/loss and no reconstruction grid")
+        if not self.val_files:  # under a trainer `setup` has turned validation off
             return []
         return self._loader(self.val_files, train=False)
