@@ -76,7 +76,8 @@ def claim_folder(folder: Path, resuming_here: bool) -> Optional[str]:
     if owner.get("host") == mine["host"] and owner.get("pid") not in (None, mine["pid"]) and _alive(owner["pid"]):
         return (
             f"another run (pid {owner['pid']}, started {owner.get('started')}) is writing checkpoints to {folder}; "
-            "start this one with another --trainer.default_root_dir (or let the logger give it its own version)"
+            "start this one with another --trainer.default_root_dir (or let the logger give it its own version), "
+            f"or delete {lock} if that process is not a run (a process id reused after a restart)"
         )
     if owner.get("host") not in (None, mine["host"]) and not resuming_here:
         return (

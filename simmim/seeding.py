@@ -25,7 +25,7 @@ import math
 import os
 import random
 import weakref
-from typing import Any, Dict, Iterator, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -95,6 +95,7 @@ class SeededSampler(DistributedSampler):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.start = 0, 0
+        self._pinned: Optional[Tuple[int, int]] = None
         self.drop_last = False
         self.num_samples = math.ceil(size / num_replicas)  # per rank, in a whole epoch
         self.total_size = self.num_samples * num_replicas
@@ -108,9 +109,15 @@ class SeededSampler(DistributedSampler):
             return np.arange(self.size)
         return np.random.default_rng(derive_seed(self.seed, _SHUFFLE, epoch)).permutation(self.size)
 
+    def pin(self, epoch: int, start: int = 0) -> None:
+        """Fix the epoch and start of the next iteration, whatever `set_epoch` says meanwhile: with data-loader
+        workers the order is drawn when the loader is iterated, without them at the first batch, and Lightning
+        calls `set_epoch` in between."""
+        self._pinned = (epoch, start)
+
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        epoch, start = self.epoch, self.start
-        self.start = 0  # a resume's offset applies to its first iteration only
+        epoch, start = self._pinned or (self.epoch, self.start)
+        self._pinned, self.start = None, 0  # a resume's offset applies to its first iteration only
         order = self.order(epoch)
         end = start + math.ceil((self.size - start) / self.num_replicas) * self.num_replicas
         for p in range(start + self.rank, end, self.num_replicas):
@@ -148,9 +155,12 @@ class ResumableLoader(DataLoader):
         return trainer if trainer is not None and trainer.state.fn == TrainerFn.FITTING else None
 
     def __iter__(self):
-        trainer = self._fitting_trainer()
-        if trainer is not None and not self._resume_pending and isinstance(self.sampler, SeededSampler):
-            self.sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        trainer, sampler = self._fitting_trainer(), self.sampler
+        if isinstance(sampler, SeededSampler):
+            if self._resume_pending:
+                sampler.pin(sampler.epoch, sampler.start)
+            elif trainer is not None:
+                sampler.pin(trainer.fit_loop.epoch_progress.current.processed)
         self._resume_pending = False
         return super().__iter__()
 

@@ -173,3 +173,15 @@ def test_two_ranks_draw_different_crops_and_masks(tmp_path):
     masks = [set(sum((row["masks"] for row in by_rank[r]), [])) for r in (0, 1)]
     assert not images[0] & images[1] and len(images[0]) == 8
     assert masks[0] != masks[1]
+
+
+def test_a_pinned_epoch_wins_over_a_later_set_epoch():
+    """Lightning calls `set_epoch` after the loader is iterated; without workers the order is drawn at the first
+    batch, after that call. The loader pins the epoch at `iter()`, so 0 and N workers read the same epoch."""
+    s = SeededSampler(10, seed=1)
+    s.set_epoch(2)
+    expected = list(s)
+    s.pin(2)
+    s.set_epoch(3)
+    assert list(s) == expected
+    assert list(s) != expected  # the pin applied once: epoch 3 now
