@@ -103,7 +103,7 @@ def _as_list(value) -> list:
 
 
 class StageCLI(LightningCLI):
-    """LightningCLI with omegaconf configs, an overwritable saved config and a fixed checkpoint folder; stages name
+    """LightningCLI with omegaconf configs, an overwritable saved config and per-run checkpoint folders; stages name
     their program and subcommands (`PROG`, `SUBCOMMANDS`) and add their callbacks in `stage_callbacks`."""
 
     PROG = "python -m simmim"

@@ -74,13 +74,21 @@ def seed_step(rank: int, epoch: int, batch_idx: int) -> None:
     random.seed(seed)
 
 
+class StepSeeding:
+    """For a `LightningModule`: `seed_step` before every training batch (drop-path, dropout and mixup draw from
+    the global generators)."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed_step(self.global_rank, self.current_epoch, batch_idx)
+
+
 class SeededSampler(DistributedSampler):
     """The training order: a permutation per epoch, shared out across ranks, each index paired with its sample
     seed. A subclass of `DistributedSampler` so that Lightning uses it under DDP as it is.
 
-    Rank r reads the epoch's global positions start + r, start + r + R, ... (R ranks); the positions past the
+    Rank r reads the epoch's global positions s + r, s + r + R, ... (R ranks); the positions past the
     dataset's end wrap around, so every rank reads the same number of samples (as `DistributedSampler` pads).
-    `start` is 0 except in the epoch a resumed run continues.
+    The start s is 0 except in the epoch a resumed run continues (`pin`).
 
     Args:
         size: Number of samples in the dataset.
@@ -94,7 +102,7 @@ class SeededSampler(DistributedSampler):
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
-        self.epoch, self.start = 0, 0
+        self.epoch = 0
         self._pinned: Optional[Tuple[int, int]] = None
         self.drop_last = False
         self.num_samples = math.ceil(size / num_replicas)  # per rank, in a whole epoch
@@ -116,8 +124,8 @@ class SeededSampler(DistributedSampler):
         self._pinned = (epoch, start)
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        epoch, start = self._pinned or (self.epoch, self.start)
-        self._pinned, self.start = None, 0  # a resume's offset applies to its first iteration only
+        epoch, start = self._pinned or (self.epoch, 0)
+        self._pinned = None  # a pin (and a resume's start) applies to one iteration
         order = self.order(epoch)
         end = start + math.ceil((self.size - start) / self.num_replicas) * self.num_replicas
         for p in range(start + self.rank, end, self.num_replicas):
@@ -148,7 +156,7 @@ class ResumableLoader(DataLoader):
     def __init__(self, dataset, sampler: SeededSampler, trainer=None, **kwargs: Any) -> None:
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._trainer = weakref.ref(trainer) if trainer is not None else (lambda: None)
-        self._resume_pending = False
+        self._resume: Optional[Tuple[int, int]] = None  # (epoch, start) loaded from a checkpoint, not yet iterated
 
     def _fitting_trainer(self):
         trainer = self._trainer()
@@ -157,11 +165,11 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         trainer, sampler = self._fitting_trainer(), self.sampler
         if isinstance(sampler, SeededSampler):
-            if self._resume_pending:
-                sampler.pin(sampler.epoch, sampler.start)
+            if self._resume is not None:
+                sampler.pin(*self._resume)
             elif trainer is not None:
                 sampler.pin(trainer.fit_loop.epoch_progress.current.processed)
-        self._resume_pending = False
+        self._resume = None
         return super().__iter__()
 
     def state_dict(self) -> Dict[str, int]:
@@ -196,8 +204,8 @@ class ResumableLoader(DataLoader):
                 "counts that epoch's remaining batches per process, so some of its samples may be skipped or read "
                 "twice; later epochs are exact"
             )
-        sampler.epoch, sampler.start = state["epoch"], min(state["position"], sampler.size)
-        self._resume_pending = True
+        sampler.set_epoch(state["epoch"])
+        self._resume = (state["epoch"], min(state["position"], sampler.size))
 
 
 class SeedState:

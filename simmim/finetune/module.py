@@ -15,12 +15,12 @@ import swinv2
 from simmim.errors import require
 from simmim.finetune.layer_decay import layer_decay_param_groups
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
-from simmim.seeding import seed_step
+from simmim.seeding import StepSeeding
 
 log = logging.getLogger(__name__)
 
 
-class SwinV2Classifier(pl.LightningModule):
+class SwinV2Classifier(StepSeeding, pl.LightningModule):
     """SwinV2 fine-tuning with the official SimMIM fine-tuning recipe (docs/recipes.md).
 
     Args:
@@ -123,10 +123,6 @@ class SwinV2Classifier(pl.LightningModule):
             )
         if self.load_report is not None:
             print(f"pretrained weights from {self.hparams.pretrained}:\n{self.load_report}")
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # drop-path, dropout and mixup draw from the global generators: seeded per batch and rank (simmim.seeding)
-        seed_step(self.global_rank, self.current_epoch, batch_idx)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, _, _ = batch

@@ -11,10 +11,10 @@ import torch
 import swinv2
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads, param_groups_weight_decay
 from simmim.pretrain.model import SimMIM
-from simmim.seeding import seed_step
+from simmim.seeding import StepSeeding
 
 
-class SimMIMPretrainer(pl.LightningModule):
+class SimMIMPretrainer(StepSeeding, pl.LightningModule):
     """SimMIM pretraining with the official SwinV2 recipe (docs/recipes.md).
 
     Args:
@@ -84,10 +84,6 @@ class SimMIMPretrainer(pl.LightningModule):
     @property
     def encoder(self) -> swinv2.SwinTransformerV2:
         return self.model.encoder
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # drop-path, dropout and mixup draw from the global generators: seeded per batch and rank (simmim.seeding)
-        seed_step(self.global_rank, self.current_epoch, batch_idx)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, mask, _ = batch

@@ -35,8 +35,7 @@ def test_ranks_share_out_each_epoch_and_the_sampler_continues_a_position_at_any_
     resumed = []
     for r in range(3):
         s = SeededSampler(size, seed=5, num_replicas=3, rank=r)
-        s.set_epoch(1)
-        s.start = 4
+        s.pin(1, start=4)
         resumed += list(s)
     assert set(resumed) >= set(epoch1[4:]) and not set(resumed) & set(epoch1[:4])
 
