@@ -214,21 +214,25 @@ class WindowAttention(nn.Module):
         dtype = qkv.dtype
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
         q, k, v = cosine_qkv(qkv, scale)  # each (B*nW, nH, N, hd), contiguous
-        mask = self.relative_bias().unsqueeze(0)  # (1, nH, N, N)
-        if shift_mask is not None:
-            mask = mask + shift_mask.unsqueeze(1)  # (nW, nH, N, N)
-        mask = mask.to(dtype)
+        bias = self.relative_bias().unsqueeze(0).to(dtype)  # (1, nH, N, N)
+        # One draw per call, so attention dropout keeps the same elements however the windows are chunked and
+        # when a checkpoint recomputes the call (checkpoints restore the RNG state).
+        seed = int(torch.randint(0, 2**62, ())) if self.training and self.attn_drop > 0 else 0
         if self.chunk_size is None or self.chunk_size >= bw:
-            out = self._attend(q, k, v, mask)
+            mask = bias if shift_mask is None else (bias + shift_mask.unsqueeze(1)).to(dtype)  # (nW, nH, N, N)
+            out = self._attend(q, k, v, mask, seed)
         else:
-            out = self._attend_sequential(q, k, v, mask)
+            out = self._attend_sequential(q, k, v, bias, shift_mask, seed)
         x = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(x))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attention for all windows at once.
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, seed: int, first: int = 0
+    ) -> torch.Tensor:
+        """Attention for a run of windows.
 
-        q, k, v: (B*nW, nH, N, hd); mask: (M, nH, N, N) with M one of 1, nW, B*nW. Returns (B*nW, nH, N, hd).
+        q, k, v: (W, nH, N, hd), windows `first` to `first + W` of the call; mask: (M, nH, N, N) with M one of
+        1, nW, W. Returns (W, nH, N, hd).
         """
         bw, nh, n, hd = q.shape
         nw = mask.shape[0]
@@ -237,29 +241,78 @@ class WindowAttention(nn.Module):
             q, k, v = (t.reshape(bw // nw, nw * nh, n, hd) for t in (q, k, v))
             mask = mask.reshape(1, nw * nh, n, n)
         drop = self.attn_drop if self.training else 0.0
-        if self.fused if self.fused is not None else q.is_cuda:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
+        if drop == 0 and (self.fused if self.fused is not None else q.is_cuda):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         else:
-            attn = torch.matmul(q, k.transpose(-2, -1)).add_(mask)  # (B*nW, nH, N, N) or (B, nW*nH, N, N)
+            attn = torch.matmul(q, k.transpose(-2, -1)).add_(mask)  # (W, nH, N, N) or (B, nW*nH, N, N)
             attn = torch.softmax(attn, dim=-1, dtype=q.dtype)
-            out = torch.matmul(F.dropout(attn, drop, self.training), v)
+            if drop > 0:  # same memory order in both shapes, so element i of window `first` is element i here
+                keep = dropout_keep_mask(attn.shape, drop, seed, first * nh * n * n, attn.device)
+                attn = torch.where(keep, attn * (1.0 / (1.0 - drop)), 0.0)
+            out = torch.matmul(attn, v)
         return out.reshape(bw, nh, n, hd)
 
-    def _attend_sequential(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend_sequential(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor,
+        shift_mask: Optional[torch.Tensor],
+        seed: int,
+    ) -> torch.Tensor:
         """Sequential self-attention (paper Sec. 3.5): `chunk_size` windows at a time.
 
-        While training, each chunk is recomputed in the backward pass (non-reentrant checkpoint), so only one
-        chunk's attention matrix is alive at any time, forward or backward.
+        While training, each chunk is a non-reentrant checkpoint whose inputs are slices of q, k, v (views of
+        tensors autograd keeps anyway), the per-head bias (1, nH, N, N) and the shift mask (nW, N, N): the chunk's
+        attention matrix and its (chunk, nH, N, N) mask exist only while that chunk is computed, in forward and
+        again in backward, so attention memory is that of one chunk.
         """
-        bw, nw = q.shape[0], mask.shape[0]
-        window_ids = torch.arange(bw, device=q.device) % nw  # which mask each window uses
+        recompute = torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad)
         outs = []
-        for start in range(0, bw, self.chunk_size):
-            sl = slice(start, start + self.chunk_size)
-            chunk_mask = mask[window_ids[sl]]  # (chunk, nH, N, N)
-            args = (q[sl], k[sl], v[sl], chunk_mask)
-            if torch.is_grad_enabled() and q.requires_grad:
-                outs.append(checkpoint(self._attend, *args, use_reentrant=False))
-            else:
-                outs.append(self._attend(*args))
+        for i, (qc, kc, vc) in enumerate(zip(*(t.split(self.chunk_size) for t in (q, k, v)))):
+            args = (qc, kc, vc, bias, shift_mask, seed, i * self.chunk_size)
+            outs.append(
+                checkpoint(self._attend_chunk, *args, use_reentrant=False) if recompute else self._attend_chunk(*args)
+            )
         return torch.cat(outs)
+
+    def _attend_chunk(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor,
+        shift_mask: Optional[torch.Tensor],
+        seed: int,
+        first: int,
+    ) -> torch.Tensor:
+        """`_attend` for windows `first` to `first + W`, building their mask here. (W, nH, N, hd) -> same."""
+        mask = bias
+        if shift_mask is not None:
+            ids = torch.arange(first, first + q.shape[0], device=q.device) % shift_mask.shape[0]
+            mask = (bias + shift_mask[ids].unsqueeze(1)).to(bias.dtype)  # (W, nH, N, N)
+        return self._attend(q, k, v, mask, seed, first)
+
+
+def _logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
+    return (z >> bits) & ((1 << (64 - bits)) - 1)  # int64 `>>` is arithmetic: clear the copied sign bits
+
+
+# splitmix64's constants as signed int64.
+_GOLDEN, _MIX1, _MIX2 = (
+    c - 2**64 if c >= 2**63 else c for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+)
+
+
+def dropout_keep_mask(shape: torch.Size, p: float, seed: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Bool keep-mask for dropout with rate `p`: element i is kept unless a splitmix64 hash of (seed, offset + i)
+    falls below p. A counter-based draw: any run of elements gets the bits the whole tensor would give, which
+    sequential attention and recomputation need (a generator's stream depends on how the tensor is cut).
+    """
+    numel = math.prod(shape)
+    z = torch.arange(offset, offset + numel, device=device, dtype=torch.int64).mul_(_GOLDEN).add_(seed)
+    z = (z ^ _logical_shift(z, 30)).mul_(_MIX1)
+    z = (z ^ _logical_shift(z, 27)).mul_(_MIX2)
+    z = z ^ _logical_shift(z, 31)
+    return ((z & 0xFFFFFF) >= round(p * 2**24)).view(shape)

@@ -266,3 +266,33 @@ def test_a_window_clamped_before_the_last_stage_is_warned_about_by_stage():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the recipes clamp only the last stage (192 px, window 12: 6x6)
         swinv2.create_model("swinv2_tiny", img_size=192, window_size=12)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sequential_attention_with_dropout_matches_all_at_once(checkpointing):
+    """Attention dropout keeps the same elements however the windows are chunked and when blocks are recomputed:
+    equal values and gradients in training mode."""
+    model = randomize_(swinv2.SwinTransformerV2(**{**TINY, "img_size": 48, "attn_drop_rate": 0.3}))
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 48, 48)
+    torch.manual_seed(1)
+    reference = _values_and_grads(model, x)
+    for chunk in (1, 4):
+        for layer in model.layers:
+            for blk in layer.blocks:
+                blk.attn.chunk_size = chunk
+        torch.manual_seed(1)
+        _assert_same(_values_and_grads(model, x), reference)
+    torch.manual_seed(2)  # another draw drops other elements
+    assert not torch.allclose(_values_and_grads(model, x)[0], reference[0])
+
+
+def test_dropout_keep_mask_rate_and_cut_invariance():
+    from swinv2.attention import dropout_keep_mask
+
+    whole = dropout_keep_mask((4, 2, 64, 64), 0.25, seed=123, offset=0, device=torch.device("cpu"))
+    assert abs(whole.float().mean().item() - 0.75) < 0.01
+    part = dropout_keep_mask((1, 2, 64, 64), 0.25, seed=123, offset=2 * 2 * 64 * 64, device=torch.device("cpu"))
+    assert torch.equal(part[0], whole[2])
+    other = dropout_keep_mask((4, 2, 64, 64), 0.25, seed=124, offset=0, device=torch.device("cpu"))
+    assert (other != whole).float().mean() > 0.3  # another seed, independent bits

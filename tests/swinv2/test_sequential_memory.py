@@ -1,0 +1,25 @@
+"""Sequential attention bounds memory: the peak of a training step, measured, falls as the chunk shrinks, in
+forward and in backward, with and without activation checkpointing (`benchmarks/memory.py`, one fresh process)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "memory.py"
+
+
+def test_peak_memory_falls_as_the_chunk_shrinks():
+    # One stage of 2 blocks, 128x128 tokens in 16 windows of 32x32: each block's attention is 134 MB in fp32.
+    args = ["--arch", "swinv2_tiny", "--encoder_kwargs", '{"embed_dim": 32, "depths": [2], "num_heads": [2]}']
+    args += ["--sizes", "512", "--window", "32", "--chunks", "4", "1", "--one_process", "--json"]
+    out = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["name"]: r for r in map(json.loads, (line for line in out.stdout.splitlines() if line.startswith("{")))}
+    for phase in ("forward_mib", "backward_mib"):
+        above = {name: r[phase] - r["model_mib"] for name, r in rows.items()}  # MiB above the built model
+        for ladder in (["plain", "sequential-4", "sequential-1"], ["checkpoint", "both-4", "both-1"]):
+            peaks = [above[n] for n in ladder]
+            # each step saves at least 30 MiB here (a quarter of one block's attention or more)
+            assert all(a - b > 30 for a, b in zip(peaks, peaks[1:])), (phase, dict(zip(ladder, peaks)))
+        assert above["both-1"] < 0.3 * above["plain"], (phase, above)
