@@ -22,11 +22,13 @@ from pytorch_lightning.utilities import rank_zero_warn
 from simmim.bad_images import BadImageLimit
 from simmim.errors import ConfigError, DataError
 from simmim.export import SafeCheckpointIO
-from simmim.runs import ClaimCheckpointFolders, newest_last_checkpoint
+from simmim.runs import ClaimCheckpointFolders, is_checkpoint, metadata_file, newest_last_checkpoint
+from simmim.sharding import register as register_strategies
 from swinv2.convert import CheckpointMismatchError
 from swinv2.reading import UnreadableCheckpointError, UnsafeCheckpointError, read_checkpoint
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+register_strategies()  # `--trainer.strategy zero1 | fsdp2 | fsdp2_no_reshard`, and `fsdp` wrapping each block
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # main(args) is how tests and the entry point drive the CLI; the warning about args beside sys.argv is noise.
@@ -152,10 +154,13 @@ class StageCLI(LightningCLI):
             newest = newest_last_checkpoint(config.trainer.get("default_root_dir") or os.getcwd())
             if newest is not None:
                 config.ckpt_path = str(newest)
+        path = config.get("ckpt_path")
         try:
-            super()._parse_ckpt_path()
+            if path and os.path.isdir(path) and is_checkpoint(path):  # sharded: the hyper-parameters are in its meta
+                config.ckpt_path = str(metadata_file(path))
+            super()._parse_ckpt_path()  # may replace self.config
+            self.config[self.config.subcommand].ckpt_path = path
         except Exception:
-            path = config.get("ckpt_path")
             raw = read_checkpoint(path)  # raises the one-line error for a refused or unreadable file
             raise UnreadableCheckpointError(
                 f"{path} is not a Lightning checkpoint of this project (its entries: {sorted(raw)[:8]}): "
@@ -168,7 +173,7 @@ class StageCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt, logger = config.get("ckpt_path"), config.trainer.get("logger")
         init = logger.get("init_args") if hasattr(logger, "get") else None
-        if self.subcommand != "fit" or not ckpt or not os.path.isfile(ckpt) or init is None:
+        if self.subcommand != "fit" or not is_checkpoint(ckpt) or init is None:
             return
         run = Path(ckpt).resolve().parent.parent
         if "save_dir" in init and "version" in init and init.get("version") is None:

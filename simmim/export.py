@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 import swinv2
+from simmim.sharding import full_state_dict, is_sharded
 from swinv2.reading import read_checkpoint
 
 
@@ -23,7 +24,8 @@ def run_dir(trainer: pl.Trainer) -> str:
 class ExportWeights(pl.Callback):
     """At the end of fit, write the SwinV2 in `pl_module.<attribute>` to `<run>/<name>` for every
     `{name: layout}` in `files` with `swinv2.save_weights` (each file records the architecture, so
-    `swinv2.create_model_from_checkpoint(path)` rebuilds the model alone).
+    `swinv2.create_model_from_checkpoint(path)` rebuilds the model alone). A model sharded by FSDP2 is gathered
+    first, so the files are the same plain single-process weights under every strategy.
 
     Args:
         attribute: The LightningModule attribute holding the `swinv2.SwinTransformerV2`.
@@ -41,9 +43,13 @@ class ExportWeights(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         folder = run_dir(trainer)  # collective: before the rank-zero check
+        model = getattr(pl_module, self.attribute)
+        if is_sharded(model):  # FSDP2: gather the shards (collective), write a plain single-process model
+            state = full_state_dict(model)
+            model = swinv2.SwinTransformerV2(**model.architecture())
+            model.load_state_dict(state)
         if not trainer.is_global_zero:
             return
-        model = getattr(pl_module, self.attribute)
         self.paths = [swinv2.save_weights(os.path.join(folder, n), model, layout) for n, layout in self.files.items()]
 
 

@@ -136,7 +136,8 @@ def configure_adamw(
     milestone_epochs: Sequence[int] = (),
     gamma: float = 0.1,
 ):
-    """AdamW with a per-step LambdaLR, in Lightning's `configure_optimizers` format.
+    """AdamW with a per-step LambdaLR, in Lightning's `configure_optimizers` format; under `--trainer.strategy
+    zero1` the AdamW is wrapped in `ZeroRedundancyOptimizer`, so each rank keeps its share of the states.
 
     LRs are per 512 images and scaled by the total batch (per-device batch x world size x accumulation, read from
     the trainer) when `scale_lr`. Warmup and milestones are in epochs of `steps_per_epoch` optimizer steps, so a
@@ -162,7 +163,12 @@ def configure_adamw(
     )
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    if getattr(trainer.strategy, "shards_optimizer_state", False):  # `--trainer.strategy zero1`
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=lr, betas=tuple(betas), eps=eps)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: lr_factor(s, warmup_steps, total_steps, warmup_lr / lr, min_lr / lr, schedule, milestones, gamma),
@@ -173,9 +179,18 @@ def configure_adamw(
 def drop_nonfinite_grads(module: torch.nn.Module) -> bool:
     """Skip an optimizer step whose gradients hold inf/NaN (e.g. an fp16 overflow) by clearing every gradient:
     AdamW then leaves all parameters and moments untouched. Under DDP the gradients are already all-reduced, so
-    every rank takes the same decision. Returns True when the step was skipped."""
+    every rank takes the same decision; under FSDP2 each rank holds a shard of them, and the ranks agree by an
+    all-reduce. Returns True when the step was skipped."""
+    from torch.distributed.tensor import DTensor
+
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    finite = torch.stack([torch.isfinite(g).all() for g in local]).all() if local else torch.tensor(True)
+    if any(isinstance(g, DTensor) for g in grads):
+        flag = finite.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag.bool()
+    if not grads or finite:
         return False
     for p in module.parameters():
         p.grad = None

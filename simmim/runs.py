@@ -22,15 +22,29 @@ import pytorch_lightning as pl
 from simmim.errors import ConfigError
 
 LOCK_NAME = ".run.lock"
+SHARDED_METADATA = "meta.pt"  # Lightning's name for it in a sharded (torch.distributed.checkpoint) folder
 
 
 def newest_last_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     """The most recently written `last*.ckpt` in a run's `checkpoints` folder under `root`: `<root>/checkpoints`
     (no logger) or `<root>/<name>/<version>/checkpoints` (a logger), or one level between; None when there is
-    none. The search goes no deeper, so a root that also holds a dataset is not walked."""
+    none. The search goes no deeper, so a root that also holds a dataset is not walked. A sharded checkpoint
+    (`--trainer.strategy fsdp2`) is a folder, dated by its metadata file."""
     patterns = ("checkpoints/last*.ckpt", "*/checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt")
-    found = [p for pattern in patterns for p in Path(root).glob(pattern) if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    found = [p for pattern in patterns for p in Path(root).glob(pattern) if is_checkpoint(p)]
+    return max(found, key=lambda p: metadata_file(p).stat().st_mtime) if found else None
+
+
+def metadata_file(checkpoint: str | os.PathLike) -> Path:
+    """The file holding a checkpoint's hyper-parameters and loop state: the checkpoint itself, or `meta.pt` in
+    the folder of a sharded one."""
+    path = Path(checkpoint)
+    return path / SHARDED_METADATA if path.is_dir() else path
+
+
+def is_checkpoint(path: str | os.PathLike | None) -> bool:
+    """A checkpoint file, or a sharded checkpoint's folder (one with its metadata file)."""
+    return bool(path) and metadata_file(path).is_file()
 
 
 def checkpoint_folder(callback, trainer: pl.Trainer) -> Path:
@@ -124,7 +138,7 @@ class ClaimCheckpointFolders(pl.Callback):
         if trainer.is_global_zero:
             folders = sorted({checkpoint_folder(cb, trainer).resolve() for cb in trainer.checkpoint_callbacks})
             ckpt = self.resume_from or trainer.ckpt_path
-            resumed = Path(ckpt).resolve().parent if ckpt and os.path.isfile(ckpt) else None
+            resumed = Path(ckpt).resolve().parent if is_checkpoint(ckpt) else None
             for folder in folders:
                 problem = claim_folder(folder, resuming_here=folder == resumed)
                 if problem:

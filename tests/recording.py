@@ -1,5 +1,6 @@
 """A callback for tests that run the command line in a subprocess: it appends one JSON line per training batch
-(rank, epoch, batch index, a fingerprint of every sample's pixels and mask, the loss) to a file, flushed at once so
+(rank, epoch, batch index, a fingerprint of every sample's pixels and mask, the loss, the bytes of optimizer state
+the rank holds) to a file, flushed at once so
 that a killed run leaves its record, and can kill its own process with SIGKILL at a given step."""
 
 import hashlib
@@ -9,6 +10,8 @@ import signal
 from typing import Optional
 
 import pytorch_lightning as pl
+
+from simmim.sharding import optimizer_state_bytes
 
 
 def fingerprint(tensor) -> str:
@@ -32,6 +35,7 @@ class BatchLog(pl.Callback):
             "images": [fingerprint(x) for x in batch[0]],
             "masks": [fingerprint(m) for m in batch[1]],
             "loss": float(outputs["loss"]),
+            "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizers),  # this rank's share
         }
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

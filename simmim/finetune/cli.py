@@ -18,6 +18,7 @@ from simmim.export import ExportWeights
 from simmim.finetune.callbacks import PredictionCSV
 from simmim.finetune.data import ClassificationDataModule, class_names
 from simmim.finetune.module import SwinV2Classifier
+from simmim.runs import is_checkpoint
 
 DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safetensors"
 
@@ -40,7 +41,7 @@ class FinetuneCLI(StageCLI):
         given, ckpt = config.model.num_classes, config.get("ckpt_path")
         if given is None:
             config.model.num_classes = found
-        elif given != found and ckpt and os.path.isfile(ckpt):
+        elif given != found and is_checkpoint(ckpt):
             raise ConfigError(
                 f"--ckpt_path {ckpt} was trained with {given} classes, but --data.root has {data}: "
                 "pass the training data's --data.root (or its --config), so that classes keep their names"

@@ -16,11 +16,12 @@ from simmim.errors import require
 from simmim.finetune.layer_decay import layer_decay_param_groups
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
 from simmim.seeding import StepSeeding
+from simmim.sharding import ShardedModel
 
 log = logging.getLogger(__name__)
 
 
-class SwinV2Classifier(StepSeeding, pl.LightningModule):
+class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
     """SwinV2 fine-tuning with the official SimMIM fine-tuning recipe (docs/recipes.md).
 
     Args:

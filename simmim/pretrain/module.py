@@ -12,9 +12,10 @@ import swinv2
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads, param_groups_weight_decay
 from simmim.pretrain.model import SimMIM
 from simmim.seeding import StepSeeding
+from simmim.sharding import ShardedModel
 
 
-class SimMIMPretrainer(StepSeeding, pl.LightningModule):
+class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
     """SimMIM pretraining with the official SwinV2 recipe (docs/recipes.md).
 
     Args:

@@ -1,0 +1,95 @@
+"""Sharded training through Lightning's strategies, on CPU with gloo and 2 processes: `zero1` and `fsdp2` train
+with DDP's losses (with activation checkpointing and sequential attention on), resume exactly from their own
+checkpoints after a SIGKILL (`fsdp2`'s shards under `fsdp2_no_reshard`), write exports that load in one process,
+and hold about half the optimizer state per rank."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import image_folder
+from pytorch_lightning.strategies import FSDPStrategy, StrategyRegistry
+
+import swinv2
+from simmim.sharding import FSDP2Strategy, ZeroOneStrategy
+from swinv2.blocks import SwinTransformerBlock
+
+TESTS = str(Path(__file__).resolve().parents[1])  # recording.py
+ENCODER = {"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}
+RUN = [
+    "--data.img_size", "32", "--data.mask_patch_size", "8", "--data.batch_size", "4", "--data.val_fraction", "0",
+    "--data.num_workers", "0", "--model.drop_path_rate", "0.2", "--trainer.limit_val_batches", "0",
+    "--trainer.precision", "32", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "4",
+]  # fmt: skip
+
+
+def _run(args, log, kill_at_step=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    record = ["--trainer.callbacks+=recording.BatchLog", "--trainer.callbacks.path", str(log)]
+    if kill_at_step is not None:
+        record += ["--trainer.callbacks.kill_at_step", str(kill_at_step)]
+    cmd = [sys.executable, "-m", "simmim.pretrain", *args, *record]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _by_step(path):
+    from recording import read_log
+
+    return {(r["rank"], r["step"]): r for r in read_log(path)}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """The reference: plain DDP, 4 steps."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    root = str(image_folder(tmp / "imgs", [f"{i}.png" for i in range(32)], size=40))
+    args = ["--data.root", root, *RUN, "--model.encoder_kwargs", str(ENCODER).replace("'", '"')]
+    out = _run([*args, "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp / "run")], tmp / "log")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, _by_step(tmp / "log"), tmp / "run" / "logs" / "version_0" / "encoder.safetensors"
+
+
+def test_the_strategy_names_are_registered():
+    assert StrategyRegistry["zero1"]["strategy"] is ZeroOneStrategy
+    assert StrategyRegistry["fsdp2"]["strategy"] is FSDP2Strategy
+    assert StrategyRegistry["fsdp2_no_reshard"]["init_params"] == {"reshard_after_forward": False}
+    fsdp = StrategyRegistry.get("fsdp")
+    assert isinstance(fsdp, FSDPStrategy) and SwinTransformerBlock in fsdp.kwargs["auto_wrap_policy"]._module_classes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["zero1", "fsdp2"])
+def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(tmp_path, ddp_run, strategy):
+    root, reference, reference_export = ddp_run
+    encoder = str({**ENCODER, "attn_chunk_size": 2}).replace("'", '"')
+    args = ["--data.root", root, *RUN, "--trainer.strategy", strategy, "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--model.encoder_kwargs", encoder, "--model.use_checkpoint", "true", "--checkpoint_every_n_steps", "2"]
+    killed = _run(args, tmp_path / "log", kill_at_step=2)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    last = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() if strategy == "fsdp2" else last.is_file()  # per-rank shards / one gathered file
+    if strategy == "fsdp2":  # the same shards resume with the gathered weights kept from forward to backward
+        args[args.index("fsdp2")] = "fsdp2_no_reshard"
+    resumed = _run([*args, "--ckpt_path", "last"], tmp_path / "log")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    rows = _by_step(tmp_path / "log")
+    assert sorted(rows) == sorted(reference)  # 4 steps on each rank, none repeated
+    for key, ref in reference.items():
+        assert rows[key]["images"] == ref["images"] and rows[key]["masks"] == ref["masks"], key
+        assert rows[key]["loss"] == pytest.approx(ref["loss"], rel=1e-4), key
+        # each rank holds about half of DDP's AdamW moments (odd-sized shards: within 10%)
+        assert rows[key]["optimizer_state_bytes"] < 0.55 * ref["optimizer_state_bytes"], key
+    for step in (1, 4):
+        both = rows[(0, step)]["optimizer_state_bytes"] + rows[(1, step)]["optimizer_state_bytes"]
+        assert both == pytest.approx(reference[(0, step)]["optimizer_state_bytes"], rel=0.05)
+
+    export = tmp_path / "logs" / "version_0" / "encoder.safetensors"
+    model = swinv2.create_model_from_checkpoint(export)  # one process, no strategy
+    expected = swinv2.create_model_from_checkpoint(reference_export)
+    for (name, a), b in zip(model.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
