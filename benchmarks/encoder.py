@@ -3,6 +3,7 @@
     python benchmarks/encoder.py                       # SwinV2-T, 192 px, window 12, batch 8, fp32 + bf16, CPU
     python benchmarks/encoder.py --device cuda --batch 64
     python benchmarks/encoder.py --impls ours ours-fused ours-unfused ours-compiled timm
+    python benchmarks/encoder.py --model swinv2_base --impls ours ours+compile timm timm+compile transformers
 
 Both models get the same weights (`to_timm_state_dict`). Timing alternates the models step by step; img/s is the
 median over rounds, and the speed ratio is the median of the per-round ratios (paired, so that drift of this
@@ -14,6 +15,7 @@ each model measured in a fresh subprocess (the CPU allocator has no peak counter
 from __future__ import annotations
 
 import argparse
+import datetime
 import multiprocessing as mp
 import resource
 import statistics
@@ -26,10 +28,44 @@ import torch
 
 import swinv2
 
-FUSED = {"ours": None, "timm": None, "ours-fused": True, "ours-unfused": False, "ours-compiled": None}
+FUSED = {
+    "ours": None,
+    "timm": None,
+    "ours-fused": True,
+    "ours-unfused": False,
+    "ours-compiled": None,
+    "transformers": None,
+}
+COMPILE = "+compile"  # suffix: torch.compile the whole model
+
+
+class HFEncoder(torch.nn.Module):
+    """transformers' `Swinv2Model` of the same shape (its own random weights: for speed only), returning a tensor."""
+
+    def __init__(self, arch: str, img_size: int, window: int) -> None:
+        super().__init__()
+        from transformers import Swinv2Config, Swinv2Model
+
+        v = swinv2.VARIANTS[arch]
+        config = Swinv2Config(
+            image_size=img_size,
+            patch_size=4,
+            embed_dim=v["embed_dim"],
+            depths=list(v["depths"]),
+            num_heads=list(v["num_heads"]),
+            window_size=window,
+        )
+        self.model = Swinv2Model(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).pooler_output
 
 
 def build(impl: str, args: argparse.Namespace, fused: Optional[bool] = None) -> torch.nn.Module:
+    if impl.endswith(COMPILE):
+        return torch.compile(build(impl[: -len(COMPILE)], args, fused))
+    if impl == "transformers":
+        return HFEncoder(args.model, args.img_size, args.window)
     ours = swinv2.create_model(args.model, img_size=args.img_size, window_size=args.window, fused_attn=fused)
     if impl == "ours-compiled":
         ours.compile_attention()
@@ -40,6 +76,10 @@ def build(impl: str, args: argparse.Namespace, fused: Optional[bool] = None) -> 
     )
     theirs.load_state_dict(swinv2.to_timm_state_dict(ours))
     return theirs
+
+
+def fused_of(impl: str) -> Optional[bool]:
+    return FUSED[impl.removesuffix(COMPILE)]
 
 
 def make_step(model: torch.nn.Module, args: argparse.Namespace, dtype: str) -> Callable[[], None]:
@@ -97,9 +137,9 @@ def main() -> None:
         "--impls",
         nargs="+",
         default=["ours", "timm"],
-        choices=sorted(FUSED),
-        help="what to time: ours (defaults), timm, ours-fused / ours-unfused (fused_attn forced), "
-        "ours-compiled (compile_attention())",
+        choices=sorted(FUSED) + sorted(i + COMPILE for i in FUSED),
+        help="what to time: ours (defaults), timm, transformers, ours-fused / ours-unfused (fused_attn forced), "
+        "ours-compiled (compile_attention()); NAME+compile: torch.compile of the whole model",
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,11 +148,11 @@ def main() -> None:
     impls = list(dict.fromkeys(args.impls + ["timm"]))  # timm is the reference of every ratio
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"{args.model}, {args.img_size} px, window {args.window}, batch {args.batch}, fwd+bwd, {device_name}")
-    print(f"torch {torch.__version__}, timm {timm.__version__}")
+    print(f"torch {torch.__version__}, timm {timm.__version__}, {datetime.date.today()}")
     print("| dtype | impl | img/s | ms/step | peak MiB | speed vs timm |")
     print("|---|---|---|---|---|---|")
     for dtype in args.dtypes:
-        steps = {i: make_step(build(i, args, FUSED[i]), args, dtype) for i in impls}
+        steps = {i: make_step(build(i, args, fused_of(i)), args, dtype) for i in impls}
         times: Dict[str, List[float]] = {i: [] for i in impls}
         for step in steps.values():  # warm-up
             step()
@@ -127,7 +167,7 @@ def main() -> None:
         med = {i: statistics.median(t) for i, t in times.items()}
         ratio = {i: statistics.median(a / b for a, b in zip(times["timm"], times[i])) for i in impls}
         for impl in impls:
-            mem = peak_memory_mib(impl, args, dtype, FUSED[impl])
+            mem = peak_memory_mib(impl, args, dtype, fused_of(impl))
             print(
                 f"| {dtype} | {impl} | {args.batch / med[impl]:.1f} | {med[impl] * 1e3:.0f} | {mem:.0f} "
                 f"| {ratio[impl]:.2f}x |"

@@ -156,9 +156,8 @@ def detail(rows: List[Dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['size']} | {r['name']} | - | OOM | OOM |")
         else:
-            lines.append(
-                f"| {r['size']} | {r['name']} | {r['model_mib']:.0f} | {r['forward_mib']:.0f} | {r['backward_mib']:.0f} |"
-            )
+            mib = " | ".join(f"{r[k]:.0f}" for k in ("model_mib", "forward_mib", "backward_mib"))
+            lines.append(f"| {r['size']} | {r['name']} | {mib} |")
     return "\n".join(lines)
 
 
@@ -172,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="32", choices=["32", "bf16"])
-    p.add_argument("--out", default=None, help="write the Markdown tables to this file")
+    p.add_argument("--out", default=None, help="write the Markdown tables to this file (and the rows to .json)")
     p.add_argument("--json", action="store_true", help="print one JSON row per setting")
     p.add_argument(
         "--one_process",
@@ -202,9 +201,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         + " (forward, backward and AdamW step):\n\n"
     )
     report = header + table(rows) + "\n\nBy phase (MiB; model = in use before the step):\n\n" + detail(rows) + "\n"
-    if args.out:
+    if args.out:  # the tables, and the rows as JSON beside them (read by benchmarks/memory_model.py)
         with open(args.out, "w") as f:
             f.write(report)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(rows, f, indent=1)
     print(report)
     return rows
 

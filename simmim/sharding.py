@@ -2,7 +2,8 @@
 
 - `zero1`: DDP with the AdamW states sharded across ranks (ZeRO stage 1, as the SwinV2 paper trains SwinV2-G):
   `torch.distributed.optim.ZeroRedundancyOptimizer`. Weights and gradients stay replicated; checkpoints gather
-  the optimizer states on rank 0 into one file. Runs on CPU (gloo) and GPU (NCCL).
+  the optimizer states on rank 0 into one file. DDP's gradient buckets double as the gradients
+  (`gradient_as_bucket_view`), saving a copy of them. Runs on CPU (gloo) and GPU (NCCL).
 - `fsdp2`: FSDP2 (`torch.distributed.fsdp.fully_shard`) through Lightning's `ModelParallelStrategy`: weights,
   gradients and optimizer states sharded, each SwinV2 block its own unit, gathered for its forward and backward
   and freed after. Checkpoints are folders of per-rank shards (torch.distributed.checkpoint). CPU and GPU.
@@ -34,6 +35,10 @@ class ZeroOneStrategy(DDPStrategy):
 
     strategy_name = "zero1"
     shards_optimizer_state = True
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("gradient_as_bucket_view", True)  # DDP's buckets are the gradients: no second copy
+        super().__init__(**kwargs)
 
     def setup_optimizers(self, trainer) -> None:
         super().setup_optimizers(trainer)

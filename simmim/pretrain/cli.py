@@ -43,7 +43,9 @@ def main(args: Optional[List[str]] = None) -> PretrainCLI:
         cli = PretrainCLI(SimMIMPretrainer, PretrainDataModule, args=args)
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:
         ckpt = cli.trainer.checkpoint_callback
-        print(f"\ncheckpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or '-'})")
+        loss = cli.trainer.callback_metrics.get("train/loss")
+        print(f"\nsteps: {cli.trainer.global_step}, last training loss: {'-' if loss is None else f'{loss:.4f}'}")
+        print(f"checkpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or '-'})")
         print(f"encoder export: {cli.export.path}")
         print(f"reconstruction grid: {cli.grid.last_path or cli.grid.why_none(cli.trainer)}")
     return cli
