@@ -134,8 +134,8 @@ def state_bytes(g: Geometry, strategy: str, ranks: int, checkpoint: bool) -> flo
 
 def scenario_table(arch: str, size: int, window: int, a: float, b: float, gpus=(8, 32, 64), memories=(40, 80)) -> str:
     g = geometry(arch, size, window)
-    head = " | ".join(f"{n} GPUs" for n in gpus)
-    fits = " | ".join(f"{m} GB x {n}" for m in memories for n in gpus)
+    head = " / ".join(f"{n} GPUs" for n in gpus)
+    fits = " / ".join(f"{m} GB x {n}" for m in memories for n in gpus)
     lines = [
         f"| strategy | checkpointing | sequential | states, GB ({head}) | activations, GB per image | "
         f"images per GPU that fit ({fits}) |",
