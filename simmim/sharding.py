@@ -17,7 +17,7 @@ Activation checkpointing (`--model.use_checkpoint true`) and sequential attentio
 
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -70,9 +70,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes  # Lightning's "auto" is the node count
         super().setup_environment()
 
-    def shard(self, module: nn.Module) -> None:
-        """`fully_shard` each SwinV2 block of `module`, then `module` itself (once; later calls do nothing)."""
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+    def shard(self, module: nn.Module, forward_methods: Sequence[str] = ()) -> None:
+        """`fully_shard` each SwinV2 block of `module`, then `module` itself (once; later calls do nothing).
+        `forward_methods` are methods of `module` other than `forward` that run the model (such as SimMIM's
+        `reconstruct`): they gather and free the root's weights as `forward` does."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
         if isinstance(module, FSDPModule):
             return
@@ -81,16 +83,22 @@ class FSDP2Strategy(ModelParallelStrategy):
             if isinstance(m, SHARDED_UNITS):
                 fully_shard(m, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
         fully_shard(module, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        for name in forward_methods:
+            register_fsdp_forward_method(module, name)
 
 
 class ShardedModel:
     """LightningModule mixin: under `fsdp2` (any strategy with a `shard` method), `configure_model` shards the
-    module's `model` attribute block by block. Under other strategies it does nothing."""
+    module's `model` attribute block by block. Under other strategies it does nothing. Under sharding, run the model
+    through `self.model(...)` or one of `SHARDED_FORWARD_METHODS`, on every rank: a forward gathers weights from
+    all ranks, and a submodule called directly (`self.model.encoder`) would find its root's weights still sharded."""
+
+    SHARDED_FORWARD_METHODS: Sequence[str] = ()
 
     def configure_model(self) -> None:
         shard = getattr(self.trainer.strategy, "shard", None)
         if shard is not None:
-            shard(self.model)
+            shard(self.model, self.SHARDED_FORWARD_METHODS)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -39,6 +39,8 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
             older configs and checkpoints load.
     """
 
+    SHARDED_FORWARD_METHODS = ("reconstruct",)  # the reconstruction grid's forward
+
     def __init__(
         self,
         arch: str = "swinv2_base",

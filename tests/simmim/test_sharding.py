@@ -94,3 +94,38 @@ def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(tmp_path,
     expected = swinv2.create_model_from_checkpoint(reference_export)
     for (name, a), b in zip(model.state_dict().items(), expected.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_both_stages_train_validate_and_export_under_fsdp2(tmp_path):
+    """Pretraining with validation (the reconstruction grid is a sharded forward, run on every rank), then
+    fine-tuning from its export, both under `fsdp2` on 2 CPU processes; the classifier export loads in one process."""
+    from simmim.builtin_data import prepare_digits
+
+    root = str(image_folder(tmp_path / "imgs", [f"{i}.png" for i in range(32)], size=40))
+    pre = ["--data.root", root, *RUN, "--trainer.strategy", "fsdp2", "--trainer.default_root_dir", str(tmp_path)]
+    pre += ["--model.encoder_kwargs", str(ENCODER).replace("'", '"')]
+    for option, value in (
+        ("--data.val_fraction", "0.25"),
+        ("--trainer.limit_val_batches", "1"),
+        ("--trainer.max_steps", "2"),
+    ):
+        pre[pre.index(option) + 1] = value
+    out = subprocess.run([sys.executable, "-m", "simmim.pretrain", *pre], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    version = tmp_path / "logs" / "version_0"
+    assert (version / "reconstructions" / "final.png").is_file()
+
+    digits = str(prepare_digits(tmp_path / "digits", size=32))
+    fine = ["--data.root", digits, "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0"]
+    fine += ["--model.arch", "swinv2_tiny", "--model.encoder_kwargs", str(ENCODER).replace("'", '"')]
+    fine += ["--model.window_size", "4", "--model.pretrained", str(version / "encoder.safetensors")]
+    fine += ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.precision", "32"]
+    fine += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "fsdp2"]
+    fine += ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "fine")]
+    out = subprocess.run([sys.executable, "-m", "simmim.finetune", *fine], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    classifier = swinv2.create_model_from_checkpoint(
+        tmp_path / "fine" / "logs" / "version_0" / "classifier.safetensors"
+    )
+    assert classifier.num_classes == 10 and not any(type(p).__name__ == "DTensor" for p in classifier.parameters())
