@@ -75,7 +75,7 @@ if [ "$MODE" = gpu ]; then
   IMPLS=(ours ours+compile timm timm+compile transformers)
   STRATEGY_STEPS=(--trainer.max_steps 30 --trainer.precision bf16-mixed)
   MEMORY=(--device cuda --precision bf16 --sizes 192 384 768 1536)
-  STRATEGIES=(ddp fsdp fsdp2)
+  STRATEGIES=(ddp zero1 fsdp2)
 else
   ACCEL=(--trainer.accelerator cpu --trainer.devices 1)
   TINY=(--data.img_size 32 --data.mask_patch_size 8 --data.batch_size 4 --trainer.precision 32
@@ -86,7 +86,7 @@ else
   STRATEGY_STEPS=(--trainer.max_steps 2 --data.num_workers 0 --trainer.limit_val_batches 0 "${TINY[@]}")
   MEMORY=(--arch swinv2_tiny --encoder_kwargs '{"embed_dim": 24, "depths": [2], "num_heads": [2]}'
           --sizes 128 --window 16 --one_process)
-  STRATEGIES=(ddp fsdp2)  # Lightning refuses FSDP1 on CPU
+  STRATEGIES=(ddp fsdp2)
 fi
 
 {

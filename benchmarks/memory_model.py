@@ -16,12 +16,16 @@ States, bytes per parameter P (AdamW, bf16 autocast over fp32 weights, as the re
   and adds the gathered weights of the largest block, twice (the one computing and the one prefetched).
 
 Activations per image: every block saves `a` elements per token and channel (its input, q/k/v, the MLP's hidden
-layers...) and `b` per attention-matrix element (tokens x heads x window tokens). a and b are fitted to the
-measured plain and sequential-attention peaks of SwinV2-B; the model is then checked against the rows it was not
-fitted to. With activation checkpointing, blocks keep only their inputs, and the largest block's activations come
-back once, during its backward. Sequential attention (1 window at a time) removes the attention term except in a
-stage whose windows all fit in one chunk. bf16: 2 bytes per saved element, except the fp32 residual stream that
-checkpointing keeps (4).
+layers...) and, on the explicit CPU path, `b` per attention-matrix element (tokens x heads x window tokens: the
+softmax output). a and b are fitted to the measured plain and sequential-attention forward peaks of SwinV2-B at
+384 and 768 px; the check table lists every measured row, those four included. With activation checkpointing,
+blocks keep only their inputs, and the largest block's activations come back once, during its backward.
+Sequential attention (1 window at a time) removes the attention term except in a stage whose windows all fit in
+one chunk. bf16: 2 bytes per saved element, except the fp32 residual stream that checkpointing keeps (4).
+
+The G tables are for GPUs, where attention is fused (`F.scaled_dot_product_attention`): no attention matrix per
+image, but every block keeps its whole mask for backward, (nW, nH, N, N) in a shifted block, whatever the batch;
+sequential attention builds each chunk's mask inside the chunk and keeps none. Those masks count with the states.
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ class Geometry:
     largest_block_tc: float
     largest_block_attention: float
     single_window_attention: float  # attention of stages whose image has one window (not chunked at batch 1)
+    masks: float  # elements of every block's (nW, nH, N, N) attention mask (shifted) or (1, nH, N, N) bias
+    largest_mask: float
 
 
 def geometry(arch: str, size: int, window: int) -> Geometry:
     with torch.device("meta"):
         model = swinv2.create_model(arch, img_size=size, window_size=window, num_classes=0, mask_token=True)
-    tc, att, single, per_block = 0.0, 0.0, 0.0, []
+    tc, att, single, per_block, masks = 0.0, 0.0, 0.0, [], []
     for layer in model.layers:
         for blk in layer.blocks:
             (h, w), (wh, ww) = blk.input_resolution, blk.window_size
@@ -65,7 +71,9 @@ def geometry(arch: str, size: int, window: int) -> Geometry:
             t, c, n = hp * wp, blk.attn.dim, wh * ww
             a = t * blk.attn.num_heads * n
             tc, att = tc + t * c, att + a
-            single += a if (hp // wh) * (wp // ww) == 1 else 0.0
+            windows = (hp // wh) * (wp // ww)
+            single += a if windows == 1 else 0.0
+            masks.append((windows if blk.attn_mask is not None else 1) * blk.attn.num_heads * n * n)
             per_block.append((sum(p.numel() for p in blk.parameters()), t * c, a))
     big = max(per_block)
     return Geometry(
@@ -77,16 +85,27 @@ def geometry(arch: str, size: int, window: int) -> Geometry:
         largest_block_tc=max(b[1] for b in per_block),
         largest_block_attention=max(b[2] for b in per_block),
         single_window_attention=single,
+        masks=sum(masks),
+        largest_mask=max(masks),
     )
 
 
-def activation_elements(g: Geometry, a: float, b: float, checkpoint: bool, sequential: bool) -> Tuple[float, float]:
-    """(saved elements per image at the end of forward, extra elements per image during the largest backward)."""
-    attention = g.single_window_attention if sequential else g.attention
+def activation_elements(
+    g: Geometry, a: float, b: float, checkpoint: bool, sequential: bool, fused: bool = False
+) -> Tuple[float, float, float]:
+    """(saved elements per image at the end of forward, extra elements per image during the largest backward,
+    elements independent of the batch).
+
+    `fused`: the GPU path (`F.scaled_dot_product_attention`), which keeps no attention matrix per image, only
+    per-row statistics, but keeps each block's whole mask, (nW, nH, N, N) in a shifted block, for its backward;
+    sequential attention builds each chunk's mask inside the chunk and keeps none. The explicit CPU path keeps the
+    softmax output (the `b` term) and, made in place, no mask."""
+    attention = 0.0 if fused else (g.single_window_attention if sequential else g.attention)
+    masks = 0.0 if (sequential or not fused) else (g.largest_mask if checkpoint else g.masks)
     if not checkpoint:
-        return a * g.token_channels + b * attention, 0.0
-    block_attention = 0.0 if sequential else g.largest_block_attention
-    return g.token_channels, BACKWARD_FACTOR * (a * g.largest_block_tc + b * block_attention)
+        return a * g.token_channels + b * attention, 0.0, masks
+    block_attention = 0.0 if (sequential or fused) else g.largest_block_attention
+    return g.token_channels, BACKWARD_FACTOR * (a * g.largest_block_tc + b * block_attention), masks
 
 
 def fit(measured: List[Dict]) -> Tuple[float, float]:
@@ -113,7 +132,7 @@ def check(measured: List[Dict], a: float, b: float) -> str:
         if "error" in r:
             continue
         g = geometry(r["arch"], r["size"], r["window"])
-        saved, extra = activation_elements(g, a, b, r["checkpoint"], bool(r["chunk"]))
+        saved, extra, _ = activation_elements(g, a, b, r["checkpoint"], bool(r["chunk"]))
         predicted = r["model_mib"] + 12 * g.params_with_head / MIB + (saved + extra) * 4 / MIB
         got = r["step_mib"]
         lines.append(f"| {r['size']} | {r['name']} | {got:.0f} | {predicted:.0f} | {predicted / got:.2f} |")
@@ -137,16 +156,16 @@ def scenario_table(arch: str, size: int, window: int, a: float, b: float, gpus=(
     head = " / ".join(f"{n} GPUs" for n in gpus)
     fits = " / ".join(f"{m} GB x {n}" for m in memories for n in gpus)
     lines = [
-        f"| strategy | checkpointing | sequential | states, GB ({head}) | activations, GB per image | "
+        f"| strategy | checkpointing | sequential | states and masks, GB ({head}) | activations, GB per image | "
         f"images per GPU that fit ({fits}) |",
         "|---|---|---|---|---|---|",
     ]
     for strategy in STRATEGIES:
         for checkpoint in (False, True):
             for sequential in (False, True):
-                saved, extra = activation_elements(g, a, b, checkpoint, sequential)
+                saved, extra, masks = activation_elements(g, a, b, checkpoint, sequential, fused=True)
                 per_image = (saved * (4 if checkpoint else 2) + extra * 2) / GB
-                states = [state_bytes(g, strategy, n, checkpoint) / GB for n in gpus]
+                states = [(state_bytes(g, strategy, n, checkpoint) + 2 * masks) / GB for n in gpus]
                 batch = [max(0, math.floor((m * RESERVE - s) / per_image)) for m in memories for s in states]
                 lines.append(
                     f"| {strategy} | {'on' if checkpoint else 'off'} | {'on' if sequential else 'off'} | "

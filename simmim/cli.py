@@ -16,7 +16,6 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins import CheckpointIO
-from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.bad_images import BadImageLimit
@@ -24,6 +23,7 @@ from simmim.errors import ConfigError, DataError
 from simmim.export import SafeCheckpointIO
 from simmim.runs import ClaimCheckpointFolders, is_checkpoint, metadata_file, newest_last_checkpoint
 from simmim.sharding import register as register_strategies
+from simmim.sharding import with_timeout
 from swinv2.convert import CheckpointMismatchError
 from swinv2.reading import UnreadableCheckpointError, UnsafeCheckpointError, read_checkpoint
 
@@ -89,15 +89,16 @@ def is_collective_timeout(error: BaseException) -> bool:
     return distributed and ("timed out" in text.lower() or "timeout" in text.lower())
 
 
-def ddp_with_timeout(strategy, seconds: float):
-    """`--trainer.strategy ddp` (or `ddp_find_unused_parameters_true`) as a `DDPStrategy` whose collectives fail
-    after `seconds` instead of Lightning's 30 minutes."""
-    if strategy not in ("ddp", "ddp_find_unused_parameters_true"):
+def strategy_with_timeout(strategy, seconds: float):
+    """`--trainer.strategy NAME` (ddp, zero1, fsdp2, ...) built with collectives that fail after `seconds` instead
+    of Lightning's 30 minutes."""
+    built = with_timeout(strategy, timedelta(seconds=seconds)) if isinstance(strategy, str) else None
+    if built is None:
         raise ConfigError(
-            f"--collective_timeout_s applies to --trainer.strategy ddp, not {strategy!r}: give that strategy's own "
-            "timeout argument instead"
+            f"--collective_timeout_s applies to a data-parallel --trainer.strategy (ddp, zero1, fsdp2, ...), not "
+            f"{strategy!r}: give that strategy's own timeout argument instead"
         )
-    return DDPStrategy(timeout=timedelta(seconds=seconds), find_unused_parameters=strategy.endswith("true"))
+    return built
 
 
 def _as_list(value) -> list:
@@ -135,7 +136,8 @@ class StageCLI(LightningCLI):
             "--collective_timeout_s",
             type=Optional[float],
             default=None,
-            help="with --trainer.strategy ddp: a collective that waits longer than this fails (default: 1800)",
+            help="with a data-parallel --trainer.strategy (ddp, zero1, fsdp2, ...): a collective that waits longer "
+            "than this fails (default: 1800)",
         )
 
     def subcommands(self) -> Dict[str, Set[str]]:
@@ -217,7 +219,7 @@ class StageCLI(LightningCLI):
         ]
         timeout = self._get(self.config_init, "collective_timeout_s")
         if timeout is not None:
-            kwargs["strategy"] = ddp_with_timeout(self._get(self.config_init, "trainer.strategy"), timeout)
+            kwargs["strategy"] = strategy_with_timeout(self._get(self.config_init, "trainer.strategy"), timeout)
         plugins = _as_list(self._get(self.config_init, "trainer.plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())

@@ -45,9 +45,10 @@ class ExportWeights(pl.Callback):
         folder = run_dir(trainer)  # collective: before the rank-zero check
         model = getattr(pl_module, self.attribute)
         if is_sharded(model):  # FSDP2: gather the shards (collective), write a plain single-process model
-            state = full_state_dict(model)
-            model = swinv2.SwinTransformerV2(**model.architecture())
-            model.load_state_dict(state)
+            state = full_state_dict(model, keep=trainer.is_global_zero)
+            if trainer.is_global_zero:
+                model = swinv2.SwinTransformerV2(**model.architecture())
+                model.load_state_dict(state)
         if not trainer.is_global_zero:
             return
         self.paths = [swinv2.save_weights(os.path.join(folder, n), model, layout) for n, layout in self.files.items()]

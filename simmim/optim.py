@@ -178,19 +178,20 @@ def configure_adamw(
 
 def drop_nonfinite_grads(module: torch.nn.Module) -> bool:
     """Skip an optimizer step whose gradients hold inf/NaN (e.g. an fp16 overflow) by clearing every gradient:
-    AdamW then leaves all parameters and moments untouched. Under DDP the gradients are already all-reduced, so
-    every rank takes the same decision; under FSDP2 each rank holds a shard of them, and the ranks agree by an
-    all-reduce. Returns True when the step was skipped."""
+    AdamW then leaves all parameters and moments untouched. Under DDP the gradients are already all-reduced, but
+    under FSDP2 each rank holds a shard of them: with a process group up the ranks agree by an all-reduce, so
+    every rank takes the same decision. Returns True when the step was skipped."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    finite = torch.stack([torch.isfinite(g).all() for g in local]).all() if local else torch.tensor(True)
-    if any(isinstance(g, DTensor) for g in grads):
+    device = next(module.parameters()).device
+    finite = torch.stack([torch.isfinite(g).all() for g in local]).all() if local else torch.tensor(True, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         flag = finite.to(torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         finite = flag.bool()
-    if not grads or finite:
+    if finite:
         return False
     for p in module.parameters():
         p.grad = None

@@ -9,7 +9,9 @@
   and freed after. Checkpoints are folders of per-rank shards (torch.distributed.checkpoint). CPU and GPU.
 - `fsdp2_no_reshard`: as `fsdp2`, but a block's gathered weights stay until its backward (ZeRO stage 2: less
   communication, more memory).
-- `fsdp`: Lightning's FSDP1 strategy (GPU only; Lightning refuses it on CPU) with each SwinV2 block wrapped.
+- `fsdp`: the same as `fsdp2`. Lightning's own `fsdp` (FSDP1) flattens the parameters, which breaks the recipes'
+  weight decay by parameter shape, refuses norm gradient clipping (every recipe clips at 5.0) and would need its
+  own state-dict gathering for the exports; FSDP2 keeps every parameter's shape and name, and runs on CPU too.
 
 Activation checkpointing (`--model.use_checkpoint true`) and sequential attention
 (`--model.encoder_kwargs '{"attn_chunk_size": 1}'`) combine with every one of them.
@@ -17,13 +19,19 @@ Activation checkpointing (`--model.use_checkpoint true`) and sequential attentio
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence
+import io
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, StrategyRegistry
+from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 
+from simmim.errors import ConfigError
 from swinv2.blocks import SwinTransformerBlock
+from swinv2.reading import UnsafeCheckpointError, read_checkpoint
 
 SHARDED_UNITS = (SwinTransformerBlock,)
 
@@ -47,7 +55,7 @@ class ZeroOneStrategy(DDPStrategy):
         for opt in self.optimizers:
             inner = getattr(opt, "_optimizer", opt)
             if not isinstance(inner, ZeroRedundancyOptimizer):
-                raise TypeError(
+                raise ConfigError(
                     f"--trainer.strategy zero1 shards a ZeroRedundancyOptimizer, but configure_optimizers returned "
                     f"{type(inner).__name__}: build it with simmim.optim.configure_adamw, or use --trainer.strategy "
                     "fsdp2, which shards any optimizer"
@@ -82,9 +90,46 @@ class FSDP2Strategy(ModelParallelStrategy):
         for m in module.modules():
             if isinstance(m, SHARDED_UNITS):
                 fully_shard(m, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(module, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        # None: FSDP2's default for the root, which keeps its (small) weights gathered until backward
+        fully_shard(module, mesh=mesh, reshard_after_forward=None if self.reshard_after_forward else False)
         for name in forward_methods:
             register_fsdp_forward_method(module, name)
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath, storage_options: Any = None) -> None:
+        """Write the shard folder beside its final name, then swap it in: a run killed while writing (a periodic
+        `last.ckpt` of SwinV2-G is tens of GB) leaves the previous checkpoint whole, not half-new shards beside
+        an old `meta.pt`."""
+        path = Path(self.broadcast(str(filepath)))
+        partial, previous = path.with_name(path.name + ".partial"), path.with_name(path.name + ".previous")
+        if self.is_global_zero:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.barrier("sharded_checkpoint_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("sharded_checkpoint_written")
+        if self.is_global_zero:
+            if path.exists():
+                path.rename(previous)
+            partial.rename(path)
+            shutil.rmtree(previous, ignore_errors=True)
+        self.barrier("sharded_checkpoint_swapped")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Any = None) -> Dict[str, Any]:
+        """Check the shard folder's two pickles before Lightning and torch.distributed.checkpoint read them:
+        `meta.pt` with the project's safe reader, `.metadata` with an unpickler that builds only the checkpoint
+        format's own classes. Then load with `weights_only=True`."""
+        check_sharded_checkpoint(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
+
+
+def with_timeout(name: str, timeout) -> Any:
+    """The registered strategy `name` with its collectives' `timeout` (a `timedelta`); None for a name whose
+    strategy takes no timeout."""
+    if name not in StrategyRegistry:
+        return None
+    entry = StrategyRegistry[name]
+    if not issubclass(entry["strategy"], (DDPStrategy, ModelParallelStrategy)):
+        return None
+    return entry["strategy"](**entry["init_params"], timeout=timeout)
 
 
 class ShardedModel:
@@ -100,23 +145,65 @@ class ShardedModel:
         if shard is not None:
             shard(self.model, self.SHARDED_FORWARD_METHODS)
 
+    @torch.no_grad()
+    def join_sharded_forward(self, *inputs: torch.Tensor) -> None:
+        """For a rank whose batch came out empty (every file unreadable) in validation or prediction: under
+        sharding the others' forward waits on this rank's share of the weights, so run the model on `inputs` (a
+        blank stand-in) and drop the result. Without sharding it does nothing."""
+        if is_sharded(self.model):
+            self.model(*inputs)
+
+    def blank_images(self) -> torch.Tensor:
+        """One black image of the module's input size, (1, 3, S, S), on its device."""
+        size = self.hparams.img_size
+        return torch.zeros(1, 3, size, size, device=self.device)
+
 
 def is_sharded(module: nn.Module) -> bool:
-    """Whether any parameter of `module` is a DTensor shard (FSDP2)."""
-    from torch.distributed.tensor import DTensor
+    """Whether `module` or a submodule is sharded by FSDP2 (asked of the modules: after an evaluation forward
+    under `fsdp2_no_reshard` the parameters are plain tensors for a while)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """`module.state_dict()` with every DTensor shard gathered into a whole CPU tensor. Collective under FSDP2:
-    call it on every rank, in the same order."""
+def full_state_dict(module: nn.Module, keep: bool = True) -> Dict[str, torch.Tensor]:
+    """`module.state_dict()` with every DTensor shard gathered into a whole CPU tensor, one tensor at a time.
+    Collective under FSDP2: call it on every rank; ranks with `keep=False` (all but the writer) get `{}` and never
+    hold more than one whole tensor."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for k, v in module.state_dict().items():
-        out[k] = (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+        v = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = v.detach().cpu()
     return out
+
+
+# What a torch.distributed.checkpoint `.metadata` pickle is made of (torch 2.4 to 2.14).
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in _DCP_MODULES and not name.startswith("__") or (module, name) in _DCP_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"the sharded checkpoint's .metadata needs {module}.{name}, which is not part of the checkpoint "
+            "format: refusing to load it (a crafted or foreign file)"
+        )
+
+
+def check_sharded_checkpoint(folder) -> None:
+    """Refuse a shard folder whose `meta.pt` or `.metadata` would run code when read (`UnsafeCheckpointError`)."""
+    folder = Path(folder)
+    read_checkpoint(folder / "meta.pt")
+    metadata = folder / ".metadata"
+    if metadata.is_file():
+        _MetadataUnpickler(io.BytesIO(metadata.read_bytes())).load()
 
 
 def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
@@ -136,15 +223,17 @@ def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
 
 
 def register(registry=StrategyRegistry) -> None:
-    """Add this module's strategy names to Lightning's registry (done at import), and give Lightning's own `fsdp`
-    the per-block wrapping."""
+    """Add this module's strategy names to Lightning's registry (done at import); `fsdp` becomes `fsdp2`."""
     entries: Dict[str, tuple] = {
         "zero1": (ZeroOneStrategy, "DDP with ZeRO-1 optimizer-state sharding", {}),
         "fsdp2": (FSDP2Strategy, "FSDP2, each SwinV2 block sharded", {}),
-        "fsdp2_no_reshard": (FSDP2Strategy, "FSDP2 keeping gathered weights forward to backward (ZeRO-2)", {}),
-        "fsdp": (FSDPStrategy, "FSDP1 (GPU) with each SwinV2 block wrapped", {"auto_wrap_policy": set(SHARDED_UNITS)}),
+        "fsdp2_no_reshard": (
+            FSDP2Strategy,
+            "FSDP2 keeping gathered weights forward to backward (ZeRO-2)",
+            {"reshard_after_forward": False},
+        ),
+        "fsdp": (FSDP2Strategy, "FSDP2, each SwinV2 block sharded (Lightning's FSDP1 replaced)", {}),
     }
-    entries["fsdp2_no_reshard"][2]["reshard_after_forward"] = False
     for name, (cls, description, init) in entries.items():
         registry.register(name, cls, description=description, override=True, **init)
 

@@ -272,9 +272,10 @@ class WindowAttention(nn.Module):
         outs = []
         for i, (qc, kc, vc) in enumerate(zip(*(t.split(self.chunk_size) for t in (q, k, v)))):
             args = (qc, kc, vc, bias, shift_mask, seed, i * self.chunk_size)
-            outs.append(
-                checkpoint(self._attend_chunk, *args, use_reentrant=False) if recompute else self._attend_chunk(*args)
-            )
+            if recompute:  # no RNG state to keep: a chunk draws nothing (its dropout hashes `seed`)
+                outs.append(checkpoint(self._attend_chunk, *args, use_reentrant=False, preserve_rng_state=False))
+            else:
+                outs.append(self._attend_chunk(*args))
         return torch.cat(outs)
 
     def _attend_chunk(

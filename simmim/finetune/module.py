@@ -139,7 +139,7 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y, _, _ = batch
         if not len(x):
-            return
+            return self.join_sharded_forward(self.blank_images())
         logits = self.model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
         metrics = {
@@ -152,6 +152,7 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
     def predict_step(self, batch, batch_idx: int):
         x, _, index, _ = batch
         if not len(x):  # every file of the batch was unreadable: their CSV rows stay empty
+            self.join_sharded_forward(self.blank_images())
             return {"index": index, "pred": index, "prob": index}
         probs = self.model(x).float().softmax(-1)
         conf, pred = probs.max(-1)

@@ -59,7 +59,7 @@ class ReconstructionGrid(pl.Callback):
         grid = None
         validated = sum(trainer.num_val_batches or [0]) > 0  # the same on every rank
         if validated and is_sharded(pl_module.model):  # a sharded forward is collective: every rank runs it
-            grid = self.make_grid(pl_module, *(batch or self._blank(pl_module)))
+            grid = self.make_grid(pl_module, *(batch or pl_module.blank_batch()))
         if batch is None or not trainer.is_global_zero:
             return
         grid = self.make_grid(pl_module, *batch) if grid is None else grid
@@ -69,13 +69,6 @@ class ReconstructionGrid(pl.Callback):
         logger = trainer.logger
         if logger is not None and hasattr(logger.experiment, "add_image"):
             logger.experiment.add_image("reconstruction", grid, trainer.global_step)
-
-    @staticmethod
-    def _blank(pl_module: pl.LightningModule):
-        """One black, unmasked image: what a rank without a readable validation image feeds a sharded forward."""
-        size, patch = pl_module.trainer.datamodule.img_size, pl_module.encoder.patch_size
-        x = torch.zeros(1, 3, size, size, device=pl_module.device)
-        return x, torch.zeros(1, size // patch, size // patch, dtype=torch.bool, device=pl_module.device)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.seen = 0

@@ -102,6 +102,15 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         x, mask, _ = batch
         if len(x):
             self.log("val/loss", self.model(x, mask), prog_bar=True, batch_size=len(x), sync_dist=True)
+        else:
+            self.join_sharded_forward(*self.blank_batch())
+
+    def blank_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One black, unmasked image and its mask: a stand-in for a rank that has no image to feed a sharded
+        forward (`join_sharded_forward`, the reconstruction grid)."""
+        x = self.blank_images()
+        grid = self.hparams.img_size // self.hparams.patch_size
+        return x, torch.zeros(1, grid, grid, dtype=torch.bool, device=self.device)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         swinv2.add_record(checkpoint, self.encoder)  # the checkpoint contract's architecture record

@@ -65,5 +65,5 @@ def test_a_stuck_collective_fails_with_a_clear_message(tmp_path):
 def test_the_timeout_option_names_the_strategy_it_needs(tmp_path):
     from simmim.pretrain import main
 
-    with pytest.raises(SystemExit, match="--collective_timeout_s applies to --trainer.strategy ddp, not 'auto'"):
+    with pytest.raises(SystemExit, match="--collective_timeout_s applies to a data-parallel .* not 'auto'"):
         main(["--collective_timeout_s", "5", "--trainer.default_root_dir", str(tmp_path), "--data.num_workers", "0"])

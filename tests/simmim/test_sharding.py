@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import image_folder
-from pytorch_lightning.strategies import FSDPStrategy, StrategyRegistry
+from pytorch_lightning.strategies import StrategyRegistry
 
 import swinv2
 from simmim.sharding import FSDP2Strategy, ZeroOneStrategy
-from swinv2.blocks import SwinTransformerBlock
 
 TESTS = str(Path(__file__).resolve().parents[1])  # recording.py
 ENCODER = {"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}
@@ -40,7 +39,10 @@ def _run(args, log, kill_at_step=None):
 def _by_step(path):
     from recording import read_log
 
-    return {(r["rank"], r["step"]): r for r in read_log(path)}
+    rows = read_log(path)
+    by_step = {(r["rank"], r["step"]): r for r in rows}
+    assert len(by_step) == len(rows), "a step was trained twice"
+    return by_step
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,7 @@ def test_the_strategy_names_are_registered():
     assert StrategyRegistry["zero1"]["strategy"] is ZeroOneStrategy
     assert StrategyRegistry["fsdp2"]["strategy"] is FSDP2Strategy
     assert StrategyRegistry["fsdp2_no_reshard"]["init_params"] == {"reshard_after_forward": False}
-    fsdp = StrategyRegistry.get("fsdp")
-    assert isinstance(fsdp, FSDPStrategy) and SwinTransformerBlock in fsdp.kwargs["auto_wrap_policy"]._module_classes
+    assert StrategyRegistry["fsdp"]["strategy"] is FSDP2Strategy  # Lightning's FSDP1 replaced (docs/scaling.md)
 
 
 @pytest.mark.slow
@@ -79,7 +80,7 @@ def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(tmp_path,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     rows = _by_step(tmp_path / "log")
-    assert sorted(rows) == sorted(reference)  # 4 steps on each rank, none repeated
+    assert sorted(rows) == sorted(reference)  # 4 steps on each rank, none trained twice (`_by_step`)
     for key, ref in reference.items():
         assert rows[key]["images"] == ref["images"] and rows[key]["masks"] == ref["masks"], key
         assert rows[key]["loss"] == pytest.approx(ref["loss"], rel=1e-4), key
@@ -98,8 +99,9 @@ def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(tmp_path,
 
 @pytest.mark.slow
 def test_both_stages_train_validate_and_export_under_fsdp2(tmp_path):
-    """Pretraining with validation (the reconstruction grid is a sharded forward, run on every rank), then
-    fine-tuning from its export, both under `fsdp2` on 2 CPU processes; the classifier export loads in one process."""
+    """Pretraining with validation under `fsdp2` (the reconstruction grid is a sharded forward, run on every rank),
+    then fine-tuning from its export with validation under `fsdp2_no_reshard`, on 2 CPU processes; the classifier
+    export loads in one process."""
     from simmim.builtin_data import prepare_digits
 
     root = str(image_folder(tmp_path / "imgs", [f"{i}.png" for i in range(32)], size=40))
@@ -121,11 +123,82 @@ def test_both_stages_train_validate_and_export_under_fsdp2(tmp_path):
     fine += ["--model.arch", "swinv2_tiny", "--model.encoder_kwargs", str(ENCODER).replace("'", '"')]
     fine += ["--model.window_size", "4", "--model.pretrained", str(version / "encoder.safetensors")]
     fine += ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.precision", "32"]
-    fine += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "fsdp2"]
+    # weights kept gathered after the last validation's forward: the export must still see them as sharded
+    fine += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "fsdp2_no_reshard"]
     fine += ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "fine")]
     out = subprocess.run([sys.executable, "-m", "simmim.finetune", *fine], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     classifier = swinv2.create_model_from_checkpoint(
         tmp_path / "fine" / "logs" / "version_0" / "classifier.safetensors"
     )
-    assert classifier.num_classes == 10 and not any(type(p).__name__ == "DTensor" for p in classifier.parameters())
+    assert classifier.num_classes == 10
+
+
+def _one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    return dist
+
+
+def test_the_nonfinite_step_skip_reads_sharded_gradients_and_agrees_across_ranks(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from simmim.optim import drop_nonfinite_grads
+
+    dist = _one_process_group(tmp_path)
+    try:
+        model = fully_shard(
+            torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), mesh=init_device_mesh("cpu", (1,))
+        )
+        model(torch.randn(3, 4)).sum().backward()
+        assert type(model[0].weight.grad).__name__ == "DTensor"
+        assert not drop_nonfinite_grads(model)
+        model[1].weight.grad.to_local().fill_(float("inf"))
+        assert drop_nonfinite_grads(model) and all(p.grad is None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_crafted_shard_folder_is_refused_and_a_real_one_passes(tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from simmim.sharding import check_sharded_checkpoint
+    from swinv2.reading import UnsafeCheckpointError
+
+    real = tmp_path / "real.ckpt"
+    dcp.save({"state_dict": {"w": torch.randn(3, 2)}}, checkpoint_id=str(real), no_dist=True)
+    torch.save({"epoch": 1, "global_step": 4}, real / "meta.pt")
+    check_sharded_checkpoint(real)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    crafted = tmp_path / "crafted.ckpt"
+    crafted.mkdir()
+    torch.save({"epoch": 1}, crafted / "meta.pt")
+    (crafted / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        check_sharded_checkpoint(crafted)
+    torch.save({"epoch": Payload()}, crafted / "meta.pt")
+    with pytest.raises(UnsafeCheckpointError):
+        check_sharded_checkpoint(crafted)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_the_collective_timeout_reaches_every_data_parallel_strategy():
+    from datetime import timedelta
+
+    from simmim.cli import strategy_with_timeout
+    from simmim.errors import ConfigError
+
+    zero = strategy_with_timeout("zero1", 5)
+    assert isinstance(zero, ZeroOneStrategy) and zero._timeout == timedelta(seconds=5)
+    fsdp = strategy_with_timeout("fsdp2_no_reshard", 5)
+    assert isinstance(fsdp, FSDP2Strategy) and not fsdp.reshard_after_forward and fsdp._timeout == timedelta(seconds=5)
+    with pytest.raises(ConfigError, match="not 'single_device'"):
+        strategy_with_timeout("single_device", 5)
