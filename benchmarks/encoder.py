@@ -133,6 +133,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column (a subprocess per impl)")
     p.add_argument(
         "--impls",
         nargs="+",
@@ -167,7 +168,7 @@ def main() -> None:
         med = {i: statistics.median(t) for i, t in times.items()}
         ratio = {i: statistics.median(a / b for a, b in zip(times["timm"], times[i])) for i in impls}
         for impl in impls:
-            mem = peak_memory_mib(impl, args, dtype, fused_of(impl))
+            mem = float("nan") if args.no_memory else peak_memory_mib(impl, args, dtype, fused_of(impl))
             print(
                 f"| {dtype} | {impl} | {args.batch / med[impl]:.1f} | {med[impl] * 1e3:.0f} | {mem:.0f} "
                 f"| {ratio[impl]:.2f}x |"

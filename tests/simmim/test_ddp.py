@@ -49,7 +49,7 @@ def test_workers_start_from_a_forkserver_once_a_process_group_is_up(tmp_path):
 @pytest.mark.slow
 def test_a_stuck_collective_fails_with_a_clear_message(tmp_path):
     root = str(image_folder(tmp_path / "imgs", [f"{i}.png" for i in range(16)], size=40))
-    stall = ["--trainer.callbacks+=recording.Stall", "--trainer.callbacks.seconds", "30"]
+    stall = ["--trainer.callbacks+=recording.Stall", "--trainer.callbacks.seconds", "12"]  # > the 5 s limit
     args = ["--data.root", root, "--data.num_workers", "0", "--trainer.max_steps", "3", *TINY, *stall]
     args += ["--trainer.default_root_dir", str(tmp_path / "run"), "--collective_timeout_s", "5"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}

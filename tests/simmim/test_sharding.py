@@ -1,7 +1,7 @@
 """Sharded training through Lightning's strategies, on CPU with gloo and 2 processes: `zero1` and `fsdp2` train
-with DDP's losses (with activation checkpointing and sequential attention on), resume exactly from their own
-checkpoints after a SIGKILL (`fsdp2`'s shards under `fsdp2_no_reshard`), write exports that load in one process,
-and hold about half the optimizer state per rank."""
+with DDP's losses (with activation checkpointing, sequential attention and gradient clipping on), resume exactly
+from their own checkpoints after a SIGKILL (`fsdp2`'s shards under `fsdp2_no_reshard`, with validation), write
+exports that load in one process, and hold about half the optimizer state per rank; fine-tuning runs sharded too."""
 
 import os
 import subprocess
@@ -19,7 +19,7 @@ from simmim.sharding import FSDP2Strategy, ZeroOneStrategy
 TESTS = str(Path(__file__).resolve().parents[1])  # recording.py
 ENCODER = {"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}
 RUN = [
-    "--data.img_size", "32", "--data.mask_patch_size", "8", "--data.batch_size", "4", "--data.val_fraction", "0",
+    "--data.img_size", "32", "--data.mask_patch_size", "8", "--data.batch_size", "4", "--data.val_fraction", "0.25",
     "--data.num_workers", "0", "--model.drop_path_rate", "0.2", "--trainer.limit_val_batches", "0",
     "--trainer.precision", "32", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "4",
@@ -70,6 +70,8 @@ def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(tmp_path,
     encoder = str({**ENCODER, "attn_chunk_size": 2}).replace("'", '"')
     args = ["--data.root", root, *RUN, "--trainer.strategy", strategy, "--trainer.default_root_dir", str(tmp_path)]
     args += ["--model.encoder_kwargs", encoder, "--model.use_checkpoint", "true", "--checkpoint_every_n_steps", "2"]
+    if strategy == "fsdp2":  # validation at the end of epoch 0 (step 3) and the final grid: sharded forwards
+        args += ["--trainer.limit_val_batches", "1"]
     killed = _run(args, tmp_path / "log", kill_at_step=2)
     assert killed.returncode == -9, killed.stderr[-3000:]
     last = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -90,6 +92,8 @@ def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(tmp_path,
         both = rows[(0, step)]["optimizer_state_bytes"] + rows[(1, step)]["optimizer_state_bytes"]
         assert both == pytest.approx(reference[(0, step)]["optimizer_state_bytes"], rel=0.05)
 
+    if strategy == "fsdp2":
+        assert (tmp_path / "logs" / "version_0" / "reconstructions" / "final.png").is_file()
     export = tmp_path / "logs" / "version_0" / "encoder.safetensors"
     model = swinv2.create_model_from_checkpoint(export)  # one process, no strategy
     expected = swinv2.create_model_from_checkpoint(reference_export)
@@ -98,40 +102,22 @@ def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(tmp_path,
 
 
 @pytest.mark.slow
-def test_both_stages_train_validate_and_export_under_fsdp2(tmp_path):
-    """Pretraining with validation under `fsdp2` (the reconstruction grid is a sharded forward, run on every rank),
-    then fine-tuning from its export with validation under `fsdp2_no_reshard`, on 2 CPU processes; the classifier
-    export loads in one process."""
+def test_fine_tuning_validates_and_exports_under_fsdp2_keeping_weights_gathered(tmp_path, ddp_run):
+    """Stage 2 under `fsdp2_no_reshard` on 2 CPU processes, with validation: after the last validation's forward the
+    weights are still gathered, and the export must gather them all the same; it loads in one process."""
     from simmim.builtin_data import prepare_digits
-
-    root = str(image_folder(tmp_path / "imgs", [f"{i}.png" for i in range(32)], size=40))
-    pre = ["--data.root", root, *RUN, "--trainer.strategy", "fsdp2", "--trainer.default_root_dir", str(tmp_path)]
-    pre += ["--model.encoder_kwargs", str(ENCODER).replace("'", '"')]
-    for option, value in (
-        ("--data.val_fraction", "0.25"),
-        ("--trainer.limit_val_batches", "1"),
-        ("--trainer.max_steps", "2"),
-    ):
-        pre[pre.index(option) + 1] = value
-    out = subprocess.run([sys.executable, "-m", "simmim.pretrain", *pre], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    version = tmp_path / "logs" / "version_0"
-    assert (version / "reconstructions" / "final.png").is_file()
 
     digits = str(prepare_digits(tmp_path / "digits", size=32))
     fine = ["--data.root", digits, "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0"]
     fine += ["--model.arch", "swinv2_tiny", "--model.encoder_kwargs", str(ENCODER).replace("'", '"')]
-    fine += ["--model.window_size", "4", "--model.pretrained", str(version / "encoder.safetensors")]
-    fine += ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.precision", "32"]
-    # weights kept gathered after the last validation's forward: the export must still see them as sharded
-    fine += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "fsdp2_no_reshard"]
-    fine += ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "fine")]
+    fine += ["--model.window_size", "4", "--model.pretrained", str(ddp_run[2]), "--trainer.max_steps", "2"]
+    fine += ["--trainer.limit_val_batches", "1", "--trainer.precision", "32", "--trainer.accelerator", "cpu"]
+    fine += ["--trainer.devices", "2", "--trainer.strategy", "fsdp2_no_reshard", "--trainer.enable_progress_bar"]
+    fine += ["false", "--trainer.default_root_dir", str(tmp_path / "fine")]
     out = subprocess.run([sys.executable, "-m", "simmim.finetune", *fine], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    classifier = swinv2.create_model_from_checkpoint(
-        tmp_path / "fine" / "logs" / "version_0" / "classifier.safetensors"
-    )
-    assert classifier.num_classes == 10
+    exported = tmp_path / "fine" / "logs" / "version_0" / "classifier.safetensors"
+    assert swinv2.create_model_from_checkpoint(exported).num_classes == 10
 
 
 def _one_process_group(tmp_path):
