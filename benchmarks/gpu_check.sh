@@ -80,26 +80,22 @@ else
   ACCEL=(--trainer.accelerator cpu --trainer.devices 1)
   TINY=(--data.img_size 32 --data.mask_patch_size 8 --data.batch_size 4 --trainer.precision 32
         --model.encoder_kwargs '{"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}')
-  PRETRAIN=(--trainer.max_steps 3 --data.num_workers 0 --trainer.limit_val_batches 1 "${TINY[@]}")
   ENCODER=(--model swinv2_tiny --img-size 64 --window 4 --batch 2 --dtypes fp32 --rounds 1 --device cpu --no-memory)
   IMPLS=(ours timm transformers)
-  STRATEGY_STEPS=(--trainer.max_steps 2 --data.num_workers 0 --trainer.limit_val_batches 0 "${TINY[@]}")
+  STRATEGY_STEPS=(--trainer.max_steps 2 --data.num_workers 0 --trainer.limit_val_batches 1 "${TINY[@]}")
   MEMORY=(--arch swinv2_tiny --encoder_kwargs '{"embed_dim": 24, "depths": [2], "num_heads": [2]}'
           --sizes 128 --window 16 --one_process)
   STRATEGIES=(fsdp2)  # the loop is the same for every name; DDP runs in the test suite
 fi
 
-{
-  date; uname -a
+{ date; uname -a; } 2>&1 | tee -a "$LOG"
+if [ "$MODE" = gpu ]; then  # (the CPU mode skips what its other steps already run: the CLI, the imports)
   $PY -c "import torch, timm, pytorch_lightning as pl; print('torch', torch.__version__, 'timm', timm.__version__,
-'lightning', pl.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
-  [ "$MODE" = gpu ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-} 2>&1 | tee -a "$LOG"
-
-if [ "$MODE" = gpu ]; then
+'lightning', pl.__version__, 'cuda', torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
   step cuda_tests $PY -m pytest -q -m gpu -p no:cacheprovider tests
+  step pretrain $PY -m simmim.pretrain "${ACCEL[@]}" "${PRETRAIN[@]}" --trainer.default_root_dir "$RUNS/pretrain"
 fi
-step pretrain $PY -m simmim.pretrain "${ACCEL[@]}" "${PRETRAIN[@]}" --trainer.default_root_dir "$RUNS/pretrain"
 step encoder $PY benchmarks/encoder.py "${ENCODER[@]}" --impls "${IMPLS[@]}"
 for s in "${STRATEGIES[@]}"; do
   step "strategy_$s" $PY -m simmim.pretrain "${ACCEL[@]}" "${STRATEGY_STEPS[@]}" --trainer.strategy "$s" \

@@ -62,6 +62,28 @@ def run_ddp_on_cpu(module: str, *args: str):
     return out
 
 
+def recorded_command(args, log, kill_at_step=None, module: str = "simmim.pretrain"):
+    """(command, environment) for `python -m module *args` with `recording.BatchLog` appending one JSON line per
+    training batch to `log` (and killing the run with SIGKILL at `kill_at_step`)."""
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)  # recording.py
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    record = ["--trainer.callbacks+=recording.BatchLog", "--trainer.callbacks.path", str(log)]
+    if kill_at_step is not None:
+        record += ["--trainer.callbacks.kill_at_step", str(kill_at_step)]
+    return [sys.executable, "-m", module, *args, *record], env
+
+
+def run_recorded(args, log, kill_at_step=None, module: str = "simmim.pretrain"):
+    """Run `recorded_command` to its end; returns the completed process."""
+    import subprocess
+
+    cmd, env = recorded_command(args, log, kill_at_step, module)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

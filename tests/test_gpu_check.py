@@ -16,7 +16,7 @@ def test_gpu_check_runs_every_step_in_cpu_mode(tmp_path):
     out = subprocess.run(["bash", str(SCRIPT), "--cpu"], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     log = (tmp_path / "gpu_check.log").read_text()
-    for step in ("pretrain", "encoder", "strategy_fsdp2", "memory"):
+    for step in ("encoder", "strategy_fsdp2", "memory"):
         assert f"== {step}: exit 0" in log, step
     assert "| fp32 | transformers |" in log and "last training loss" in log
     assert (tmp_path / "memory.md").is_file() and (tmp_path / "memory.json").is_file()

@@ -1,39 +1,36 @@
 """Sharded training through Lightning's strategies, on CPU with gloo and 2 processes: `zero1` and `fsdp2` train
 with DDP's losses (with activation checkpointing, sequential attention and gradient clipping on), resume exactly
 from their own checkpoints after a SIGKILL (`fsdp2`'s shards under `fsdp2_no_reshard`, with validation), write
-exports that load in one process, and hold about half the optimizer state per rank; fine-tuning runs sharded too."""
+exports that load in one process, and hold about half the optimizer state per rank; fine-tuning runs sharded too.
+
+The runs are independent, and a two-process run keeps one core busy most of its time (one rank imports while the
+other waits), so the module starts them side by side, in two rounds: the DDP reference and the two runs to be
+killed, then the two resumes and the fine-tuning run."""
 
 import os
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import image_folder
+from conftest import image_folder, recorded_command
 from pytorch_lightning.strategies import StrategyRegistry
 
 import swinv2
 from simmim.sharding import FSDP2Strategy, ZeroOneStrategy
 
-TESTS = str(Path(__file__).resolve().parents[1])  # recording.py
-ENCODER = {"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}
+ENCODER = '{"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}'
 RUN = [
     "--data.img_size", "32", "--data.mask_patch_size", "8", "--data.batch_size", "4", "--data.val_fraction", "0.25",
     "--data.num_workers", "0", "--model.drop_path_rate", "0.2", "--trainer.limit_val_batches", "0",
     "--trainer.precision", "32", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "4",
     "--trainer.gradient_clip_val", "0.05",  # every step clipped: the global norm must agree across shards
+    "--model.encoder_kwargs", ENCODER,
 ]  # fmt: skip
-
-
-def _run(args, log, kill_at_step=None):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    record = ["--trainer.callbacks+=recording.BatchLog", "--trainer.callbacks.path", str(log)]
-    if kill_at_step is not None:
-        record += ["--trainer.callbacks.kill_at_step", str(kill_at_step)]
-    cmd = [sys.executable, "-m", "simmim.pretrain", *args, *record]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+SHARDED = ["--model.use_checkpoint", "true", "--checkpoint_every_n_steps", "2"]
+SHARDED += ["--model.encoder_kwargs", '{"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4], "attn_chunk_size": 2}']
 
 
 def _by_step(path):
@@ -45,43 +42,93 @@ def _by_step(path):
     return by_step
 
 
+def _side_by_side(tmp: Path, runs: dict) -> dict:
+    """Start every `name: (args, kill_at_step, module)` at once; wait for all. Returns name -> (code, output)."""
+    procs = {}
+    for name, (args, kill, module) in runs.items():
+        log = tmp / f"{name.removesuffix('_resumed')}.jsonl"  # a resumed run appends to its killed run's record
+        cmd, env = recorded_command(args, log, kill, module or "simmim.pretrain")
+        out = open(tmp / f"{name}.out", "w")
+        procs[name] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env), out)
+    results = {}
+    for name, (proc, out) in procs.items():
+        code = proc.wait(timeout=900)
+        out.close()
+        results[name] = (code, (tmp / f"{name}.out").read_text())
+    return results
+
+
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """The reference: plain DDP, 4 steps."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    root = str(image_folder(tmp / "imgs", [f"{i}.png" for i in range(32)], size=40))
-    args = ["--data.root", root, *RUN, "--model.encoder_kwargs", str(ENCODER).replace("'", '"')]
-    out = _run([*args, "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp / "run")], tmp / "log")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root, _by_step(tmp / "log"), tmp / "run" / "logs" / "version_0" / "encoder.safetensors"
+def runs(tmp_path_factory):
+    from simmim.builtin_data import prepare_digits
+
+    tmp = tmp_path_factory.mktemp("sharding")
+    src = image_folder(tmp / "src", ["one.png"], size=48)
+    (tmp / "copies").mkdir()
+    for i in range(32):  # one image: what differs between samples and ranks is the seeded crop and mask
+        shutil.copy(src / "one.png", tmp / "copies" / f"{i:02d}.png")
+    data = ["--data.root", str(tmp / "copies"), *RUN]
+    sharded = {s: [*data, *SHARDED, "--trainer.strategy", s, "--trainer.default_root_dir", str(tmp / s)] for s in
+               ("zero1", "fsdp2")}  # fmt: skip
+    sharded["fsdp2"] += ["--trainer.limit_val_batches", "1"]  # validation at step 3 and the final grid
+    first = _side_by_side(
+        tmp,
+        {
+            "ddp": ([*data, "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp / "ddp")], None, None),
+            "zero1": (sharded["zero1"], 2, None),
+            "fsdp2": (sharded["fsdp2"], 2, None),
+        },
+    )
+    resumed_fsdp2 = [*sharded["fsdp2"], "--trainer.strategy", "fsdp2_no_reshard", "--ckpt_path", "last"]
+    fine = ["--data.root", str(prepare_digits(tmp / "digits", size=32)), "--data.img_size", "32"]
+    fine += ["--data.batch_size", "8", "--data.num_workers", "0", "--model.arch", "swinv2_tiny"]
+    fine += ["--model.encoder_kwargs", ENCODER, "--model.window_size", "4", "--trainer.max_steps", "2"]
+    fine += ["--model.pretrained", str(tmp / "ddp" / "logs" / "version_0" / "encoder.safetensors")]
+    fine += ["--trainer.limit_val_batches", "1", "--trainer.precision", "32", "--trainer.accelerator", "cpu"]
+    fine += ["--trainer.devices", "2", "--trainer.strategy", "fsdp2_no_reshard", "--trainer.enable_progress_bar"]
+    fine += ["false", "--trainer.default_root_dir", str(tmp / "fine")]
+    second = _side_by_side(
+        tmp,
+        {
+            "zero1_resumed": ([*sharded["zero1"], "--ckpt_path", "last"], None, None),
+            "fsdp2_resumed": (resumed_fsdp2, None, None),
+            "fine": (fine, None, "simmim.finetune"),
+        },
+    )
+    return tmp, first, second
 
 
-def test_the_strategy_names_are_registered():
-    assert StrategyRegistry["zero1"]["strategy"] is ZeroOneStrategy
-    assert StrategyRegistry["fsdp2"]["strategy"] is FSDP2Strategy
-    assert StrategyRegistry["fsdp2_no_reshard"]["init_params"] == {"reshard_after_forward": False}
-    assert StrategyRegistry["fsdp"]["strategy"] is FSDP2Strategy  # Lightning's FSDP1 replaced (docs/scaling.md)
+def _succeeded(result):
+    code, output = result
+    assert code == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.slow
+def test_the_ddp_reference_trains_exports_and_its_ranks_draw_differently(runs):
+    """Two gloo ranks over 32 copies of one image: the ranks' crops are disjoint and their masks differ."""
+    tmp, first, _ = runs
+    output = _succeeded(first["ddp"])
+    assert "encoder export:" in output and (tmp / "ddp" / "logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    rows = _by_step(tmp / "ddp.jsonl")
+    for step in range(1, 5):
+        assert not set(rows[(0, step)]["images"]) & set(rows[(1, step)]["images"])
+        assert rows[(0, step)]["masks"] != rows[(1, step)]["masks"]
+    assert len({im for row in rows.values() for im in row["images"]}) == 32  # 4 steps x 2 ranks x 4 images
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["zero1", "fsdp2"])
-def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(tmp_path, ddp_run, strategy):
-    root, reference, reference_export = ddp_run
-    encoder = str({**ENCODER, "attn_chunk_size": 2}).replace("'", '"')
-    args = ["--data.root", root, *RUN, "--trainer.strategy", strategy, "--trainer.default_root_dir", str(tmp_path)]
-    args += ["--model.encoder_kwargs", encoder, "--model.use_checkpoint", "true", "--checkpoint_every_n_steps", "2"]
-    if strategy == "fsdp2":  # validation at the end of epoch 0 (step 3) and the final grid: sharded forwards
-        args += ["--trainer.limit_val_batches", "1"]
-    killed = _run(args, tmp_path / "log", kill_at_step=2)
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    last = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(runs, strategy):
+    tmp, first, second = runs
+    _succeeded(first["ddp"])
+    code, output = first[strategy]
+    assert code == -9, output[-3000:]  # SIGKILLed at step 2, after the step-2 checkpoint
+    last = tmp / strategy / "logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_dir() if strategy == "fsdp2" else last.is_file()  # per-rank shards / one gathered file
-    if strategy == "fsdp2":  # the same shards resume with the gathered weights kept from forward to backward
-        args[args.index("fsdp2")] = "fsdp2_no_reshard"
-    resumed = _run([*args, "--ckpt_path", "last"], tmp_path / "log")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _succeeded(second[f"{strategy}_resumed"])  # fsdp2's shards resume under fsdp2_no_reshard
 
-    rows = _by_step(tmp_path / "log")
+    reference, rows = _by_step(tmp / "ddp.jsonl"), _by_step(tmp / f"{strategy}.jsonl")
     assert sorted(rows) == sorted(reference)  # 4 steps on each rank, none trained twice (`_by_step`)
     for key, ref in reference.items():
         assert rows[key]["images"] == ref["images"] and rows[key]["masks"] == ref["masks"], key
@@ -92,32 +139,30 @@ def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(tmp_path,
         both = rows[(0, step)]["optimizer_state_bytes"] + rows[(1, step)]["optimizer_state_bytes"]
         assert both == pytest.approx(reference[(0, step)]["optimizer_state_bytes"], rel=0.05)
 
+    version = tmp / strategy / "logs" / "version_0"
     if strategy == "fsdp2":
-        assert (tmp_path / "logs" / "version_0" / "reconstructions" / "final.png").is_file()
-    export = tmp_path / "logs" / "version_0" / "encoder.safetensors"
-    model = swinv2.create_model_from_checkpoint(export)  # one process, no strategy
-    expected = swinv2.create_model_from_checkpoint(reference_export)
+        assert (version / "reconstructions" / "final.png").is_file()
+    model = swinv2.create_model_from_checkpoint(version / "encoder.safetensors")  # one process, no strategy
+    expected = swinv2.create_model_from_checkpoint(tmp / "ddp" / "logs" / "version_0" / "encoder.safetensors")
     for (name, a), b in zip(model.state_dict().items(), expected.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.slow
-def test_fine_tuning_validates_and_exports_under_fsdp2_keeping_weights_gathered(tmp_path, ddp_run):
-    """Stage 2 under `fsdp2_no_reshard` on 2 CPU processes, with validation: after the last validation's forward the
-    weights are still gathered, and the export must gather them all the same; it loads in one process."""
-    from simmim.builtin_data import prepare_digits
-
-    digits = str(prepare_digits(tmp_path / "digits", size=32))
-    fine = ["--data.root", digits, "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0"]
-    fine += ["--model.arch", "swinv2_tiny", "--model.encoder_kwargs", str(ENCODER).replace("'", '"')]
-    fine += ["--model.window_size", "4", "--model.pretrained", str(ddp_run[2]), "--trainer.max_steps", "2"]
-    fine += ["--trainer.limit_val_batches", "1", "--trainer.precision", "32", "--trainer.accelerator", "cpu"]
-    fine += ["--trainer.devices", "2", "--trainer.strategy", "fsdp2_no_reshard", "--trainer.enable_progress_bar"]
-    fine += ["false", "--trainer.default_root_dir", str(tmp_path / "fine")]
-    out = subprocess.run([sys.executable, "-m", "simmim.finetune", *fine], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    exported = tmp_path / "fine" / "logs" / "version_0" / "classifier.safetensors"
+def test_fine_tuning_validates_and_exports_under_fsdp2_keeping_weights_gathered(runs):
+    """Stage 2 under `fsdp2_no_reshard`, with validation: after the last validation's forward the weights are still
+    gathered, and the export must gather them all the same; it loads in one process."""
+    tmp, _, second = runs
+    _succeeded(second["fine"])
+    exported = tmp / "fine" / "logs" / "version_0" / "classifier.safetensors"
     assert swinv2.create_model_from_checkpoint(exported).num_classes == 10
+
+
+def test_the_strategy_names_are_registered():
+    assert StrategyRegistry["zero1"]["strategy"] is ZeroOneStrategy
+    assert StrategyRegistry["fsdp2"]["strategy"] is FSDP2Strategy
+    assert StrategyRegistry["fsdp2_no_reshard"]["init_params"] == {"reshard_after_forward": False}
+    assert StrategyRegistry["fsdp"]["strategy"] is FSDP2Strategy  # Lightning's FSDP1 replaced (docs/scaling.md)
 
 
 def _one_process_group(tmp_path):

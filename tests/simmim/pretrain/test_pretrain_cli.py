@@ -127,15 +127,6 @@ def test_resume_from_last_continues_step_and_optimizer_state(tmp_path, digits):
     assert all(s["step"].item() == 6 for s in state.values())  # Adam moments continued, not restarted
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_on_cpu(tmp_path, digits):
-    args = ["--data.root", digits, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1"]
-    args += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--data.batch_size", "8"]
-    out = run_ddp_on_cpu("simmim.pretrain", *args, "--model.use_checkpoint", "true", *FAST)
-    assert os.path.exists(tmp_path / "checkpoints" / "last.ckpt")
-    assert "encoder export:" in out.stdout
-
-
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_default_root_dir_moves_the_logs_too(stage, tmp_path, capsys):
     """The default configs' TensorBoard folder follows `--trainer.default_root_dir` (an interpolation, not a copy)."""
