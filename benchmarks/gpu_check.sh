@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_check.sh --fetch    # here, with the package registries: download the missing wheels into .whl/
 #   benchmarks/gpu_check.sh            # on the GPU machine (.whl/ carried along): install them, run every check
-#   benchmarks/gpu_check.sh --cpu      # tiny sizes on CPU, the same steps (a slow test runs it so it cannot rot)
+#   benchmarks/gpu_check.sh --cpu      # tiny sizes on CPU: encoder, strategy, memory (a slow test runs it)
 #
 # Steps, all logged to gpu_check.log in $OUT (or benchmarks/results/gpu_check_<date>/): the CUDA tests; 100 steps of
 # `python -m simmim.pretrain` on the GPU in bf16; the encoder against timm and transformers (SwinV2-B, 192 px,

@@ -233,3 +233,16 @@ def test_the_collective_timeout_reaches_every_data_parallel_strategy():
     assert isinstance(fsdp, FSDP2Strategy) and not fsdp.reshard_after_forward and fsdp._timeout == timedelta(seconds=5)
     with pytest.raises(ConfigError, match="not 'single_device'"):
         strategy_with_timeout("single_device", 5)
+
+
+def test_zero1_refuses_an_optimizer_it_cannot_shard(monkeypatch):
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from simmim.errors import ConfigError
+
+    def plain_adamw(self, trainer):
+        self.optimizers = [torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())]
+
+    monkeypatch.setattr(DDPStrategy, "setup_optimizers", plain_adamw)
+    with pytest.raises(ConfigError, match="configure_optimizers returned AdamW"):
+        ZeroOneStrategy().setup_optimizers(None)
