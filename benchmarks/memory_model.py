@@ -97,15 +97,18 @@ def activation_elements(
     elements independent of the batch).
 
     `fused`: the GPU path (`F.scaled_dot_product_attention`), which keeps no attention matrix per image, only
-    per-row statistics, but keeps each block's whole mask, (nW, nH, N, N) in a shifted block, for its backward;
-    sequential attention builds each chunk's mask inside the chunk and keeps none. The explicit CPU path keeps the
+    per-row statistics, but keeps each block's whole mask, (nW, nH, N, N) in a shifted block, for its backward,
+    and makes the mask's gradient, one attention matrix per image, in that backward; sequential attention builds
+    each chunk's mask inside the chunk and keeps none. The explicit CPU path keeps the
     softmax output (the `b` term) and, made in place, no mask."""
     attention = 0.0 if fused else (g.single_window_attention if sequential else g.attention)
     masks = 0.0 if (sequential or not fused) else (g.largest_mask if checkpoint else g.masks)
+    # the fused kernel's gradient of a learnable mask is a whole (B, nH, L, S) buffer, made in a block's backward
+    mask_grad = g.largest_block_attention if (fused and not sequential) else 0.0
     if not checkpoint:
-        return a * g.token_channels + b * attention, 0.0, masks
+        return a * g.token_channels + b * attention, mask_grad, masks
     block_attention = 0.0 if (sequential or fused) else g.largest_block_attention
-    return g.token_channels, BACKWARD_FACTOR * (a * g.largest_block_tc + b * block_attention), masks
+    return g.token_channels, BACKWARD_FACTOR * (a * g.largest_block_tc + b * block_attention) + mask_grad, masks
 
 
 def fit(measured: List[Dict]) -> Tuple[float, float]:

@@ -29,9 +29,13 @@ def newest_last_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     """The most recently written `last*.ckpt` in a run's `checkpoints` folder under `root`: `<root>/checkpoints`
     (no logger) or `<root>/<name>/<version>/checkpoints` (a logger), or one level between; None when there is
     none. The search goes no deeper, so a root that also holds a dataset is not walked. A sharded checkpoint
-    (`--trainer.strategy fsdp2`) is a folder, dated by its metadata file."""
+    (`--trainer.strategy fsdp2`) is a folder, dated by its metadata file; `last.ckpt.previous` counts when a kill
+    left it without `last.ckpt`."""
     patterns = ("checkpoints/last*.ckpt", "*/checkpoints/last*.ckpt", "*/*/checkpoints/last*.ckpt")
     found = [p for pattern in patterns for p in Path(root).glob(pattern) if is_checkpoint(p)]
+    # a shard folder's previous version, when a kill came between the two renames that swap in a new one
+    swapped = [Path(root).glob(pattern + ".previous") for pattern in patterns]
+    found += [p for ps in swapped for p in ps if is_checkpoint(p) and not p.with_suffix("").exists()]
     return max(found, key=lambda p: metadata_file(p).stat().st_mtime) if found else None
 
 

@@ -97,28 +97,39 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], filepath, storage_options: Any = None) -> None:
         """Write the shard folder beside its final name, then swap it in: a run killed while writing (a periodic
-        `last.ckpt` of SwinV2-G is tens of GB) leaves the previous checkpoint whole, not half-new shards beside
-        an old `meta.pt`."""
+        `last.ckpt` of SwinV2-G is tens of GB) leaves the previous checkpoint whole, not half-new shards beside an
+        old `meta.pt`. Needs a filesystem all ranks share. A swap that fails on rank 0 fails on every rank."""
         path = Path(self.broadcast(str(filepath)))
         partial, previous = path.with_name(path.name + ".partial"), path.with_name(path.name + ".previous")
         if self.is_global_zero:
-            shutil.rmtree(partial, ignore_errors=True)
+            if previous.exists() and not path.exists():  # a kill between the two renames of the last swap
+                previous.rename(path)
+            for leftover in (partial, previous):
+                _remove(leftover)
         self.barrier("sharded_checkpoint_start")
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("sharded_checkpoint_written")
+        error = None
         if self.is_global_zero:
-            if path.exists():
-                path.rename(previous)
-            partial.rename(path)
-            shutil.rmtree(previous, ignore_errors=True)
-        self.barrier("sharded_checkpoint_swapped")
+            try:
+                if path.exists():
+                    path.rename(previous)
+                partial.rename(path)
+            except OSError as e:
+                error = f"could not move the new checkpoint {partial} to {path}: {e}"
+        error = self.broadcast(error)
+        if error is not None:
+            raise RuntimeError(error)
+        if self.is_global_zero:
+            _remove(previous)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Any = None) -> Dict[str, Any]:
         """Check the shard folder's two pickles before Lightning and torch.distributed.checkpoint read them:
         `meta.pt` with the project's safe reader, `.metadata` with an unpickler that builds only the checkpoint
         format's own classes. Then load with `weights_only=True`."""
-        check_sharded_checkpoint(checkpoint_path)
-        return super().load_checkpoint(checkpoint_path, weights_only=True)
+        path = self.broadcast(str(checkpoint_path))  # the path rank 0 resolved, as Lightning loads it
+        check_sharded_checkpoint(path)
+        return super().load_checkpoint(path, weights_only=True)
 
 
 def with_timeout(name: str, timeout) -> Any:
@@ -130,6 +141,14 @@ def with_timeout(name: str, timeout) -> Any:
     if not issubclass(entry["strategy"], (DDPStrategy, ModelParallelStrategy)):
         return None
     return entry["strategy"](**entry["init_params"], timeout=timeout)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder, if there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 class ShardedModel:
@@ -181,15 +200,25 @@ def full_state_dict(module: nn.Module, keep: bool = True) -> Dict[str, torch.Ten
     return out
 
 
-# What a torch.distributed.checkpoint `.metadata` pickle is made of (torch 2.4 to 2.14).
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+# What a torch.distributed.checkpoint `.metadata` pickle is made of (torch 2.8 to 2.14; Path under Python <= 3.12
+# and >= 3.13), as exact (module, name) pairs: a dotted name such as "os.system" would reach any global of the
+# module.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_DCP_GLOBALS = {
+    *((_DCP_METADATA, n) for n in ("Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+                                   "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib._local", "PosixPath"),
+}  # fmt: skip
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if module in _DCP_MODULES and not name.startswith("__") or (module, name) in _DCP_GLOBALS or dtype:
+        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DCP_GLOBALS or dtype:
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
             f"the sharded checkpoint's .metadata needs {module}.{name}, which is not part of the checkpoint "
@@ -198,12 +227,36 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def check_sharded_checkpoint(folder) -> None:
-    """Refuse a shard folder whose `meta.pt` or `.metadata` would run code when read (`UnsafeCheckpointError`)."""
+    """Refuse a shard folder that would run code when read (`UnsafeCheckpointError`): its `meta.pt` through the
+    project's safe reader, its `.metadata` through an unpickler that builds only the format's own classes, and every
+    non-tensor entry of the shard files (optimizer hyper-parameters...), which torch.distributed.checkpoint itself
+    would unpickle without restriction, through `torch.load(weights_only=True)`."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+
     folder = Path(folder)
     read_checkpoint(folder / "meta.pt")
-    metadata = folder / ".metadata"
-    if metadata.is_file():
-        _MetadataUnpickler(io.BytesIO(metadata.read_bytes())).load()
+    metadata_file = folder / ".metadata"
+    if not metadata_file.is_file():
+        return
+    metadata = _MetadataUnpickler(io.BytesIO(metadata_file.read_bytes())).load()
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"{metadata_file} is not torch.distributed.checkpoint metadata: not loading it")
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, BytesStorageMetadata):
+            continue
+        info = metadata.storage_data[MetadataIndex(fqn)]
+        if getattr(info, "transform_descriptors", None):
+            raise UnsafeCheckpointError(f"the sharded checkpoint's entry {fqn} is stored transformed: not read")
+        with open(folder / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"the sharded checkpoint's entry {fqn} would run code when read ({str(e).splitlines()[0][:200]}): "
+                "refusing to load it"
+            ) from None
 
 
 def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:

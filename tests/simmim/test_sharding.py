@@ -23,7 +23,9 @@ from simmim.sharding import FSDP2Strategy, ZeroOneStrategy
 ENCODER = '{"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}'
 RUN = [
     "--data.img_size", "32", "--data.mask_patch_size", "8", "--data.batch_size", "4", "--data.val_fraction", "0.25",
-    "--data.num_workers", "0", "--model.drop_path_rate", "0.2", "--trainer.limit_val_batches", "0",
+    "--data.num_workers", "0", "--model.drop_path_rate", "0.2", "--trainer.limit_val_batches", "1",
+    # a learning rate that moves the weights (the recipe's scaled warmup starts near 1e-8)
+    "--model.scale_lr", "false", "--model.base_lr", "1e-3", "--model.warmup_epochs", "0",
     "--trainer.precision", "32", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "4",
     "--trainer.gradient_clip_val", "0.05",  # every step clipped: the global norm must agree across shards
@@ -51,10 +53,14 @@ def _side_by_side(tmp: Path, runs: dict) -> dict:
         out = open(tmp / f"{name}.out", "w")
         procs[name] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env), out)
     results = {}
-    for name, (proc, out) in procs.items():
-        code = proc.wait(timeout=900)
-        out.close()
-        results[name] = (code, (tmp / f"{name}.out").read_text())
+    try:
+        for name, (proc, _) in procs.items():
+            results[name] = (proc.wait(timeout=900), (tmp / f"{name}.out").read_text())
+    finally:
+        for proc, out in procs.values():
+            if proc.poll() is None:  # a timeout or an error above: leave nothing running
+                proc.kill()
+            out.close()
     return results
 
 
@@ -70,16 +76,15 @@ def runs(tmp_path_factory):
     data = ["--data.root", str(tmp / "copies"), *RUN]
     sharded = {s: [*data, *SHARDED, "--trainer.strategy", s, "--trainer.default_root_dir", str(tmp / s)] for s in
                ("zero1", "fsdp2")}  # fmt: skip
-    sharded["fsdp2"] += ["--trainer.limit_val_batches", "1"]  # validation at step 3 and the final grid
     first = _side_by_side(
         tmp,
         {
             "ddp": ([*data, "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp / "ddp")], None, None),
             "zero1": (sharded["zero1"], 2, None),
-            "fsdp2": (sharded["fsdp2"], 2, None),
+            "fsdp2": ([*sharded["fsdp2"], "--trainer.strategy", "fsdp2_no_reshard"], 2, None),
         },
     )
-    resumed_fsdp2 = [*sharded["fsdp2"], "--trainer.strategy", "fsdp2_no_reshard", "--ckpt_path", "last"]
+    resumed_fsdp2 = [*sharded["fsdp2"], "--ckpt_path", "last"]  # the shards of fsdp2_no_reshard, under fsdp2
     fine = ["--data.root", str(prepare_digits(tmp / "digits", size=32)), "--data.img_size", "32"]
     fine += ["--data.batch_size", "8", "--data.num_workers", "0", "--model.arch", "swinv2_tiny"]
     fine += ["--model.encoder_kwargs", ENCODER, "--model.window_size", "4", "--trainer.max_steps", "2"]
@@ -126,13 +131,15 @@ def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(runs, str
     assert code == -9, output[-3000:]  # SIGKILLed at step 2, after the step-2 checkpoint
     last = tmp / strategy / "logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_dir() if strategy == "fsdp2" else last.is_file()  # per-rank shards / one gathered file
-    _succeeded(second[f"{strategy}_resumed"])  # fsdp2's shards resume under fsdp2_no_reshard
+    _succeeded(second[f"{strategy}_resumed"])  # fsdp2_no_reshard's shards resume under fsdp2
 
     reference, rows = _by_step(tmp / "ddp.jsonl"), _by_step(tmp / f"{strategy}.jsonl")
     assert sorted(rows) == sorted(reference)  # 4 steps on each rank, none trained twice (`_by_step`)
     for key, ref in reference.items():
         assert rows[key]["images"] == ref["images"] and rows[key]["masks"] == ref["masks"], key
         assert rows[key]["loss"] == pytest.approx(ref["loss"], rel=1e-4), key
+        assert rows[key]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), key  # averaged like DDP's
+        assert ref["grad_norm"] > 0.1 and rows[key]["clipped_grad_norm"] == pytest.approx(0.05, rel=1e-4), key
         # each rank holds about half of DDP's AdamW moments (odd-sized shards: within 10%)
         assert rows[key]["optimizer_state_bytes"] < 0.55 * ref["optimizer_state_bytes"], key
     for step in (1, 4):
@@ -140,10 +147,10 @@ def test_a_sharded_run_matches_ddp_and_resumes_from_its_own_checkpoint(runs, str
         assert both == pytest.approx(reference[(0, step)]["optimizer_state_bytes"], rel=0.05)
 
     version = tmp / strategy / "logs" / "version_0"
-    if strategy == "fsdp2":
-        assert (version / "reconstructions" / "final.png").is_file()
+    assert (version / "reconstructions" / "final.png").is_file()  # a sharded forward on every rank
     model = swinv2.create_model_from_checkpoint(version / "encoder.safetensors")  # one process, no strategy
     expected = swinv2.create_model_from_checkpoint(tmp / "ddp" / "logs" / "version_0" / "encoder.safetensors")
+    # AdamW at 1e-3 moves each weight by up to about 1e-3 a step: 100x the tolerance
     for (name, a), b in zip(model.state_dict().items(), expected.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -193,6 +200,7 @@ def test_the_nonfinite_step_skip_reads_sharded_gradients_and_agrees_across_ranks
 
 
 def test_a_crafted_shard_folder_is_refused_and_a_real_one_passes(tmp_path):
+    import io
     import pickle
 
     import torch.distributed.checkpoint as dcp
@@ -218,6 +226,41 @@ def test_a_crafted_shard_folder_is_refused_and_a_real_one_passes(tmp_path):
     torch.save({"epoch": Payload()}, crafted / "meta.pt")
     with pytest.raises(UnsafeCheckpointError):
         check_sharded_checkpoint(crafted)
+
+    def text(t: str) -> bytes:  # pickle's SHORT_BINUNICODE
+        return b"\x8c" + bytes([len(t)]) + t.encode()
+
+    # torch.distributed.checkpoint.filesystem.os.system: a global reached through an allowed module (protocol 4)
+    dotted = text("torch.distributed.checkpoint.filesystem") + text("os.system") + b"\x93"
+    (crafted / ".metadata").write_bytes(
+        b"\x80\x04" + dotted + text("echo pwned > " + str(tmp_path / "pwned")) + b"\x85R."
+    )
+    torch.save({"epoch": 1}, crafted / "meta.pt")
+    with pytest.raises(UnsafeCheckpointError, match="os.system"):
+        check_sharded_checkpoint(crafted)
+
+    # a non-tensor entry of a shard file (an optimizer hyper-parameter), which DCP itself unpickles freely
+    bytes_entry = tmp_path / "bytes.ckpt"
+    dcp.save(
+        {"state_dict": {"w": torch.randn(2)}, "optimizer": {"lr": 0.1}}, checkpoint_id=str(bytes_entry), no_dist=True
+    )
+    torch.save({"epoch": 1}, bytes_entry / "meta.pt")
+    check_sharded_checkpoint(bytes_entry)
+    shard = next(bytes_entry.glob("*.distcp"))
+    metadata = pickle.loads((bytes_entry / ".metadata").read_bytes())
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    info = metadata.storage_data[MetadataIndex("optimizer.lr")]
+    evil = io.BytesIO()
+    torch.save(Payload(), evil)
+    data = bytearray(shard.read_bytes())
+    data[info.offset : info.offset + info.length] = b""
+    data[info.offset : info.offset] = evil.getvalue()
+    shard.write_bytes(bytes(data))
+    info.length = len(evil.getvalue())
+    (bytes_entry / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UnsafeCheckpointError, match="optimizer.lr"):
+        check_sharded_checkpoint(bytes_entry)
     assert not (tmp_path / "pwned").exists()
 
 
