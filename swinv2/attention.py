@@ -219,8 +219,7 @@ class WindowAttention(nn.Module):
         # when a checkpoint recomputes the call (checkpoints restore the RNG state).
         seed = int(torch.randint(0, 2**62, ())) if self.training and self.attn_drop > 0 else 0
         if self.chunk_size is None or self.chunk_size >= bw:
-            mask = bias if shift_mask is None else (bias + shift_mask.unsqueeze(1)).to(dtype)  # (nW, nH, N, N)
-            out = self._attend(q, k, v, mask, seed)
+            out = self._attend_windows(q, k, v, bias, shift_mask, seed, 0)
         else:
             out = self._attend_sequential(q, k, v, bias, shift_mask, seed)
         x = out.transpose(1, 2).reshape(bw, n, c)
@@ -273,12 +272,12 @@ class WindowAttention(nn.Module):
         for i, (qc, kc, vc) in enumerate(zip(*(t.split(self.chunk_size) for t in (q, k, v)))):
             args = (qc, kc, vc, bias, shift_mask, seed, i * self.chunk_size)
             if recompute:  # no RNG state to keep: a chunk draws nothing (its dropout hashes `seed`)
-                outs.append(checkpoint(self._attend_chunk, *args, use_reentrant=False, preserve_rng_state=False))
+                outs.append(checkpoint(self._attend_windows, *args, use_reentrant=False, preserve_rng_state=False))
             else:
-                outs.append(self._attend_chunk(*args))
+                outs.append(self._attend_windows(*args))
         return torch.cat(outs)
 
-    def _attend_chunk(
+    def _attend_windows(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -288,11 +287,15 @@ class WindowAttention(nn.Module):
         seed: int,
         first: int,
     ) -> torch.Tensor:
-        """`_attend` for windows `first` to `first + W`, building their mask here. (W, nH, N, hd) -> same."""
+        """`_attend` for windows `first` to `first + W` (all of them, or one chunk), with their mask built here:
+        the bias alone; per window of an image, (nW, nH, N, N), when the run holds whole images; else one per
+        window, (W, nH, N, N). Arguments as `_attend_sequential`'s; (W, nH, N, hd) -> same."""
         mask = bias
         if shift_mask is not None:
-            ids = torch.arange(first, first + q.shape[0], device=q.device) % shift_mask.shape[0]
-            mask = (bias + shift_mask[ids].unsqueeze(1)).to(bias.dtype)  # (W, nH, N, N)
+            nw, count = shift_mask.shape[0], q.shape[0]
+            if first % nw or count % nw:
+                shift_mask = shift_mask[torch.arange(first, first + count, device=q.device) % nw]
+            mask = (bias + shift_mask.unsqueeze(1)).to(bias.dtype)
         return self._attend(q, k, v, mask, seed, first)
 
 
