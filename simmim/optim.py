@@ -163,12 +163,13 @@ def configure_adamw(
     )
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+    adamw = dict(lr=lr, betas=tuple(betas), eps=eps)
     if getattr(trainer.strategy, "shards_optimizer_state", False):  # `--trainer.strategy zero1`
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=lr, betas=tuple(betas), eps=eps)
+        opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adamw)
     else:
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+        opt = torch.optim.AdamW(groups, **adamw)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: lr_factor(s, warmup_steps, total_steps, warmup_lr / lr, min_lr / lr, schedule, milestones, gamma),
