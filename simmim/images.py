@@ -39,10 +39,18 @@ def list_images(root: str | os.PathLike) -> List[Path]:
     return files
 
 
+_UINT8_TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB}
+
+
 def to_uint8_rgb(img: np.ndarray) -> np.ndarray:
-    """Decoder output (H, W), (H, W, 1|2|3|4) in BGR(A) order, uint8/uint16/float -> uint8 (H, W, 3) RGB."""
+    """Decoder output (H, W), (H, W, 1|2|3|4) in BGR(A) order, uint8/uint16/float -> uint8 (H, W, 3) RGB.
+
+    8-bit gray and colour images (nearly every JPEG and PNG) take one OpenCV colour conversion; the rest go through
+    float32: rescaling, compositing alpha over white, rounding back to uint8."""
     if img.ndim == 2:
         img = img[:, :, None]
+    if img.dtype == np.uint8 and img.shape[2] in _UINT8_TO_RGB:
+        return cv2.cvtColor(img, _UINT8_TO_RGB[img.shape[2]])
     if img.dtype == np.uint16:
         img = img.astype(np.float32) / 65535.0
     elif img.dtype != np.uint8:

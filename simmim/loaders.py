@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+import cv2
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
@@ -36,17 +37,26 @@ def worker_context(num_workers: int) -> Optional[str]:
     return "forkserver" if num_workers > 0 and distributed else None
 
 
+def single_threaded_worker(worker_id: int) -> None:
+    """Data-loader workers run OpenCV on one thread, as PyTorch does for torch itself: N workers each starting a
+    thread per core would oversubscribe the CPU."""
+    cv2.setNumThreads(1)
+
+
 def make_loader(
     dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn, trainer=None
 ) -> DataLoader:
     """Training: a `ResumableLoader` over a `SeededSampler` for `trainer`'s rank (the seeded, resumable order;
-    a last partial batch is dropped). Otherwise a plain in-order loader (Lightning shares it out under DDP)."""
+    a last partial batch is dropped). Otherwise a plain in-order loader (Lightning shares it out under DDP).
+    Batches are pinned when `trainer` trains on a GPU, so that Lightning's copies to it do not block."""
     kwargs = dict(
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
         multiprocessing_context=worker_context(num_workers),
+        worker_init_fn=single_threaded_worker if num_workers > 0 else None,
+        pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda",
     )
     if not train:
         return DataLoader(dataset, shuffle=False, **kwargs)

@@ -1,11 +1,11 @@
-"""Pretraining data: a folder of images -> (image, mask) batches, masks made in the workers."""
+"""Pretraining data: a folder of images -> (image, mask) batches, masks made in the workers, images normalised on
+the training device."""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
-import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -15,25 +15,13 @@ from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.errors import check_loader, require
 from simmim.images import list_images, read_sample_image
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
+from simmim.pretrain.augment import PretrainTransform, normalize_images
 from simmim.pretrain.masking import MaskGenerator
 from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
 
 
-def pretrain_transform(img_size: int, train: bool, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    """Official SimMIM-SwinV2 augmentation: RandomResizedCrop(scale 0.67-1, ratio 3/4-4/3), h-flip, normalise.
-    Validation: a plain resize."""
-    if train:
-        ops = [
-            A.RandomResizedCrop(size=(img_size, img_size), scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
-            A.HorizontalFlip(p=0.5),
-        ]
-    else:
-        ops = [A.Resize(img_size, img_size)]
-    return A.Compose([*ops, A.Normalize(mean=mean, std=std, max_pixel_value=255.0)])
-
-
 class MaskedImageDataset(Dataset):
-    """Images with SimMIM masks: (image, mask, indices of the unreadable files passed over).
+    """Images with SimMIM masks: (uint8 image (3, H, W), mask, indices of the unreadable files passed over).
 
     A key is a `simmim.seeding.SeededSampler` key `(index, seed)` (training: the seed draws the crop, the flip and
     the mask) or a plain index (evaluation: a mask of its own per index, the same in every epoch and run).
@@ -43,12 +31,14 @@ class MaskedImageDataset(Dataset):
 
     Args:
         files: Image paths.
-        transform: albumentations pipeline ending in Normalize.
+        transform: The augmentation (`PretrainTransform`): uint8 RGB image and generator -> uint8 (3, H, W) tensor.
         mask_generator: Makes one mask per sample.
         refill: Replace unreadable files by the next readable one (training).
     """
 
-    def __init__(self, files: List, transform: A.Compose, mask_generator: MaskGenerator, refill: bool = False) -> None:
+    def __init__(
+        self, files: List, transform: PretrainTransform, mask_generator: MaskGenerator, refill: bool = False
+    ) -> None:
         self.files = files
         self.transform = transform
         self.mask_generator = mask_generator
@@ -62,10 +52,8 @@ class MaskedImageDataset(Dataset):
         img, _, bad = read_sample_image(self.files, i, self.refill)
         if img is None:
             return None, bad  # dropped by the collate, its file counted
-        augment_rng, py_rng, mask_rng = sample_generators(seed)
-        self.transform.set_random_state(augment_rng, py_rng)
-        x = torch.from_numpy(self.transform(image=img)["image"]).permute(2, 0, 1)  # (3, H, W)
-        return x, torch.from_numpy(self.mask_generator(mask_rng)), bad
+        augment_rng, _, mask_rng = sample_generators(seed)
+        return self.transform(img, augment_rng), torch.from_numpy(self.mask_generator(mask_rng)), bad
 
 
 class PretrainDataModule(SeedState, pl.LightningDataModule):
@@ -80,7 +68,7 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         batch_size: Per-device batch size.
         num_workers: DataLoader workers.
         val_fraction: Held-out fraction of the files (a fixed split).
-        mean, std: Normalisation (ImageNet's by default).
+        mean, std: Normalisation (ImageNet's by default), applied on the training device (`on_after_batch_transfer`).
         max_bad_fraction: Stop training once more than this fraction of the training files could not be decoded.
     """
 
@@ -135,7 +123,7 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
     def _loader(self, files: List, train: bool) -> DataLoader:
         ds = MaskedImageDataset(
             files,
-            pretrain_transform(self.img_size, train, self.mean, self.std),
+            PretrainTransform(self.img_size, train),
             self.mask_generator,
             refill=train,
         )
@@ -144,6 +132,11 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_files, train=True)
+
+    def on_after_batch_transfer(self, batch: Tuple, dataloader_idx: int) -> Tuple:
+        """The loaders deliver uint8 images; they are normalised here, on the training device, after the copy."""
+        x, *rest = batch
+        return (normalize_images(x, self.mean, self.std) if x.dtype == torch.uint8 else x, *rest)
 
     def val_dataloader(self):
         if not self.val_files:  # under a trainer `setup` has turned validation off

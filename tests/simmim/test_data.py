@@ -1,5 +1,7 @@
 """Robust decoding and the pretraining data module's handling of bad input."""
 
+from functools import partial
+
 import cv2
 import numpy as np
 import pytest
@@ -7,9 +9,10 @@ import torch
 
 from simmim.finetune.augment import classification_transform
 from simmim.finetune.data import LabelledImageDataset
-from simmim.images import UnreadableImageError, decode_image, list_images
+from simmim.images import UnreadableImageError, decode_image, list_images, to_uint8_rgb
 from simmim.loaders import collate_readable
-from simmim.pretrain.data import MaskedImageDataset, PretrainDataModule, pretrain_transform
+from simmim.pretrain.augment import PretrainTransform
+from simmim.pretrain.data import MaskedImageDataset, PretrainDataModule
 from simmim.pretrain.masking import MaskGenerator
 
 
@@ -35,6 +38,20 @@ def test_grayscale_16bit_rgba_and_colour_all_become_uint8_rgb(tmp_path):
     assert (decode_image(deep) == 127).all()  # 16-bit is rescaled, not clipped to white
     assert (decode_image(rgba) == 255).all()
     assert decode_image(colour)[0, 0].tolist() == [0, 0, 255]  # RGB order
+
+
+def test_8bit_fast_path_equals_the_float_path():
+    """8-bit gray and BGR images skip the float round trip; the result is what the float path gives: the same
+    values, RGB order, contiguous."""
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (7, 9), dtype=np.uint8)
+    np.testing.assert_array_equal(to_uint8_rgb(bgr), bgr[:, :, ::-1])
+    np.testing.assert_array_equal(to_uint8_rgb(gray), np.repeat(gray[:, :, None], 3, axis=2))
+    np.testing.assert_array_equal(to_uint8_rgb(gray[:, :, None]), to_uint8_rgb(gray))
+    # the float path (16-bit input, exactly representable) gives the same for the same picture
+    np.testing.assert_array_equal(to_uint8_rgb(bgr.astype(np.uint16) * 257), to_uint8_rgb(bgr))
+    assert to_uint8_rgb(bgr).flags.c_contiguous and to_uint8_rgb(bgr).dtype == np.uint8
 
 
 def test_corrupt_file_raises_named_error(tmp_path):
@@ -63,7 +80,7 @@ def test_corrupt_file_among_good_ones_is_skipped_with_warning(tmp_path):
     files = [_write(tmp_path / f"{i}.png", np.full((40, 40, 3), 50 * i, np.uint8)) for i in range(3)]
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     files.append(tmp_path / "broken.png")
-    ds = MaskedImageDataset(files, pretrain_transform(32, True, (0.5,) * 3, (0.5,) * 3), MaskGenerator(32, 16, 4))
+    ds = MaskedImageDataset(files, PretrainTransform(32, True), MaskGenerator(32, 16, 4))
     with pytest.warns(UserWarning, match="broken.png"):
         x, mask, skipped = collate_readable([ds[i] for i in range(len(ds))], 2)
     assert x.shape == (3, 3, 32, 32) and mask.shape == (3, 8, 8) and skipped == (3,)  # broken.png's index
@@ -73,9 +90,7 @@ def test_training_replaces_an_unreadable_file_by_the_next_readable_one(tmp_path)
     files = [_write(tmp_path / f"{i}.png", np.full((40, 40, 3), 50 * i, np.uint8)) for i in range(3)]
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     files.insert(1, tmp_path / "broken.png")
-    ds = MaskedImageDataset(
-        files, pretrain_transform(32, True, (0.5,) * 3, (0.5,) * 3), MaskGenerator(32, 16, 4), refill=True
-    )
+    ds = MaskedImageDataset(files, PretrainTransform(32, True), MaskGenerator(32, 16, 4), refill=True)
     with pytest.warns(UserWarning, match="broken.png"):
         x, mask, skipped = collate_readable([ds[1]], 2)  # batch size 1: still a full batch
     assert x.shape == (1, 3, 32, 32) and mask.shape == (1, 8, 8) and skipped == (1,)
@@ -96,12 +111,12 @@ def test_a_key_seed_draws_the_crop_and_mask_and_an_index_has_fixed_ones(tmp_path
     rng = np.random.default_rng(0)
     files = [_write(tmp_path / f"{i}.png", rng.integers(0, 255, (48, 48, 3), np.uint8)) for i in range(2)]
     gen = MaskGenerator(32, 8, 4, 0.5)
-    train = MaskedImageDataset(files, pretrain_transform(32, True, (0.5,) * 3, (0.5,) * 3), gen)
+    train = MaskedImageDataset(files, PretrainTransform(32, True), gen)
     draws = [train[(0, seed)] for seed in range(6)]
     assert len({d[1].numpy().tobytes() for d in draws}) > 1 and len({d[0].numpy().tobytes() for d in draws}) > 1
     again = train[(0, 3)]
     assert torch.equal(again[0], draws[3][0]) and torch.equal(again[1], draws[3][1])  # same key, same draw
-    val = MaskedImageDataset(files, pretrain_transform(32, False, (0.5,) * 3, (0.5,) * 3), gen)
+    val = MaskedImageDataset(files, PretrainTransform(32, False), gen)
     assert torch.equal(val[1][1], val[1][1]) and not torch.equal(val[0][1], val[1][1])
 
 
@@ -158,3 +173,33 @@ def test_broken_and_looping_links_are_named(tmp_path):
     assert [f.name for f in files] == ["alias.png", "good.png"]
     named = sorted(str(w.message).split(":")[0].rsplit("/", 1)[-1] for w in record)
     assert named == ["a.png", "b.png", "gone.png"]
+
+
+class _ThreadsOfWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        return torch.tensor(cv2.getNumThreads()), ()
+
+
+class _Trainer:
+    """What `make_loader` reads of a trainer: the rank, the world and the device batches go to."""
+
+    def __init__(self, device):
+        self.world_size, self.global_rank = 1, 0
+        self.strategy = type("Strategy", (), {"root_device": torch.device(device)})()
+
+
+def test_loader_workers_run_opencv_on_one_thread_and_gpu_batches_are_pinned():
+    from simmim.loaders import make_loader
+
+    if cv2.getNumThreads() < 2:
+        pytest.skip("OpenCV runs on one thread in this process already")
+    loader = make_loader(_ThreadsOfWorker(), 2, num_workers=2, train=False, collate_fn=lambda b: [t for t, _ in b])
+    assert [int(t) for batch in loader for t in batch] == [1, 1, 1, 1]
+    assert not loader.pin_memory
+    collate = partial(collate_readable, num_fields=1)
+    for train in (True, False):
+        assert make_loader(_ThreadsOfWorker(), 2, 0, train, collate, _Trainer("cuda")).pin_memory
+        assert not make_loader(_ThreadsOfWorker(), 2, 0, train, collate, _Trainer("cpu")).pin_memory

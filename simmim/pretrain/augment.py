@@ -1,0 +1,82 @@
+"""The SimMIM pretraining augmentation. It runs once per image in every data-loader worker, so it is written
+directly on OpenCV and stops at uint8: crop+resize and flip in the workers, normalisation on the training device
+after the batch is copied there (a quarter of the bytes through the workers' shared memory, the pinned buffers and the
+host-to-device copy, and no float pass over the pixels in the workers)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+Box = Tuple[int, int, int, int]  # top, left, height, width
+
+
+def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 images (B, 3, H, W), on any device -> float32 `(x / 255 - mean) / std` per channel, on that device."""
+    mean_255 = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    std_255 = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize_images takes uint8 images, got {x.dtype}")
+    return x.to(torch.float32).sub_(mean_255).div_(std_255)  # in place: 15x faster on CPU than new tensors
+
+
+class PretrainTransform:
+    """Official SimMIM-SwinV2 augmentation, up to normalisation (`normalize_images`). Training: RandomResizedCrop
+    (area 0.67-1 of the image, aspect ratio 3/4-4/3, torchvision's sampling with its centre-crop fallback),
+    horizontal flip with probability 0.5. Evaluation: the whole image resized. Resizing is OpenCV's bilinear
+    (`INTER_LINEAR`).
+
+    Called with a uint8 (H, W, 3) RGB image and the sample's generator; returns a contiguous uint8 (3, S, S) tensor,
+    the layout a batch is stacked in (a permuted view would make the collate gather it element by element).
+
+    Args:
+        img_size: Output side S.
+        train: Random crop and flip (else a plain resize).
+        scale: Crop area range, as fractions of the image.
+        ratio: Crop aspect-ratio range (width / height).
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        train: bool,
+        scale: Tuple[float, float] = (0.67, 1.0),
+        ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
+        if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]: {scale}, {ratio}")
+        self.img_size, self.train, self.scale, self.ratio = img_size, train, scale, ratio
+
+    def crop_box(self, height: int, width: int, rng: np.random.Generator) -> Box:
+        """torchvision's `RandomResizedCrop.get_params`: up to 10 tries of a random area and log-uniform aspect
+        ratio that fit, else the centre crop of the image clamped to the ratio range."""
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            h, w = height, width
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        height, width = img.shape[:2]
+        top, left, h, w = self.crop_box(height, width, rng) if self.train else (0, 0, height, width)
+        size = (self.img_size, self.img_size)
+        out = cv2.resize(img[top : top + h, left : left + w], size, interpolation=cv2.INTER_LINEAR)
+        if self.train and rng.random() < 0.5:
+            out = cv2.flip(out, 1)
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))

@@ -1,0 +1,99 @@
+"""The pretraining augmentation against albumentations' and torchvision's own operations, and the normalisation on
+the device against albumentations' Normalize."""
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import RandomResizedCrop
+
+from simmim.pretrain.augment import PretrainTransform, normalize_images
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class _Recorder:
+    """A generator stand-in that passes draws through and records them, to read back the crop and flip."""
+
+    def __init__(self, seed):
+        self.rng, self.flips = np.random.default_rng(seed), []
+
+    def uniform(self, *a):
+        return self.rng.uniform(*a)
+
+    def integers(self, *a):
+        return self.rng.integers(*a)
+
+    def random(self):
+        self.flips.append(self.rng.random() < 0.5)
+        return 0.0 if self.flips[-1] else 1.0
+
+
+@pytest.mark.parametrize("shape", [(375, 500), (500, 375), (61, 47)])
+def test_output_equals_albumentations_crop_resize_flip_of_the_same_box(shape):
+    img = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    tf = PretrainTransform(96, True)
+    for seed in range(6):
+        top, left, h, w = tf.crop_box(*shape, np.random.default_rng(seed))
+        rec = _Recorder(seed)
+        x = tf(img, rec)
+        assert x.shape == (3, 96, 96) and x.dtype == torch.uint8 and x.is_contiguous()
+        ref = A.Compose(
+            [
+                A.Crop(x_min=left, y_min=top, x_max=left + w, y_max=top + h),
+                A.Resize(96, 96),  # OpenCV INTER_LINEAR
+                A.HorizontalFlip(p=1.0 if rec.flips[0] else 0.0),
+            ]
+        )(image=img)["image"]
+        np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), ref)
+
+
+def test_evaluation_resizes_the_whole_image_and_the_device_normalises_as_albumentations():
+    img = np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    x = PretrainTransform(32, False)(img, np.random.default_rng(0))
+    ref = A.Compose([A.Resize(32, 32), A.Normalize(mean=MEAN, std=STD, max_pixel_value=255.0)])(image=img)["image"]
+    normalised = normalize_images(x[None], MEAN, STD)[0]
+    assert normalised.dtype == torch.float32
+    np.testing.assert_allclose(normalised.permute(1, 2, 0).numpy(), ref, atol=1e-5)
+
+
+def test_the_data_module_normalises_batches_after_the_transfer(tmp_path):
+    """Loaders deliver uint8; Lightning's `on_after_batch_transfer` hook hands the model normalised float32."""
+    from simmim.pretrain.data import PretrainDataModule
+
+    dm = PretrainDataModule(None, img_size=32, mask_patch_size=16, mean=MEAN, std=STD)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    mask = torch.zeros(2, 8, 8)
+    y, m, bad = dm.on_after_batch_transfer((x, mask, (3,)), 0)
+    assert y.dtype == torch.float32 and m is mask and bad == (3,)
+    np.testing.assert_allclose(y[0, :, 0, 0].numpy(), (x[0, :, 0, 0].numpy() / 255 - MEAN) / STD, rtol=1e-5)
+    empty = torch.empty(0)
+    assert dm.on_after_batch_transfer((empty, empty, ()), 0)[0] is empty  # a batch with nothing readable
+
+
+def test_crop_boxes_cover_the_scale_and_ratio_ranges_and_flip_half_the_time():
+    tf = PretrainTransform(192, True)
+    rng = np.random.default_rng(0)
+    boxes = np.array([tf.crop_box(400, 400, rng) for _ in range(4000)])  # square: every ratio can fit
+    top, left, h, w = boxes.T
+    area, aspect = h * w / 400**2, w / h
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 400).all() and (left + w <= 400).all()
+    assert area.min() > 0.66 and area.max() <= 1.0 and area.min() < 0.68 and area.max() > 0.97
+    assert aspect.min() > 0.74 and aspect.max() < 1.34 and aspect.min() < 0.77 and aspect.max() > 1.3
+    img = np.zeros((40, 40, 3), np.uint8)
+    img[:, :20] = 255  # left half white: a flip moves it right
+    whole = PretrainTransform(40, True, scale=(1, 1), ratio=(1, 1))
+    flips = [whole(img, np.random.default_rng(s)) for s in range(400)]
+    rate = np.mean([bool(f[0, 0, 0] < f[0, 0, -1]) for f in flips])  # dark on the left: flipped
+    assert 0.42 < rate < 0.58
+
+
+@pytest.mark.parametrize("shape", [(10, 200), (300, 12)])
+def test_the_fallback_is_torchvisions_centre_crop(shape):
+    """An image too elongated for any crop in the ratio range: every try fails, and the box is torchvision's
+    deterministic fallback."""
+    tf = PretrainTransform(16, True, scale=(0.67, 1.0))
+    ours = tf.crop_box(*shape, np.random.default_rng(0))
+    torch.manual_seed(0)
+    ref = RandomResizedCrop.get_params(torch.zeros(3, *shape), scale=[0.67, 1.0], ratio=[3 / 4, 4 / 3])
+    assert ours == tuple(ref), (ours, ref)
