@@ -286,7 +286,8 @@ def main() -> None:
             f"# Data pipeline speed ({', '.join(args.stages)})",
             "",
             f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+            f"timm {timm.__version__}, "
             f"albumentations {albumentations.__version__}, OpenCV {cv2.__version__}; {source}",
             f"`python benchmarks/dataloader.py {' '.join(sys.argv[1:])}`",
             "",
