@@ -22,6 +22,7 @@ from simmim.bad_images import BadImageLimit
 from simmim.errors import ConfigError, DataError
 from simmim.export import SafeCheckpointIO
 from simmim.runs import ClaimCheckpointFolders, is_checkpoint, metadata_file, newest_last_checkpoint
+from simmim.step_timing import DataWaitTimer
 from simmim.sharding import register as register_strategies
 from simmim.sharding import with_timeout
 from swinv2.convert import CheckpointMismatchError
@@ -194,7 +195,7 @@ class StageCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """The configured callbacks and plugins, plus: a `ModelCheckpoint` keeping `last.ckpt` in the run's folder
         (unless one is configured) and one every `--checkpoint_every_n_steps`, the claim on the checkpoint
-        folders, the bad-image limit, the stage's callbacks, and safe checkpoint reading (unless a `CheckpointIO`
+        folders, the bad-image limit, the data-wait timer, the stage's callbacks, and safe checkpoint reading (unless a `CheckpointIO`
         plugin is configured)."""
         callbacks = [*_as_list(self._get(self.config_init, "trainer.callbacks")), *kwargs.pop("callbacks", [])]
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -215,6 +216,7 @@ class StageCLI(LightningCLI):
         callbacks += [
             ClaimCheckpointFolders(self._get(self.config_init, "ckpt_path")),
             self.bad_images,
+            DataWaitTimer(),
             *self.stage_callbacks(),
         ]
         timeout = self._get(self.config_init, "collective_timeout_s")

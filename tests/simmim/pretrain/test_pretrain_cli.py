@@ -150,6 +150,7 @@ def test_batch_size_one_survives_an_unreadable_file(tmp_path):
         cli = _fit(tmp_path, str(folder), *args, "--trainer.max_epochs", "1")
     assert cli.trainer.global_step == 7  # every file's slot trained, the bad one with its neighbour
     assert cli.bad_images.bad == {4}  # 3_broken.png, the 5th file, counted once
+    assert float(cli.trainer.callback_metrics["train/data_wait_ms"]) >= 0  # the CLI logs the wait for data
 
 
 def _shards():
