@@ -6,7 +6,7 @@ checkpoint layout: `encoder.*` (with `encoder.mask_token`) and `decoder.0.*`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,17 +27,34 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.T
     return (per_pixel * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / pred.shape[1]
 
 
-def local_stats(x: torch.Tensor, patch_size: int = 47) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_sums(x: torch.Tensor, dim: int, radius: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sums of `x` over the 2 * radius + 1 neighbours of each position along `dim` (a negative dim), clipped to the
+    image, by differences of a float64 cumulative sum; and how many neighbours each sum has."""
+    length = x.shape[dim]
+    cumsum = F.pad(x.cumsum(dim), (1, 0) if dim == -1 else (0, 0, 1, 0))  # a leading 0 along dim
+    i = torch.arange(length, device=x.device)
+    hi, lo = (i + radius).clamp(max=length - 1) + 1, (i - radius).clamp(min=0)
+    return cumsum.index_select(dim, hi) - cumsum.index_select(dim, lo), (hi - lo).to(x.dtype)
+
+
+def local_stats(x: torch.Tensor, patch_size: int = 47) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel, per-channel mean and std of the `patch_size` x `patch_size` neighbourhood (padding excluded,
-    unbiased variance), as the official SwinV2 SimMIM `norm_targets`. Returns (mean, sqrt(var + 1e-6))."""
+    unbiased variance), as the official SwinV2 SimMIM `norm_targets`. Returns (mean, sqrt(var + 1e-6)).
+
+    The official code averages over the square window directly: k^2 additions per pixel, 2.7 s of a 4.6 s SwinV2-T
+    step on 2 CPU cores at window 47. The window clipped to the image is a rectangle, so here its sums are taken one
+    axis after the other, each as a difference of cumulative sums (a few operations per pixel, whatever k), in
+    float64: the same statistics, with less rounding than the official float32 pools."""
     if patch_size % 2 == 0:
         raise ValueError(f"norm_target_patch_size must be odd, got {patch_size}")
-    pool = dict(kernel_size=patch_size, stride=1, padding=patch_size // 2)
-    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
-    mean_sq = F.avg_pool2d(x**2, count_include_pad=False, **pool)
-    count = F.avg_pool2d(torch.ones_like(x), count_include_pad=True, **pool) * patch_size**2  # pixels in window
+    r = patch_size // 2
+    both = torch.stack([x, x * x]).to(torch.float64)  # sums of x and x^2 together
+    rows, n_rows = _window_sums(both, -2, r)
+    sums, n_cols = _window_sums(rows, -1, r)
+    count = n_rows[:, None] * n_cols[None, :]
+    mean, mean_sq = sums / count
     var = ((mean_sq - mean**2) * (count / (count - 1))).clamp(min=0.0)
-    return mean, (var + 1e-6) ** 0.5
+    return mean.to(x.dtype), (var + 1e-6).sqrt().to(x.dtype)
 
 
 def normalize_target(x: torch.Tensor, patch_size: int = 47) -> torch.Tensor:

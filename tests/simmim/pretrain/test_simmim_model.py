@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY, randomize_
 
 import swinv2
@@ -52,6 +53,30 @@ def test_normalize_target_is_local_zscore():
     t = normalize_target(x, 47)  # window larger than the image: global statistics per channel
     expected = (x - x.mean((2, 3), keepdim=True)) / (x.var((2, 3), keepdim=True, unbiased=True) + 1e-6).sqrt()
     torch.testing.assert_close(t, expected, atol=1e-4, rtol=1e-4)
+
+
+def _official_norm_targets(targets, patch_size):
+    """The official SimMIM `norm_targets`, written as it is there: square-window average pools."""
+    pool = dict(kernel_size=patch_size, stride=1, padding=patch_size // 2)
+    mean = F.avg_pool2d(targets, count_include_pad=False, **pool)
+    square_mean = F.avg_pool2d(targets**2.0, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(targets), count_include_pad=True, **pool) * patch_size**2
+    var = torch.clamp((square_mean - mean**2.0) * (count / (count - 1)), min=0.0)
+    return (targets - mean) / (var + 1.0e-6) ** 0.5
+
+
+@pytest.mark.parametrize(
+    "shape, window", [((2, 3, 64, 48), 47), ((1, 3, 96, 96), 47), ((1, 2, 20, 9), 5), ((1, 1, 7, 30), 3)]
+)
+def test_normalize_target_equals_the_official_square_window_code(shape, window):
+    """Against the official pools run in float64 (exact to rounding), with flat regions, where the local std is
+    near its floor of 1e-3 and rounding in the statistics shows most."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+    x[..., : shape[-2] // 2, : shape[-1] // 2] = 0.25  # a flat quarter
+    expected = _official_norm_targets(x.double(), window).float()
+    torch.testing.assert_close(normalize_target(x, window), expected, atol=1e-4, rtol=1e-4)
+    official_fp32 = _official_norm_targets(x, window)  # the official code's own float32 rounding, for comparison
+    assert (normalize_target(x, window) - expected).abs().max() <= (official_fp32 - expected).abs().max() + 1e-5
 
 
 def _hf_state_dict(sd):
