@@ -1,7 +1,7 @@
 """One whole SimMIM pretraining step (forward, loss, backward, AdamW) of ours against the peers, in one process.
 
     python benchmarks/pretrain_step.py                          # SwinV2-T and -B, 192 px, window 12, batch 8, CPU
-    python benchmarks/pretrain_step.py --device cuda --batch 128 --impls ours ours+compile timm timm+compile transformers
+    python benchmarks/pretrain_step.py --device cuda --impls ours ours+compile timm timm+compile transformers
     python benchmarks/pretrain_step.py --out benchmarks/results/pretrain_step_cpu.md
 
 The implementations, each with mask ratio 0.6 (32 px mask patches) and `torch.optim.AdamW` (lr 1e-4, weight decay
@@ -37,7 +37,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import timm
 import torch
