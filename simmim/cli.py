@@ -22,9 +22,9 @@ from simmim.bad_images import BadImageLimit
 from simmim.errors import ConfigError, DataError
 from simmim.export import SafeCheckpointIO
 from simmim.runs import ClaimCheckpointFolders, is_checkpoint, metadata_file, newest_last_checkpoint
-from simmim.step_timing import DataWaitTimer
 from simmim.sharding import register as register_strategies
 from simmim.sharding import with_timeout
+from simmim.step_timing import DataWaitTimer
 from swinv2.convert import CheckpointMismatchError
 from swinv2.reading import UnreadableCheckpointError, UnsafeCheckpointError, read_checkpoint
 
