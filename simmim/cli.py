@@ -195,8 +195,8 @@ class StageCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """The configured callbacks and plugins, plus: a `ModelCheckpoint` keeping `last.ckpt` in the run's folder
         (unless one is configured) and one every `--checkpoint_every_n_steps`, the claim on the checkpoint
-        folders, the bad-image limit, the data-wait timer, the stage's callbacks, and safe checkpoint reading (unless a `CheckpointIO`
-        plugin is configured)."""
+        folders, the bad-image limit, the data-wait timer, the stage's callbacks, and safe checkpoint reading (unless
+        a `CheckpointIO` plugin is configured)."""
         callbacks = [*_as_list(self._get(self.config_init, "trainer.callbacks")), *kwargs.pop("callbacks", [])]
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(save_last=True, enable_version_counter=False))
