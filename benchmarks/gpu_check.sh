@@ -6,8 +6,10 @@
 #   benchmarks/gpu_check.sh --cpu      # tiny sizes on CPU: encoder, strategy, memory (a slow test runs it)
 #
 # Steps, all logged to gpu_check.log in $OUT (or benchmarks/results/gpu_check_<date>/): the CUDA tests; 100 steps of
-# `python -m simmim.pretrain` on the GPU in bf16; the encoder against timm and transformers (SwinV2-B, 192 px,
-# batch 128, bf16, with and without torch.compile); DDP against FSDP on the one GPU; the memory table up to 1536 px.
+# `python -m simmim.pretrain` on the GPU in bf16 (its log has train/data_wait_ms); the encoder against timm and
+# transformers (SwinV2-B, 192 px, batch 128, bf16); the whole pretraining step against the same peers, with and without
+# torch.compile (pretrain_step.md); the data pipelines against torchvision and timm with 4 and 8 workers, pinned
+# (dataloader.md); DDP against FSDP on the one GPU; the memory table up to 1536 px.
 # A failing step is reported and the next one still runs; the exit code counts the failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +74,10 @@ if [ "$MODE" = gpu ]; then
   ACCEL=(--trainer.accelerator gpu --trainer.devices 1)
   PRETRAIN=(--trainer.max_steps 100 --trainer.precision bf16-mixed --data.num_workers 8)
   ENCODER=(--model swinv2_base --img-size 192 --window 12 --batch 128 --dtypes bf16 --rounds 10 --device cuda)
-  IMPLS=(ours ours+compile timm timm+compile transformers)
+  IMPLS=(ours timm transformers)
+  STEP=(--device cuda --models swinv2_base --dtypes bf16 --rounds 10
+        --impls ours ours+compile timm timm+compile transformers)
+  LOADER=(--workers 4 8 --pin_memory)
   STRATEGY_STEPS=(--trainer.max_steps 30 --trainer.precision bf16-mixed)
   MEMORY=(--device cuda --precision bf16 --sizes 192 384 768 1536)
   STRATEGIES=(ddp zero1 fsdp2)
@@ -82,6 +87,8 @@ else
         --model.encoder_kwargs '{"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}')
   ENCODER=(--model swinv2_tiny --img-size 64 --window 4 --batch 2 --dtypes fp32 --rounds 1 --device cpu --no-memory)
   IMPLS=(ours timm transformers)
+  STEP=(--device cpu --models swinv2_tiny --img-size 64 --window 4 --batch 2 --dtypes fp32 --rounds 1 --no-memory)
+  LOADER=(--count 8 --passes 1 --workers 1 --batch 4 --epochs 1)
   STRATEGY_STEPS=(--trainer.max_steps 2 --data.num_workers 0 --trainer.limit_val_batches 1 "${TINY[@]}")
   MEMORY=(--arch swinv2_tiny --encoder_kwargs '{"embed_dim": 24, "depths": [2], "num_heads": [2]}'
           --sizes 128 --window 16 --one_process)
@@ -97,6 +104,8 @@ if [ "$MODE" = gpu ]; then  # (the CPU mode skips what its other steps already r
   step pretrain $PY -m simmim.pretrain "${ACCEL[@]}" "${PRETRAIN[@]}" --trainer.default_root_dir "$RUNS/pretrain"
 fi
 step encoder $PY benchmarks/encoder.py "${ENCODER[@]}" --impls "${IMPLS[@]}"
+step pretrain_step $PY benchmarks/pretrain_step.py "${STEP[@]}" --out "$OUTDIR/pretrain_step.md"
+step dataloader $PY benchmarks/dataloader.py "${LOADER[@]}" --out "$OUTDIR/dataloader.md"
 for s in "${STRATEGIES[@]}"; do
   step "strategy_$s" $PY -m simmim.pretrain "${ACCEL[@]}" "${STRATEGY_STEPS[@]}" --trainer.strategy "$s" \
     --trainer.default_root_dir "$RUNS/$s"

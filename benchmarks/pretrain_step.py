@@ -18,8 +18,8 @@ Timing: one warm-up step each, then `--rounds` rounds in which every implementat
 the median step, a ratio is the median of the per-round ratios (paired, so that drift of a shared machine cancels).
 FLOPs per step are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions and fused
 attention, forward and backward; element-wise work is not counted). MFU = counted FLOPs per second / the matmul
-peak measured on the same device in the same run, per dtype. Peak memory: CUDA `max_memory_allocated` over one step;
-CPU the peak resident set of a fresh process over one step, above what it held before the step.
+peak measured on the same device in the same run, per dtype. Step peak memory: the second step's peak above the
+memory in use before it (`peak_memory_mib`: CUDA `max_memory_allocated`; CPU a fresh process's peak resident set).
 
 On a CPU without native bf16 arithmetic (the measured bf16 matmul peak under a quarter of fp32's, as on AVX2-only
 x86: PyTorch emulates bf16 there) bf16 is skipped with a note: its timings would measure the emulation.
@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import multiprocessing as mp
+import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -45,6 +45,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import swinv2
+from memory import MMAP_THRESHOLD, peak, reset_peak  # benchmarks/memory.py
 from simmim.optim import fused_adamw_supported
 from simmim.pretrain.masking import MaskGenerator
 from simmim.pretrain.model import SimMIM
@@ -167,28 +168,27 @@ def count_flops(step: Callable[[], None]) -> int:
 
 
 def peak_memory_mib(impl: str, args: argparse.Namespace, dtype: str) -> float:
+    """The second step's peak above what was in use before it (weights, gradients' absence, AdamW moments): its
+    activations, gradients and temporaries. CUDA: `max_memory_allocated`, in this process. CPU: the peak resident
+    set of a fresh process whose glibc returns every block over 128 KiB to the system when it is freed, so that
+    memory the first step freed cannot hide the second's (as `memory.py` measures)."""
     if args.device == "cuda":
-        step = make_step(build(impl, args.model, args.img_size, args.window), args, dtype)
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_cpu_peak_child, (impl, args, dtype))
+        return _step_peak(impl, args, dtype)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)  # read by the spawned process at its start
+    try:
+        with mp.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_step_peak, (impl, args, dtype))
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
 
 
-def _cpu_peak_child(impl: str, args: argparse.Namespace, dtype: str) -> float:
+def _step_peak(impl: str, args: argparse.Namespace, dtype: str) -> float:
     torch.set_num_threads(args.threads)
     step = make_step(build(impl, args.model, args.img_size, args.window), args, dtype)
     step()  # the AdamW moments exist from here on
-    with open("/proc/self/status") as f:
-        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak resident set to the current one
+    before = reset_peak(args.device)
     step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss
+    return peak(args.device) - before
 
 
 def bf16_is_native(fp32_peak: float, bf16_peak: float) -> bool:
@@ -273,7 +273,7 @@ def main() -> None:
                 "",
             ]
     lines += [
-        "| model | dtype | impl | img/s | ms/step | ours is faster by | GFLOP/step | MFU | peak MiB |",
+        "| model | dtype | impl | img/s | ms/step | ours is faster by | GFLOP/step | MFU | step peak MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)

@@ -28,13 +28,21 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.T
 
 
 def _window_sums(x: torch.Tensor, dim: int, radius: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sums of `x` over the 2 * radius + 1 neighbours of each position along `dim` (a negative dim), clipped to the
-    image, by differences of a float64 cumulative sum; and how many neighbours each sum has."""
+    """Sums of `x` over the 2 * radius + 1 neighbours of each position along `dim`, clipped to the image, as
+    differences of a cumulative sum C, written slice by slice (no gather, no concatenation); and how many neighbours
+    each sum has. Position i gets C[min(i + radius, L - 1)] - C[i - radius - 1], the second term 0 near the start."""
     length = x.shape[dim]
-    cumsum = F.pad(x.cumsum(dim), (1, 0) if dim == -1 else (0, 0, 1, 0))  # a leading 0 along dim
+    cumsum = x.cumsum(dim)
+    sums = torch.empty_like(cumsum)
+    inside = max(length - radius, 0)  # positions whose window ends inside the image
+    if inside:
+        sums.narrow(dim, 0, inside).copy_(cumsum.narrow(dim, radius, inside))
+    sums.narrow(dim, inside, length - inside).copy_(cumsum.narrow(dim, length - 1, 1))  # the rest: the total
+    after = max(length - radius - 1, 0)  # positions whose window starts after the image's start
+    sums.narrow(dim, length - after, after).sub_(cumsum.narrow(dim, 0, after))
     i = torch.arange(length, device=x.device)
-    hi, lo = (i + radius).clamp(max=length - 1) + 1, (i - radius).clamp(min=0)
-    return cumsum.index_select(dim, hi) - cumsum.index_select(dim, lo), (hi - lo).to(x.dtype)
+    count = (i + radius).clamp(max=length - 1) - (i - radius).clamp(min=0) + 1
+    return sums, count.to(x.dtype)
 
 
 def local_stats(x: torch.Tensor, patch_size: int = 47) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +56,8 @@ def local_stats(x: torch.Tensor, patch_size: int = 47) -> Tuple[torch.Tensor, to
     if patch_size % 2 == 0:
         raise ValueError(f"norm_target_patch_size must be odd, got {patch_size}")
     r = patch_size // 2
-    both = torch.stack([x, x * x]).to(torch.float64)  # sums of x and x^2 together
+    x64 = x.to(torch.float64)
+    both = torch.stack([x64, x64 * x64])  # sums of x and x^2 together
     rows, n_rows = _window_sums(both, -2, r)
     sums, n_cols = _window_sums(rows, -1, r)
     count = n_rows[:, None] * n_cols[None, :]
