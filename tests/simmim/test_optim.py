@@ -93,34 +93,3 @@ def test_schedule_follows_the_run_not_the_epoch_count(sixteen_images, kwargs, pe
 def test_cosine_without_an_end_is_a_clear_error(sixteen_images):
     with pytest.raises(ValueError, match="cosine LR schedule needs the run's length: set --trainer.max_epochs"):
         _fit(sixteen_images, max_epochs=-1)
-
-
-def test_training_steps_with_fused_adamw_equal_to_the_default_adamw(sixteen_images):
-    """The optimizer a run builds is fused, and its steps are PyTorch's reference (for-loop) AdamW's, group settings
-    (learning rate, weight decay) included."""
-    import torch
-
-    trainer, _, _ = _fit(sixteen_images, max_steps=1)
-    opt = trainer.optimizers[0]
-    assert opt.defaults["fused"] is True
-
-    def copy_groups():
-        return [
-            {**{k: v for k, v in g.items() if k in ("lr", "betas", "eps", "weight_decay")},
-             "params": [p.detach().clone().requires_grad_() for p in g["params"]]}
-            for g in opt.param_groups
-        ]  # fmt: skip
-
-    fused_groups, reference_groups = copy_groups(), copy_groups()
-    fused, reference = torch.optim.AdamW(fused_groups, fused=True), torch.optim.AdamW(reference_groups, foreach=False)
-    pairs = [(a, b) for fg, rg in zip(fused_groups, reference_groups) for a, b in zip(fg["params"], rg["params"])]
-    before = [a.detach().clone() for a, _ in pairs]
-    for step in range(3):
-        for a, b in pairs:
-            g = torch.randn(a.shape, generator=torch.Generator().manual_seed(step))
-            a.grad, b.grad = g.clone(), g.clone()
-        fused.step()
-        reference.step()
-    for a, b in pairs:
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert any(not torch.equal(a, b0) for (a, _), b0 in zip(pairs, before))  # the steps moved the weights

@@ -1,6 +1,7 @@
 """MaskGenerator and SimMIM: exact counts, uniformity, and parity with transformers' Swinv2ForMaskedImageModeling."""
 
 import math
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, randomize_
 
+import simmim.pretrain.model as model_module
 import swinv2
 from simmim import MaskGenerator, SimMIM, masked_l1_loss, normalize_target
 
@@ -66,7 +68,8 @@ def _official_norm_targets(targets, patch_size):
 
 
 @pytest.mark.parametrize(
-    "shape, window", [((2, 3, 64, 48), 47), ((1, 3, 96, 96), 47), ((1, 2, 20, 9), 5), ((1, 1, 7, 30), 3)]
+    "shape, window",
+    [((2, 3, 64, 48), 47), ((1, 3, 96, 96), 47), ((3, 2, 20, 9), 5), ((1, 1, 7, 30), 3), ((2, 3, 5, 30), 47)],
 )
 def test_normalize_target_equals_the_official_square_window_code(shape, window):
     """Against the official pools run in float64 (exact to rounding), with flat regions, where the local std is
@@ -76,6 +79,8 @@ def test_normalize_target_equals_the_official_square_window_code(shape, window):
     expected = _official_norm_targets(x.double(), window).float()
     torch.testing.assert_close(normalize_target(x, window), expected, atol=1e-4, rtol=1e-4)
     official_fp32 = _official_norm_targets(x, window)  # the official code's own float32 rounding, for comparison
+    with patch.object(model_module, "_STATS_CHUNK", x[0].numel()):  # one image per chunk: the same result
+        torch.testing.assert_close(normalize_target(x, window), expected, atol=1e-4, rtol=1e-4)
     assert (normalize_target(x, window) - expected).abs().max() <= (official_fp32 - expected).abs().max() + 1e-5
 
 
