@@ -42,10 +42,10 @@ from typing import Callable, Dict, List
 import timm
 import torch
 import torch.nn as nn
+from memory import MMAP_THRESHOLD, peak, reset_peak  # benchmarks/memory.py
 from torch.utils.flop_counter import FlopCounterMode
 
 import swinv2
-from memory import MMAP_THRESHOLD, peak, reset_peak  # benchmarks/memory.py
 from simmim.pretrain.masking import MaskGenerator
 from simmim.pretrain.model import SimMIM
 

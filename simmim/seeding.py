@@ -33,6 +33,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from simmim.step_timing import TimedIterator
+
 SEED_ENV = "PL_GLOBAL_SEED"
 # Stream tags: each purpose draws from its own sequence.
 _SHUFFLE, _SAMPLE, _STEP, _EVAL = 0, 1, 2, 3
@@ -145,6 +147,8 @@ class ResumableLoader(DataLoader):
     iteration outside such a resume starts at the epoch Lightning is in (its `set_epoch` call comes after the
     first `iter()` of a run, too late for workers that prefetch at once).
 
+    It also counts the time its `next()` blocks (`data_wait_s`), which `simmim.step_timing.DataWaitTimer` logs.
+
     Args:
         dataset: A dataset whose `__getitem__` takes `SampleKey`s.
         sampler: The training order.
@@ -157,6 +161,7 @@ class ResumableLoader(DataLoader):
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._trainer = weakref.ref(trainer) if trainer is not None else (lambda: None)
         self._resume: Optional[Tuple[int, int]] = None  # (epoch, start) loaded from a checkpoint, not yet iterated
+        self.data_wait_s = 0.0  # time spent in `next()` since `DataWaitTimer` last read it
 
     def _fitting_trainer(self):
         trainer = self._trainer()
@@ -170,7 +175,7 @@ class ResumableLoader(DataLoader):
             elif trainer is not None:
                 sampler.pin(trainer.fit_loop.epoch_progress.current.processed)
         self._resume = None
-        return super().__iter__()
+        return TimedIterator(super().__iter__(), self)
 
     def state_dict(self) -> Dict[str, int]:
         sampler, trainer = self.sampler, self._fitting_trainer()

@@ -3,30 +3,45 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Any, Iterator
 
 import pytorch_lightning as pl
 
 
+class TimedIterator:
+    """Wraps a data loader's iterator and adds the time each `next()` takes (waiting for a worker's batch, or
+    loading and collating it without workers) to `owner.data_wait_s`. Everything else is the wrapped iterator's."""
+
+    def __init__(self, iterator: Iterator, owner: Any) -> None:
+        self._iterator, self._owner = iterator, owner
+
+    def __iter__(self) -> TimedIterator:
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self._iterator)
+        finally:
+            self._owner.data_wait_s += time.perf_counter() - start
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __getattr__(self, name: str):
+        return getattr(self._iterator, name)
+
+
 class DataWaitTimer(pl.Callback):
-    """Logs `train/data_wait_ms` every training step: the wall time from the end of one training batch to the start
-    of the next, which is the wait for the loader (its workers, or the main process without workers) plus the copy to
-    the device and the device-side normalisation. The epoch's first batch counts from the start of the epoch, worker
-    start-up included. Near zero: the loader keeps up; a large share of the step time: add `--data.num_workers`.
-
-    On a GPU the host runs ahead of the device, so a wait shorter than the device's queued work costs nothing: compare
-    the wait with the step time (`train/throughput_img_s`). Logged from each rank's own clock (rank 0's is shown).
-    """
-
-    def __init__(self) -> None:
-        self._since: Optional[float] = None
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._since = time.perf_counter()
+    """Logs `train/data_wait_ms` every training step: how long the training loader's `next()` blocked since the
+    previous step (the first step's includes the workers' start). Near zero: the loader keeps up; a large share of
+    the step time (compare `train/throughput_img_s`): add `--data.num_workers`. Checkpointing, validation and
+    logging between steps are not counted, nor the copy to the device. Needs a training loader that counts its waits
+    (`data_wait_s`, as `simmim.seeding.ResumableLoader` does); logged from each rank's own clock (rank 0's is
+    shown)."""
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        if self._since is not None:
-            pl_module.log("train/data_wait_ms", (time.perf_counter() - self._since) * 1e3)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        self._since = time.perf_counter()
+        loader = trainer.train_dataloader
+        if hasattr(loader, "data_wait_s"):
+            pl_module.log("train/data_wait_ms", loader.data_wait_s * 1e3)
+            loader.data_wait_s = 0.0

@@ -5,6 +5,7 @@ host-to-device copy, and no float pass over the pixels in the workers)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Tuple
 
@@ -15,13 +16,25 @@ import torch
 Box = Tuple[int, int, int, int]  # top, left, height, width
 
 
-def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 images (B, 3, H, W), on any device -> float32 `(x / 255 - mean) / std` per channel, on that device."""
-    mean_255 = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
-    std_255 = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device):
+    """255 x mean and 255 x std as (1, C, 1, 1) float32 tensors on `device`, made once per device: building them per
+    batch would be a host-to-device copy, which makes the host wait for the GPU's queued work."""
+    mean_255 = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    std_255 = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return mean_255.to(device), std_255.to(device)
+
+
+def normalize_images(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 images (B, 3, H, W), on any device -> `(x / 255 - mean) / std` per channel in float32 on that device,
+    then cast to `dtype` (the weights' dtype under a "-true" precision)."""
     if x.dtype != torch.uint8:
         raise TypeError(f"normalize_images takes uint8 images, got {x.dtype}")
-    return x.to(torch.float32).sub_(mean_255).div_(std_255)  # in place: 15x faster on CPU than new tensors
+    mean_255, std_255 = _channel_constants(tuple(mean), tuple(std), x.device)
+    out = x.to(torch.float32).sub_(mean_255).div_(std_255)  # in place: 15x faster on CPU than new tensors
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 class PretrainTransform:

@@ -19,6 +19,8 @@ from simmim.pretrain.augment import PretrainTransform, normalize_images
 from simmim.pretrain.masking import MaskGenerator
 from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
 
+_TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
 
 class MaskedImageDataset(Dataset):
     """Images with SimMIM masks: (uint8 image (3, H, W), mask, indices of the unreadable files passed over).
@@ -134,9 +136,14 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         return self._loader(self.train_files, train=True)
 
     def on_after_batch_transfer(self, batch: Tuple, dataloader_idx: int) -> Tuple:
-        """The loaders deliver uint8 images; they are normalised here, on the training device, after the copy."""
+        """The loaders deliver uint8 images; they are normalised here, on the training device, after the copy (in
+        float32, or in the weights' dtype under `--trainer.precision` bf16-true, 16-true or 64-true). Loaders given
+        to `Trainer.fit` without this data module skip this hook: their batches stay uint8."""
         x, *rest = batch
-        return (normalize_images(x, self.mean, self.std) if x.dtype == torch.uint8 else x, *rest)
+        if x.dtype != torch.uint8:
+            return batch
+        dtype = _TRUE_PRECISION.get(str(self.trainer.precision) if self.trainer else "", torch.float32)
+        return (normalize_images(x, self.mean, self.std, dtype), *rest)
 
     def val_dataloader(self):
         if not self.val_files:  # under a trainer `setup` has turned validation off

@@ -1,6 +1,8 @@
 """The pretraining augmentation against albumentations' and torchvision's own operations, and the normalisation on
 the device against albumentations' Normalize."""
 
+from types import SimpleNamespace
+
 import albumentations as A
 import numpy as np
 import pytest
@@ -69,6 +71,35 @@ def test_the_data_module_normalises_batches_after_the_transfer(tmp_path):
     np.testing.assert_allclose(y[0, :, 0, 0].numpy(), (x[0, :, 0, 0].numpy() / 255 - MEAN) / STD, rtol=1e-5)
     empty = torch.empty(0)
     assert dm.on_after_batch_transfer((empty, empty, ()), 0)[0] is empty  # a batch with nothing readable
+    dm.trainer = SimpleNamespace(precision="bf16-true")  # weights in bf16: so are the images
+    z = dm.on_after_batch_transfer((x, mask, ()), 0)[0]
+    assert z.dtype == torch.bfloat16 and torch.equal(z, y.to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_training_batches_arrive_pinned_and_normalise_on_the_gpu(tmp_path):
+    import cv2
+
+    from simmim.loaders import collate_readable, make_loader
+    from simmim.pretrain.data import MaskedImageDataset
+    from simmim.pretrain.masking import MaskGenerator
+
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(files[-1]), np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+
+    class CudaTrainer:  # what make_loader reads of a trainer that trains on the GPU
+        world_size, global_rank = 1, 0
+        strategy = SimpleNamespace(root_device=torch.device("cuda"))
+
+    ds = MaskedImageDataset(files, PretrainTransform(32, True), MaskGenerator(32, 16, 4), refill=True)
+    trainer = CudaTrainer()
+    loader = make_loader(ds, 2, 1, True, lambda b: collate_readable(b, 2), trainer)
+    x, mask, _ = next(iter(loader))
+    assert x.dtype == torch.uint8 and x.is_pinned()
+    y = normalize_images(x.to("cuda", non_blocking=True), MEAN, STD)
+    torch.testing.assert_close(y.cpu(), normalize_images(x, MEAN, STD))
 
 
 def test_crop_boxes_cover_the_scale_and_ratio_ranges_and_flip_half_the_time():
