@@ -3,14 +3,14 @@ and the loader settings."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
-import cv2
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.seeding import ResumableLoader, make_train_sampler
+from simmim.workers import WorkerLoader, single_threaded_worker, worker_context
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,20 +29,6 @@ def collate_readable(batch: List, num_fields: int) -> Tuple:
     return (*(torch.stack(f) if isinstance(f[0], torch.Tensor) else torch.tensor(f) for f in fields), unreadable)
 
 
-def worker_context(num_workers: int) -> Optional[str]:
-    """The start method of data-loader workers: `forkserver` once a process group is up. Forking a process whose
-    gloo or NCCL threads are running can leave the child blocked on a lock one of them held (a DDP run hung in
-    `os.fork()` that way); a forkserver starts workers from a clean single-threaded process. None: the default."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return "forkserver" if num_workers > 0 and distributed else None
-
-
-def single_threaded_worker(worker_id: int) -> None:
-    """Data-loader workers run OpenCV on one thread, as PyTorch does for torch itself: N workers each starting a
-    thread per core would oversubscribe the CPU."""
-    cv2.setNumThreads(1)
-
-
 def make_loader(
     dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn, trainer=None
 ) -> DataLoader:
@@ -59,7 +45,7 @@ def make_loader(
         pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda",
     )
     if not train:
-        return DataLoader(dataset, shuffle=False, **kwargs)
+        return WorkerLoader(dataset, shuffle=False, **kwargs)
     sampler = make_train_sampler(len(dataset), trainer)
     return ResumableLoader(dataset, sampler, trainer, drop_last=len(sampler) >= batch_size, **kwargs)
 

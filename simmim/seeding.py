@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from simmim.step_timing import TimedIterator
+from simmim.workers import WorkerLoader
 
 SEED_ENV = "PL_GLOBAL_SEED"
 # Stream tags: each purpose draws from its own sequence.
@@ -137,7 +138,7 @@ class SeededSampler(DistributedSampler):
         return self.num_samples
 
 
-class ResumableLoader(DataLoader):
+class ResumableLoader(WorkerLoader):
     """A training `DataLoader` over a `SeededSampler` whose state Lightning saves in every checkpoint and restores
     when it resumes mid-epoch (it has `state_dict`/`load_state_dict`), so the run continues with the next sample of
     the interrupted epoch, in the same order and with the same draws.

@@ -1,0 +1,60 @@
+"""Data-loader worker processes that start safely: the start method under a process group, and OpenCV on one
+thread in every worker without touching a thread pool that a fork copied."""
+
+from __future__ import annotations
+
+import multiprocessing
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import cv2
+import torch
+from torch.utils.data import DataLoader
+
+
+def worker_context(num_workers: int) -> Optional[str]:
+    """The start method of data-loader workers: `forkserver` once a process group is up. Forking a process whose
+    gloo or NCCL threads are running can leave the child blocked on a lock one of them held (a DDP run hung in
+    `os.fork()` that way); a forkserver starts workers from a clean single-threaded process. None: the default."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return "forkserver" if num_workers > 0 and distributed else None
+
+
+def single_threaded_worker(worker_id: int) -> None:
+    """A worker's `worker_init_fn`: OpenCV on one thread, as PyTorch does for torch itself (N workers each starting
+    a thread per core would oversubscribe the CPU). A forked worker of a `WorkerLoader` already has one thread and
+    is left alone: reconfiguring the thread pool a fork copied can block forever (the copied pool's condition
+    variables still count the parent's threads as waiters). Spawned and forkserver workers start afresh and have no
+    pool yet, so they set it here."""
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+
+
+def _forks(loader: DataLoader) -> bool:
+    context = loader.multiprocessing_context
+    method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
+    return loader.num_workers > 0 and method == "fork"
+
+
+@contextmanager
+def opencv_single_threaded() -> Iterator[None]:
+    """OpenCV on one thread in this process for the duration (its pool stopped), then as it was."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+
+
+class WorkerLoader(DataLoader):
+    """A `DataLoader` whose forked workers inherit OpenCV on one thread: while it starts workers by fork, this
+    process runs OpenCV on one thread (no pool threads for the fork to copy), and goes back to its own count once
+    they are running. Without it a worker that set its thread count could hang at its first batch, at random (seen
+    in about one fork in thirty after the parent had resized images on two threads)."""
+
+    def _get_iterator(self):
+        if not _forks(self):
+            return super()._get_iterator()
+        with opencv_single_threaded():
+            return super()._get_iterator()
