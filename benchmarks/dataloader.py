@@ -278,6 +278,8 @@ def main() -> None:
             files = make_jpegs(Path(tmp), args.count)
             kb = statistics.mean(f.stat().st_size for f in files) / 1024
             source = f"{len(files)} synthetic JPEGs, 500x375 and 375x500, quality 90, {kb:.0f} KB on average"
+        if args.workers and len(files) < args.batch:
+            p.error(f"{len(files)} images make no full batch of --batch {args.batch}: lower --batch or add images")
         import albumentations
         import timm
         import torchvision
