@@ -219,6 +219,7 @@ def run_dtype(args: argparse.Namespace, dtype: str, peak: float) -> List[Dict]:
                 "gflop": flops[impl] / 1e9,
                 "mfu": flops[impl] / med / peak,
                 "mem": float("nan") if args.no_memory else peak_memory_mib(impl, args, dtype),
+                "rounds_ms": [t * 1e3 for t in times[impl]],
             }
         )
     return rows
@@ -275,18 +276,22 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
+    rounds = ["", "Step times of every round in ms, in the order run (the ratio column is the median of the per-round",
+              "ratios of these):", ""]  # fmt: skip
     for model in args.models:
         args.model = model
         for dtype in dtypes:
             for r in run_dtype(args, dtype, peaks[dtype]):
+                rounds.append(f"- {model} {dtype} {r['impl']}: " + ", ".join(f"{t:.0f}" for t in r["rounds_ms"]))
                 line = (
                     f"| {model} | {dtype} | {r['impl']} | {r['img_s']:.1f} | {r['ms']:.0f} | {r['ours_speedup']:.2f}x "
                     f"| {r['gflop']:.0f} | {100 * r['mfu']:.0f}% | {r['mem']:.0f} |"
                 )
                 print(line, flush=True)
                 lines.append(line)
+    print("\n".join(rounds), flush=True)
     if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        Path(args.out).write_text("\n".join(lines + rounds) + "\n")
 
 
 def cpu_model() -> str:

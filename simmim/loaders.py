@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.seeding import ResumableLoader, make_train_sampler
-from simmim.workers import WorkerLoader, single_threaded_worker, worker_context
+from simmim.workers import WorkerLoader, worker_context
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,7 +41,6 @@ def make_loader(
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
         multiprocessing_context=worker_context(num_workers),
-        worker_init_fn=single_threaded_worker if num_workers > 0 else None,
         pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda",
     )
     if not train:

@@ -29,7 +29,14 @@ class TimedIterator:
         return len(self._iterator)
 
     def __getattr__(self, name: str):
+        if name in ("_iterator", "_owner"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self._iterator, name)
+
+    def __getstate__(self) -> dict:
+        """Pickled (a copy of Lightning's loop) without the loader's iterator, which cannot be pickled: as Lightning
+        itself drops such iterators."""
+        return {"_iterator": None, "_owner": None}
 
 
 class DataWaitTimer(pl.Callback):

@@ -11,6 +11,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # above the script's own 600 s limit
 def test_gpu_check_runs_every_step_in_cpu_mode(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     out = subprocess.run(["bash", str(SCRIPT), "--cpu"], capture_output=True, text=True, timeout=600, env=env)

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 import swinv2
+from simmim.errors import ConfigError
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads, param_groups_weight_decay
 from simmim.pretrain.model import SimMIM
 from simmim.seeding import StepSeeding
@@ -87,6 +88,16 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
     @property
     def encoder(self) -> swinv2.SwinTransformerV2:
         return self.model.encoder
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Called only when no data module takes this hook: uint8 images here came from `PretrainDataModule`'s
+        loaders handed to the trainer on their own, which would skip the normalisation its hook does."""
+        if isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0]) and batch[0].dtype == torch.uint8:
+            raise ConfigError(
+                "pretraining batches arrive as uint8 images, which PretrainDataModule normalises on the device after "
+                "the copy: pass the data module itself (trainer.fit(model, datamodule=dm)), not its loaders"
+            )
+        return batch
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, mask, _ = batch

@@ -93,3 +93,16 @@ def test_schedule_follows_the_run_not_the_epoch_count(sixteen_images, kwargs, pe
 def test_cosine_without_an_end_is_a_clear_error(sixteen_images):
     with pytest.raises(ValueError, match="cosine LR schedule needs the run's length: set --trainer.max_epochs"):
         _fit(sixteen_images, max_epochs=-1)
+
+
+def test_the_data_modules_loaders_alone_are_refused_with_advice(sixteen_images):
+    """Its loaders deliver uint8 images that the data module normalises; handed to fit() without it, the model
+    would get raw pixels."""
+    from simmim.errors import ConfigError
+
+    dm = PretrainDataModule(sixteen_images, img_size=32, mask_patch_size=8, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    model = SimMIMPretrainer("swinv2_tiny", img_size=32, window_size=4, encoder_kwargs=ENC, lr_schedule="multistep")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=1, limit_val_batches=0)
+    with pytest.raises(ConfigError, match=r"pass the data module itself \(trainer.fit\(model, datamodule=dm\)\)"):
+        trainer.fit(model, train_dataloaders=dm.train_dataloader())
