@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
 
 import swinv2
 from simmim.errors import ConfigError
+from simmim.knn import KNNMonitor
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads, param_groups_weight_decay
 from simmim.pretrain.model import SimMIM
 from simmim.seeding import StepSeeding
@@ -38,6 +39,11 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         weight_decay, betas, eps: AdamW.
         max_bad_fraction: Deprecated, use `--data.max_bad_fraction`; still honoured (with a warning) so that
             older configs and checkpoints load.
+        knn_root: Labelled class folders for the kNN monitor (`val/knn_acc1`, `simmim.knn`): `DIR/train/<class>`
+            and `DIR/val/<class>`, or `DIR/<class>` split 80/20. None: the built-in digits' labels when pretraining
+            on the built-in digits, otherwise no monitor.
+        knn_every_n_epochs: The monitor's period in training epochs; 0 turns it off.
+        knn_k: Neighbours that vote (temperature 0.07).
     """
 
     SHARDED_FORWARD_METHODS = ("reconstruct",)  # the reconstruction grid's forward
@@ -65,6 +71,9 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         max_bad_fraction: Optional[float] = None,
+        knn_root: Optional[str] = None,
+        knn_every_n_epochs: int = 1,
+        knn_k: int = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -89,18 +98,20 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
     def encoder(self) -> swinv2.SwinTransformerV2:
         return self.model.encoder
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Called only when no data module takes this hook: uint8 images here came from `PretrainDataModule`'s
-        loaders handed to the trainer on their own, which would skip the normalisation its hook does."""
-        if isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0]) and batch[0].dtype == torch.uint8:
-            raise ConfigError(
-                "pretraining batches arrive as uint8 images, which PretrainDataModule normalises on the device after "
-                "the copy: pass the data module itself (trainer.fit(model, datamodule=dm)), not its loaders"
-            )
-        return batch
+    def configure_callbacks(self) -> List[pl.Callback]:
+        """The kNN monitor, when it has labelled images: `knn_root`, or the built-in digits' labels when the data
+        are the built-in digits."""
+        hp = self.hparams
+        datamodule = getattr(self.trainer, "datamodule", None)
+        on_digits = datamodule is not None and getattr(datamodule, "root", "") is None
+        if hp.knn_every_n_epochs <= 0 or (hp.knn_root is None and not on_digits):
+            return []
+        workers = getattr(datamodule, "num_workers", 0)
+        return [KNNMonitor(hp.knn_root, hp.img_size, hp.knn_every_n_epochs, hp.knn_k, num_workers=workers)]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, mask, _ = batch
+        _refuse_raw_pixels(x)
         loss = self.model(x, mask)
         now = time.perf_counter()
         self.log("train/loss", loss, prog_bar=True)
@@ -111,6 +122,7 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, mask, _ = batch
+        _refuse_raw_pixels(x)
         if len(x):
             self.log("val/loss", self.model(x, mask), prog_bar=True, batch_size=len(x), sync_dist=True)
         else:
@@ -146,4 +158,14 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
             schedule=hp.lr_schedule,
             milestone_epochs=hp.milestones,
             gamma=hp.gamma,
+        )
+
+
+def _refuse_raw_pixels(x: torch.Tensor) -> None:
+    """uint8 images reach a step only from `PretrainDataModule`'s loaders handed to the trainer without the data
+    module, whose `on_after_batch_transfer` normalises them."""
+    if x.dtype == torch.uint8:
+        raise ConfigError(
+            "pretraining batches arrive as uint8 images, which PretrainDataModule normalises on the device after "
+            "the copy: pass the data module itself (trainer.fit(model, datamodule=dm)), not its loaders"
         )
