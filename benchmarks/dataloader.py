@@ -11,9 +11,10 @@ torchvision pipeline is `torchvision.io.decode_image` then `transforms.v2` (Rand
 ToDtype, Normalize) and the same mask generator; twice: with torchvision's default antialiased resize, and with
 `antialias=False`, the plain bilinear resize that ours (OpenCV `INTER_LINEAR`) does.
 
-Fine-tuning: ours is `LabelledImageDataset` with the training transform at 224 px; timm's is `create_transform` with
-the official SwinV2 fine-tuning arguments (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 in pixel mode,
-bicubic, color jitter 0.4) on a PIL decode, as timm's own `ImageDataset` reads images.
+Fine-tuning: ours is `LabelledImageDataset` with the official training transform at 224 px (timm's pipeline with
+the official SwinV2 fine-tuning arguments, on our OpenCV decode, each sample seeded); timm's is `create_transform`
+with the same arguments (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 in pixel mode, bicubic, color jitter
+0.4, which timm leaves off beside RandAugment) on a PIL decode, as timm's own `ImageDataset` reads images.
 
 Two measurements:
 - **Per worker**: what one loader worker does, in this process with one thread (torch and OpenCV): read every image
@@ -177,7 +178,7 @@ def pipelines(files: List[Path], stage: str) -> Dict[str, Dataset]:
             "torchvision v2": TorchvisionPretrain(files, 192, masks, antialias=True),
             "torchvision v2, antialias=False": TorchvisionPretrain(files, 192, masks, antialias=False),
         }
-    tfm = classification_transform(224, True, IMAGENET_MEAN, IMAGENET_STD, 0.25)
+    tfm = classification_transform("official", 224, True, IMAGENET_MEAN, IMAGENET_STD, 0.25)
     return {
         "ours": LabelledImageDataset(files, [0] * len(files), tfm, refill=True),
         "timm create_transform": TimmFinetune(files, 224),

@@ -8,7 +8,8 @@ Every draw is seeded from it here and nowhere else:
   read different positions, so they draw differently; a sample's draw does not depend on which worker or rank
   reads it, so 0 or 8 workers, 1 or 16 ranks, and an interrupted run's resume all see the same crops and masks
   (a resume on another number of ranks shares out the rest of its interrupted epoch anew, see `ResumableLoader`).
-  `sample_generators` turns the seed into the generators the transforms and the mask use.
+  `sample_generators` turns the seed into the generators the transforms and the mask use; `seeded_globals` seeds
+  the global generators for transforms that draw from them (timm's and torchvision's) and gives them back after.
 - **Per training batch** (drop-path, dropout, mixup/cutmix): `seed_step` reseeds torch (every device), NumPy's and
   Python's global generators from (run seed, rank, epoch, batch index) before each batch, so ranks differ and a
   resumed run repeats the interrupted run's draws.
@@ -25,6 +26,7 @@ import math
 import os
 import random
 import weakref
+from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
@@ -67,6 +69,23 @@ def sample_generators(seed: int) -> Tuple[np.random.Generator, random.Random, np
     (`Compose.set_random_state`), and a NumPy generator for the mask."""
     augment, mask = np.random.SeedSequence(seed).spawn(2)
     return np.random.default_rng(augment), random.Random(seed), np.random.default_rng(mask)
+
+
+@contextmanager
+def seeded_globals(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU global generators seeded for one sample, for transforms that draw from them
+    (timm's and torchvision's), and back to their states after: in the training process itself (no workers) the
+    run's own draws (dropout, drop-path, mixup) must not change with the data."""
+    states = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.default_generator.set_state(states[2])
 
 
 def seed_step(rank: int, epoch: int, batch_idx: int) -> None:

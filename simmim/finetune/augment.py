@@ -1,53 +1,100 @@
-"""Fine-tuning augmentation: the training pipeline of the official SwinV2 fine-tuning recipe, and evaluation."""
+"""Fine-tuning augmentation: the official SwinV2 fine-tuning pipeline (timm's `create_transform` with the official
+settings, as the official code builds it) and a light one for the built-in 64 px digits."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
-import albumentations as A
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
+from torchvision import transforms as T
+
+RECIPES = ("official", "digits")
+
+# The official recipe (SwinV2 fine-tuning configs): RandAugment, random erasing of 25% in pixel mode (per-pixel
+# normal noise), bicubic; timm leaves ColorJitter 0.4 off while RandAugment is on.
+OFFICIAL_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+OFFICIAL_INTERPOLATION = "bicubic"
 
 
-def rand_augment(magnitude: int = 9, num_ops: int = 2) -> A.BaseCompose:
-    """RandAugment-style policy ("rand-m9-mstd0.5" in timm): `num_ops` ops drawn per image from the RandAugment
-    op set, at magnitude `magnitude` of 10 (geometric ops scaled as in timm's `_LEVEL_DENOM = 10`)."""
-    m = magnitude / 10.0
-    ops = [
-        A.Affine(rotate=(-30 * m, 30 * m), p=1.0),
-        A.Affine(shear={"x": (-0.3 * m * 57.3, 0.3 * m * 57.3)}, p=1.0),
-        A.Affine(shear={"y": (-0.3 * m * 57.3, 0.3 * m * 57.3)}, p=1.0),
-        A.Affine(translate_percent={"x": (-0.45 * m, 0.45 * m)}, p=1.0),
-        A.Affine(translate_percent={"y": (-0.45 * m, 0.45 * m)}, p=1.0),
-        A.AutoContrast(p=1.0),
-        A.Equalize(p=1.0),
-        A.Posterize(num_bits=(max(1, int(8 - 4 * m)), 8), p=1.0),
-        A.Solarize(threshold_range=(1.0 - m, 1.0), p=1.0),
-        A.RandomBrightnessContrast(brightness_limit=0.9 * m, contrast_limit=0.0, p=1.0),
-        A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.9 * m, p=1.0),
-        A.ColorJitter(brightness=0, contrast=0, saturation=0.9 * m, hue=0, p=1.0),
-        A.Sharpen(alpha=(0.1, 0.9 * m), p=1.0),
-    ]
-    return A.SomeOf(ops, n=num_ops, replace=False, p=1.0)
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, also for 0 bits: keeping no bit makes the image black, as Pillow did before version 13
+    (which refuses 0). RandAugment's increasing posterize asks for 0 bits whenever the drawn magnitude reaches 10."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow_safe(transform: T.Compose) -> T.Compose:
+    for t in transform.transforms:
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+    return transform
+
+
+def official_transform(
+    img_size: int, train: bool, mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.25
+) -> T.Compose:
+    """PIL image -> normalised float (3, img_size, img_size). Train: RandomResizedCrop (scale 0.08-1, bicubic),
+    flip, RandAugment rand-m9-mstd0.5-inc1, random erasing `erase_prob` in pixel mode. Eval: bicubic resize of the
+    short side to img_size x 256/224, then a center crop. timm's global generators draw (see `seeded_globals`)."""
+    if train:
+        return _pillow_safe(
+            create_transform(
+                input_size=img_size,
+                is_training=True,
+                color_jitter=0.4,
+                auto_augment=OFFICIAL_AUTO_AUGMENT,
+                interpolation=OFFICIAL_INTERPOLATION,
+                re_prob=erase_prob,
+                re_mode="pixel",
+                re_count=1,
+                mean=tuple(mean),
+                std=tuple(std),
+            )  # fmt: skip
+        )
+    return T.Compose(
+        [
+            T.Resize(int(256 / 224 * img_size), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def digits_transform(img_size: int, train: bool, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """For the built-in digits (8x8 scans upscaled): a digit is neither mirrored nor cut off, so training draws only
+    a small shift, rotation and scale of the whole image; evaluation resizes to img_size."""
+    ops = [T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC)]
+    if train:
+        ops.append(T.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1), fill=255))
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
 
 
 def classification_transform(
-    img_size: int, train: bool, mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.25
-) -> A.Compose:
-    """Train: RandomResizedCrop, flip, RandAugment m9, color jitter 0.4, random erasing 0.25 (official fine-tuning
-    recipe). Eval: resize the short side to size x 256/224, then center crop."""
-    if train:
-        ops = [
-            A.RandomResizedCrop(size=(img_size, img_size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-            A.HorizontalFlip(p=0.5),
-            rand_augment(9, 2),
-            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
-            A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
-            A.Erasing(p=erase_prob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random"),
-        ]
+    recipe: str, img_size: int, train: bool, mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.25
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """uint8 RGB (H, W, 3) -> normalised float (3, img_size, img_size) by `recipe` ("official" or "digits")."""
+    if recipe == "official":
+        tfm = official_transform(img_size, train, mean, std, erase_prob)
     else:
-        resize = int(round(img_size * 256 / 224))
-        ops = [
-            A.SmallestMaxSize(max_size=resize),
-            A.CenterCrop(img_size, img_size),
-            A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
-        ]
-    return A.Compose(ops)
+        tfm = digits_transform(img_size, train, mean, std)
+    return FromArray(tfm)
+
+
+class FromArray:
+    """Applies a PIL-image transform to a uint8 RGB array (picklable, for spawned and forkserver workers)."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.transform(Image.fromarray(image))

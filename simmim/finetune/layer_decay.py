@@ -2,8 +2,9 @@
 docs/recipes.md).
 
 Layer ids: `mask_token` and `patch_embed` 0; block j of stage i `sum(depths[:i]) + j + 1`; the downsample at the
-end of stage i `sum(depths[:i+1])`; everything else (final norm, head) `sum(depths) + 1`. A parameter of layer id
-l gets `lr * decay ** (sum(depths) + 1 - l)`.
+end of stage i `sum(depths[:i+1])`; everything else `sum(depths) + 1`: the final norm and the head, and also
+`absolute_pos_embed` (the official map names no other parameter, so it gets the full learning rate). A parameter
+of layer id l gets `lr * decay ** (sum(depths) + 1 - l)`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from simmim.optim import is_no_decay
 
 def swin_layer_id(name: str, depths: Sequence[int]) -> int:
     """Layer id of an encoder parameter name in the official layout (no prefix)."""
-    if name == "mask_token" or name.startswith(("patch_embed", "absolute_pos_embed")):
+    if name == "mask_token" or name.startswith("patch_embed"):
         return 0
     if name.startswith("layers."):
         parts = name.split(".")

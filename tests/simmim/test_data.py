@@ -96,7 +96,7 @@ def test_training_replaces_an_unreadable_file_by_the_next_readable_one(tmp_path)
     assert x.shape == (1, 3, 32, 32) and mask.shape == (1, 8, 8) and skipped == (1,)
 
     labelled = LabelledImageDataset(
-        files, [0, 1, 2, 3], classification_transform(32, False, (0.5,) * 3, (0.5,) * 3), refill=True
+        files, [0, 1, 2, 3], classification_transform("official", 32, False, (0.5,) * 3, (0.5,) * 3), refill=True
     )
     with pytest.warns(UserWarning, match="broken.png"):
         x, y, index, skipped = collate_readable([labelled[1], labelled[3]], 3)
