@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from simmim.cli import CONFIG_DIR, StageCLI, user_errors_as_messages, with_default_subcommand
 from simmim.export import ExportWeights
+from simmim.knn import KNNMonitor
 from simmim.pretrain.callbacks import ReconstructionGrid
 from simmim.pretrain.data import PretrainDataModule
 from simmim.pretrain.module import SimMIMPretrainer
@@ -45,6 +46,10 @@ def main(args: Optional[List[str]] = None) -> PretrainCLI:
         ckpt = cli.trainer.checkpoint_callback
         loss = cli.trainer.callback_metrics.get("train/loss")
         print(f"\nsteps: {cli.trainer.global_step}, last training loss: {'-' if loss is None else f'{loss:.4f}'}")
+        monitor = next((c for c in cli.trainer.callbacks if isinstance(c, KNNMonitor)), None)
+        if monitor is not None and monitor.last is not None:
+            train, val = monitor.counts
+            print(f"kNN top-1 (val/knn_acc1): {monitor.last:.2f}% of {val} images, voting {train} labelled images")
         print(f"checkpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or '-'})")
         print(f"encoder export: {cli.export.path}")
         print(f"reconstruction grid: {cli.grid.last_path or cli.grid.why_none(cli.trainer)}")

@@ -172,8 +172,35 @@ def test_ddp_run_under_the_limit_completes(tmp_path):
     folder = image_folder(tmp_path / "images", [f"{i:02d}.png" for i in range(16)], 64, [f"{i:02d}.png" for i in bad])
     args = ["--data.root", str(folder), "--data.val_fraction", "0", "--trainer.default_root_dir", str(tmp_path)]
     args += ["--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", "--data.batch_size", "8"]
-    out = run_ddp_on_cpu("simmim.pretrain", *args, "--data.max_bad_fraction", "0.15", *FAST)
+    knn_root = tmp_path / "labelled"  # 37 images (one unreadable), split 80/20: shares of unequal size per rank
+    for c, n in enumerate((13, 12, 12)):
+        image_folder(knn_root / f"class{c}", [f"{c}_{i}.png" for i in range(n)], 40, ["0_3.png"] if c == 0 else ())
+    knn = ["--model.knn_root", str(knn_root), "--model.knn_every_n_epochs", "1", "--model.knn_k", "5"]
+    out = run_ddp_on_cpu("simmim.pretrain", *args, "--data.max_bad_fraction", "0.15", *FAST, *knn)
     assert all(f"{i:02d}.png" in out.stderr for i in bad)  # both were warned about, on rank 1
+    # the two ranks' features gathered = every readable image once: the kNN of the exported encoder in one process
+    from simmim.knn import KNNMonitor, ResizeCenterCrop, embed, knn_top1
+    from simmim.labelled import LabelledImageDataset, labelled_split
+
+    encoder = swinv2.create_model_from_checkpoint(next(tmp_path.rglob("encoder.safetensors"))).eval()
+    tf, tl, vf, vl, classes = labelled_split(str(knn_root), KNNMonitor(None, 64).val_fraction)
+    with pytest.warns(UserWarning, match="0_3.png"):
+        sets = [embed(encoder, _batches(LabelledImageDataset(f, y, ResizeCenterCrop(64))), torch.device("cpu"))
+                for f, y in ((tf, tl), (vf, vl))]  # fmt: skip
+    train, val = len(sets[0][0]), len(sets[1][0])
+    assert train + val == 36
+    expected = 100 * knn_top1(*sets[0], *sets[1], len(classes), k=5)
+    summary = f"kNN top-1 (val/knn_acc1): {expected:.2f}% of {val} images, voting {train} labelled images"
+    assert summary in out.stdout, out.stdout[-800:]
+
+
+def _batches(dataset):
+    from functools import partial
+
+    from simmim.loaders import collate_readable
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=partial(collate_readable, num_fields=3))
+    return list(loader)
 
 
 @pytest.mark.slow

@@ -1,0 +1,172 @@
+"""kNN top-1 of frozen encoder features, and the monitor that logs it during pretraining (`val/knn_acc1`).
+
+The classifier is the weighted kNN common in self-supervised learning: features average-pooled after the final
+norm and L2-normalised, cosine similarity, the k nearest training features each voting for its class with weight
+exp(similarity / temperature).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info
+
+from simmim.labelled import LabelledImageDataset, labelled_split
+from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
+
+
+def knn_top1(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
+    """Top-1 accuracy (0-1) of the weighted kNN classifier above; `chunk` validation rows at a time."""
+    train = F.normalize(train_features.float(), dim=1)
+    val = F.normalize(val_features.float(), dim=1)
+    k = min(k, len(train))
+    correct = 0
+    for start in range(0, len(val), chunk):
+        similarity, nearest = (val[start : start + chunk] @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(similarity), num_classes, device=val.device, dtype=val.dtype)
+        votes.scatter_add_(1, train_labels[nearest], (similarity / temperature).exp())
+        correct += (votes.argmax(1) == val_labels[start : start + chunk]).sum().item()
+    return correct / max(len(val), 1)
+
+
+class ResizeCenterCrop:
+    """uint8 RGB (H, W, 3) -> normalised float (3, size, size): the short side resized to `size` (area
+    interpolation when shrinking, bicubic when enlarging), then the center square."""
+
+    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.size = size
+        self.mean = torch.tensor(mean).view(3, 1, 1) * 255
+        self.std = torch.tensor(std).view(3, 1, 1) * 255
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        h, w = image.shape[:2]
+        scale = self.size / min(h, w)
+        nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+        if (nh, nw) != (h, w):
+            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+        top, left = (nh - self.size) // 2, (nw - self.size) // 2
+        crop = np.ascontiguousarray(image[top : top + self.size, left : left + self.size])
+        return (torch.from_numpy(crop).permute(2, 0, 1).float() - self.mean) / self.std
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, batches, device: torch.device, forward_context=None) -> Tuple[torch.Tensor, ...]:
+    """(features, labels) of every readable image of `batches` ((images, labels, ...) tuples): the encoder's
+    average-pooled final features, in float32 on `device`."""
+    features, labels = [], []
+    for x, y, *_ in batches:
+        if len(x) == 0:
+            continue
+        with forward_context() if forward_context is not None else torch.autocast(device.type, enabled=False):
+            f = encoder.forward_head(encoder.forward_features(x.to(device)), pre_logits=True)
+        features.append(f.float())
+        labels.append(y.to(device))
+    if not features:
+        return torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device)
+    return torch.cat(features), torch.cat(labels)
+
+
+class KNNMonitor(pl.Callback):
+    """Every `every_n_epochs` training epochs, the kNN top-1 of the encoder's features on a labelled image folder,
+    logged as `val/knn_acc1` (a percentage). Under DDP each rank embeds its share of the images and the features
+    are gathered, so every rank computes the same value over the whole set.
+
+    Args:
+        root: Class folders (`root/train/<class>` and `root/val/<class>`, or `root/<class>` split by
+            `val_fraction`); None: the built-in digits.
+        img_size: The size images are resized and center-cropped to.
+        every_n_epochs: How often.
+        k, temperature: The classifier's settings.
+        batch_size, num_workers: The embedding loader's.
+        val_fraction: Held-out share when `root` has no train/ and val/ folders.
+        option: The setting that gave `root`, named in errors.
+    """
+
+    def __init__(
+        self,
+        root: Optional[str],
+        img_size: int,
+        every_n_epochs: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.2,
+        option: str = "--model.knn_root",
+    ) -> None:
+        self.root, self.img_size, self.every_n_epochs = root, img_size, every_n_epochs
+        self.k, self.temperature, self.batch_size, self.num_workers = k, temperature, batch_size, num_workers
+        self.val_fraction, self.option = val_fraction, option
+        self.classes: Optional[List[str]] = None
+        self.last: Optional[float] = None  # the latest accuracy, in percent
+        self.counts: Tuple[int, int] = (0, 0)  # the (train, val) images it was computed over, all ranks together
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Lists the images once they exist (the data module writes the built-in digits in `prepare_data`)."""
+        if self.classes is not None:
+            return
+        self.train_files, self.train_labels, self.val_files, self.val_labels, self.classes = labelled_split(
+            self.root, self.val_fraction, option=self.option
+        )
+        rank_zero_info(
+            f"kNN monitor: {len(self.classes)} classes, {len(self.train_files)} train / {len(self.val_files)} val "
+            f"images, every {self.every_n_epochs} epoch(s), logged as val/knn_acc1"
+        )
+
+    def _gathered_features(self, pl_module: pl.LightningModule, files: List, labels: List[int]):
+        trainer = pl_module.trainer
+        rank, world = trainer.global_rank, trainer.world_size
+        per_rank = math.ceil(len(files) / world)
+        real = list(range(rank, len(files), world))
+        filler = per_rank - len(real)  # equal batch counts on every rank (sharded forwards): padded, label -1
+        mine = real + [real[-1] if real else 0] * filler
+        own_labels = [labels[i] for i in real] + [-1] * filler
+        dataset = LabelledImageDataset([files[i] for i in mine], own_labels, ResizeCenterCrop(self.img_size))
+        loader = make_loader(
+            dataset, self.batch_size, self.num_workers, False, partial(collate_readable, num_fields=3), trainer
+        )
+        encoder = pl_module.encoder
+        features, own = embed(encoder, loader, pl_module.device, trainer.precision_plugin.forward_context)
+        rows = torch.full((per_rank, features.shape[1] if len(features) else encoder.num_features), float("nan"))
+        rows = rows.to(pl_module.device)
+        row_labels = torch.full((per_rank,), -1, dtype=torch.long, device=pl_module.device)
+        rows[: len(features)], row_labels[: len(own)] = features, own  # unreadable files: their rows stay -1
+        if world > 1:
+            rows, row_labels = pl_module.all_gather(rows).flatten(0, 1), pl_module.all_gather(row_labels).flatten()
+        keep = row_labels >= 0
+        return rows[keep], row_labels[keep]
+
+    def accuracy(self, pl_module: pl.LightningModule) -> float:
+        """kNN top-1 in percent, with the encoder in eval mode (then back to its mode)."""
+        encoder = pl_module.encoder
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            train = self._gathered_features(pl_module, self.train_files, self.train_labels)
+            val = self._gathered_features(pl_module, self.val_files, self.val_labels)
+        finally:
+            encoder.train(was_training)
+        self.counts = (len(train[1]), len(val[1]))
+        return 100.0 * knn_top1(*train, *val, len(self.classes), self.k, self.temperature)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs <= 0 or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self.last = self.accuracy(pl_module)
+        pl_module.log("val/knn_acc1", self.last, sync_dist=False, rank_zero_only=False)

@@ -1,0 +1,51 @@
+"""The weighted kNN classifier against a plain loop, and the resize it embeds images at."""
+
+import math
+
+import numpy as np
+import torch
+
+from simmim.knn import ResizeCenterCrop, knn_top1
+
+
+def _reference_top1(train, train_labels, val, val_labels, num_classes, k, temperature):
+    """One validation image at a time, in float64 Python: cosine similarity to every training image, the k most
+    similar vote exp(similarity / T) for their class."""
+    correct = 0
+    for v, label in zip(val.tolist(), val_labels.tolist()):
+        sims = []
+        for t, c in zip(train.tolist(), train_labels.tolist()):
+            dot = sum(a * b for a, b in zip(v, t))
+            sims.append((dot / math.sqrt(sum(a * a for a in v) * sum(b * b for b in t)), c))
+        votes = [0.0] * num_classes
+        for s, c in sorted(sims, reverse=True)[:k]:
+            votes[c] += math.exp(s / temperature)
+        correct += votes.index(max(votes)) == label
+    return correct / len(val_labels)
+
+
+def test_weighted_knn_matches_a_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g)
+    train_labels = torch.randint(0, 4, (120,), generator=g)
+    val_labels = torch.randint(0, 4, (50,), generator=g)
+    train = centres[train_labels] + 1.2 * torch.randn(120, 16, generator=g)
+    val = centres[val_labels] + 1.2 * torch.randn(50, 16, generator=g)
+    for k, temperature in ((20, 0.07), (1, 1.0), (7, 0.5)):
+        got = knn_top1(train, train_labels, val, val_labels, 4, k, temperature, chunk=16)
+        assert got == _reference_top1(train, train_labels, val, val_labels, 4, k, temperature)
+    assert 0.4 < knn_top1(train, train_labels, val, val_labels, 4) < 1.0  # neither trivial nor chance
+
+
+def test_k_larger_than_the_training_set_uses_all_of_it():
+    train, labels = torch.eye(3), torch.tensor([0, 1, 1])
+    assert knn_top1(train, labels, torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([0]), 2, k=20) == 1.0
+
+
+def test_resize_center_crop_keeps_the_middle_of_the_short_side():
+    image = np.zeros((60, 100, 3), np.uint8)
+    image[:, 40:60] = 255  # a vertical band in the middle
+    x = ResizeCenterCrop(30, mean=(0, 0, 0), std=(1, 1, 1))(image)
+    assert x.shape == (3, 30, 30)
+    band = x[0, 0]  # std 1 of the 0-1 range: pixels / 255
+    assert band[10:20].min() > 0.9 and band[:8].max() < 0.1 and band[22:].max() < 0.1
