@@ -95,3 +95,50 @@ def test_every_long_recipe_parses_and_checkpoints_every_500_steps(recipe, capsys
         main(["fit", "--config", str(CONFIGS / recipe), *extra, "--print_config"])
     assert done.value.code in (0, None)
     assert OmegaConf.create(capsys.readouterr().out).checkpoint_every_n_steps == 500
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_mixed_trains_in_fp32_on_a_cpu_that_would_emulate_it(native, tmp_path, monkeypatch):
+    import torch
+    from conftest import image_folder
+
+    import simmim.cli
+    from simmim.pretrain import main
+
+    monkeypatch.setattr(simmim.cli, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # "auto" then means the GPU
+    for precision, accelerator in [("bf16-true", "cpu"), ("bf16-mixed", "cuda"), ("32", "cpu"), ("bf16", "auto")]:
+        assert simmim.cli.precision_for_this_cpu(precision, accelerator) == precision  # explicit, or not on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expected = "bf16" if native else "32-true"
+    assert simmim.cli.precision_for_this_cpu("bf16", "auto") == expected  # Lightning's short spelling
+    folder = image_folder(tmp_path / "imgs", [f"{i}.png" for i in range(4)], size=32)
+    cli = main(
+        [
+            "--data.root",
+            str(folder),
+            "--data.img_size",
+            "32",
+            "--data.mask_patch_size",
+            "8",
+            "--data.batch_size",
+            "2",
+            "--data.num_workers",
+            "0",
+            "--data.val_fraction",
+            "0",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--model.encoder_kwargs",
+            '{"embed_dim": 24, "depths": [2], "num_heads": [2]}',
+            "--model.window_size",
+            "4",
+        ]
+    )  # fmt: skip  (the default config asks for bf16-mixed)
+    assert cli.trainer.precision == ("bf16-mixed" if native else "32-true")
+    saved = next((tmp_path / "run").rglob("config.yaml")).read_text()
+    assert "precision: bf16-mixed" in saved  # a resume on a GPU from the saved config gets what was asked
