@@ -16,10 +16,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from simmim.errors import DataFolderError
 from simmim.labelled import LabelledImageDataset, labelled_split
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
+from simmim.sharding import is_sharded
 
 
 def knn_top1(
@@ -66,26 +68,32 @@ class ResizeCenterCrop:
 
 
 @torch.no_grad()
-def embed(encoder: torch.nn.Module, batches, device: torch.device, forward_context=None) -> Tuple[torch.Tensor, ...]:
+def embed(encoder: torch.nn.Module, batches, device: torch.device, precision=None) -> Tuple[torch.Tensor, ...]:
     """(features, labels) of every readable image of `batches` ((images, labels, ...) tuples): the encoder's
-    average-pooled final features, in float32 on `device`."""
+    average-pooled final features, in float32 on `device`. `precision`: a Lightning precision plugin, whose
+    autocast and input dtype the forward passes use."""
     features, labels = [], []
     for x, y, *_ in batches:
         if len(x) == 0:
             continue
-        with forward_context() if forward_context is not None else torch.autocast(device.type, enabled=False):
-            f = encoder.forward_head(encoder.forward_features(x.to(device)), pre_logits=True)
+        x = x.to(device)
+        if precision is None:
+            f = encoder.forward_head(encoder.forward_features(x), pre_logits=True)
+        else:
+            with precision.forward_context():
+                f = encoder.forward_head(encoder.forward_features(precision.convert_input(x)), pre_logits=True)
         features.append(f.float())
         labels.append(y.to(device))
     if not features:
-        return torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device)
+        width = getattr(encoder, "num_features", 0)
+        return torch.empty(0, width, device=device), torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(features), torch.cat(labels)
 
 
 class KNNMonitor(pl.Callback):
-    """Every `every_n_epochs` training epochs, the kNN top-1 of the encoder's features on a labelled image folder,
-    logged as `val/knn_acc1` (a percentage). Under DDP each rank embeds its share of the images and the features
-    are gathered, so every rank computes the same value over the whole set.
+    """Before training (a fresh run) and every `every_n_epochs` training epochs, the kNN top-1 of the encoder's
+    features on a labelled image folder, logged as `val/knn_acc1` (a percentage). Under DDP each rank embeds its
+    share of the images and the features are gathered, so every rank computes the same value over the whole set.
 
     Args:
         root: Class folders (`root/train/<class>` and `root/val/<class>`, or `root/<class>` split by
@@ -114,6 +122,7 @@ class KNNMonitor(pl.Callback):
         self.k, self.temperature, self.batch_size, self.num_workers = k, temperature, batch_size, num_workers
         self.val_fraction, self.option = val_fraction, option
         self.classes: Optional[List[str]] = None
+        self.first: Optional[float] = None  # the accuracy before training, in percent (a fresh run)
         self.last: Optional[float] = None  # the latest accuracy, in percent
         self.counts: Tuple[int, int] = (0, 0)  # the (train, val) images it was computed over, all ranks together
 
@@ -124,6 +133,11 @@ class KNNMonitor(pl.Callback):
         self.train_files, self.train_labels, self.val_files, self.val_labels, self.classes = labelled_split(
             self.root, self.val_fraction, option=self.option
         )
+        if not self.train_files or not self.val_files:
+            raise DataFolderError(
+                f"{self.option} {self.root}: the kNN monitor needs images on both sides ({len(self.train_files)} to "
+                f"vote, {len(self.val_files)} to classify): add images, or give train/ and val/ folders"
+            )
         rank_zero_info(
             f"kNN monitor: {len(self.classes)} classes, {len(self.train_files)} train / {len(self.val_files)} val "
             f"images, every {self.every_n_epochs} epoch(s), logged as val/knn_acc1"
@@ -142,9 +156,8 @@ class KNNMonitor(pl.Callback):
             dataset, self.batch_size, self.num_workers, False, partial(collate_readable, num_fields=3), trainer
         )
         encoder = pl_module.encoder
-        features, own = embed(encoder, loader, pl_module.device, trainer.precision_plugin.forward_context)
-        rows = torch.full((per_rank, features.shape[1] if len(features) else encoder.num_features), float("nan"))
-        rows = rows.to(pl_module.device)
+        features, own = embed(encoder, loader, pl_module.device, trainer.precision_plugin)
+        rows = torch.full((per_rank, encoder.num_features), float("nan"), device=pl_module.device)
         row_labels = torch.full((per_rank,), -1, dtype=torch.long, device=pl_module.device)
         rows[: len(features)], row_labels[: len(own)] = features, own  # unreadable files: their rows stay -1
         if world > 1:
@@ -164,6 +177,20 @@ class KNNMonitor(pl.Callback):
             encoder.train(was_training)
         self.counts = (len(train[1]), len(val[1]))
         return 100.0 * knn_top1(*train, *val, len(self.classes), self.k, self.temperature)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The starting point (a fresh run only): what the initial weights give, written to the logger at step 0
+        (a value logged through the module here would only reach it at the end of epoch 0, overwritten)."""
+        if is_sharded(pl_module):
+            self.every_n_epochs = 0
+            rank_zero_warn(
+                "the kNN monitor is off under a sharded strategy (fsdp2): run `python -m simmim.probe` on the "
+                "exported encoder instead, or --model.knn_every_n_epochs 0 to silence this"
+            )
+        if self.every_n_epochs > 0 and trainer.global_step == 0:
+            self.first = self.accuracy(pl_module)
+            if trainer.is_global_zero and trainer.logger is not None:
+                trainer.logger.log_metrics({"val/knn_acc1": self.first}, step=0)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs <= 0 or (trainer.current_epoch + 1) % self.every_n_epochs:

@@ -49,7 +49,10 @@ def main(args: Optional[List[str]] = None) -> PretrainCLI:
         monitor = next((c for c in cli.trainer.callbacks if isinstance(c, KNNMonitor)), None)
         if monitor is not None and monitor.last is not None:
             train, val = monitor.counts
-            print(f"kNN top-1 (val/knn_acc1): {monitor.last:.2f}% of {val} images, voting {train} labelled images")
+            start = "" if monitor.first is None else f" (before training: {monitor.first:.2f}%)"
+            print(
+                f"kNN top-1 (val/knn_acc1): {monitor.last:.2f}% of {val} images, voting {train} labelled images{start}"
+            )
         print(f"checkpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or '-'})")
         print(f"encoder export: {cli.export.path}")
         print(f"reconstruction grid: {cli.grid.last_path or cli.grid.why_none(cli.trainer)}")

@@ -176,6 +176,7 @@ def test_ddp_run_under_the_limit_completes(tmp_path):
     for c, n in enumerate((13, 12, 12)):
         image_folder(knn_root / f"class{c}", [f"{c}_{i}.png" for i in range(n)], 40, ["0_3.png"] if c == 0 else ())
     knn = ["--model.knn_root", str(knn_root), "--model.knn_every_n_epochs", "1", "--model.knn_k", "5"]
+    knn += ["--trainer.precision", "32"]  # the same arithmetic as the check below on any CPU
     out = run_ddp_on_cpu("simmim.pretrain", *args, "--data.max_bad_fraction", "0.15", *FAST, *knn)
     assert all(f"{i:02d}.png" in out.stderr for i in bad)  # both were warned about, on rank 1
     # the two ranks' features gathered = every readable image once: the kNN of the exported encoder in one process
