@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -16,7 +17,8 @@ from simmim.sharding import is_sharded
 
 
 class ReconstructionGrid(pl.Callback):
-    """Every `every_n_epochs` and at the end of fit, save a PNG grid from the first readable validation batch.
+    """Every `every_n_epochs` and at the end of fit, save a PNG grid of `num_images` validation images spread evenly
+    over the validation set (in file order the first batch would often hold one class folder only).
 
     Columns: original, masked input, reconstruction, reconstruction pasted into the visible pixels.
     Files: `<run>/reconstructions/epoch_XXX.png` (and `final.png`); also logged to TensorBoard when active.
@@ -27,6 +29,8 @@ class ReconstructionGrid(pl.Callback):
         self.num_images = num_images
         self.last_path: Optional[str] = None
         self.seen = 0  # readable validation images in the current validation epoch
+        self.stride = 1  # take every stride-th of them
+        self.picked: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
     def why_none(self, trainer: pl.Trainer) -> str:
         """Why no grid was written (for the end-of-run summary)."""
@@ -34,24 +38,14 @@ class ReconstructionGrid(pl.Callback):
             return "none: no validation images (--data.val_fraction)"
         return "none: no validation image could be decoded"
 
-    @torch.no_grad()
     def make_grid(self, pl_module: pl.LightningModule, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         dm = pl_module.trainer.datamodule
-        mean = torch.tensor(dm.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(dm.std, device=x.device).view(1, 3, 1, 1)
-        x, mask = x[: self.num_images], mask[: self.num_images]
         was_training = pl_module.training
         pl_module.eval()
-        rec = pl_module.model.reconstruct(x, mask).float()
-        pl_module.train(was_training)
-        m = pl_module.model.pixel_mask(mask)  # (B, 1, H, W)
-        if pl_module.model.norm_target_patch_size:  # the decoder predicts locally normalised pixels
-            mean_loc, std_loc = local_stats(x.float(), pl_module.model.norm_target_patch_size)
-            rec = rec * std_loc + mean_loc
-        images = [x, x * (1 - m), rec, x * (1 - m) + rec * m]
-        images = [(im * std + mean).clamp(0, 1) for im in images]
-        rows = torch.stack(images, dim=1).flatten(0, 1)  # (B*4, 3, H, W): one row per image
-        return make_grid(rows, nrow=4, padding=2, pad_value=1.0)
+        try:
+            return reconstruction_grid(pl_module.model, x[: self.num_images], mask[: self.num_images], dm.mean, dm.std)
+        finally:
+            pl_module.train(was_training)
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
         folder = os.path.join(run_dir(trainer), "reconstructions")
@@ -71,12 +65,22 @@ class ReconstructionGrid(pl.Callback):
             logger.experiment.add_image("reconstruction", grid, trainer.global_step)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seen = 0
+        self.seen, self.picked = 0, []
+        files = getattr(trainer.datamodule, "val_files", None)
+        if files:  # this rank's share of the validation images
+            share = math.ceil(len(files) / getattr(trainer, "world_size", 1))
+        else:  # at most
+            share = sum(trainer.num_val_batches or [0]) * getattr(trainer.datamodule, "batch_size", 1)
+        self.stride = max(1, int(share) // self.num_images)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if len(batch[0]) and self.seen == 0:  # the epoch's first readable batch
-            pl_module.first_val_batch = (batch[0].detach(), batch[1].detach())
-        self.seen += len(batch[0])
+        x, mask = batch[0], batch[1]
+        for i in range(len(x)):
+            if (self.seen + i) % self.stride == 0 and len(self.picked) < self.num_images:
+                self.picked.append((x[i].detach().clone(), mask[i].detach().clone()))  # not the whole batch
+        self.seen += len(x)
+        if self.picked and (len(self.picked) == self.num_images or batch_idx + 1 == sum(trainer.num_val_batches)):
+            pl_module.first_val_batch = tuple(torch.stack(t) for t in zip(*self.picked))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.seen == 0 and sum(trainer.num_val_batches or [0]):
@@ -89,3 +93,20 @@ class ReconstructionGrid(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer, pl_module, "final")
+
+
+@torch.no_grad()
+def reconstruction_grid(model, x: torch.Tensor, mask: torch.Tensor, mean, std) -> torch.Tensor:
+    """A (3, H', W') image grid, one row per image of the normalised batch `x`: the original, the masked input, the
+    reconstruction and the reconstruction pasted into the visible pixels. `model` is a `SimMIM` (eval mode)."""
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    rec = model.reconstruct(x, mask).float()
+    m = model.pixel_mask(mask)  # (B, 1, H, W)
+    if model.norm_target_patch_size:  # the decoder predicts locally normalised pixels
+        mean_loc, std_loc = local_stats(x.float(), model.norm_target_patch_size)
+        rec = rec * std_loc + mean_loc
+    images = [x, x * (1 - m), rec, x * (1 - m) + rec * m]
+    images = [(im * std + mean).clamp(0, 1) for im in images]
+    rows = torch.stack(images, dim=1).flatten(0, 1)  # (B*4, 3, H, W): one row per image
+    return make_grid(rows, nrow=4, padding=2, pad_value=1.0)

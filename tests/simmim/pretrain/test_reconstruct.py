@@ -1,0 +1,46 @@
+"""The reconstruction viewer: a grid from a pretraining checkpoint and a folder, the run's settings read back."""
+
+import pytest
+import torch
+from conftest import image_folder
+
+import swinv2
+from simmim.pretrain.module import SimMIMPretrainer
+from simmim.reconstruct import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder as pretraining leaves it: checkpoints/last.ckpt and config.yaml with the data settings."""
+    folder = tmp_path_factory.mktemp("run")
+    module = SimMIMPretrainer(
+        "swinv2_tiny", img_size=32, window_size=4, norm_target_patch_size=None,
+        encoder_kwargs={"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]},
+    )  # fmt: skip
+    (folder / "checkpoints").mkdir()
+    hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in module.hparams.items()}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hp}, folder / "checkpoints" / "last.ckpt")
+    (folder / "config.yaml").write_text("data:\n  img_size: 32\n  mask_patch_size: 8\n  mask_ratio: 0.5\n")
+    swinv2.save_weights(folder / "encoder.safetensors", module.encoder)
+    return folder
+
+
+def test_a_grid_of_every_image_in_four_columns(run, tmp_path):
+    images = image_folder(tmp_path / "imgs", [f"{i}.png" for i in range(5)], size=48)
+    out = tmp_path / "grid.png"
+    grid = main(["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--images", str(images), "--out", str(out)])
+    assert out.is_file() and grid.shape == (3, 5 * 34 + 2, 4 * 34 + 2)  # 32 px tiles, 2 px padding
+    original, pasted = grid[:, 2:34, 2:34], grid[:, 2:34, 2 + 3 * 34 : 34 + 3 * 34]
+    visible = (original - pasted).abs().amax(0) < 1e-5  # the pasted column keeps the visible pixels
+    assert visible.float().mean() == 0.5  # mask ratio 0.5 from the run's config.yaml (default 0.6): 8 of 16
+    other = main(["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--images", str(images), "--out",
+                  str(out), "--seed", "1", "--num_images", "2"])  # fmt: skip
+    assert other.shape == (3, 2 * 34 + 2, 4 * 34 + 2)
+
+
+def test_an_encoder_export_is_refused_with_the_file_it_needs(run, tmp_path):
+    from simmim.errors import ConfigError
+
+    images = image_folder(tmp_path / "imgs", ["0.png"], size=32)
+    with pytest.raises(ConfigError, match="the decoder, which is in the run's checkpoints/\\*.ckpt"):
+        main(["--checkpoint", str(run / "encoder.safetensors"), "--images", str(images)])
