@@ -66,10 +66,28 @@ def test_importing_a_stage_loads_no_other_stage(stage):
     assert stage in loaded and not loaded & (set(STAGES) - {stage}), loaded
 
 
+def _is_entry_point(path: Path) -> bool:
+    """A top-level `python -m simmim.<name>` shim: a docstring, `from simmim.<subpackage>.<module> import main` and
+    the `__main__` guard calling it, nothing else."""
+    body = ast.parse(path.read_text()).body
+    if len(body) != 3 or not isinstance(body[0], ast.Expr) or not isinstance(body[2], ast.If):
+        return False
+    imp = body[1]
+    return isinstance(imp, ast.ImportFrom) and [a.name for a in imp.names] == ["main"] and imp.module.count(".") == 2
+
+
+ENTRY_POINTS = ("probe.py", "reconstruct.py")
+
+
+def test_entry_points_are_shims_only():
+    for name in ENTRY_POINTS:
+        assert _is_entry_point(ROOT / "simmim" / name), name
+
+
 def test_shared_modules_import_no_stage():
     for path in sorted((ROOT / "simmim").glob("*.py")):
-        if path.name == "__init__.py":
-            continue  # the package's re-exports
+        if path.name == "__init__.py" or path.name in ENTRY_POINTS:
+            continue  # the package's re-exports; the command shims
         bad = [m for m in imported_modules(path) for s in STAGES if m.startswith(f"simmim.{s}")]
         assert not bad, f"{path.relative_to(ROOT)} is shared but imports {bad}"
 
