@@ -16,8 +16,9 @@ from simmim.cli import CONFIG_DIR, StageCLI, has_config, user_errors_as_messages
 from simmim.errors import ConfigError
 from simmim.export import ExportWeights
 from simmim.finetune.callbacks import PredictionCSV
-from simmim.finetune.data import ClassificationDataModule, class_names
+from simmim.finetune.data import ClassificationDataModule
 from simmim.finetune.module import SwinV2Classifier
+from simmim.labelled import class_names
 from simmim.runs import is_checkpoint
 
 DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safetensors"

@@ -13,12 +13,7 @@ from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.errors import check_loader, require
 from simmim.finetune.augment import RECIPES, classification_transform
 from simmim.images import list_images
-from simmim.labelled import (  # noqa: F401  (DIGIT_CLASSES and class_names: the names this module always had)
-    DIGIT_CLASSES,
-    LabelledImageDataset,
-    class_names,
-    labelled_split,
-)
+from simmim.labelled import LabelledImageDataset, labelled_split
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
 from simmim.seeding import SeedState
 
