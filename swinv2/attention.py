@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 POSITION_BIAS_TYPES = ("log_cpb", "linear_cpb", "table")
+# "cosine": SwinV2's scaled cosine attention; "dot": Swin V1's scaled dot product, kept for the paper's comparison.
+ATTENTION_TYPES = ("cosine", "dot")
 
 # Official: logit_scale is clamped at log(1 / 0.01) so the cosine similarity is scaled by at most 100.
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
@@ -110,10 +112,17 @@ def cosine_qkv(qkv: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, to
     return (F.normalize(q, dim=-1) * scale).to(dtype), F.normalize(k, dim=-1).to(dtype), v
 
 
+def dot_qkv(qkv: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the qkv projection (B*nW, N, 3, nH, hd) into `q * scale`, k and v, each (B*nW, nH, N, hd)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+    return q * scale, k, v
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside (shifted) windows with scaled cosine similarity.
 
-    `sim(q, k) = cos(q, k) * exp(min(logit_scale, log 100)) + B`, B the relative position bias.
+    `sim(q, k) = cos(q, k) * exp(min(logit_scale, log 100)) + B`, B the relative position bias; with
+    `attention="dot"`, Swin V1's `sim(q, k) = q.k / sqrt(hd) + B` (no `logit_scale` parameter).
 
     Args:
         dim: Number of input channels C.
@@ -127,6 +136,7 @@ class WindowAttention(nn.Module):
         fused: Use `F.scaled_dot_product_attention`; None picks the faster path measured by
             `benchmarks/encoder.py`: fused on CUDA, explicit matmul-softmax-matmul on CPU.
         chunk_size: Sequential attention: compute at most this many windows at once (None: all at once).
+        attention: "cosine" (SwinV2) or "dot" (Swin V1's scaled dot product, for the paper's comparison).
     """
 
     def __init__(
@@ -141,10 +151,13 @@ class WindowAttention(nn.Module):
         position_bias: str = "log_cpb",
         fused: Optional[bool] = None,
         chunk_size: Optional[int] = None,
+        attention: str = "cosine",
     ) -> None:
         super().__init__()
         if position_bias not in POSITION_BIAS_TYPES:
             raise ValueError(f"position_bias must be one of {POSITION_BIAS_TYPES}, got {position_bias!r}")
+        if attention not in ATTENTION_TYPES:
+            raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {attention!r}")
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         if chunk_size is not None and chunk_size < 1:
@@ -157,8 +170,12 @@ class WindowAttention(nn.Module):
         self.fused = fused
         self.chunk_size = chunk_size
         self.attn_drop = attn_drop
+        self.attention = attention
 
-        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        if attention == "cosine":
+            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        else:
+            self.logit_scale = None
         num_rel = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
         if position_bias == "table":
             self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))
@@ -208,12 +225,15 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         bias = None if self.q_bias is None else torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).view(bw, n, 3, self.num_heads, c // self.num_heads)
-        # Cosine attention; the per-head temperature is folded into q so the fused kernel can use scale=1.
+        # The temperature (cosine: per head; dot: 1/sqrt(hd)) is folded into q so the fused kernel can use scale=1.
         # q and k stay in the projection's dtype: under autocast the (B*nW, nH, N, N) products then stay in
         # bf16 instead of bouncing between fp32 and bf16.
         dtype = qkv.dtype
-        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-        q, k, v = cosine_qkv(qkv, scale)  # each (B*nW, nH, N, hd), contiguous
+        if self.logit_scale is not None:
+            scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
+            q, k, v = cosine_qkv(qkv, scale)  # each (B*nW, nH, N, hd), contiguous
+        else:
+            q, k, v = dot_qkv(qkv, (c // self.num_heads) ** -0.5)
         bias = self.relative_bias().unsqueeze(0).to(dtype)  # (1, nH, N, N)
         # One draw per call, so attention dropout keeps the same elements however the windows are chunked and
         # when a checkpoint recomputes the call (checkpoints restore the RNG state).

@@ -202,6 +202,23 @@ def _check_windows(model: SwinTransformerV2, file_windows: Optional[Windows], ho
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
+# Block designs whose weights fit each other's shapes but not each other's meaning; files from before these
+# options were recorded hold the defaults.
+BLOCK_DESIGN = {"norm_position": "post", "attention": "cosine"}
+
+
+def _check_block_design(model: SwinTransformerV2, arch: Mapping[str, Any], name: str) -> None:
+    ours = model.architecture()
+    differ = {
+        k: (arch.get(k, default), ours[k]) for k, default in BLOCK_DESIGN.items() if arch.get(k, default) != ours[k]
+    }
+    if differ:
+        what = ", ".join(f"{k}={theirs!r} (the model has {mine!r})" for k, (theirs, mine) in differ.items())
+        raise CheckpointMismatchError(
+            f"{name} was trained with {what}: its weights do not mean the same in this model. Build the model "
+            "with the file's settings (swinv2.create_model_from_checkpoint reads them from the file)."
+        )
+
 
 def _mismatch_hint(key: str) -> str:
     if key.startswith("patch_embed"):
@@ -210,6 +227,8 @@ def _mismatch_hint(key: str) -> str:
         return "a different img_size with ape=True"
     if key.endswith(("logit_scale", "cpb_mlp.2.weight", "relative_position_bias_table")):
         return "a different num_heads"
+    if "downsample.norm" in key:
+        return "a different norm_position (pre-norm patch merging normalises 4C channels, post-norm 2C) or embed_dim"
     return "a different variant (embed_dim, num_heads or mlp_ratio)"
 
 
@@ -239,6 +258,7 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
     report = LoadReport(format=fmt, prefix=prefix, dropped_keys=outside)
     arch = read_architecture(raw)
     if arch is not None:
+        _check_block_design(model, arch, name)
         report.windows, how = reference_windows(arch), "recorded in the file"
     else:
         log_spaced = (spacing(sd) or model.architecture()["position_bias"]) == "log_cpb"
@@ -280,9 +300,18 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
     return report
 
 
+def _heads(sd: StateDict, prefix: str) -> int:
+    """A block's head count from whichever per-head tensor the attention has."""
+    for name, axis in (("logit_scale", 0), ("cpb_mlp.2.weight", 0), ("relative_position_bias_table", 1)):
+        if prefix + name in sd:
+            return sd[prefix + name].shape[axis]
+    raise CheckpointMismatchError(f"no per-head tensor under {prefix!r}: not a SwinV2 state dict")
+
+
 def infer_architecture(sd: StateDict) -> Dict[str, Any]:
     """What an official-layout state dict without a record shows of its architecture: channels, depths, heads,
-    patch size, classes, MLP ratio, extra norms, position-bias type, mask token, and the window and pretraining
+    patch size, classes, MLP ratio, extra norms, position-bias type, mask token, pre- or post-norm (by the patch
+    merging norm's width), cosine or dot attention (by `logit_scale`), and the window and pretraining
     window of each stage where its buffers tell (`relative_coords_table`, else `relative_position_index`). The image
     size shows only through `absolute_pos_embed` or a shifted block's `attn_mask` (whose window count gives the
     image size padded to a whole number of windows: the official recipes' sizes are such multiples)."""
@@ -293,13 +322,14 @@ def infer_architecture(sd: StateDict) -> Dict[str, Any]:
         for i in range(stages)
     ]
     norm3 = [int(m.group(1)) for k in sd if (m := re.match(r"layers\.\d+\.blocks\.(\d+)\.norm3\.weight", k))]
+    merge = sd.get("layers.0.downsample.norm.weight")  # LayerNorm(4C) before the reduction in Swin V1's order
     arch: Dict[str, Any] = dict(
         patch_size=proj.shape[-1],
         in_chans=proj.shape[1],
         num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
         embed_dim=proj.shape[0],
         depths=depths,
-        num_heads=[sd[f"layers.{i}.blocks.0.attn.logit_scale"].shape[0] for i in range(stages)],
+        num_heads=[_heads(sd, f"layers.{i}.blocks.0.attn.") for i in range(stages)],
         mlp_ratio=sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / proj.shape[0],
         qkv_bias="layers.0.blocks.0.attn.q_bias" in sd,
         ape="absolute_pos_embed" in sd,
@@ -309,6 +339,8 @@ def infer_architecture(sd: StateDict) -> Dict[str, Any]:
         if "layers.0.blocks.0.attn.relative_position_bias_table" in sd
         else spacing(sd) or "log_cpb",
         mask_token="mask_token" in sd,
+        norm_position="pre" if merge is not None and merge.shape[0] == 4 * proj.shape[0] else "post",
+        attention="cosine" if "layers.0.blocks.0.attn.logit_scale" in sd else "dot",
     )
     tables = [sd.get(f"layers.{i}.blocks.0.attn.relative_coords_table") for i in range(stages)]
     index = [sd.get(f"layers.{i}.blocks.0.attn.relative_position_index") for i in range(stages)]

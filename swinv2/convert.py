@@ -200,15 +200,19 @@ def to_timm_state_dict(model: torch.nn.Module) -> StateDict:
     """Export `model` in timm's `SwinTransformerV2` layout, which timm loads with `strict=True`.
 
     Raises:
-        ValueError: the model uses a feature timm's SwinV2 does not have (non-log CPB, extra norms, APE).
+        ValueError: the model uses a feature timm's SwinV2 does not have (non-log CPB, pre-norm, dot-product
+            attention, extra norms, APE).
     """
     keys = model.state_dict().keys()
     extras = sorted({n for n in ("norm3", "absolute_pos_embed") for k in keys if n in k})
-    position_bias = model.layers[0].blocks[0].attn.position_bias
-    if position_bias != "log_cpb" or extras:
+    arch = model.architecture()
+    design = {k: arch[k] for k in ("position_bias", "norm_position", "attention")}
+    if design != {"position_bias": "log_cpb", "norm_position": "post", "attention": "cosine"} or extras:
         raise ValueError(
-            "timm's SwinTransformerV2 has only log-spaced CPB, no extra main-branch norms and no absolute position "
-            f"embedding; this model has position_bias={position_bias!r} and {extras or 'no'} extra parameters"
+            "timm's SwinTransformerV2 has only log-spaced CPB, post-norm blocks, cosine attention, no extra "
+            "main-branch norms and no absolute position embedding; this model has "
+            + ", ".join(f"{k}={v!r}" for k, v in design.items())
+            + f" and {extras or 'no'} extra parameters"
         )
     out = {}
     for k, v in model.state_dict().items():

@@ -107,6 +107,9 @@ class SwinTransformerV2(nn.Module):
         attn_chunk_size: Sequential attention: compute at most this many windows at once to bound memory.
         fused_attn: Use `F.scaled_dot_product_attention` (True), explicit matmuls (False), or pick by device
             (None: fused on CUDA, explicit on CPU, where `benchmarks/encoder.py` measured it faster).
+        norm_position: "post" (SwinV2's residual post-norm and patch merging) or "pre" (Swin V1's pre-norm blocks
+            and norm-first patch merging): the paper's comparison (`python -m simmim.activations`).
+        attention: "cosine" (SwinV2's scaled cosine attention) or "dot" (Swin V1's scaled dot product).
     """
 
     def __init__(
@@ -133,6 +136,8 @@ class SwinTransformerV2(nn.Module):
         mask_token: bool = False,
         attn_chunk_size: Optional[int] = None,
         fused_attn: Optional[bool] = None,
+        norm_position: str = "post",
+        attention: str = "cosine",
     ) -> None:
         super().__init__()
         num_stages = len(depths)
@@ -172,6 +177,7 @@ class SwinTransformerV2(nn.Module):
                     downsample=i < num_stages - 1,
                     use_checkpoint=use_checkpoint,
                     extra_norm_period=extra_norm_period,
+                    norm_position=norm_position,
                     num_heads=num_heads[i],
                     window_size=windows[i],
                     mlp_ratio=mlp_ratio,
@@ -182,6 +188,7 @@ class SwinTransformerV2(nn.Module):
                     position_bias=position_bias,
                     fused=fused_attn,
                     chunk_size=attn_chunk_size,
+                    attention=attention,
                 )
             )
         self.norm = nn.LayerNorm(self.num_features)
@@ -191,7 +198,8 @@ class SwinTransformerV2(nn.Module):
 
     def init_weights(self) -> None:
         """Official init: trunc-normal(0.02) Linear weights, zero biases, unit LayerNorms, then the residual
-        post-norms (norm1, norm2 of every block) at zero, so each block starts as the identity."""
+        post-norms (norm1, norm2 of every block) at zero, so each block starts as the identity. Pre-norm blocks
+        keep unit norms (their norms feed the branches; Swin V1's init)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -204,7 +212,7 @@ class SwinTransformerV2(nn.Module):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
         for layer in self.layers:
-            for blk in layer.blocks:
+            for blk in (b for b in layer.blocks if not b.pre_norm):
                 for norm in (blk.norm1, blk.norm2):
                     nn.init.zeros_(norm.weight)
                     nn.init.zeros_(norm.bias)
@@ -236,6 +244,8 @@ class SwinTransformerV2(nn.Module):
             extra_norm_period=self.extra_norm_period,
             position_bias=attn[0].position_bias,
             mask_token=self.mask_token is not None,
+            norm_position="pre" if self.layers[0].blocks[0].pre_norm else "post",
+            attention=attn[0].attention,
         )
 
     def no_weight_decay(self) -> Set[str]:

@@ -76,7 +76,7 @@ def _is_entry_point(path: Path) -> bool:
     return isinstance(imp, ast.ImportFrom) and [a.name for a in imp.names] == ["main"] and imp.module.count(".") == 2
 
 
-ENTRY_POINTS = ("probe.py", "reconstruct.py", "transfer.py")
+ENTRY_POINTS = ("activations.py", "probe.py", "reconstruct.py", "transfer.py")
 
 
 def test_entry_points_are_shims_only():

@@ -1,2 +1,3 @@
-"""Evaluation tools for a pretrained encoder: the linear probe (`python -m simmim.probe`) and the window and
-resolution transfer study (`python -m simmim.transfer`)."""
+"""Evaluation tools for a pretrained encoder and for the SwinV2 paper's claims: the linear probe
+(`python -m simmim.probe`), the window and resolution transfer study (`python -m simmim.transfer`) and the
+activation study (`python -m simmim.activations`), with the classifier training the studies share (`classify`)."""

@@ -5,7 +5,7 @@ bias (`table`: Swin V1's parameter table, interpolated to a new window; `linear_
 relative coordinates; `log_cpb`: the same on log-spaced coordinates), then evaluate it at larger images and
 windows without further training, and again after a short fine-tune at the larger size. Weights move to the new
 window as `swinv2.create_model_from_checkpoint` moves them for every user. A controlled study: every image is
-resized and center-cropped, no augmentation, plain PyTorch (AdamW, cosine), on the CPU.
+resized and center-cropped, no augmentation, plain PyTorch (AdamW, cosine; `simmim.eval.classify`), on the CPU.
 """
 
 from __future__ import annotations
@@ -13,56 +13,18 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 
 import swinv2
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.errors import ConfigError
-from simmim.knn import ResizeCenterCrop
-from simmim.labelled import LabelledImageDataset, labelled_split
-from simmim.loaders import collate_readable
+from simmim.eval.classify import accuracy, fit, loader
+from simmim.labelled import labelled_split
 
 POSITION_BIASES = ("table", "linear_cpb", "log_cpb")
-
-
-def _loader(files, labels, size: int, batch_size: int, shuffle: bool, seed: int):
-    dataset = LabelledImageDataset(list(files), list(labels), ResizeCenterCrop(size))
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size, shuffle=shuffle, generator=generator, collate_fn=partial(collate_readable, num_fields=3)
-    )
-
-
-def fit(model: nn.Module, loader, epochs: int, lr: float) -> None:
-    """AdamW (weight decay 0.05) with a cosine schedule, cross-entropy."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
-    model.train()
-    for _ in range(epochs):
-        for x, y, *_ in loader:
-            if len(x) == 0:
-                continue
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y, *_ in loader:
-        if len(x):
-            correct += (model(x).argmax(1) == y).sum().item()
-            total += len(y)
-    return 100.0 * correct / max(total, 1)
 
 
 def parse_sizes(values: Sequence[str]) -> List[Tuple[int, int]]:
@@ -101,15 +63,15 @@ def study(
             model = swinv2.SwinTransformerV2(
                 img_size=img_size, window_size=window, num_classes=len(classes), position_bias=bias, **arch
             )
-            fit(model, _loader(tf, tl, img_size, batch_size, True, seed), epochs, lr)
-            row = {f"{img_size}/w{window}": accuracy(model, _loader(vf, vl, img_size, 256, False, seed))}
+            fit(model, loader(tf, tl, img_size, batch_size, True, seed), epochs, lr)
+            row = {f"{img_size}/w{window}": accuracy(model, loader(vf, vl, img_size, 256, False, seed))}
             path = swinv2.save_weights(Path(tmp) / f"{bias}.safetensors", model)
             for size, win in targets:
                 big = swinv2.create_model_from_checkpoint(path, img_size=size, window_size=win)
-                val = _loader(vf, vl, size, 256, False, seed)
+                val = loader(vf, vl, size, 256, False, seed)
                 row[f"{size}/w{win} zero-shot"] = accuracy(big, val)
                 torch.manual_seed(seed)
-                fit(big, _loader(tf, tl, size, batch_size, True, seed), finetune_epochs, lr / 10)
+                fit(big, loader(tf, tl, size, batch_size, True, seed), finetune_epochs, lr / 10)
                 row[f"{size}/w{win} fine-tuned"] = accuracy(big, val)
             results[bias] = row
     return results

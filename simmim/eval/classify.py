@@ -1,0 +1,62 @@
+"""The controlled classifier training the evaluation studies share (`simmim.eval.transfer`,
+`simmim.eval.activations`): resized, center-cropped labelled images without augmentation, AdamW with a cosine
+schedule, cross-entropy, top-1 on a held-out split. Plain PyTorch on the CPU, so a study's numbers depend on nothing
+but its arguments and seed."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from simmim.knn import ResizeCenterCrop
+from simmim.labelled import LabelledImageDataset
+from simmim.loaders import collate_readable
+
+
+def loader(
+    files: Sequence[str], labels: Sequence[int], size: int, batch_size: int, shuffle: bool, seed: int
+) -> torch.utils.data.DataLoader:
+    """(images (B, 3, size, size), labels (B,), ...) batches of `files`, shuffled by a generator seeded with `seed`;
+    unreadable files are left out of their batch."""
+    dataset = LabelledImageDataset(list(files), list(labels), ResizeCenterCrop(size))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size, shuffle=shuffle, generator=generator, collate_fn=partial(collate_readable, num_fields=3)
+    )
+
+
+def fit(model: nn.Module, batches: torch.utils.data.DataLoader, epochs: int, lr: float) -> float:
+    """Train `model` with AdamW (weight decay 0.05), a cosine schedule over all steps, cross-entropy. Returns the
+    mean training loss of the last epoch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(batches)))
+    model.train()
+    last = float("nan")
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for x, y, *_ in batches:
+            if len(x) == 0:
+                continue
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total, count = total + loss.item() * len(y), count + len(y)
+        last = total / max(count, 1)
+    return last
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: torch.utils.data.DataLoader) -> float:
+    """Top-1 in percent over every readable image of `batches`."""
+    model.eval()
+    correct = total = 0
+    for x, y, *_ in batches:
+        if len(x):
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    return 100.0 * correct / max(total, 1)
