@@ -1,4 +1,6 @@
-"""Notebooks are committed without outputs and their code cells run against the package API."""
+"""Notebooks are committed without outputs and their code cells run against the package API, with small settings:
+a notebook's cell tagged "parameters" (the papermill convention) is followed by the overrides below, as papermill
+injects them."""
 
 import json
 from pathlib import Path
@@ -7,12 +9,41 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
+# Per notebook: Python run right after its "parameters" cell ({tmp} is the test's temporary folder).
+SMALL = {
+    "01_quickstart.ipynb": """
+EPOCHS = 1
+RUNS = "{tmp}/runs"
+EXTRA_ARGS = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2", "--data.num_workers", "0",
+              "--trainer.log_every_n_steps", "1"]
+""",
+    "02_finetune_and_transfer.ipynb": """
+RUNS = "{tmp}/runs"
+SMALL_RUN = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2", "--data.num_workers", "0"]
+PRETRAIN_ARGS = ["--trainer.max_epochs", "1", "--model.knn_every_n_epochs", "0", *SMALL_RUN]
+FINETUNE_ARGS = ["--trainer.max_epochs", "1", *SMALL_RUN]
+PROBE_STAGES = [-1]
+TRANSFER_ARGS = ["--img_size", "32", "--window", "4", "--eval", "64:8", "--epochs", "1", "--embed_dim", "16",
+                 "--depths", "1", "1", "--num_heads", "1", "2"]
+""",
+}
+
+
+def _is_parameters(cell) -> bool:
+    return "parameters" in cell.get("metadata", {}).get("tags", [])
+
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_and_has_no_outputs(path):
+def test_notebook_runs_and_has_no_outputs(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = json.loads(path.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert all(not c.get("outputs") for c in code), f"{path.name} was committed with outputs"
+    assert (path.name in SMALL) == any(_is_parameters(c) for c in code), f"{path.name}: parameters cell vs SMALL"
     namespace: dict = {}
     for cell in code:
         exec(compile("".join(cell["source"]), f"{path.name}", "exec"), namespace)
+        if _is_parameters(cell):
+            exec(SMALL[path.name].format(tmp=tmp_path), namespace)
+    if "plt" in namespace:
+        namespace["plt"].close("all")
