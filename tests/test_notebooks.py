@@ -1,6 +1,7 @@
 """Notebooks are committed without outputs and their code cells run against the package API, with small settings:
 a notebook's cell tagged "parameters" (the papermill convention) is followed by the overrides below, as papermill
-injects them."""
+injects them. The notebooks share one runs folder, in order, as a user's would: 02 fine-tunes 01's export (run
+alone, 02 pretrains briefly itself)."""
 
 import json
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
-# Per notebook: Python run right after its "parameters" cell ({tmp} is the test's temporary folder).
+# Per notebook: Python run right after its "parameters" cell ({tmp}: the folder the notebooks share).
 SMALL = {
     "01_quickstart.ipynb": """
 EPOCHS = 1
@@ -20,11 +21,11 @@ EXTRA_ARGS = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches
     "02_finetune_and_transfer.ipynb": """
 RUNS = "{tmp}/runs"
 SMALL_RUN = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2", "--data.num_workers", "0"]
-PRETRAIN_ARGS = ["--trainer.max_epochs", "1", "--model.knn_every_n_epochs", "0", *SMALL_RUN]
+PRETRAIN_ARGS = ["--trainer.max_epochs", "1", "--model.knn_every_n_epochs", "0", *SMALL_RUN]  # run alone
 FINETUNE_ARGS = ["--trainer.max_epochs", "1", *SMALL_RUN]
 PROBE_STAGES = [-1]
 TRANSFER_ARGS = ["--img_size", "32", "--window", "4", "--eval", "64:8", "--epochs", "1", "--embed_dim", "16",
-                 "--depths", "1", "1", "--num_heads", "1", "2"]
+                 "--depths", "1", "1", "--num_heads", "1", "2", "--biases", "table", "log_cpb"]
 """,
 }
 
@@ -33,8 +34,13 @@ def _is_parameters(cell) -> bool:
     return "parameters" in cell.get("metadata", {}).get("tags", [])
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return tmp_path_factory.mktemp("notebooks")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_and_has_no_outputs(path, tmp_path, monkeypatch):
+def test_notebook_runs_and_has_no_outputs(path, shared, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = json.loads(path.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
@@ -44,6 +50,6 @@ def test_notebook_runs_and_has_no_outputs(path, tmp_path, monkeypatch):
     for cell in code:
         exec(compile("".join(cell["source"]), f"{path.name}", "exec"), namespace)
         if _is_parameters(cell):
-            exec(SMALL[path.name].format(tmp=tmp_path), namespace)
+            exec(SMALL[path.name].format(tmp=shared), namespace)
     if "plt" in namespace:
         namespace["plt"].close("all")
