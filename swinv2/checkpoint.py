@@ -73,8 +73,16 @@ class LoadReport:
 # The record
 
 
+# Block designs whose weights fit each other's shapes but not each other's meaning; files from before these
+# options were recorded hold the defaults.
+BLOCK_DESIGN = {"norm_position": "post", "attention": "cosine"}
+
+
 def variant_of(arch: Mapping[str, Any]) -> str:
-    """The `VARIANTS` name whose shape (embed dim, depths, heads, extra norms) `arch` has, else "custom"."""
+    """The `VARIANTS` name whose shape (embed dim, depths, heads, extra norms) `arch` has, else "custom" (also for a
+    block design other than SwinV2's)."""
+    if any(arch.get(k, default) != default for k, default in BLOCK_DESIGN.items()):
+        return "custom"
     for name, spec in VARIANTS.items():
         want = {"extra_norm_period": 0, **spec}
         if all(arch[k] == (list(v) if isinstance(v, tuple) else v) for k, v in want.items()):
@@ -202,13 +210,18 @@ def _check_windows(model: SwinTransformerV2, file_windows: Optional[Windows], ho
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
-# Block designs whose weights fit each other's shapes but not each other's meaning; files from before these
-# options were recorded hold the defaults.
-BLOCK_DESIGN = {"norm_position": "post", "attention": "cosine"}
 
-
-def _check_block_design(model: SwinTransformerV2, arch: Mapping[str, Any], name: str) -> None:
+def _check_block_design(model: SwinTransformerV2, arch: Optional[Mapping[str, Any]], sd: StateDict, name: str) -> None:
+    """Refuse weights of another block design. A file without a record shows its attention by `logit_scale`, and a
+    pre-norm file its patch merging by a 4C-wide norm (a shape mismatch, refused when loading); only a single-stage
+    pre-norm file without a record cannot be told from a post-norm one."""
     ours = model.architecture()
+    if arch is None:
+        if any(k.endswith("attn.qkv.weight") for k in sd):
+            attention = "cosine" if any(k.endswith("attn.logit_scale") for k in sd) else "dot"
+            arch = {"attention": attention, "norm_position": ours["norm_position"]}  # the norms: by their shapes
+        else:
+            return
     differ = {
         k: (arch.get(k, default), ours[k]) for k, default in BLOCK_DESIGN.items() if arch.get(k, default) != ours[k]
     }
@@ -257,8 +270,8 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
     sd, fmt, prefix, outside = official_state_dict(raw)
     report = LoadReport(format=fmt, prefix=prefix, dropped_keys=outside)
     arch = read_architecture(raw)
+    _check_block_design(model, arch, sd, name)
     if arch is not None:
-        _check_block_design(model, arch, name)
         report.windows, how = reference_windows(arch), "recorded in the file"
     else:
         log_spaced = (spacing(sd) or model.architecture()["position_bias"]) == "log_cpb"

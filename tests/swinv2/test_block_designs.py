@@ -134,6 +134,21 @@ def test_design_is_recorded_inferred_and_refused_when_it_does_not_match(tmp_path
         swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), path)
     with pytest.raises(ValueError, match="norm_position='pre'"):
         swinv2.to_timm_state_dict(model)
+    assert swinv2.architecture(model)["variant"] == "custom"  # not recorded as a SwinV2 variant of its shape
+
+
+def test_files_without_a_record_are_refused_by_their_keys():
+    v2 = randomize_(swinv2.SwinTransformerV2(**TINY)).state_dict()
+    dot = randomize_(swinv2.SwinTransformerV2(**TINY, attention="dot")).state_dict()
+    with pytest.raises(CheckpointMismatchError, match="attention='dot' \\(the model has 'cosine'\\)"):
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), dot)
+    with pytest.raises(CheckpointMismatchError, match="attention='cosine' \\(the model has 'dot'\\)"):
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY, attention="dot"), v2)
+    with pytest.raises(CheckpointMismatchError, match="downsample.norm.*different norm_position"):
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY, norm_position="pre"), v2)
+    v1 = randomize_(swinv2.SwinTransformerV2(**TINY, **V1_DESIGN))
+    report = swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY, **V1_DESIGN), v1.state_dict())
+    assert report.missing_keys == [] and report.unexpected_keys == []
 
 
 def test_bad_design_values_are_named():
