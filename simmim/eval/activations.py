@@ -22,8 +22,9 @@ import torch
 
 import swinv2
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.errors import ConfigError
 from simmim.eval.classify import accuracy, fit, loader
-from simmim.labelled import labelled_split
+from simmim.labelled import labelled_split, stratified_pick
 
 # Design name -> `SwinTransformerV2` arguments.
 DESIGNS: Dict[str, Dict[str, str]] = {
@@ -75,6 +76,25 @@ def block_magnitudes(model: swinv2.SwinTransformerV2, images: torch.Tensor) -> D
     return dict(blocks=names, mean=means, max=maxes)
 
 
+def build(design: str, seed: int, **kwargs) -> swinv2.SwinTransformerV2:
+    """The encoder of one design (a key of `DESIGNS`), initialised from `seed`: every design draws the same values
+    for the weights they share, so the designs differ only in how the blocks use them."""
+    torch.manual_seed(seed)
+    return swinv2.SwinTransformerV2(**kwargs, **DESIGNS[design])
+
+
+def probe_batch(files: Sequence[str], labels: Sequence[int], count: int, img_size: int, seed: int) -> torch.Tensor:
+    """About `count` of the held-out images, the same share of every class (the files are sorted by class, so the
+    first `count` would leave the last classes out): (N, 3, img_size, img_size)."""
+    if count < 1:
+        raise ConfigError(f"--probe_images {count}: the magnitudes need at least one image")
+    fraction = min(1.0, count / max(len(files), 1))
+    picked = stratified_pick(list(labels), max(labels) + 1, fraction, seed, at_least_one=True)
+    chosen = [i for i in range(len(files)) if picked[i]]
+    batches = loader([files[i] for i in chosen], [labels[i] for i in chosen], img_size, 256, False, seed)
+    return torch.cat([x for x, *_ in batches])
+
+
 def study(
     root: Optional[str],
     designs: Sequence[str] = ("pre+dot", "post+cosine"),
@@ -88,17 +108,15 @@ def study(
     probe_images: int = 256,
 ) -> Dict[str, DesignResult]:
     """{design: DesignResult} for each design in `designs` (keys of `DESIGNS`): the same architecture `arch`, the
-    same init seed, data order and schedule; magnitudes on the first `probe_images` held-out images."""
+    same initial weights (`build`), data order and schedule; magnitudes on about `probe_images` held-out images spread
+    over the classes (`probe_batch`)."""
     arch = arch or dict(embed_dim=32, depths=(2, 2, 18, 2), num_heads=(1, 2, 4, 8))
     tf, tl, vf, vl, classes = labelled_split(root, 0.2)
-    probe = torch.cat([x for x, *_ in loader(vf[:probe_images], vl[:probe_images], img_size, 256, False, seed)])
+    probe = probe_batch(vf, vl, probe_images, img_size, seed)
     results: Dict[str, DesignResult] = {}
     for name in designs:
         start = time.perf_counter()
-        torch.manual_seed(seed)
-        model = swinv2.SwinTransformerV2(
-            img_size=img_size, window_size=window, num_classes=len(classes), **arch, **DESIGNS[name]
-        )
+        model = build(name, seed, img_size=img_size, window_size=window, num_classes=len(classes), **arch)
         before = block_magnitudes(model, probe)
         result = DesignResult(before["blocks"], before["mean"], before["max"])
         if epochs > 0:
@@ -119,7 +137,7 @@ def deepest_stage_growth(blocks: Sequence[str], values: Sequence[float]) -> floa
     """Last block's value over the first block's in the stage with the most blocks (where depth can show growth:
     patch merging re-normalises the main branch between stages in both designs)."""
     stages = [b.split(".")[0] for b in blocks]
-    deepest = max(set(stages), key=stages.count)
+    deepest = max(dict.fromkeys(stages), key=stages.count)  # the first of the deepest, whatever the hash seed
     first, last = stages.index(deepest), len(stages) - 1 - stages[::-1].index(deepest)
     return values[last] / values[first]
 
@@ -174,7 +192,7 @@ def main(args: Optional[List[str]] = None) -> Dict[str, DesignResult]:
     p.add_argument("--depths", type=int, nargs="+", default=[2, 2, 18, 2])
     p.add_argument("--num_heads", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--probe_images", type=int, default=256, help="held-out images the magnitudes are taken on")
+    p.add_argument("--probe_images", type=int, default=256, help="held-out images (per class alike) to measure on")
     p.add_argument("--out", help="also write the table and summary to this Markdown file")
     opts = p.parse_args(args)
     if opts.root is None:

@@ -2,12 +2,16 @@
 it shows the paper's effect: a pre-norm, dot-product model's main branch grows over a deep stage in training while
 the post-norm, cosine one stays flat (3.5x-4.3x against 1.1x-1.2x over seeds 0-2 when this test was written)."""
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 from test_probe import _classes
 
 import swinv2
 from simmim.activations import main
-from simmim.eval.activations import block_magnitudes, deepest_stage_growth
+from simmim.errors import ConfigError
+from simmim.eval.activations import DESIGNS, block_magnitudes, build, deepest_stage_growth, probe_batch
 
 
 def test_post_norm_blocks_start_as_identities_and_the_hooks_see_their_outputs():
@@ -39,3 +43,37 @@ def test_pre_norm_dot_grows_over_the_deep_stage_and_post_norm_cosine_does_not(tm
     out = capsys.readouterr().out
     assert "| block | pre+dot init mean|x| | pre+dot trained mean|x| |" in out and "| 2.8 |" in out
     assert "pre+dot: deepest-stage growth of mean|x|" in (tmp_path / "a.md").read_text()
+
+
+def test_every_design_starts_from_the_same_weights():
+    arch = dict(img_size=32, embed_dim=16, depths=(1, 2), num_heads=(1, 2), window_size=4, num_classes=3)
+    models = {name: build(name, 7, **arch).state_dict() for name in DESIGNS}
+    reference = models["post+cosine"]
+    for name, state in models.items():
+        shared = [k for k in state if k in reference and state[k].shape == reference[k].shape and "norm" not in k]
+        assert len(shared) > 20
+        assert all(torch.equal(state[k], reference[k]) for k in shared), name
+
+
+def test_the_deepest_stage_is_the_first_of_the_longest():
+    """Stages of equal depth: the first one, in stage order (a set's order would change with the hash seed)."""
+    assert deepest_stage_growth(["1.1", "1.2", "2.1", "2.2"], [1.0, 2.0, 1.0, 4.0]) == 2.0
+    assert deepest_stage_growth(["1.1", "2.1", "2.2", "2.3", "3.1"], [1.0, 1.0, 2.0, 3.0, 9.0]) == 3.0
+
+
+def test_the_probe_images_cover_every_class(tmp_path):
+    """40 files sorted by class, 10 each, class c a flat grey of level 60c: 8 images take 2 of every class (the first 8
+    would all be class 0)."""
+    files, labels = [], []
+    for c in range(4):
+        (tmp_path / str(c)).mkdir()
+        for i in range(10):
+            files.append(str(tmp_path / str(c) / f"{i}.png"))
+            labels.append(c)
+            Image.fromarray(np.full((8, 8, 3), 60 * c, np.uint8)).save(files[-1])
+    batch = probe_batch(files, labels, 8, 16, seed=0)
+    assert batch.shape == (8, 3, 16, 16)
+    levels = sorted(round(v) for v in batch[:, 0].mean(dim=(1, 2)).mul(0.229).add(0.485).mul(255).tolist())
+    assert levels == [0, 0, 60, 60, 120, 120, 180, 180]
+    with pytest.raises(ConfigError, match="--probe_images 0"):
+        probe_batch(files, labels, 0, 16, seed=0)
