@@ -39,7 +39,16 @@ def shared(tmp_path_factory):
     return tmp_path_factory.mktemp("notebooks")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+EXPORTS: dict = {}  # what 01 exported, when it ran before 02
+
+# Notebooks that train: slow (`make test-fast` skips them).
+TRAINING = {"01_quickstart.ipynb", "02_finetune_and_transfer.ipynb"}
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, marks=[pytest.mark.slow] if p.name in TRAINING else []) for p in NOTEBOOKS],
+    ids=lambda p: p.name,
+)  # fmt: skip
 def test_notebook_runs_and_has_no_outputs(path, shared, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = json.loads(path.read_text())
@@ -53,3 +62,7 @@ def test_notebook_runs_and_has_no_outputs(path, shared, monkeypatch):
             exec(SMALL[path.name].format(tmp=shared), namespace)
     if "plt" in namespace:
         namespace["plt"].close("all")
+    if path.name == "01_quickstart.ipynb":
+        EXPORTS["01"] = str(namespace["run"] / "encoder.safetensors")
+    if path.name == "02_finetune_and_transfer.ipynb" and "01" in EXPORTS:
+        assert namespace["ENCODER"] == EXPORTS["01"]  # 02 fine-tuned 01's export, not a pretraining of its own
