@@ -4,6 +4,7 @@ injects them. The notebooks share one runs folder, in order, as a user's would: 
 alone, 02 pretrains briefly itself)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ SMALL = {
 EPOCHS = 1
 RUNS = "{tmp}/runs"
 EXTRA_ARGS = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2", "--data.num_workers", "0",
-              "--trainer.log_every_n_steps", "1"]
+              "--trainer.log_every_n_steps", "1", "--model.knn_root", "{tmp}/labelled"]
 """,
     "02_finetune_and_transfer.ipynb": """
 RUNS = "{tmp}/runs"
@@ -24,6 +25,7 @@ SMALL_RUN = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches"
 PRETRAIN_ARGS = ["--trainer.max_epochs", "1", "--model.knn_every_n_epochs", "0", *SMALL_RUN]  # run alone
 FINETUNE_ARGS = ["--trainer.max_epochs", "1", *SMALL_RUN]
 PROBE_STAGES = [-1]
+PROBE_ARGS = ["--data.root", "{tmp}/labelled"]
 TRANSFER_ARGS = ["--img_size", "32", "--window", "4", "--eval", "64:8", "--epochs", "1", "--embed_dim", "16",
                  "--depths", "1", "1", "--num_heads", "1", "2", "--biases", "table", "log_cpb"]
 """,
@@ -36,7 +38,16 @@ def _is_parameters(cell) -> bool:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    return tmp_path_factory.mktemp("notebooks")
+    """The notebooks' runs folder, with a small labelled set (3 classes of 10 digits) for the kNN and the probe."""
+    from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+
+    digits = prepare_digits(DEFAULT_DIGITS_ROOT)
+    folder = tmp_path_factory.mktemp("notebooks")
+    for c in range(3):
+        (folder / "labelled" / str(c)).mkdir(parents=True)
+        for f in sorted((digits / str(c)).iterdir())[:10]:
+            shutil.copy(f, folder / "labelled" / str(c) / f.name)
+    return folder
 
 
 EXPORTS: dict = {}  # what 01 exported, when it ran before 02

@@ -12,13 +12,17 @@ import torch
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "memory.py"
 
 
-def test_peak_memory_falls_as_the_chunk_shrinks():
+def test_peak_memory_falls_as_the_chunk_shrinks(tmp_path):
     # One stage of 2 blocks, 128x128 tokens in 16 windows of 32x32: each block's attention is 134 MB in fp32.
     args = ["--arch", "swinv2_tiny", "--encoder_kwargs", '{"embed_dim": 32, "depths": [2], "num_heads": [2]}']
     args += ["--sizes", "512", "--window", "32", "--chunks", "4", "1", "--one_process", "--json"]
+    args += ["--out", str(tmp_path / "memory.md")]
     out = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = {r["name"]: r for r in map(json.loads, (line for line in out.stdout.splitlines() if line.startswith("{")))}
+    printed = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert json.loads((tmp_path / "memory.json").read_text()) == printed  # the files gpu_check.sh brings back
+    assert "| 512 |" in (tmp_path / "memory.md").read_text()
+    rows = {r["name"]: r for r in printed}
     for phase in ("forward_mib", "backward_mib"):
         above = {name: r[phase] - r["model_mib"] for name, r in rows.items()}  # MiB above the built model
         for ladder in (["plain", "sequential-4", "sequential-1"], ["checkpoint", "both-4", "both-1"]):
