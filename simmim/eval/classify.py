@@ -1,7 +1,7 @@
-"""The controlled classifier training the evaluation studies share (`simmim.eval.transfer`,
-`simmim.eval.activations`): resized, center-cropped labelled images without augmentation, AdamW with a cosine
-schedule, cross-entropy, top-1 on a held-out split. Plain PyTorch on the CPU, so a study's numbers depend on nothing
-but its arguments and seed."""
+"""What the evaluation tools share: the labelled loader (`simmim.eval.probe`, `simmim.eval.transfer`,
+`simmim.eval.activations`; resized, center-cropped images without augmentation) and the controlled classifier
+training of the two studies (AdamW with a cosine schedule, cross-entropy, top-1 on a held-out split). Plain PyTorch on
+the CPU, so a study's numbers depend on nothing but its arguments and seed."""
 
 from __future__ import annotations
 
@@ -14,17 +14,29 @@ import torch.nn as nn
 from simmim.knn import ResizeCenterCrop
 from simmim.labelled import LabelledImageDataset
 from simmim.loaders import collate_readable
+from simmim.workers import WorkerLoader
 
 
 def loader(
-    files: Sequence[str], labels: Sequence[int], size: int, batch_size: int, shuffle: bool, seed: int
+    files: Sequence[str],
+    labels: Sequence[int],
+    size: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
 ) -> torch.utils.data.DataLoader:
     """(images (B, 3, size, size), labels (B,), ...) batches of `files`, shuffled by a generator seeded with `seed`;
-    unreadable files are left out of their batch."""
+    unreadable files are left out of their batch. Workers, if any, start safely for OpenCV (`WorkerLoader`)."""
     dataset = LabelledImageDataset(list(files), list(labels), ResizeCenterCrop(size))
     generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size, shuffle=shuffle, generator=generator, collate_fn=partial(collate_readable, num_fields=3)
+    return WorkerLoader(
+        dataset,
+        batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        collate_fn=partial(collate_readable, num_fields=3),
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -20,10 +19,8 @@ import torch.nn as nn
 import swinv2
 from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.errors import ConfigError
-from simmim.knn import ResizeCenterCrop
-from simmim.labelled import LabelledImageDataset, labelled_split
-from simmim.loaders import collate_readable
-from simmim.workers import WorkerLoader
+from simmim.eval.classify import loader
+from simmim.labelled import labelled_split
 
 
 @torch.no_grad()
@@ -56,12 +53,8 @@ def cached_features(
     num_workers: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of every readable image (resized, center-cropped to `img_size`)."""
-    dataset = LabelledImageDataset(list(files), list(labels), ResizeCenterCrop(img_size))
-    loader = WorkerLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=partial(collate_readable, num_fields=3)
-    )
     feats, ys = [], []
-    for x, y, *_ in loader:
+    for x, y, *_ in loader(files, labels, img_size, batch_size, False, 0, num_workers):
         if len(x):
             feats.append(stage_features(encoder, x, stage, final_norm))
             ys.append(y)
