@@ -28,7 +28,7 @@ from swinv2.convert import (
     resize_bias_table,
     to_timm_state_dict,
 )
-from swinv2.model import VARIANTS, SwinTransformerV2
+from swinv2.model import BLOCK_DESIGN, VARIANTS, SwinTransformerV2
 from swinv2.reading import read_checkpoint
 
 ARCH_KEY = "swinv2_architecture"  # safetensors metadata entry / Lightning checkpoint entry: JSON of the record
@@ -71,11 +71,6 @@ class LoadReport:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The record
-
-
-# Block designs whose weights fit each other's shapes but not each other's meaning; files from before these
-# options were recorded hold the defaults.
-BLOCK_DESIGN = {"norm_position": "post", "attention": "cosine"}
 
 
 def variant_of(arch: Mapping[str, Any]) -> str:

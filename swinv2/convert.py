@@ -20,6 +20,8 @@ from typing import Dict, Mapping, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from swinv2.model import BLOCK_DESIGN
+
 StateDict = Dict[str, torch.Tensor]
 
 # Buffers that depend on the window and input size: always recomputed by the model that loads the weights.
@@ -206,8 +208,9 @@ def to_timm_state_dict(model: torch.nn.Module) -> StateDict:
     keys = model.state_dict().keys()
     extras = sorted({n for n in ("norm3", "absolute_pos_embed") for k in keys if n in k})
     arch = model.architecture()
-    design = {k: arch[k] for k in ("position_bias", "norm_position", "attention")}
-    if design != {"position_bias": "log_cpb", "norm_position": "post", "attention": "cosine"} or extras:
+    timm_design = {"position_bias": "log_cpb", **BLOCK_DESIGN}
+    design = {k: arch[k] for k in timm_design}
+    if design != timm_design or extras:
         raise ValueError(
             "timm's SwinTransformerV2 has only log-spaced CPB, post-norm blocks, cosine attention, no extra "
             "main-branch norms and no absolute position embedding; this model has "

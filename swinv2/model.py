@@ -28,6 +28,11 @@ NO_WEIGHT_DECAY_KEYWORDS = (
 )
 
 
+# SwinV2's block design (the defaults). The other values keep each weight's shape but change its meaning; weights
+# files from before these options were recorded hold these.
+BLOCK_DESIGN = {"norm_position": "post", "attention": "cosine"}
+
+
 def _pair(v: IntOrPair) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
