@@ -87,3 +87,19 @@ def run_recorded(args, log, kill_at_step=None, module: str = "simmim.pretrain"):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def values_and_grads(model: torch.nn.Module, x: torch.Tensor):
+    """`forward_features(x)` and every encoder parameter's gradient of a position-weighted sum of it (so a swapped
+    or misplaced element changes the gradients), for comparing two paths through the same weights."""
+    model.zero_grad()
+    out = model.forward_features(x)
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("head.")}
+
+
+def assert_same_values_and_grads(a, b, atol: float = 1e-5) -> None:
+    (va, ga), (vb, gb) = a, b
+    torch.testing.assert_close(va, vb, atol=atol, rtol=1e-4)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=atol, rtol=1e-4, msg=name)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import TINY, randomize_
+from conftest import TINY, assert_same_values_and_grads, randomize_, values_and_grads
 from timm.models.swin_transformer import SwinTransformer as TimmSwinV1
 
 import swinv2
@@ -74,19 +74,6 @@ def test_pre_norm_init_keeps_unit_norms_and_blocks_are_not_identities():
         assert (blk(x) - x).abs().max() > 1e-3
 
 
-def _values_and_grads(model, x):
-    model.zero_grad()
-    out = model.forward_features(x)
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_same(a, b, atol=1e-5):
-    torch.testing.assert_close(a[0], b[0], atol=atol, rtol=1e-4)
-    for name in a[1]:
-        torch.testing.assert_close(a[1][name], b[1][name], atol=atol, rtol=1e-4, msg=name)
-
-
 def _set(model, **attrs):
     for m in model.modules():
         if hasattr(m, "chunk_size"):
@@ -98,23 +85,23 @@ def _set(model, **attrs):
 def test_v1_design_gives_the_same_values_and_gradients_on_every_attention_path(path):
     model = randomize_(swinv2.SwinTransformerV2(**{**TINY, "img_size": 48}, fused_attn=False, **V1_DESIGN))
     x = torch.randn(2, 3, 48, 48)
-    reference = _values_and_grads(model, x)
+    reference = values_and_grads(model, x)
     if path == "chunked":
         _set(model, chunk_size=2)
     elif path == "fused":
         _set(model, fused=True)
     else:
         model.set_grad_checkpointing(True)
-    _assert_same(_values_and_grads(model, x), reference)
+    assert_same_values_and_grads(values_and_grads(model, x), reference)
 
 
 @pytest.mark.slow
 def test_v1_design_compiled_attention_matches_eager():
     model = randomize_(swinv2.SwinTransformerV2(**TINY, **V1_DESIGN))
     x = torch.randn(2, 3, 32, 32)
-    reference = _values_and_grads(model, x)
+    reference = values_and_grads(model, x)
     model.compile_attention()
-    _assert_same(_values_and_grads(model, x), reference, atol=1e-4)
+    assert_same_values_and_grads(values_and_grads(model, x), reference, atol=1e-4)
 
 
 def test_design_is_recorded_inferred_and_refused_when_it_does_not_match(tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY, randomize_
+from conftest import TINY, assert_same_values_and_grads, randomize_, values_and_grads
 
 import swinv2
 from swinv2.attention import CosineQKV, WindowAttention
@@ -99,29 +99,15 @@ def test_mask_errors_are_clear():
         swinv2.SwinTransformerV2(**{**TINY, "window_size": (4, 4, 4)})
 
 
-def _values_and_grads(model, x):
-    model.zero_grad()
-    out = model.forward_features(x)
-    (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("head.")}
-
-
-def _assert_same(a, b, atol=1e-5):
-    (va, ga), (vb, gb) = a, b
-    torch.testing.assert_close(va, vb, atol=atol, rtol=1e-4)
-    for name in ga:
-        torch.testing.assert_close(ga[name], gb[name], atol=atol, rtol=1e-4, msg=name)
-
-
 @pytest.mark.parametrize("chunk", [1, 3, 7])
 def test_sequential_attention_matches_all_at_once(chunk):
     model = randomize_(swinv2.SwinTransformerV2(**{**TINY, "img_size": 48}))  # 12x12 tokens: 9 windows/image
     x = torch.randn(2, 3, 48, 48)
-    reference = _values_and_grads(model, x)
+    reference = values_and_grads(model, x)
     for layer in model.layers:
         for blk in layer.blocks:
             blk.attn.chunk_size = chunk
-    _assert_same(_values_and_grads(model, x), reference)
+    assert_same_values_and_grads(values_and_grads(model, x), reference)
     with torch.no_grad():  # inference path (no recomputation)
         torch.testing.assert_close(model.forward_features(x), reference[0], atol=1e-5, rtol=1e-4)
 
@@ -129,20 +115,20 @@ def test_sequential_attention_matches_all_at_once(chunk):
 def test_activation_checkpointing_matches():
     model = randomize_(swinv2.SwinTransformerV2(**TINY))
     x = torch.randn(2, 3, 32, 32)
-    reference = _values_and_grads(model, x)
+    reference = values_and_grads(model, x)
     model.set_grad_checkpointing(True)
     assert all(layer.use_checkpoint for layer in model.layers)
-    _assert_same(_values_and_grads(model, x), reference)
+    assert_same_values_and_grads(values_and_grads(model, x), reference)
 
 
 def test_fused_and_explicit_attention_agree():
     model = randomize_(swinv2.SwinTransformerV2(**TINY, fused_attn=False))
     x = torch.randn(2, 3, 32, 32)
-    reference = _values_and_grads(model, x)
+    reference = values_and_grads(model, x)
     for m in model.modules():
         if hasattr(m, "fused"):
             m.fused = True
-    _assert_same(_values_and_grads(model, x), reference)
+    assert_same_values_and_grads(values_and_grads(model, x), reference)
 
 
 @pytest.mark.gpu
@@ -151,20 +137,20 @@ def test_cuda_default_sdpa_matches_explicit_attention():
     """On CUDA the default attention is SDPA; it must give the explicit path's values and gradients."""
     model = randomize_(swinv2.SwinTransformerV2(**TINY)).cuda()
     x = torch.randn(2, 3, 32, 32, device="cuda")
-    sdpa = _values_and_grads(model, x)
+    sdpa = values_and_grads(model, x)
     for m in model.modules():
         if hasattr(m, "fused"):
             assert m.fused is None  # the default: SDPA because the tensors are on CUDA
             m.fused = False
-    _assert_same(_values_and_grads(model, x), sdpa, atol=1e-4)
+    assert_same_values_and_grads(values_and_grads(model, x), sdpa, atol=1e-4)
 
 
 def test_bf16_autocast_stays_close_to_fp32():
     model = randomize_(swinv2.SwinTransformerV2(**TINY))
     x = torch.randn(2, 3, 32, 32)
-    ref, ref_grads = _values_and_grads(model, x)
+    ref, ref_grads = values_and_grads(model, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, grads = _values_and_grads(model, x)
+        out, grads = values_and_grads(model, x)
     assert torch.isfinite(out).all()
     assert (out.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
     flat = [torch.cat([g[n].flatten() for n in ref_grads]) for g in (grads, ref_grads)]
@@ -244,9 +230,9 @@ def test_no_weight_decay_names():
 def test_compiled_attention_matches_eager():
     model = randomize_(swinv2.SwinTransformerV2(**TINY))
     x = torch.randn(2, 3, 32, 32)
-    reference = _values_and_grads(model, x)
+    reference = values_and_grads(model, x)
     model.compile_attention()
-    _assert_same(_values_and_grads(model, x), reference, atol=1e-4)
+    assert_same_values_and_grads(values_and_grads(model, x), reference, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -276,15 +262,15 @@ def test_sequential_attention_with_dropout_matches_all_at_once(checkpointing):
     model.set_grad_checkpointing(checkpointing)
     x = torch.randn(2, 3, 48, 48)
     torch.manual_seed(1)
-    reference = _values_and_grads(model, x)
+    reference = values_and_grads(model, x)
     for chunk in (1, 4):
         for layer in model.layers:
             for blk in layer.blocks:
                 blk.attn.chunk_size = chunk
         torch.manual_seed(1)
-        _assert_same(_values_and_grads(model, x), reference)
+        assert_same_values_and_grads(values_and_grads(model, x), reference)
     torch.manual_seed(2)  # another draw drops other elements
-    assert not torch.allclose(_values_and_grads(model, x)[0], reference[0])
+    assert not torch.allclose(values_and_grads(model, x)[0], reference[0])
 
 
 def test_dropout_keep_mask_rate_and_cut_invariance():
