@@ -1,6 +1,8 @@
 """`python -m simmim.activations`: the activation study of `simmim.eval.activations` (an entry point only)."""
 
+from simmim.errors import user_errors_as_messages
 from simmim.eval.activations import main
 
 if __name__ == "__main__":
-    main()
+    with user_errors_as_messages():  # a bad option or a refused file: one line, no traceback
+        main()

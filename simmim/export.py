@@ -8,8 +8,10 @@ from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.plugins import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_warn
 
 import swinv2
+from simmim.runs import SHARDED_METADATA
 from simmim.sharding import full_state_dict, is_sharded
 from swinv2.reading import read_checkpoint
 
@@ -63,3 +65,24 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().load_checkpoint(path, weights_only=True)
         return read_checkpoint(path)
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        """Lightning's save, except through a symbolic link: the link is replaced by the file, never followed."""
+        if "://" not in str(path) and os.path.islink(path):
+            os.unlink(path)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Lightning's removal of an older checkpoint, limited to checkpoint files and shard folders: a symbolic
+        link is removed itself (never what it points to), and a `local://` or `file://` URL is a local path."""
+        path = str(path)
+        for scheme in ("local://", "file://"):
+            path = path[len(scheme) :] if path.startswith(scheme) else path
+        if "://" in path:
+            return super().remove_checkpoint(path)
+        if os.path.islink(path):
+            os.unlink(path)
+        elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, SHARDED_METADATA)):
+            rank_zero_warn(f"not removing {path}: a folder that is not a checkpoint")
+        elif os.path.lexists(path):
+            super().remove_checkpoint(path)

@@ -15,11 +15,13 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.errors import ConfigError
+from simmim.untrusted import check_output_folder, drop_foreign_paths
 
 LOCK_NAME = ".run.lock"
 SHARDED_METADATA = "meta.pt"  # Lightning's name for it in a sharded (torch.distributed.checkpoint) folder
@@ -116,7 +118,10 @@ def claim_folder(folder: Path, resuming_here: bool) -> Optional[str]:
             json.dump(mine, f)
         return None
     tmp = folder / f"{LOCK_NAME}.{os.getpid()}"
-    tmp.write_text(json.dumps(mine))
+    tmp.unlink(missing_ok=True)  # a link planted under this name is removed, not written through
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with os.fdopen(fd, "w") as f:
+        json.dump(mine, f)
     os.replace(tmp, lock)  # take over a dead run's claim
     return None
 
@@ -138,12 +143,21 @@ class ClaimCheckpointFolders(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        log_dir = trainer.log_dir  # collective under DDP: on every rank
         problem = None
         if trainer.is_global_zero:
-            folders = sorted({checkpoint_folder(cb, trainer).resolve() for cb in trainer.checkpoint_callbacks})
+            written = [checkpoint_folder(cb, trainer) for cb in trainer.checkpoint_callbacks]
+            try:  # nothing is written through a link leading out of the run (a downloaded run folder)
+                for folder in written:
+                    check_output_folder(folder, trainer.default_root_dir)
+                if log_dir:
+                    check_output_folder(log_dir, trainer.default_root_dir, recursive=bool(trainer.loggers))
+            except ConfigError as e:
+                problem = str(e)
+            folders = sorted({folder.resolve() for folder in written})
             ckpt = self.resume_from or trainer.ckpt_path
             resumed = Path(ckpt).resolve().parent if is_checkpoint(ckpt) else None
-            for folder in folders:
+            for folder in folders if problem is None else []:
                 problem = claim_folder(folder, resuming_here=folder == resumed)
                 if problem:
                     break
@@ -152,6 +166,24 @@ class ClaimCheckpointFolders(pl.Callback):
         if problem:
             self.release()
             raise ConfigError(problem)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Dict) -> None:
+        """Before the checkpoint callbacks take their state back (Lightning restores every callback's
+        `on_load_checkpoint` first), drop the remembered paths that lie outside each callback's folder in this run:
+        Lightning overwrites and deletes them later, and a checkpoint from someone else could name any file."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict):
+            return
+        for cb in trainer.checkpoint_callbacks:
+            state = states.get(cb.state_key)
+            if isinstance(state, dict):
+                folder = str(cb.dirpath or checkpoint_folder(cb, trainer))
+                states[cb.state_key], dropped = drop_foreign_paths(state, folder)
+                if dropped:
+                    rank_zero_warn(
+                        f"the checkpoint's {type(cb).__name__} state names files outside {folder}, which this run "
+                        f"will neither overwrite nor delete: {dropped[:4]}"
+                    )
 
     def release(self) -> None:
         for folder in self.claimed:

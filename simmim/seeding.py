@@ -36,6 +36,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 
 from simmim.step_timing import TimedIterator
+from simmim.untrusted import checked_counts
 from simmim.workers import WorkerLoader
 
 SEED_ENV = "PL_GLOBAL_SEED"
@@ -217,6 +218,7 @@ class ResumableLoader(WorkerLoader):
         sampler = self.sampler
         if not state or not isinstance(sampler, SeededSampler):
             return
+        state = checked_counts(state, ("epoch", "position", "size", "world_size"), "the training loader")
         if state["size"] != sampler.size:
             rank_zero_warn(
                 f"the training set had {state['size']} files when the checkpoint was written and has {sampler.size} "
@@ -241,6 +243,8 @@ class SeedState:
         return {"seed": run_seed()}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        if "seed" in state:
+            state = checked_counts(state, ("seed",), "the run seed")
         if "seed" in state and state["seed"] != run_seed():
             rank_zero_warn(
                 f"resuming with the checkpoint's seed {state['seed']} (this command's is {run_seed()}), so that the "

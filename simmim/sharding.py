@@ -19,8 +19,6 @@ Activation checkpointing (`--model.use_checkpoint true`) and sequential attentio
 
 from __future__ import annotations
 
-import io
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterable, Sequence
@@ -30,8 +28,8 @@ import torch.nn as nn
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 
 from simmim.errors import ConfigError
+from simmim.untrusted import check_sharded_checkpoint
 from swinv2.blocks import SwinTransformerBlock
-from swinv2.reading import UnsafeCheckpointError, read_checkpoint
 
 SHARDED_UNITS = (SwinTransformerBlock,)
 
@@ -124,9 +122,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             _remove(previous)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Any = None) -> Dict[str, Any]:
-        """Check the shard folder's two pickles before Lightning and torch.distributed.checkpoint read them:
-        `meta.pt` with the project's safe reader, `.metadata` with an unpickler that builds only the checkpoint
-        format's own classes. Then load with `weights_only=True`."""
+        """Check the whole shard folder (`simmim.untrusted.check_sharded_checkpoint`) before Lightning and
+        torch.distributed.checkpoint read any of it, then load with `weights_only=True`."""
         path = self.broadcast(str(checkpoint_path))  # the path rank 0 resolved, as Lightning loads it
         check_sharded_checkpoint(path)
         return super().load_checkpoint(path, weights_only=True)
@@ -198,65 +195,6 @@ def full_state_dict(module: nn.Module, keep: bool = True) -> Dict[str, torch.Ten
         if keep:
             out[k] = v.detach().cpu()
     return out
-
-
-# What a torch.distributed.checkpoint `.metadata` pickle is made of (torch 2.8 to 2.14; Path under Python <= 3.12
-# and >= 3.13), as exact (module, name) pairs: a dotted name such as "os.system" would reach any global of the
-# module.
-_DCP_METADATA = "torch.distributed.checkpoint.metadata"
-_DCP_GLOBALS = {
-    *((_DCP_METADATA, n) for n in ("Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
-                                   "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib._local", "PosixPath"),
-}  # fmt: skip
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
-        if (module, name) in _DCP_GLOBALS or dtype:
-            return super().find_class(module, name)
-        raise UnsafeCheckpointError(
-            f"the sharded checkpoint's .metadata needs {module}.{name}, which is not part of the checkpoint "
-            "format: refusing to load it (a crafted or foreign file)"
-        )
-
-
-def check_sharded_checkpoint(folder) -> None:
-    """Refuse a shard folder that would run code when read (`UnsafeCheckpointError`): its `meta.pt` through the
-    project's safe reader, its `.metadata` through an unpickler that builds only the format's own classes, and every
-    non-tensor entry of the shard files (optimizer hyper-parameters...), which torch.distributed.checkpoint itself
-    would unpickle without restriction, through `torch.load(weights_only=True)`."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
-
-    folder = Path(folder)
-    read_checkpoint(folder / "meta.pt")
-    metadata_file = folder / ".metadata"
-    if not metadata_file.is_file():
-        return
-    metadata = _MetadataUnpickler(io.BytesIO(metadata_file.read_bytes())).load()
-    if not isinstance(metadata, Metadata):
-        raise UnsafeCheckpointError(f"{metadata_file} is not torch.distributed.checkpoint metadata: not loading it")
-    for fqn, entry in metadata.state_dict_metadata.items():
-        if not isinstance(entry, BytesStorageMetadata):
-            continue
-        info = metadata.storage_data[MetadataIndex(fqn)]
-        if getattr(info, "transform_descriptors", None):
-            raise UnsafeCheckpointError(f"the sharded checkpoint's entry {fqn} is stored transformed: not read")
-        with open(folder / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            data = f.read(info.length)
-        try:
-            torch.load(io.BytesIO(data), weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(
-                f"the sharded checkpoint's entry {fqn} would run code when read ({str(e).splitlines()[0][:200]}): "
-                "refusing to load it"
-            ) from None
 
 
 def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:

@@ -1,7 +1,9 @@
 """`python -m simmim.transfer`: the window and resolution transfer study of `simmim.eval.transfer` (an entry point
 only)."""
 
+from simmim.errors import user_errors_as_messages
 from simmim.eval.transfer import main
 
 if __name__ == "__main__":
-    main()
+    with user_errors_as_messages():  # a bad option or a refused file: one line, no traceback
+        main()

@@ -29,7 +29,15 @@ from swinv2.convert import (
     to_timm_state_dict,
 )
 from swinv2.model import BLOCK_DESIGN, VARIANTS, SwinTransformerV2
-from swinv2.reading import read_checkpoint
+from swinv2.reading import (
+    ARCHITECTURE_LIMITS,
+    OPTION_FIELDS,
+    RECORD_FIELDS,
+    MalformedRecordError,
+    check_architecture,
+    parse_record,
+    read_checkpoint,
+)
 
 ARCH_KEY = "swinv2_architecture"  # safetensors metadata entry / Lightning checkpoint entry: JSON of the record
 LAYOUT_KEY = "format"  # safetensors metadata entry: "swinv2-official" or "timm"
@@ -117,12 +125,19 @@ def save_weights(path: Union[str, os.PathLike], model: SwinTransformerV2, layout
     return path
 
 
-def read_architecture(raw: Mapping) -> Optional[Dict[str, Any]]:
-    """The architecture record of a read checkpoint (safetensors header or Lightning checkpoint), or None."""
+def read_architecture(raw: Mapping, name: str = "the checkpoint") -> Optional[Dict[str, Any]]:
+    """The architecture record of a read checkpoint (safetensors header or Lightning checkpoint), checked and
+    bounded (`swinv2.reading.check_architecture`), or None when it has none.
+
+    Raises:
+        MalformedRecordError: a record that is not JSON, has unknown fields or values out of bounds.
+    """
     record = raw.get(ARCH_KEY) if isinstance(raw, Mapping) else None
-    if isinstance(record, str):
-        record = json.loads(record)
-    return dict(record) if isinstance(record, Mapping) else None
+    if record is None:
+        return None
+    if isinstance(record, (str, bytes)):
+        return parse_record(record, name)
+    return check_architecture(record, name)
 
 
 def reference_windows(arch: Mapping[str, Any]) -> Windows:
@@ -167,9 +182,9 @@ def spacing(sd: StateDict) -> Optional[str]:
     return "linear_cpb" if abs(two - 2 * one) < 1e-5 * max(1.0, abs(two)) else "log_cpb"
 
 
-def checkpoint_windows(raw: Mapping) -> Optional[Windows]:
+def checkpoint_windows(raw: Mapping, name: str = "the checkpoint") -> Optional[Windows]:
     """The windows a read checkpoint's position bias was trained for: recorded, else implied by its tables."""
-    arch = read_architecture(raw)
+    arch = read_architecture(raw, name)
     if arch is not None:
         return reference_windows(arch)
     sd, *_ = official_state_dict(raw)
@@ -264,7 +279,7 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
     raw = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
     sd, fmt, prefix, outside = official_state_dict(raw)
     report = LoadReport(format=fmt, prefix=prefix, dropped_keys=outside)
-    arch = read_architecture(raw)
+    arch = read_architecture(raw, name)
     _check_block_design(model, arch, sd, name)
     if arch is not None:
         report.windows, how = reference_windows(arch), "recorded in the file"
@@ -324,11 +339,19 @@ def infer_architecture(sd: StateDict) -> Dict[str, Any]:
     size shows only through `absolute_pos_embed` or a shifted block's `attn_mask` (whose window count gives the
     image size padded to a whole number of windows: the official recipes' sizes are such multiples)."""
     proj = sd[ANCHOR]  # (C, in_chans, p, p)
-    stages = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.blocks\.", k)))
-    depths = [
-        1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"layers\.{i}\.blocks\.(\d+)\.", k)))
-        for i in range(stages)
-    ]
+    if proj.dim() != 4 or proj.shape[-1] != proj.shape[-2]:
+        raise MalformedRecordError(f"{ANCHOR} has shape {tuple(proj.shape)}, not (C, in_chans, p, p): not a SwinV2")
+    blocks: Dict[int, int] = {}  # stage -> highest block index, bounded before any loop over them
+    for k in sd:
+        if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k):
+            stage, block = int(m.group(1)), int(m.group(2))
+            if stage >= ARCHITECTURE_LIMITS["stages"][1] or block >= ARCHITECTURE_LIMITS["depth"][1]:
+                raise MalformedRecordError(f"key {k!r} names stage {stage}, block {block}: beyond any SwinV2")
+            blocks[stage] = max(blocks.get(stage, -1), block)
+    if not blocks or sorted(blocks) != list(range(len(blocks))):
+        raise MalformedRecordError(f"the file's blocks are in stages {sorted(blocks)}, not stages 0, 1, ...")
+    stages = len(blocks)
+    depths = [blocks[i] + 1 for i in range(stages)]
     norm3 = [int(m.group(1)) for k in sd if (m := re.match(r"layers\.\d+\.blocks\.(\d+)\.norm3\.weight", k))]
     merge = sd.get("layers.0.downsample.norm.weight")  # LayerNorm(4C) before the reduction in Swin V1's order
     arch: Dict[str, Any] = dict(
@@ -387,9 +410,12 @@ def create_model_from_checkpoint(source: Source, strict: bool = True, **override
     """
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the checkpoint"
     raw = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    arch = read_architecture(raw)
+    arch = read_architecture(raw, name)
     if arch is None:
-        arch = infer_architecture(official_state_dict(raw)[0])
+        try:
+            arch = check_architecture(infer_architecture(official_state_dict(raw)[0]), name)
+        except (KeyError, IndexError, ZeroDivisionError, CheckpointMismatchError) as e:
+            raise MalformedRecordError(f"{name}: its keys do not describe a SwinV2 ({type(e).__name__}: {e})") from None
     arch.pop("variant", None)
     if "window_size" in overrides and "pretrained_window_sizes" not in overrides and "window_size" in arch:
         overrides["pretrained_window_sizes"] = [list(w) for w in reference_windows(arch)]
@@ -401,7 +427,7 @@ def create_model_from_checkpoint(source: Source, strict: bool = True, **override
             + ", ".join(f"{k}=..." for k in unknown)
             + " (the values it was trained with)"
         )
-    model = SwinTransformerV2(**kwargs)
+    model = SwinTransformerV2(**check_architecture(kwargs, name, (*RECORD_FIELDS, *OPTION_FIELDS)))
     model.load_report = load_pretrained(model, raw)
     if strict and (model.load_report.missing_keys or model.load_report.unexpected_keys):
         raise CheckpointMismatchError(

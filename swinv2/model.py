@@ -8,7 +8,7 @@ Liu et al., "Swin Transformer V2: Scaling Up Capacity and Resolution", CVPR 2022
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, TypedDict, Union
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,32 @@ import torch.nn as nn
 from swinv2.blocks import BasicLayer
 
 IntOrPair = Union[int, Tuple[int, int]]
+# A window for every stage (an int or (h, w)), or one per stage: the type command lines and checkpoints give.
+WindowSpec = Union[int, Tuple[int, int], List[Union[int, Tuple[int, int]]]]
+
+
+class EncoderOptions(TypedDict, total=False):
+    """`SwinTransformerV2` arguments a training stage passes through (`--model.encoder_kwargs`), spelled out so
+    that a command line, a config or a checkpoint can only hold values of these types (never a class to build)."""
+
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depths: List[int]
+    num_heads: List[int]
+    mlp_ratio: float
+    qkv_bias: bool
+    drop_rate: float
+    attn_drop_rate: float
+    ape: bool
+    patch_norm: bool
+    extra_norm_period: int
+    position_bias: str
+    attn_chunk_size: Optional[int]
+    fused_attn: Optional[bool]
+    norm_position: str
+    attention: str
+
 
 # Parameters the official code keeps out of weight decay, by name fragment (`no_weight_decay_keywords`),
 # plus the SimMIM mask token.

@@ -1,19 +1,29 @@
-"""Reading weight files without running any pickled code.
+"""Reading files from other people: weights without running any pickled code, and records checked and bounded.
 
-Every torch file goes through `torch.load(weights_only=True)`: tensors, plain containers and numbers only. The one
+Everything here treats a file as data from outside: it may be crafted. Every torch file goes through
+`torch.load(weights_only=True)`: tensors, plain containers and numbers only. The one
 extra type allowed is the yacs `CfgNode` that the official microsoft/Swin-Transformer and SimMIM training scripts
 pickle into their checkpoints (`{"model": ..., "config": CfgNode, ...}`); `OfficialConfig` rebuilds it as a plain
 `OrderedDict`, running nothing. A file that needs anything else (a function such as `os.system`, a class of some
-other library) is refused with `UnsafeCheckpointError`, which names the refused global.
+other library) is refused with `UnsafeCheckpointError`, which names the refused global. A file must be a regular
+file (a FIFO or a device would hang or never end), and a torch zip archive may hold only stored members, as
+`torch.save` writes them: a compressed member could expand far beyond the file's size in memory.
+
+An architecture record (what a weights file or a run's hyper-parameters say the model is) is checked against
+`ARCHITECTURE_LIMITS` by `check_architecture` before anything is allocated: a crafted record could otherwise ask for
+a billion blocks or a terabyte-wide layer. The limits are wide enough for SwinV2-G at 1536 px.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
+import stat
+import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, Union
+from typing import Any, Dict, Mapping, Union
 
 import torch
 
@@ -66,15 +76,42 @@ def _refusal(path: str, error: Exception) -> Exception:
 
 
 def _weights_file(path: str) -> str:
-    """`path` itself, or the weights file inside a transformers hub folder."""
+    """`path` itself, or the weights file inside a transformers hub folder; a regular file either way (symbolic
+    links are followed, as in a Hugging Face cache, but never to a FIFO, a device or a socket)."""
     if os.path.isdir(path):
-        inside = [os.path.join(path, n) for n in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
+        inside = [os.path.join(path, n) for n in HF_WEIGHT_FILES if os.path.lexists(os.path.join(path, n))]
         if not inside:
             raise FileNotFoundError(f"{path} is a folder without {' or '.join(HF_WEIGHT_FILES)}: pass the file")
-        return inside[0]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        path = inside[0]
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    if not stat.S_ISREG(mode):
+        raise UnreadableCheckpointError(f"{path} is not a regular file (a FIFO, device or socket): not reading it")
     return path
+
+
+def _check_archive(path: str) -> None:
+    """A torch zip archive holds stored (uncompressed) members whose sizes add up to at most the file's size;
+    anything else could inflate in memory far beyond the file (a 1 MB file holding 1 GiB of zeros)."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format: its storages are read from the file itself
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UnreadableCheckpointError(f"cannot read {path} as a PyTorch checkpoint (a broken zip: {e})") from None
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
+            raise UnreadableCheckpointError(
+                f"refused to load {path}: its member {m.filename!r} is compressed ({m.compress_size} bytes that "
+                f"expand to {m.file_size}); torch.save never compresses, so the file was made by another tool or "
+                "crafted to exhaust memory"
+            )
+    if sum(m.file_size for m in members) > size:
+        raise UnreadableCheckpointError(f"refused to load {path}: its members add up to more than the file's size")
 
 
 def read_safetensors(path: str) -> Dict[str, Any]:
@@ -100,13 +137,159 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
     Raises:
         FileNotFoundError: no such file, or a folder without weights.
         UnsafeCheckpointError: the file needs a global beyond tensors, containers and the official yacs config.
-        UnreadableCheckpointError: the file is not a checkpoint at all (truncated, another format).
+        UnreadableCheckpointError: the file is not a checkpoint at all (truncated, another format), is not a
+            regular file, or is an archive with compressed members.
     """
     path = _weights_file(os.fspath(path))
     if path.endswith(".safetensors"):
         return read_safetensors(path)
+    _check_archive(path)
     try:
         with torch.serialization.safe_globals(_STAND_INS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, IndexError... on bad bytes
         raise _refusal(path, e) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architecture records: checked and bounded before any allocation
+
+# (lowest, highest) of each number an architecture may hold. SwinV2-G (embed 512, depths 2-2-42-4, 128 heads) at
+# 1536 px and windows up to 48 fits with room; a record beyond them is damaged or crafted.
+ARCHITECTURE_LIMITS: Dict[str, tuple] = {
+    "img_size": (1, 4096),  # per side, pixels
+    "patch_size": (1, 64),
+    "in_chans": (1, 512),  # OpenCV's resize handles up to 512 channels
+    "num_classes": (0, 100_000),  # ImageNet-22K has 21,841
+    "embed_dim": (1, 4096),
+    "stages": (1, 8),
+    "depth": (1, 128),  # blocks per stage
+    "num_heads": (1, 1024),
+    "window_size": (1, 128),  # per side, tokens
+    "pretrained_window_sizes": (0, 128),  # 0: none
+    "mlp_ratio": (0.0, 16.0),
+    "extra_norm_period": (0, 512),
+    "attn_chunk_size": (1, 1 << 20),
+    "drop_rate": (0.0, 1.0),
+    "attn_drop_rate": (0.0, 1.0),
+    "drop_path_rate": (0.0, 1.0),
+    "parameters": (1, 6_000_000_000),  # SwinV2-G has about 3.0B
+}
+CHOICES = {
+    "position_bias": ("log_cpb", "linear_cpb", "table"),
+    "norm_position": ("post", "pre"),
+    "attention": ("cosine", "dot"),
+}
+FLAGS = ("qkv_bias", "ape", "patch_norm", "mask_token", "use_checkpoint")
+RECORD_FIELDS = (
+    "variant", "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depths", "num_heads", "window_size",
+    "pretrained_window_sizes", "mlp_ratio", "qkv_bias", "ape", "patch_norm", "extra_norm_period", "position_bias",
+    "mask_token", "norm_position", "attention",
+)  # fmt: skip
+OPTION_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate", "use_checkpoint", "attn_chunk_size", "fused_attn")
+MAX_RECORD_CHARS = 1 << 16
+
+
+class MalformedRecordError(UnreadableCheckpointError):
+    """An architecture record (or an architecture inferred from a file's keys) that no model of this project has:
+    an unknown field, a value of the wrong type, or a number out of `ARCHITECTURE_LIMITS`."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(where: str, field: str, v: Any, limit: str, integer: bool = True) -> None:
+    low, high = ARCHITECTURE_LIMITS[limit]
+    ok = _is_int(v) if integer else (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+    if not ok or not low <= v <= high:
+        kind = "an integer" if integer else "a number"
+        raise MalformedRecordError(f"{where}: {field}={v!r} must be {kind} from {low} to {high}")
+
+
+def _sides(where: str, field: str, v: Any, limit: str) -> tuple:
+    """An int or an [h, w] pair, checked."""
+    pair = [v, v] if _is_int(v) else v
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise MalformedRecordError(f"{where}: {field}={v!r} must be an integer or a pair [h, w]")
+    for side in pair:
+        _number(where, field, side, limit)
+    return tuple(pair)
+
+
+def _per_stage_sides(where: str, field: str, v: Any, stages: int, limit: str) -> list:
+    if _is_int(v):
+        return [_sides(where, field, v, limit)] * stages
+    if not isinstance(v, (list, tuple)) or len(v) != stages:
+        raise MalformedRecordError(f"{where}: {field}={v!r} must be one value, or one per stage ({stages})")
+    return [_sides(where, field, x, limit) for x in v]
+
+
+def parse_record(text: Union[str, bytes], where: str) -> Dict[str, Any]:
+    """A JSON architecture record (a safetensors header entry), bounded in length and checked."""
+    import json
+
+    if len(text) > MAX_RECORD_CHARS:
+        raise MalformedRecordError(f"{where}: its architecture record is {len(text)} characters long (a damaged file)")
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise MalformedRecordError(f"{where}: its architecture record is not JSON ({str(e)[:120]})") from None
+    return check_architecture(record, where)
+
+
+def check_architecture(arch: Any, where: str, fields: tuple = RECORD_FIELDS) -> Dict[str, Any]:
+    """`arch` (SwinTransformerV2 arguments, such as a file's record) as a dict, after checking every field's type and
+    range (`ARCHITECTURE_LIMITS`, `CHOICES`) and the model's size, so that building it allocates a bounded amount.
+    Fields not given keep the constructor's defaults, which are within bounds.
+
+    Raises:
+        MalformedRecordError: one line naming `where`, the field and what it must be.
+    """
+    if not isinstance(arch, Mapping):
+        raise MalformedRecordError(f"{where}: the architecture record is a {type(arch).__name__}, not a mapping")
+    unknown = sorted(str(k) for k in arch if k not in fields)
+    if unknown:
+        raise MalformedRecordError(f"{where}: unknown architecture field(s) {unknown[:5]}; known: {', '.join(fields)}")
+    a = dict(arch)
+    depths, heads = a.get("depths", (2, 2, 6, 2)), a.get("num_heads", (3, 6, 12, 24))
+    for field, v in (("depths", depths), ("num_heads", heads)):
+        if not isinstance(v, (list, tuple)):
+            raise MalformedRecordError(f"{where}: {field}={v!r} must be a list with one integer per stage")
+    _number(where, "the number of stages", len(depths), "stages")
+    if len(heads) != len(depths):
+        raise MalformedRecordError(f"{where}: depths {list(depths)} and num_heads {list(heads)} differ in length")
+    for d, h in zip(depths, heads):
+        _number(where, "depths", d, "depth")
+        _number(where, "num_heads", h, "num_heads")
+    embed = a.get("embed_dim", 96)
+    _number(where, "embed_dim", embed, "embed_dim")
+    for i, h in enumerate(heads):
+        if (embed * 2**i) % h:
+            raise MalformedRecordError(f"{where}: stage {i} has {embed * 2**i} channels, not divisible by {h} heads")
+    for field in ("patch_size", "in_chans", "num_classes", "extra_norm_period"):
+        if field in a:
+            _number(where, field, a[field], field)
+    for field in ("mlp_ratio", "drop_rate", "attn_drop_rate", "drop_path_rate"):
+        if field in a:
+            _number(where, field, a[field], field, integer=False)
+    if a.get("attn_chunk_size") is not None:
+        _number(where, "attn_chunk_size", a["attn_chunk_size"], "attn_chunk_size")
+    if "img_size" in a:
+        _sides(where, "img_size", a["img_size"], "img_size")
+    for field in ("window_size", "pretrained_window_sizes"):
+        if field in a and not (field == "pretrained_window_sizes" and _is_int(a[field]) and a[field] == 0):
+            _per_stage_sides(where, field, a[field], len(depths), field)
+    for field, choices in CHOICES.items():
+        if field in a and a[field] not in choices:
+            raise MalformedRecordError(f"{where}: {field}={a[field]!r} must be one of {', '.join(choices)}")
+    for field in (*FLAGS, "fused_attn"):
+        if field in a and not (isinstance(a[field], bool) or (field == "fused_attn" and a[field] is None)):
+            raise MalformedRecordError(f"{where}: {field}={a[field]!r} must be true or false")
+    if "variant" in a and not isinstance(a["variant"], str):
+        raise MalformedRecordError(f"{where}: variant={a['variant']!r} must be a name")
+    width = [embed * 2**i for i in range(len(depths))]
+    hidden = a.get("mlp_ratio", 4.0)
+    params = sum(d * (4 + 2 * hidden) * c * c for d, c in zip(depths, width)) + width[-1] * a.get("num_classes", 0)
+    _number(where, "the parameter count", int(params), "parameters")
+    return a

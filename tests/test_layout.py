@@ -67,13 +67,16 @@ def test_importing_a_stage_loads_no_other_stage(stage):
 
 
 def _is_entry_point(path: Path) -> bool:
-    """A top-level `python -m simmim.<name>` shim: a docstring, `from simmim.<subpackage>.<module> import main` and
-    the `__main__` guard calling it, nothing else."""
+    """A top-level `python -m simmim.<name>` shim: a docstring, `from simmim.errors import user_errors_as_messages`,
+    `from simmim.<subpackage>.<module> import main` and the `__main__` guard calling it, nothing else."""
     body = ast.parse(path.read_text()).body
-    if len(body) != 3 or not isinstance(body[0], ast.Expr) or not isinstance(body[2], ast.If):
+    if len(body) != 4 or not isinstance(body[0], ast.Expr) or not isinstance(body[3], ast.If):
         return False
-    imp = body[1]
-    return isinstance(imp, ast.ImportFrom) and [a.name for a in imp.names] == ["main"] and imp.module.count(".") == 2
+    errors, imp = body[1], body[2]
+    one_line = isinstance(errors, ast.ImportFrom) and errors.module == "simmim.errors"
+    one_line = one_line and [a.name for a in errors.names] == ["user_errors_as_messages"]
+    main = isinstance(imp, ast.ImportFrom) and [a.name for a in imp.names] == ["main"] and imp.module.count(".") == 2
+    return one_line and main
 
 
 ENTRY_POINTS = ("activations.py", "probe.py", "reconstruct.py", "transfer.py")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -17,6 +17,7 @@ from simmim.finetune.layer_decay import layer_decay_param_groups
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
 from simmim.seeding import StepSeeding
 from simmim.sharding import ShardedModel
+from swinv2.model import EncoderOptions, WindowSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,13 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
         arch: str = "swinv2_base",
         num_classes: Optional[int] = None,
         img_size: int = 224,
-        window_size: Any = 14,
+        window_size: WindowSpec = 14,
         pretrained: Optional[str] = None,
-        pretrained_window_sizes: Optional[Sequence[Any]] = None,
+        pretrained_window_sizes: Optional[List[Union[int, Tuple[int, int]]]] = None,
         drop_path_rate: float = 0.1,
         use_checkpoint: bool = False,
         compile_attention: bool = False,
-        encoder_kwargs: Optional[Dict[str, Any]] = None,
+        encoder_kwargs: Optional[EncoderOptions] = None,
         base_lr: float = 1.25e-3,
         warmup_lr: float = 2.5e-7,
         min_lr: float = 2.5e-7,

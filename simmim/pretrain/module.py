@@ -15,6 +15,7 @@ from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads, p
 from simmim.pretrain.model import SimMIM
 from simmim.seeding import StepSeeding
 from simmim.sharding import ShardedModel
+from swinv2.model import EncoderOptions, WindowSpec
 
 
 class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
@@ -53,11 +54,11 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         arch: str = "swinv2_base",
         img_size: int = 192,
         patch_size: int = 4,
-        window_size: Any = 12,
+        window_size: WindowSpec = 12,
         drop_path_rate: float = 0.1,
         use_checkpoint: bool = False,
         compile_attention: bool = False,
-        encoder_kwargs: Optional[Dict[str, Any]] = None,
+        encoder_kwargs: Optional[EncoderOptions] = None,
         norm_target_patch_size: Optional[int] = 47,
         base_lr: float = 1e-4,
         warmup_lr: float = 5e-7,

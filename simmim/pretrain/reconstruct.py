@@ -14,7 +14,6 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torchvision.utils import save_image
 
 from simmim.errors import ConfigError
@@ -22,29 +21,33 @@ from simmim.images import decode_image, list_images
 from simmim.knn import ResizeCenterCrop
 from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD
 from simmim.pretrain.callbacks import reconstruction_grid
+from simmim.pretrain.data import PretrainDataModule
 from simmim.pretrain.masking import MaskGenerator
 from simmim.pretrain.module import SimMIMPretrainer
+from simmim.untrusted import checked_hyperparameters, read_run_config
 from swinv2.reading import read_checkpoint
 
 
 def run_config(checkpoint: Path) -> dict:
-    """The `data` section of the run's saved config (`<run>/config.yaml`), or {} without one."""
+    """The `data` section of the run's saved config (`<run>/config.yaml`), checked as untrusted input
+    (`simmim.untrusted.read_run_config`), or {} without one."""
     for folder in (checkpoint.parent, checkpoint.parent.parent):
         if (folder / "config.yaml").is_file():
-            data = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")).get("data") or {}
-            return {k: v for k, v in data.items() if v is not None}
+            sections = {"data": PretrainDataModule, "model": SimMIMPretrainer}
+            return read_run_config(folder / "config.yaml", sections)["data"]
     return {}
 
 
 def load_pretrainer(checkpoint: Path) -> SimMIMPretrainer:
-    """The pretraining module of a Lightning checkpoint, read without running pickled code."""
+    """The pretraining module of a Lightning checkpoint, read without running pickled code, its hyper-parameters
+    checked (`simmim.untrusted.checked_hyperparameters`) before the module is built from them."""
     raw = read_checkpoint(checkpoint)
     if "state_dict" not in raw or "hyper_parameters" not in raw:
         raise ConfigError(
             f"--checkpoint {checkpoint}: not a pretraining checkpoint (entries {sorted(raw)[:6]}); the viewer needs "
             "the decoder, which is in the run's checkpoints/*.ckpt, not in encoder.safetensors"
         )
-    hp = {k: v for k, v in raw["hyper_parameters"].items() if not k.startswith("_")}
+    hp = checked_hyperparameters(raw["hyper_parameters"], SimMIMPretrainer, str(checkpoint))
     hp.update(compile_attention=False, knn_every_n_epochs=0)
     module = SimMIMPretrainer(**hp)
     module.load_state_dict(raw["state_dict"])
@@ -79,12 +82,15 @@ def main(args: Optional[List[str]] = None) -> torch.Tensor:
     module = load_pretrainer(checkpoint)
     img_size = opts.img_size or data.get("img_size") or module.hparams.img_size
     mean, std = data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD)
-    masks = MaskGenerator(
-        img_size,
-        opts.mask_patch_size or data.get("mask_patch_size", 32),
-        module.hparams.patch_size,
-        opts.mask_ratio if opts.mask_ratio is not None else data.get("mask_ratio", 0.6),
-    )
+    try:
+        masks = MaskGenerator(
+            img_size,
+            opts.mask_patch_size or data.get("mask_patch_size", 32),
+            module.hparams.patch_size,
+            opts.mask_ratio if opts.mask_ratio is not None else data.get("mask_ratio", 0.6),
+        )
+    except ValueError as e:  # from the options or the run's config.yaml
+        raise ConfigError(f"the mask settings do not fit: {e}") from None
     files = spread(list_images(opts.images), opts.num_images)
     if not files:
         raise ConfigError(f"--images {opts.images}: no images found")

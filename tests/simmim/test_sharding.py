@@ -205,7 +205,7 @@ def test_a_crafted_shard_folder_is_refused_and_a_real_one_passes(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from simmim.sharding import check_sharded_checkpoint
+    from simmim.untrusted import check_sharded_checkpoint
     from swinv2.reading import UnsafeCheckpointError
 
     real = tmp_path / "real.ckpt"

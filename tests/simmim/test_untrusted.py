@@ -1,0 +1,264 @@
+"""Files and run folders from other people, crafted as an attacker would, through the documented entry points.
+
+Each attack has a canary: a marker file the payload would create, a victim file or folder outside the run whose
+content must survive, or a standard-library class whose attributes must stay as they were.
+"""
+
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY
+
+from simmim.builtin_data import prepare_digits
+from simmim.finetune import main as finetune
+from simmim.pretrain import main as pretrain
+from simmim.pretrain.module import SimMIMPretrainer
+from simmim.untrusted import check_sharded_checkpoint, checked_hyperparameters, conforms
+from swinv2.reading import MalformedRecordError, UnsafeCheckpointError
+
+FAST = ["--trainer.enable_progress_bar", "false", "--data.num_workers", "0"]
+MASK = ["--data.mask_patch_size", "8"]
+SMALL = ["--model.encoder_kwargs", "{embed_dim: 24, depths: [2, 2], num_heads: [2, 4]}", "--model.window_size", "4"]
+SHORT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return str(prepare_digits(tmp_path_factory.mktemp("digits"), size=32))
+
+
+def _args(root, digits, *extra):
+    return ["--data.root", digits, "--data.img_size", "32", "--trainer.default_root_dir", str(root), *SMALL, *FAST,
+            *extra]  # fmt: skip
+
+
+def _popen_payload(marker):
+    return {"class_path": "subprocess.Popen", "init_args": {"args": f"touch {marker}", "shell": True}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Code from a checkpoint's hyper-parameters (LightningCLI would build a class_path found in them)
+
+PAYLOAD_PLACES = {
+    "window_size": lambda marker: {"window_size": _popen_payload(marker)},
+    "encoder_kwargs": lambda marker: {"encoder_kwargs": {"embed_dim": _popen_payload(marker)}},
+    "instantiator": lambda marker: {"_instantiator": "os.system", "window_size": 4},
+    "class_path": lambda marker: {"_class_path": "subprocess.Popen", "args": f"touch {marker}"},
+}
+
+
+def _crafted_run(root, hparams):
+    """A `last.ckpt` in `<root>/checkpoints` holding only strings and dicts, so weights_only reading accepts it."""
+    (root / "checkpoints").mkdir(parents=True)
+    path = root / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": hparams}, path)
+    return path
+
+
+ENTRY_POINTS = {
+    "pretrain --ckpt_path FILE": lambda args, path: pretrain(["fit", *args, *MASK, "--ckpt_path", str(path)]),
+    "pretrain --ckpt_path last": lambda args, path: pretrain(["fit", *args, *MASK, "--ckpt_path", "last"]),
+    "finetune validate --ckpt_path FILE": lambda args, path: finetune(
+        ["validate", *args, "--model.num_classes", "10", "--ckpt_path", str(path)]
+    ),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("place", sorted(PAYLOAD_PLACES))
+def test_hyperparameters_naming_a_class_are_refused_and_build_nothing(tmp_path, monkeypatch, digits, entry, place):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "pwned"
+    path = _crafted_run(tmp_path / "run", PAYLOAD_PLACES[place](marker))
+    args = _args(tmp_path / "run", digits, "--trainer.logger", "false")
+    with pytest.raises(SystemExit) as err:
+        ENTRY_POINTS[entry](args, path)
+    message = str(err.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "class" in message or "instantiator" in message
+    assert not marker.exists()
+
+
+def test_lightning_still_calls_the_hook_that_merges_checkpoint_hyperparameters():
+    """`StageCLI._parse_ckpt_path` overrides a private LightningCLI hook; if the pinned Lightning stopped calling
+    it, the checkpoint's values would reach the parser unchecked (or not at all) without any test noticing."""
+    import inspect
+
+    from pytorch_lightning.cli import LightningCLI
+
+    assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI.__init__)
+
+
+def test_honest_hyperparameters_pass_and_others_name_the_key():
+    encoder = {k: v for k, v in TINY.items() if k in ("embed_dim", "depths", "num_heads")}
+    honest = SimMIMPretrainer(arch="swinv2_tiny", img_size=32, window_size=4, encoder_kwargs=encoder).hparams
+    hp = {**honest, "_instantiator": "pytorch_lightning.cli.instantiate_module"}
+    assert checked_hyperparameters(hp, SimMIMPretrainer, "f") == dict(honest)
+    with pytest.raises(MalformedRecordError, match="hyper-parameter 'bogus' is not an argument"):
+        checked_hyperparameters({**honest, "bogus": 1}, SimMIMPretrainer, "f")
+    with pytest.raises(MalformedRecordError, match="hyper-parameter base_lr='fast' is not a float"):
+        checked_hyperparameters({**honest, "base_lr": "fast"}, SimMIMPretrainer, "f")
+    with pytest.raises(MalformedRecordError, match=r"depths=1000000000 must be an integer from 1 to 128"):
+        checked_hyperparameters({**honest, "encoder_kwargs": {**encoder, "depths": [10**9, 2]}}, SimMIMPretrainer, "f")
+    with pytest.raises(UnsafeCheckpointError, match="hyper-parameter encoder_kwargs.depths names a class"):
+        checked_hyperparameters(
+            {**honest, "encoder_kwargs": {"depths": {"_target_": "os.system"}}}, SimMIMPretrainer, "f"
+        )
+
+
+def test_no_module_argument_accepts_any_type():
+    """A parameter typed `Any` is where jsonargparse builds a class_path; every type must be spelled out."""
+    from simmim.finetune.data import ClassificationDataModule
+    from simmim.finetune.module import SwinV2Classifier
+    from simmim.pretrain.data import PretrainDataModule
+    from simmim.untrusted import signature_types
+
+    for cls in (SimMIMPretrainer, SwinV2Classifier, PretrainDataModule, ClassificationDataModule):
+        for name, hint in signature_types(cls).items():
+            assert "Any" not in str(hint), f"{cls.__name__}.{name}: {hint}"
+    assert conforms([8, [4, 4]], signature_types(SimMIMPretrainer)["window_size"])
+    assert not conforms({"class_path": "x"}, signature_types(SimMIMPretrainer)["window_size"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2 and 3. Shard folders: the rank-local metadata torch falls back to, and BUILD on an allowed class
+
+
+def _text(t: str) -> bytes:  # pickle's SHORT_BINUNICODE
+    return b"\x8c" + bytes([len(t)]) + t.encode()
+
+
+# GLOBAL pathlib.PosixPath, then BUILD (None, {"is_file": "pwned"}): slot state set on the class object itself.
+BUILD_ON_PATH = b"\x80\x04" + _text("pathlib") + _text("PosixPath") + b"\x93N}" + _text("is_file") + _text("pwned")
+BUILD_ON_PATH += b"\x86b."
+
+
+def _shard_folder(folder, marker):
+    """A shard folder whose `.metadata` is missing and whose `__0.metadata` calls os.system; `meta.pt` is honest."""
+    folder.mkdir(parents=True)
+    torch.save({"epoch": 0, "global_step": 1, "loops": {}, "state_dict": {}}, folder / "meta.pt")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (folder / "__0.metadata").write_bytes(pickle.dumps(Payload()))
+    return folder
+
+
+@pytest.mark.parametrize("attack", ["rank metadata", "build on a class"])
+def test_crafted_shard_folders_are_refused_before_torch_reads_them(tmp_path, attack):
+    marker, is_file = tmp_path / "pwned", pathlib.PosixPath.is_file
+    folder = _shard_folder(tmp_path / "last.ckpt", marker)
+    if attack == "build on a class":
+        (folder / ".metadata").write_bytes(BUILD_ON_PATH)
+    with pytest.raises((UnsafeCheckpointError, MalformedRecordError)):
+        check_sharded_checkpoint(folder)
+    assert not marker.exists() and pathlib.PosixPath.is_file is is_file and pathlib.Path(__file__).is_file()
+
+
+@pytest.mark.parametrize("attack", ["rank metadata", "build on a class"])
+def test_a_crafted_shard_folder_resumed_under_fsdp2_ends_in_one_line(tmp_path, digits, attack):
+    """Through the entry point: `--trainer.strategy fsdp2 --ckpt_path last` (one process, gloo)."""
+    marker = tmp_path / "pwned"
+    folder = _shard_folder(tmp_path / "checkpoints" / "last.ckpt", marker)
+    if attack == "build on a class":
+        (folder / ".metadata").write_bytes(BUILD_ON_PATH)
+    args = _args(
+        tmp_path, digits, *MASK, "--trainer.logger", "false", "--trainer.strategy", "fsdp2", "--ckpt_path", "last"
+    )
+    cmd = [sys.executable, "-m", "simmim.pretrain", "fit", *args, "--trainer.accelerator", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ("metadata" in last), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4 and 5. Run folders: restored callback paths, symbolic links
+
+
+@pytest.fixture
+def honest_run(tmp_path, digits, monkeypatch):
+    """A short run with its logger (`<root>/logs/version_0`), to be tampered with and resumed."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    pretrain(["fit", *_args(root, digits, *MASK, *SHORT, "--model.knn_every_n_epochs", "0")])
+    return root
+
+
+def _resume(root, digits, *extra):
+    return pretrain(
+        [
+            "fit",
+            *_args(root, digits, *MASK, *SHORT, "--model.knn_every_n_epochs", "0"),
+            "--trainer.max_epochs",
+            "2",
+            "--ckpt_path",
+            "last",
+            *extra,
+        ]  # fmt: skip
+    )
+
+
+def test_restored_checkpoint_paths_outside_the_run_are_never_deleted(honest_run, tmp_path, digits):
+    victims = [tmp_path / "victim_a", tmp_path / "victim_b"]
+    for v in victims:
+        v.mkdir()
+        (v / "precious.txt").write_text("keep me")
+    last = honest_run / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    key = next(k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint"))
+    state = ckpt["callbacks"][key]
+    state.pop("dirpath", None)
+    state.update(best_model_path=f"local://{victims[0]}", last_model_path=f"local://{victims[1]}")
+    state["best_k_models"] = {f"local://{victims[0]}": 0.0}
+    torch.save(ckpt, last)
+    with pytest.warns(UserWarning, match="names files outside"):
+        cli = _resume(honest_run, digits)
+    assert cli.trainer.current_epoch == 2
+    assert all((v / "precious.txt").read_text() == "keep me" for v in victims)
+    assert cli.trainer.checkpoint_callback.last_model_path == str(last)
+
+
+def _snapshot(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("target", ["config.yaml", "a later checkpoint"])
+def test_a_symlink_in_a_run_folder_never_redirects_a_write(honest_run, tmp_path, digits, target):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    version = honest_run / "logs" / "version_0"
+    if target == "config.yaml":
+        (version / "config.yaml").unlink()
+        (version / "config.yaml").symlink_to(victim)
+    else:  # a link among the checkpoints, named as a later checkpoint would be
+        (version / "checkpoints" / "periodic-step=4.ckpt").symlink_to(victim)
+    with pytest.raises(SystemExit, match=r"^error: .* is a symbolic link to .*outside the run's folder") as err:
+        _resume(honest_run, digits, "--checkpoint_every_n_steps", "2")
+    assert "\n" not in str(err.value.code)
+    assert victim.read_text() == "keep me"
+
+
+def test_a_version_folder_that_links_elsewhere_is_read_but_never_written(honest_run, tmp_path, digits):
+    """The resumed run reads the linked checkpoint and writes a new version folder of its own."""
+    version, elsewhere = honest_run / "logs" / "version_0", tmp_path / "elsewhere"
+    version.rename(elsewhere)
+    version.symlink_to(elsewhere, target_is_directory=True)
+    before = _snapshot(elsewhere)
+    with pytest.warns(UserWarning, match="names files outside"):
+        cli = _resume(honest_run, digits)
+    assert cli.trainer.log_dir == str(honest_run / "logs" / "version_1") and cli.trainer.current_epoch == 2
+    assert _snapshot(elsewhere) == before
+
+
+def test_an_honest_run_folder_still_resumes(honest_run, digits):
+    cli = _resume(honest_run, digits)
+    assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 4
