@@ -24,7 +24,7 @@ from simmim.runs import ClaimCheckpointFolders, is_checkpoint, metadata_file, ne
 from simmim.sharding import register as register_strategies
 from simmim.sharding import with_timeout
 from simmim.step_timing import DataWaitTimer
-from simmim.untrusted import checkpoint_hyperparameters
+from simmim.untrusted import check_run_outputs, check_sharded_checkpoint, checkpoint_hyperparameters
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 register_strategies()  # `--trainer.strategy zero1 | fsdp2 | fsdp2_no_reshard`, and `fsdp` wrapping each block
@@ -171,6 +171,8 @@ class StageCLI(LightningCLI):
         path = config.get("ckpt_path")
         if not is_checkpoint(path):  # none yet, a URL, a missing file: the trainer says what is wrong
             return
+        if os.path.isdir(path):  # a shard folder, whatever strategy will read it
+            check_sharded_checkpoint(path)
         hparams = checkpoint_hyperparameters(metadata_file(path), self.model_class)
         if hparams:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
@@ -197,6 +199,18 @@ class StageCLI(LightningCLI):
         rank_zero_warn(f"--model.max_bad_fraction is deprecated: it is now --data.max_bad_fraction (using {old})")
         return old
 
+    def _check_outputs(self) -> None:
+        """No file of the run is written through a link out of its root (`simmim.untrusted.check_run_outputs`):
+        checked on every subcommand (validate writes its config.yaml too), before the trainer and its loggers
+        exist."""
+        root = self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
+        loggers = self._get(self.config_init, "trainer.logger")
+        if loggers is True:  # Lightning's default logger
+            folders = [os.path.join(root, "lightning_logs")]
+        else:
+            folders = [getattr(lg, "root_dir", None) for lg in _as_list(loggers) if lg is not False]
+        check_run_outputs(root, [f for f in folders if f])
+
     def instantiate_trainer(self, **kwargs):
         """The configured callbacks and plugins, plus: a `ModelCheckpoint` keeping `last.ckpt` in the run's folder
         (unless one is configured) and one every `--checkpoint_every_n_steps`, the claim on the checkpoint
@@ -218,6 +232,7 @@ class StageCLI(LightningCLI):
                     enable_version_counter=False,
                 )
             )
+        self._check_outputs()
         self.bad_images = BadImageLimit(self._max_bad_fraction())
         callbacks += [
             ClaimCheckpointFolders(self._get(self.config_init, "ckpt_path")),

@@ -73,8 +73,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
         super().save_checkpoint(checkpoint, path, storage_options)
 
     def remove_checkpoint(self, path: Any) -> None:
-        """Lightning's removal of an older checkpoint, limited to checkpoint files and shard folders: a symbolic
-        link is removed itself (never what it points to), and a `local://` or `file://` URL is a local path."""
+        """Lightning's removal of an older checkpoint, limited to checkpoint files and shard folders (`*.ckpt`): a
+        symbolic link is removed itself (never what it points to), and a `local://` or `file://` URL is a local
+        path."""
         path = str(path)
         for scheme in ("local://", "file://"):
             path = path[len(scheme) :] if path.startswith(scheme) else path
@@ -82,7 +83,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return super().remove_checkpoint(path)
         if os.path.islink(path):
             os.unlink(path)
-        elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, SHARDED_METADATA)):
-            rank_zero_warn(f"not removing {path}: a folder that is not a checkpoint")
+        elif not path.endswith(".ckpt") or (
+            os.path.isdir(path) and not os.path.isfile(os.path.join(path, SHARDED_METADATA))
+        ):
+            rank_zero_warn(f"not removing {path}: not a checkpoint file or shard folder (*.ckpt)")
         elif os.path.lexists(path):
             super().remove_checkpoint(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -76,10 +77,19 @@ def _alive(pid: int) -> bool:
 
 
 def _read_lock(lock: Path) -> dict:
+    """A claim's owner, or {} when there is none or it is not one (a folder from elsewhere may hold anything under
+    this name: only a small regular file with a process id is read)."""
     try:
-        return json.loads(lock.read_text())
+        st = lock.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 4096:
+            return {}
+        owner = json.loads(lock.read_text())
     except (OSError, ValueError):
         return {}
+    pid = owner.get("pid") if isinstance(owner, dict) else None
+    if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 22):
+        return {}
+    return {k: owner[k] for k in ("host", "pid", "started") if isinstance(owner.get(k), (str, int))}
 
 
 def claim_folder(folder: Path, resuming_here: bool) -> Optional[str]:

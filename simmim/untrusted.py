@@ -40,6 +40,7 @@ from swinv2.reading import (
     UnreadableCheckpointError,
     UnsafeCheckpointError,
     check_architecture,
+    check_archive,
     read_checkpoint,
 )
 
@@ -70,6 +71,11 @@ def _plain(value: Any, key: str, where: str, depth: int = 0) -> None:
     if isinstance(value, str):
         if len(value) > MAX_TEXT:
             raise MalformedRecordError(f"{where}: hyper-parameter {key} is a string of {len(value)} characters")
+        if "${" in value:  # the omegaconf parser would resolve it (${oc.env:SECRET} reads the environment)
+            raise UnsafeCheckpointError(
+                f"{where}: hyper-parameter {key}={value[:80]!r} is an interpolation the config parser would resolve; "
+                "values read from a checkpoint are data: refusing the file"
+            )
         return
     if isinstance(value, (list, tuple)):
         if len(value) > MAX_ITEMS:
@@ -255,7 +261,8 @@ class _MetadataUnpickler(pickle._Unpickler):
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
-        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
+        # torch.__dict__, not getattr: a name from the file must not trigger torch's lazy imports
+        dtype = module == "torch" and "." not in name and isinstance(torch.__dict__.get(name), torch.dtype)
         if (module, name) in _DCP_GLOBALS or dtype:
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
@@ -293,7 +300,7 @@ def _plain_state(state: Any, depth: int = 0) -> None:
 def _check_storage(folder: Path, fqn: str, info: Any, sizes: Dict[str, int]) -> None:
     """A storage entry names a regular file directly in `folder` and a byte range within it."""
     name, offset, length = info.relative_path, info.offset, info.length
-    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..") or "\x00" in name:
         raise UnsafeCheckpointError(f"the sharded checkpoint's entry {fqn} is stored in {name!r}, outside its folder")
     if name not in sizes:
         try:
@@ -354,6 +361,8 @@ def check_sharded_checkpoint(folder: str | os.PathLike) -> None:
             if not isinstance(index, MetadataIndex) or type(info).__name__ != "_StorageInfo":
                 raise UnsafeCheckpointError(f"{path}'s storage table holds {type(info).__name__}, not storage entries")
             _check_storage(folder, index.fqn, info, sizes)
+            if getattr(info, "transform_descriptors", None):
+                raise UnsafeCheckpointError(f"the sharded checkpoint's entry {index.fqn} is stored transformed")
         for fqn, entry in metadata.state_dict_metadata.items():
             if isinstance(entry, TensorStorageMetadata):
                 if not all(MetadataIndex(fqn, c.offsets) in metadata.storage_data for c in entry.chunks):
@@ -364,11 +373,10 @@ def check_sharded_checkpoint(folder: str | os.PathLike) -> None:
             info = metadata.storage_data.get(MetadataIndex(fqn))
             if info is None:
                 raise MalformedRecordError(f"{path}: the entry {fqn} has no storage entry")
-            if getattr(info, "transform_descriptors", None):
-                raise UnsafeCheckpointError(f"the sharded checkpoint's entry {fqn} is stored transformed: not read")
             with open(folder / info.relative_path, "rb") as f:
                 f.seek(info.offset)
                 data = f.read(info.length)
+            check_archive(io.BytesIO(data), f"the sharded checkpoint's entry {fqn}")
             try:
                 torch.load(io.BytesIO(data), weights_only=True)
             except pickle.UnpicklingError as e:
@@ -383,8 +391,9 @@ def check_sharded_checkpoint(folder: str | os.PathLike) -> None:
 
 
 def _inside(path: str, folder: str) -> bool:
-    """Whether `path` lies in `folder`, both as written (`..` resolved) and after following symbolic links. URLs
-    (object stores) compare as text, `..` refused."""
+    """Whether `path` lies in `folder`, both as written (`..` resolved) and after following symbolic links. A
+    `local://` or `file://` URL is a local path; other URLs (object stores) compare as text, `..` refused."""
+    path, folder = _local(path), _local(folder)
     if "://" in folder or "://" in path:
         parts = path.split("://", 1)[-1].split("/")
         return path.startswith(folder.rstrip("/") + "/") and ".." not in parts
@@ -394,6 +403,13 @@ def _inside(path: str, folder: str) -> bool:
         return False
     real, real_base = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([real, real_base]) == real_base
+
+
+def _local(path: str) -> str:
+    for scheme in ("local://", "file://"):
+        if path.startswith(scheme):
+            return path[len(scheme) :]
+    return path
 
 
 def drop_foreign_paths(state: Dict[str, Any], folder: str) -> Tuple[Dict[str, Any], List[str]]:
@@ -415,8 +431,6 @@ def drop_foreign_paths(state: Dict[str, Any], folder: str) -> Tuple[Dict[str, An
         )
         dropped += [str(p) for p in (best_k if isinstance(best_k, Mapping) else [best_k]) if p not in kept]
         state["best_k_models"] = kept
-    if "dirpath" in state and state["dirpath"] != folder:
-        state["dirpath"] = folder  # the folder is this run's, whatever the file says
     return state, dropped
 
 
@@ -448,6 +462,25 @@ def check_output_folder(folder: str | os.PathLike, root: str | os.PathLike, recu
             path = os.path.join(base, name)
             if os.path.islink(path) and leaves(path):
                 raise ConfigError(_link_message(path, root))
+
+
+# What a run writes directly in its root when it has no logger (with a logger, these go to the logger's folder).
+RUN_OUTPUTS = (
+    "config.yaml", "hparams.yaml", "checkpoints", "reconstructions", "predictions.csv", "encoder.safetensors",
+    "classifier.safetensors", "classifier_timm.safetensors",
+)  # fmt: skip
+
+
+def check_run_outputs(root: str | os.PathLike, logger_folders: List[str]) -> None:
+    """Before the trainer exists (loggers create their folders and first files as it starts): refuse a run whose
+    root holds, under a name the run writes (`RUN_OUTPUTS`), or whose loggers' folders hold anywhere, a symbolic
+    link leading outside the root (`check_output_folder`)."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(root, name)
+        if os.path.lexists(path):
+            check_output_folder(path, root)
+    for folder in logger_folders:
+        check_output_folder(folder, root)
 
 
 def _link_message(path: str, root: str) -> str:

@@ -23,7 +23,7 @@ import re
 import stat
 import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Union
+from typing import Any, BinaryIO, Dict, Mapping, Union
 
 import torch
 
@@ -92,26 +92,27 @@ def _weights_file(path: str) -> str:
     return path
 
 
-def _check_archive(path: str) -> None:
-    """A torch zip archive holds stored (uncompressed) members whose sizes add up to at most the file's size;
-    anything else could inflate in memory far beyond the file (a 1 MB file holding 1 GiB of zeros)."""
-    if not zipfile.is_zipfile(path):
-        return  # the legacy format: its storages are read from the file itself
-    size = os.path.getsize(path)
+def check_archive(source: Union[str, BinaryIO], name: str) -> None:
+    """A torch zip archive (a path or a binary file) holds stored (uncompressed) members whose sizes add up to at
+    most its own size; anything else could inflate in memory far beyond the file (a 1 MB file holding 1 GiB of
+    zeros). The legacy, non-zip format passes: its storages are read from the file itself."""
+    if not zipfile.is_zipfile(source):
+        return
+    size = os.path.getsize(source) if isinstance(source, str) else source.seek(0, os.SEEK_END)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UnreadableCheckpointError(f"cannot read {path} as a PyTorch checkpoint (a broken zip: {e})") from None
+        raise UnreadableCheckpointError(f"cannot read {name} as a PyTorch checkpoint (a broken zip: {e})") from None
     for m in members:
         if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
             raise UnreadableCheckpointError(
-                f"refused to load {path}: its member {m.filename!r} is compressed ({m.compress_size} bytes that "
+                f"refused to load {name}: its member {m.filename!r} is compressed ({m.compress_size} bytes that "
                 f"expand to {m.file_size}); torch.save never compresses, so the file was made by another tool or "
                 "crafted to exhaust memory"
             )
     if sum(m.file_size for m in members) > size:
-        raise UnreadableCheckpointError(f"refused to load {path}: its members add up to more than the file's size")
+        raise UnreadableCheckpointError(f"refused to load {name}: its members add up to more than the file's size")
 
 
 def read_safetensors(path: str) -> Dict[str, Any]:
@@ -143,7 +144,7 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
     path = _weights_file(os.fspath(path))
     if path.endswith(".safetensors"):
         return read_safetensors(path)
-    _check_archive(path)
+    check_archive(path, path)
     try:
         with torch.serialization.safe_globals(_STAND_INS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -174,6 +175,8 @@ ARCHITECTURE_LIMITS: Dict[str, tuple] = {
     "attn_drop_rate": (0.0, 1.0),
     "drop_path_rate": (0.0, 1.0),
     "parameters": (1, 6_000_000_000),  # SwinV2-G has about 3.0B
+    # attention masks and position indices the blocks keep (SwinV2-G at 1536 px, window 48: about 1.4e9)
+    "buffer_elements": (0, 2_000_000_000),
 }
 CHOICES = {
     "position_bias": ("log_cpb", "linear_cpb", "table"),
@@ -275,11 +278,13 @@ def check_architecture(arch: Any, where: str, fields: tuple = RECORD_FIELDS) -> 
             _number(where, field, a[field], field, integer=False)
     if a.get("attn_chunk_size") is not None:
         _number(where, "attn_chunk_size", a["attn_chunk_size"], "attn_chunk_size")
-    if "img_size" in a:
-        _sides(where, "img_size", a["img_size"], "img_size")
-    for field in ("window_size", "pretrained_window_sizes"):
-        if field in a and not (field == "pretrained_window_sizes" and _is_int(a[field]) and a[field] == 0):
-            _per_stage_sides(where, field, a[field], len(depths), field)
+    img = _sides(where, "img_size", a.get("img_size", 224), "img_size")
+    windows = _per_stage_sides(where, "window_size", a.get("window_size", 7), len(depths), "window_size")
+    pretrained = a.get("pretrained_window_sizes", 0)
+    if not (_is_int(pretrained) and pretrained == 0) and not (
+        isinstance(pretrained, (list, tuple)) and not any(pretrained)
+    ):
+        _per_stage_sides(where, "pretrained_window_sizes", pretrained, len(depths), "pretrained_window_sizes")
     for field, choices in CHOICES.items():
         if field in a and a[field] not in choices:
             raise MalformedRecordError(f"{where}: {field}={a[field]!r} must be one of {', '.join(choices)}")
@@ -292,4 +297,26 @@ def check_architecture(arch: Any, where: str, fields: tuple = RECORD_FIELDS) -> 
     hidden = a.get("mlp_ratio", 4.0)
     params = sum(d * (4 + 2 * hidden) * c * c for d, c in zip(depths, width)) + width[-1] * a.get("num_classes", 0)
     _number(where, "the parameter count", int(params), "parameters")
+    _number(
+        where,
+        "the blocks' buffer size",
+        _buffer_elements(img, a.get("patch_size", 4), windows, depths),
+        "buffer_elements",
+    )
     return a
+
+
+def _buffer_elements(img: tuple, patch: int, windows: list, depths: list) -> int:
+    """Elements of the buffers a model of this shape keeps per block: the relative position index (window^4, 64-bit,
+    so counted twice) and, on shifted blocks of a stage wider than its window, the shifted-window attention mask
+    (padded tokens x window^2)."""
+    total = 0
+    for i, (depth, window) in enumerate(zip(depths, windows)):
+        res = [max(1, side // patch // 2**i) for side in img]
+        used = [min(w, r) for w, r in zip(window, res)]
+        n = used[0] * used[1]
+        total += depth * 2 * n * n
+        if any(r > w for r, w in zip(res, used)):
+            padded = [-(-r // w) * w for r, w in zip(res, used)]
+            total += (depth // 2) * padded[0] * padded[1] * n
+    return total

@@ -45,10 +45,12 @@ def _popen_payload(marker):
 # 1. Code from a checkpoint's hyper-parameters (LightningCLI would build a class_path found in them)
 
 PAYLOAD_PLACES = {
-    "window_size": lambda marker: {"window_size": _popen_payload(marker)},
-    "encoder_kwargs": lambda marker: {"encoder_kwargs": {"embed_dim": _popen_payload(marker)}},
-    "instantiator": lambda marker: {"_instantiator": "os.system", "window_size": 4},
-    "class_path": lambda marker: {"_class_path": "subprocess.Popen", "args": f"touch {marker}"},
+    "window_size": (lambda marker: {"window_size": _popen_payload(marker)}, "names a class"),
+    "encoder_kwargs": (lambda marker: {"encoder_kwargs": {"embed_dim": _popen_payload(marker)}}, "names a class"),
+    "instantiator": (lambda marker: {"_instantiator": "os.system", "window_size": 4}, "instantiator"),
+    "class_path": (lambda marker: {"_class_path": "subprocess.Popen", "args": f"touch {marker}"}, "names a class"),
+    # the omegaconf parser resolves ${...} in values it merges: a checkpoint could read the environment
+    "interpolation": (lambda marker: {"arch": "${oc.env:HOME}"}, "interpolation"),
 }
 
 
@@ -74,13 +76,14 @@ ENTRY_POINTS = {
 def test_hyperparameters_naming_a_class_are_refused_and_build_nothing(tmp_path, monkeypatch, digits, entry, place):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "pwned"
-    path = _crafted_run(tmp_path / "run", PAYLOAD_PLACES[place](marker))
+    build, expected = PAYLOAD_PLACES[place]
+    path = _crafted_run(tmp_path / "run", build(marker))
     args = _args(tmp_path / "run", digits, "--trainer.logger", "false")
     with pytest.raises(SystemExit) as err:
         ENTRY_POINTS[entry](args, path)
     message = str(err.value.code)
     assert message.startswith("error: ") and "\n" not in message
-    assert "class" in message or "instantiator" in message
+    assert expected in message and "refusing the file" in message
     assert not marker.exists()
 
 
@@ -135,7 +138,14 @@ def _text(t: str) -> bytes:  # pickle's SHORT_BINUNICODE
 
 # GLOBAL pathlib.PosixPath, then BUILD (None, {"is_file": "pwned"}): slot state set on the class object itself.
 BUILD_ON_PATH = b"\x80\x04" + _text("pathlib") + _text("PosixPath") + b"\x93N}" + _text("is_file") + _text("pwned")
-BUILD_ON_PATH += b"\x86b."
+BUILD_ON_PATH += b"s\x86b."
+
+
+def test_the_build_payload_changes_a_class_when_unpickled_plainly():
+    """The canary is real: a plain unpickler (what torch uses for shard metadata) does change `PosixPath`."""
+    code = f"import pathlib, pickle; pickle.loads({BUILD_ON_PATH!r}); print(pathlib.PosixPath.is_file)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "pwned", out.stderr
 
 
 def _shard_folder(folder, marker):
@@ -157,18 +167,16 @@ def test_crafted_shard_folders_are_refused_before_torch_reads_them(tmp_path, att
     folder = _shard_folder(tmp_path / "last.ckpt", marker)
     if attack == "build on a class":
         (folder / ".metadata").write_bytes(BUILD_ON_PATH)
-    with pytest.raises((UnsafeCheckpointError, MalformedRecordError)):
+    expected = "sets the state of <class 'pathlib" if attack == "build on a class" else "no .metadata"
+    with pytest.raises((UnsafeCheckpointError, MalformedRecordError), match=expected):
         check_sharded_checkpoint(folder)
     assert not marker.exists() and pathlib.PosixPath.is_file is is_file and pathlib.Path(__file__).is_file()
 
 
-@pytest.mark.parametrize("attack", ["rank metadata", "build on a class"])
-def test_a_crafted_shard_folder_resumed_under_fsdp2_ends_in_one_line(tmp_path, digits, attack):
+def test_a_crafted_shard_folder_resumed_under_fsdp2_ends_in_one_line(tmp_path, digits):
     """Through the entry point: `--trainer.strategy fsdp2 --ckpt_path last` (one process, gloo)."""
     marker = tmp_path / "pwned"
-    folder = _shard_folder(tmp_path / "checkpoints" / "last.ckpt", marker)
-    if attack == "build on a class":
-        (folder / ".metadata").write_bytes(BUILD_ON_PATH)
+    _shard_folder(tmp_path / "checkpoints" / "last.ckpt", marker)
     args = _args(
         tmp_path, digits, *MASK, "--trainer.logger", "false", "--trainer.strategy", "fsdp2", "--ckpt_path", "last"
     )
@@ -247,16 +255,50 @@ def test_a_symlink_in_a_run_folder_never_redirects_a_write(honest_run, tmp_path,
     assert victim.read_text() == "keep me"
 
 
-def test_a_version_folder_that_links_elsewhere_is_read_but_never_written(honest_run, tmp_path, digits):
-    """The resumed run reads the linked checkpoint and writes a new version folder of its own."""
-    version, elsewhere = honest_run / "logs" / "version_0", tmp_path / "elsewhere"
-    version.rename(elsewhere)
-    version.symlink_to(elsewhere, target_is_directory=True)
+@pytest.mark.parametrize("link", ["the version folder", "the logs folder"])
+def test_a_run_folder_that_links_elsewhere_is_never_written(honest_run, tmp_path, digits, link):
+    """The check runs before the trainer exists: TensorBoard creates its folder and first file as it starts."""
+    folder = honest_run / "logs" / "version_0" if link == "the version folder" else honest_run / "logs"
+    elsewhere = tmp_path / "elsewhere"
+    folder.rename(elsewhere)
+    folder.symlink_to(elsewhere, target_is_directory=True)
     before = _snapshot(elsewhere)
-    with pytest.warns(UserWarning, match="names files outside"):
-        cli = _resume(honest_run, digits)
-    assert cli.trainer.log_dir == str(honest_run / "logs" / "version_1") and cli.trainer.current_epoch == 2
+    with pytest.raises(SystemExit, match=r"^error: .* is a symbolic link to .*outside the run's folder"):
+        _resume(honest_run, digits)
     assert _snapshot(elsewhere) == before
+
+
+def test_validate_never_writes_its_config_through_a_link(tmp_path, digits):
+    """`validate` writes config.yaml into the root of a run without a logger."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").symlink_to(victim)
+    args = _args(tmp_path / "run", digits, *MASK, "--trainer.logger", "false", "--trainer.limit_val_batches", "1")
+    with pytest.raises(SystemExit, match=r"config\.yaml is a symbolic link"):
+        pretrain(["validate", *args])
+    assert victim.read_text() == "keep me"
+
+
+def test_restored_paths_are_kept_only_inside_the_callbacks_folder(tmp_path):
+    from simmim.untrusted import drop_foreign_paths
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "out").symlink_to(tmp_path)
+    inside = str(folder / "epoch=1.ckpt")
+    state = {
+        "best_model_path": f"local://{tmp_path / 'victim'}",
+        "last_model_path": str(folder / ".." / ".." / "victim"),
+        "kth_best_model_path": str(folder / "out" / "victim.ckpt"),
+        "best_k_models": {inside: 0.5, f"file://{tmp_path}": 0.1},
+        "dirpath": "/elsewhere",
+    }
+    kept, dropped = drop_foreign_paths(state, str(folder))
+    assert kept["best_model_path"] == kept["last_model_path"] == kept["kth_best_model_path"] == ""
+    assert kept["best_k_models"] == {inside: 0.5} and len(dropped) == 4
+    assert kept["dirpath"] == "/elsewhere"  # Lightning's own rule for a moved folder still applies
+    assert drop_foreign_paths({"last_model_path": f"local://{inside}"}, str(folder))[1] == []
 
 
 def test_an_honest_run_folder_still_resumes(honest_run, digits):
