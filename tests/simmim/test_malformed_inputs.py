@@ -196,6 +196,7 @@ SHARDS = {
         "no storage entry",
     ),
     "a negative offset": (_storage_edit(lambda f, m: setattr(_first(m), "offset", -8)), "reads bytes -8"),
+    "a NUL in a file name": (_storage_edit(lambda f, m: setattr(_first(m), "relative_path", "a\x00b")), "outside"),
 }
 
 

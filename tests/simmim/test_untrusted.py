@@ -304,3 +304,14 @@ def test_restored_paths_are_kept_only_inside_the_callbacks_folder(tmp_path):
 def test_an_honest_run_folder_still_resumes(honest_run, digits):
     cli = _resume(honest_run, digits)
     assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 4
+
+
+@pytest.mark.timeout(60)
+def test_a_claim_file_that_is_a_fifo_or_garbage_neither_hangs_nor_fails(tmp_path):
+    from simmim.runs import LOCK_NAME, claim_folder
+
+    os.mkfifo(tmp_path / LOCK_NAME)  # opening it to read would block until a writer came
+    assert claim_folder(tmp_path, resuming_here=True) is None
+    assert (tmp_path / LOCK_NAME).is_file()
+    (tmp_path / LOCK_NAME).write_text('{"pid": "1; rm -rf /", "host": 7}')
+    assert claim_folder(tmp_path, resuming_here=True) is None
