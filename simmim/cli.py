@@ -199,17 +199,18 @@ class StageCLI(LightningCLI):
         rank_zero_warn(f"--model.max_bad_fraction is deprecated: it is now --data.max_bad_fraction (using {old})")
         return old
 
-    def _check_outputs(self) -> None:
+    def _check_outputs(self, callbacks: list) -> None:
         """No file of the run is written through a link out of its root (`simmim.untrusted.check_run_outputs`):
         checked on every subcommand (validate writes its config.yaml too), before the trainer and its loggers
-        exist."""
+        exist. No logger configured means Lightning's default, a TensorBoard logger in `<root>/lightning_logs`."""
         root = self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
         loggers = self._get(self.config_init, "trainer.logger")
-        if loggers is True:  # Lightning's default logger
+        if loggers is None or loggers is True:
             folders = [os.path.join(root, "lightning_logs")]
         else:
             folders = [getattr(lg, "root_dir", None) for lg in _as_list(loggers) if lg is not False]
-        check_run_outputs(root, [f for f in folders if f])
+        dirpaths = [c.dirpath for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        check_run_outputs(root, [f for f in folders if f], dirpaths)
 
     def instantiate_trainer(self, **kwargs):
         """The configured callbacks and plugins, plus: a `ModelCheckpoint` keeping `last.ckpt` in the run's folder
@@ -232,7 +233,7 @@ class StageCLI(LightningCLI):
                     enable_version_counter=False,
                 )
             )
-        self._check_outputs()
+        self._check_outputs(callbacks)
         self.bad_images = BadImageLimit(self._max_bad_fraction())
         callbacks += [
             ClaimCheckpointFolders(self._get(self.config_init, "ckpt_path")),

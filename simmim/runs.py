@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.errors import ConfigError
-from simmim.untrusted import check_output_folder, drop_foreign_paths
+from simmim.untrusted import check_output_folder, check_sharded_checkpoint, drop_foreign_paths
 
 LOCK_NAME = ".run.lock"
 SHARDED_METADATA = "meta.pt"  # Lightning's name for it in a sharded (torch.distributed.checkpoint) folder
@@ -151,6 +151,8 @@ class ClaimCheckpointFolders(pl.Callback):
         self.claimed: List[Path] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.ckpt_path and os.path.isdir(trainer.ckpt_path):  # a shard folder Lightning found itself (`last`)
+            check_sharded_checkpoint(trainer.ckpt_path)
         if stage != "fit":
             return
         log_dir = trainer.log_dir  # collective under DDP: on every rank

@@ -27,7 +27,7 @@ import pickle
 import stat
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Tuple, Union
+from typing import Any, BinaryIO, Dict, List, Literal, Mapping, Tuple, Union
 
 import torch
 
@@ -317,6 +317,39 @@ def _check_storage(folder: Path, fqn: str, info: Any, sizes: Dict[str, int]) -> 
         )
 
 
+class _Window(io.RawIOBase):
+    """A read-only view of bytes [offset, offset + length) of a file, for checking one storage entry's archive
+    without reading it whole."""
+
+    def __init__(self, f: BinaryIO, offset: int, length: int) -> None:
+        self.f, self.offset, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = max(0, {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence] + pos)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
+        self.f.seek(self.offset + self.pos)
+        data = self.f.read(max(n, 0))
+        self.pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def _read_metadata(path: Path) -> Any:
     from torch.distributed.checkpoint.metadata import Metadata
 
@@ -363,6 +396,8 @@ def check_sharded_checkpoint(folder: str | os.PathLike) -> None:
             _check_storage(folder, index.fqn, info, sizes)
             if getattr(info, "transform_descriptors", None):
                 raise UnsafeCheckpointError(f"the sharded checkpoint's entry {index.fqn} is stored transformed")
+            with open(folder / info.relative_path, "rb") as f:  # torch.load inflates what an entry's zip holds
+                check_archive(_Window(f, info.offset, info.length), f"the sharded checkpoint's entry {index.fqn}", True)
         for fqn, entry in metadata.state_dict_metadata.items():
             if isinstance(entry, TensorStorageMetadata):
                 if not all(MetadataIndex(fqn, c.offsets) in metadata.storage_data for c in entry.chunks):
@@ -376,7 +411,6 @@ def check_sharded_checkpoint(folder: str | os.PathLike) -> None:
             with open(folder / info.relative_path, "rb") as f:
                 f.seek(info.offset)
                 data = f.read(info.length)
-            check_archive(io.BytesIO(data), f"the sharded checkpoint's entry {fqn}")
             try:
                 torch.load(io.BytesIO(data), weights_only=True)
             except pickle.UnpicklingError as e:
@@ -471,16 +505,19 @@ RUN_OUTPUTS = (
 )  # fmt: skip
 
 
-def check_run_outputs(root: str | os.PathLike, logger_folders: List[str]) -> None:
+def check_run_outputs(root: str | os.PathLike, logger_folders: List[str], checkpoint_folders: List[str]) -> None:
     """Before the trainer exists (loggers create their folders and first files as it starts): refuse a run whose
-    root holds, under a name the run writes (`RUN_OUTPUTS`), or whose loggers' folders hold anywhere, a symbolic
-    link leading outside the root (`check_output_folder`)."""
-    for name in RUN_OUTPUTS:
+    loggers' folders, whose configured checkpoint folders, or (without a logger, or with one writing in the root
+    itself) whose root under a name the run writes there (`RUN_OUTPUTS`) hold a symbolic link leading outside the
+    root (`check_output_folder`)."""
+    root = os.path.abspath(root)
+    in_root = not logger_folders or any(os.path.abspath(f) == root for f in logger_folders)
+    for name in RUN_OUTPUTS if in_root else ():
         path = os.path.join(root, name)
         if os.path.lexists(path):
             check_output_folder(path, root)
-    for folder in logger_folders:
-        check_output_folder(folder, root)
+    for folder in [*logger_folders, *checkpoint_folders]:
+        check_output_folder(folder, root, recursive=os.path.abspath(folder) != root)
 
 
 def _link_message(path: str, root: str) -> str:

@@ -92,18 +92,32 @@ def _weights_file(path: str) -> str:
     return path
 
 
-def check_archive(source: Union[str, BinaryIO], name: str) -> None:
-    """A torch zip archive (a path or a binary file) holds stored (uncompressed) members whose sizes add up to at
-    most its own size; anything else could inflate in memory far beyond the file (a 1 MB file holding 1 GiB of
-    zeros). The legacy, non-zip format passes: its storages are read from the file itself."""
-    if not zipfile.is_zipfile(source):
-        return
-    size = os.path.getsize(source) if isinstance(source, str) else source.seek(0, os.SEEK_END)
+ZIP_MAGIC = b"PK\x03\x04"  # how torch.load tells a zip archive from the legacy format
+
+
+def check_archive(source: Union[str, BinaryIO], name: str, require_zip: bool = False) -> None:
+    """A torch zip archive (a path or a seekable binary file) holds stored (uncompressed) members whose sizes add up
+    to at most its own size; anything else could inflate in memory far beyond the file (a 1 MB file holding 1 GiB
+    of zeros). A file that is not a zip (torch's legacy format) passes unless `require_zip`.
+
+    Raises:
+        UnreadableCheckpointError: a compressed or oversized member, a broken zip, or not a zip when required.
+    """
+    f = open(source, "rb") if isinstance(source, str) else source
     try:
-        with zipfile.ZipFile(source) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UnreadableCheckpointError(f"cannot read {name} as a PyTorch checkpoint (a broken zip: {e})") from None
+        f.seek(0)
+        if f.read(4) != ZIP_MAGIC:
+            if require_zip:
+                raise UnreadableCheckpointError(f"{name} is not a torch archive (torch writes zip archives)")
+            return
+        size = f.seek(0, os.SEEK_END)
+        try:
+            members = zipfile.ZipFile(f).infolist()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+            raise UnreadableCheckpointError(f"cannot read {name} as a PyTorch checkpoint (a broken zip: {e})") from None
+    finally:
+        if isinstance(source, str):
+            f.close()
     for m in members:
         if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
             raise UnreadableCheckpointError(
@@ -312,7 +326,7 @@ def _buffer_elements(img: tuple, patch: int, windows: list, depths: list) -> int
     (padded tokens x window^2)."""
     total = 0
     for i, (depth, window) in enumerate(zip(depths, windows)):
-        res = [max(1, side // patch // 2**i) for side in img]
+        res = [max(1, -(-(side // patch) // 2**i)) for side in img]  # ceil, as the model pads odd maps
         used = [min(w, r) for w, r in zip(window, res)]
         n = used[0] * used[1]
         total += depth * 2 * n * n

@@ -179,7 +179,40 @@ def _fifo(folder, metadata):
     _first(metadata).relative_path = "fifo"
 
 
+def _deflated(data: bytes) -> bytes:
+    """The same torch archive with its members deflated (what torch.save never writes)."""
+    import io
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    return out.getvalue()
+
+
+def _compress(fqn):
+    """Rewrite the storage entry of `fqn` (a tensor or a byte entry) as a deflated archive, appended to its file."""
+
+    def change(folder, metadata):
+
+        index = next(i for i in metadata.storage_data if i.fqn == fqn)
+        info = metadata.storage_data[index]
+        path = folder / info.relative_path
+        data = path.read_bytes()
+        deflated = _deflated(data[info.offset : info.offset + info.length])
+        path.write_bytes(data + deflated)
+        info.offset, info.length = len(data), len(deflated)
+
+    return change
+
+
 SHARDS = {
+    "a compressed tensor entry": (_storage_edit(_compress("state_dict.w")), "is compressed"),
+    "a compressed byte entry": (_storage_edit(_compress("lr")), "is compressed"),
+    "a transformed entry": (
+        _storage_edit(lambda f, m: setattr(_first(m), "transform_descriptors", ["zstd"])),
+        "stored transformed",
+    ),
     "storage in a FIFO": (_storage_edit(_fifo), "not a regular file"),
     "/dev/zero, 2**40 bytes": (
         _storage_edit(

@@ -4,6 +4,7 @@ Each attack has a canary: a marker file the payload would create, a victim file 
 content must survive, or a standard-library class whose attributes must stay as they were.
 """
 
+import json
 import os
 import pathlib
 import pickle
@@ -173,6 +174,17 @@ def test_crafted_shard_folders_are_refused_before_torch_reads_them(tmp_path, att
     assert not marker.exists() and pathlib.PosixPath.is_file is is_file and pathlib.Path(__file__).is_file()
 
 
+def test_a_crafted_shard_folder_is_refused_under_any_strategy(tmp_path, digits):
+    """`--ckpt_path FOLDER` without `--trainer.strategy fsdp2`: the folder is checked before any strategy reads it."""
+    marker, is_file = tmp_path / "pwned", pathlib.PosixPath.is_file
+    folder = _shard_folder(tmp_path / "shards.ckpt", marker)
+    (folder / ".metadata").write_bytes(BUILD_ON_PATH)
+    args = _args(tmp_path / "run", digits, *MASK, "--trainer.logger", "false", "--ckpt_path", str(folder))
+    with pytest.raises(SystemExit, match=r"^error: .*sets the state of <class 'pathlib"):
+        pretrain(["fit", *args])
+    assert not marker.exists() and pathlib.PosixPath.is_file is is_file
+
+
 def test_a_crafted_shard_folder_resumed_under_fsdp2_ends_in_one_line(tmp_path, digits):
     """Through the entry point: `--trainer.strategy fsdp2 --ckpt_path last` (one process, gloo)."""
     marker = tmp_path / "pwned"
@@ -220,18 +232,22 @@ def test_restored_checkpoint_paths_outside_the_run_are_never_deleted(honest_run,
     for v in victims:
         v.mkdir()
         (v / "precious.txt").write_text("keep me")
+    victim_file = tmp_path / "victim.ckpt"  # a file named as a checkpoint: removal alone would not refuse it
+    victim_file.write_text("keep me")
     last = honest_run / "logs" / "version_0" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
     key = next(k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint"))
     state = ckpt["callbacks"][key]
     state.pop("dirpath", None)
     state.update(best_model_path=f"local://{victims[0]}", last_model_path=f"local://{victims[1]}")
-    state["best_k_models"] = {f"local://{victims[0]}": 0.0}
+    state["best_k_models"] = {f"local://{victims[0]}": 0.0, str(victim_file): 1.0}
+    state["kth_best_model_path"] = str(victim_file)
     torch.save(ckpt, last)
     with pytest.warns(UserWarning, match="names files outside"):
         cli = _resume(honest_run, digits)
     assert cli.trainer.current_epoch == 2
     assert all((v / "precious.txt").read_text() == "keep me" for v in victims)
+    assert victim_file.read_text() == "keep me"
     assert cli.trainer.checkpoint_callback.last_model_path == str(last)
 
 
@@ -280,6 +296,18 @@ def test_validate_never_writes_its_config_through_a_link(tmp_path, digits):
     assert victim.read_text() == "keep me"
 
 
+def test_lightnings_default_logger_folder_is_checked_too(tmp_path, digits):
+    """No logger configured (`null`): Lightning's default writes `<root>/lightning_logs` as the trainer starts."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "lightning_logs").symlink_to(elsewhere, target_is_directory=True)
+    args = _args(tmp_path / "run", digits, *MASK, "--trainer.logger", "null", "--trainer.limit_val_batches", "1")
+    with pytest.raises(SystemExit, match=r"lightning_logs is a symbolic link"):
+        pretrain(["validate", *args])
+    assert not any(elsewhere.iterdir())
+
+
 def test_restored_paths_are_kept_only_inside_the_callbacks_folder(tmp_path):
     from simmim.untrusted import drop_foreign_paths
 
@@ -308,10 +336,14 @@ def test_an_honest_run_folder_still_resumes(honest_run, digits):
 
 @pytest.mark.timeout(60)
 def test_a_claim_file_that_is_a_fifo_or_garbage_neither_hangs_nor_fails(tmp_path):
+    import socket
+
     from simmim.runs import LOCK_NAME, claim_folder
 
     os.mkfifo(tmp_path / LOCK_NAME)  # opening it to read would block until a writer came
-    assert claim_folder(tmp_path, resuming_here=True) is None
+    assert claim_folder(tmp_path, resuming_here=False) is None
     assert (tmp_path / LOCK_NAME).is_file()
-    (tmp_path / LOCK_NAME).write_text('{"pid": "1; rm -rf /", "host": 7}')
-    assert claim_folder(tmp_path, resuming_here=True) is None
+    honest_host = json.dumps({"pid": True, "host": socket.gethostname()})
+    for garbage in (honest_host, '{"pid": "1; rm -rf /"}', "[1]"):
+        (tmp_path / LOCK_NAME).write_text(garbage)
+        assert claim_folder(tmp_path, resuming_here=False) is None, garbage
