@@ -253,11 +253,9 @@ def test_a_crafted_shard_folder_is_refused_and_a_real_one_passes(tmp_path):
     info = metadata.storage_data[MetadataIndex("optimizer.lr")]
     evil = io.BytesIO()
     torch.save(Payload(), evil)
-    data = bytearray(shard.read_bytes())
-    data[info.offset : info.offset + info.length] = b""
-    data[info.offset : info.offset] = evil.getvalue()
-    shard.write_bytes(bytes(data))
-    info.length = len(evil.getvalue())
+    data = shard.read_bytes()  # the payload appended, the entry pointed at it; the other entries stay valid
+    shard.write_bytes(data + evil.getvalue())
+    info.offset, info.length = len(data), len(evil.getvalue())
     (bytes_entry / ".metadata").write_bytes(pickle.dumps(metadata))
     with pytest.raises(UnsafeCheckpointError, match="optimizer.lr"):
         check_sharded_checkpoint(bytes_entry)
