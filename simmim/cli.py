@@ -18,7 +18,7 @@ from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from simmim.bad_images import BadImageLimit
-from simmim.errors import ConfigError, user_errors_as_messages  # noqa: F401 (the stages' CLIs use it from here)
+from simmim.errors import ConfigError
 from simmim.export import SafeCheckpointIO
 from simmim.runs import ClaimCheckpointFolders, is_checkpoint, metadata_file, newest_last_checkpoint
 from simmim.sharding import register as register_strategies
@@ -202,7 +202,9 @@ class StageCLI(LightningCLI):
     def _check_outputs(self, callbacks: list) -> None:
         """No file of the run is written through a link out of its root (`simmim.untrusted.check_run_outputs`):
         checked on every subcommand (validate writes its config.yaml too), before the trainer and its loggers
-        exist. No logger configured means Lightning's default, a TensorBoard logger in `<root>/lightning_logs`."""
+        exist. No logger configured means Lightning's default, a TensorBoard logger in `<root>/lightning_logs`.
+        A `--ckpt_path last` left for Lightning to find in a configured checkpoint folder has its shard folders
+        checked here (`_parse_ckpt_path` checks the ones it finds)."""
         root = self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
         loggers = self._get(self.config_init, "trainer.logger")
         if loggers is None or loggers is True:
@@ -211,6 +213,10 @@ class StageCLI(LightningCLI):
             folders = [getattr(lg, "root_dir", None) for lg in _as_list(loggers) if lg is not False]
         dirpaths = [c.dirpath for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
         check_run_outputs(root, [f for f in folders if f], dirpaths)
+        if self._get(self.config_init, "ckpt_path") == "last":  # not found under the root: Lightning looks here
+            for folder in (Path(d) for d in dirpaths if "://" not in str(d)):
+                for shards in (p for p in folder.glob("last*.ckpt") if p.is_dir()):
+                    check_sharded_checkpoint(shards)
 
     def instantiate_trainer(self, **kwargs):
         """The configured callbacks and plugins, plus: a `ModelCheckpoint` keeping `last.ckpt` in the run's folder

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 import swinv2
 from simmim.runs import SHARDED_METADATA
 from simmim.sharding import full_state_dict, is_sharded
+from simmim.untrusted import local_path
 from swinv2.reading import read_checkpoint
 
 
@@ -76,9 +77,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         """Lightning's removal of an older checkpoint, limited to checkpoint files and shard folders (`*.ckpt`): a
         symbolic link is removed itself (never what it points to), and a `local://` or `file://` URL is a local
         path."""
-        path = str(path)
-        for scheme in ("local://", "file://"):
-            path = path[len(scheme) :] if path.startswith(scheme) else path
+        path = local_path(str(path))
         if "://" in path:
             return super().remove_checkpoint(path)
         if os.path.islink(path):

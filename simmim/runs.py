@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.errors import ConfigError
-from simmim.untrusted import check_output_folder, check_sharded_checkpoint, drop_foreign_paths
+from simmim.untrusted import drop_foreign_paths
 
 LOCK_NAME = ".run.lock"
 SHARDED_METADATA = "meta.pt"  # Lightning's name for it in a sharded (torch.distributed.checkpoint) folder
@@ -151,25 +151,14 @@ class ClaimCheckpointFolders(pl.Callback):
         self.claimed: List[Path] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.ckpt_path and os.path.isdir(trainer.ckpt_path):  # a shard folder Lightning found itself (`last`)
-            check_sharded_checkpoint(trainer.ckpt_path)
         if stage != "fit":
             return
-        log_dir = trainer.log_dir  # collective under DDP: on every rank
         problem = None
         if trainer.is_global_zero:
-            written = [checkpoint_folder(cb, trainer) for cb in trainer.checkpoint_callbacks]
-            try:  # nothing is written through a link leading out of the run (a downloaded run folder)
-                for folder in written:
-                    check_output_folder(folder, trainer.default_root_dir)
-                if log_dir:
-                    check_output_folder(log_dir, trainer.default_root_dir, recursive=bool(trainer.loggers))
-            except ConfigError as e:
-                problem = str(e)
-            folders = sorted({folder.resolve() for folder in written})
+            folders = sorted({checkpoint_folder(cb, trainer).resolve() for cb in trainer.checkpoint_callbacks})
             ckpt = self.resume_from or trainer.ckpt_path
             resumed = Path(ckpt).resolve().parent if is_checkpoint(ckpt) else None
-            for folder in folders if problem is None else []:
+            for folder in folders:
                 problem = claim_folder(folder, resuming_here=folder == resumed)
                 if problem:
                     break

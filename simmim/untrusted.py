@@ -64,9 +64,7 @@ def _plain(value: Any, key: str, where: str, depth: int = 0) -> None:
     any mapping that names a class to build."""
     if depth > MAX_NESTING:
         raise MalformedRecordError(f"{where}: hyper-parameter {key} is nested more than {MAX_NESTING} levels deep")
-    if value is None or isinstance(value, (bool, int)):
-        return
-    if isinstance(value, float):
+    if value is None or isinstance(value, (bool, int, float)):
         return
     if isinstance(value, str):
         if len(value) > MAX_TEXT:
@@ -182,20 +180,24 @@ def checked_hyperparameters(hparams: Any, module_class: type, where: str) -> Dic
             f"{where}: its hyper-parameters name the instantiator {str(instantiator)[:80]!r}, a callable to import; "
             "values read from a checkpoint are data and never build classes: refusing the file"
         )
-    _plain(hparams, "", where)
-    types = signature_types(module_class)
-    for key, value in hparams.items():
+    return _checked_arguments(hparams, module_class, where, "hyper-parameter ", MalformedRecordError)
+
+
+def _checked_arguments(values: Mapping[str, Any], cls: type, where: str, noun: str, error: type) -> Dict[str, Any]:
+    """`values` as arguments of `cls`: plain data (`_plain`), known names of the declared types (`conforms`), and,
+    for a stage module, an encoder within bounds (`encoder_architecture`); else an `error` naming the `noun`."""
+    _plain(values, "", where)
+    types = signature_types(cls)
+    for key, value in values.items():
         if key not in types:
-            raise MalformedRecordError(
-                f"{where}: hyper-parameter {key!r} is not an argument of {module_class.__name__} (a checkpoint of "
-                "another module or version, or a crafted one)"
-            )
+            raise error(f"{where}: {noun}{key!r} is not an argument of {cls.__name__} (another version, or crafted)")
         if not conforms(value, types[key]):
-            raise MalformedRecordError(
-                f"{where}: hyper-parameter {key}={str(value)[:80]!r} is not a {_type_name(types[key])}"
-            )
-    encoder_architecture(hparams, where)
-    return hparams
+            raise error(f"{where}: {noun}{key}={str(value)[:80]!r} is not a {_type_name(types[key])}")
+    if "arch" in types:
+        encoder_architecture(values, where)
+    elif isinstance(values.get("img_size"), int):  # a data module's crop, bounded as a model's input is
+        check_architecture({"img_size": values["img_size"]}, where)
+    return dict(values)
 
 
 def _type_name(hint: Any) -> str:
@@ -260,6 +262,11 @@ class _MetadataUnpickler(pickle._Unpickler):
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file)
+        find = super().find_class  # the format's classes, imported once (no zero-argument super in a generator)
+        self.format_classes = tuple(find(m, n) for m, n in _DCP_CLASSES)
+
     def find_class(self, module: str, name: str):
         # torch.__dict__, not getattr: a name from the file must not trigger torch's lazy imports
         dtype = module == "torch" and "." not in name and isinstance(torch.__dict__.get(name), torch.dtype)
@@ -272,8 +279,7 @@ class _MetadataUnpickler(pickle._Unpickler):
 
     def load_build(self) -> None:
         target = self.stack[-2]
-        allowed = tuple(super(_MetadataUnpickler, self).find_class(m, n) for m, n in _DCP_CLASSES)
-        if isinstance(target, type) or type(target) not in allowed:
+        if isinstance(target, type) or type(target) not in self.format_classes:
             raise UnsafeCheckpointError(
                 f"the sharded checkpoint's metadata sets the state of {target!r}, which is not an object of the "
                 "checkpoint format (a crafted file changing a class of the process): refusing to load it"
@@ -427,7 +433,7 @@ def check_sharded_checkpoint(folder: str | os.PathLike) -> None:
 def _inside(path: str, folder: str) -> bool:
     """Whether `path` lies in `folder`, both as written (`..` resolved) and after following symbolic links. A
     `local://` or `file://` URL is a local path; other URLs (object stores) compare as text, `..` refused."""
-    path, folder = _local(path), _local(folder)
+    path, folder = local_path(path), local_path(folder)
     if "://" in folder or "://" in path:
         parts = path.split("://", 1)[-1].split("/")
         return path.startswith(folder.rstrip("/") + "/") and ".." not in parts
@@ -439,7 +445,8 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([real, real_base]) == real_base
 
 
-def _local(path: str) -> str:
+def local_path(path: str) -> str:
+    """`path` without a `local://` or `file://` scheme (fsspec's names for the local filesystem)."""
     for scheme in ("local://", "file://"):
         if path.startswith(scheme):
             return path[len(scheme) :]
@@ -554,23 +561,8 @@ def read_run_config(path: str | os.PathLike, sections: Mapping[str, type]) -> Di
     for name, cls in sections.items():
         section = config.get(name) or {}
         where = f"{path} ({name})"
-        section = {k: v for k, v in section.items() if v is not None} if isinstance(section, Mapping) else section
-        _plain(section, "", where)
         if not isinstance(section, Mapping):
             raise ConfigError(f"{where} is a {type(section).__name__}, not a mapping")
-        out[name] = _checked_section(section, cls, where)
+        section = {k: v for k, v in section.items() if v is not None}
+        out[name] = _checked_arguments(section, cls, where, "", ConfigError)
     return out
-
-
-def _checked_section(section: Mapping[str, Any], cls: type, where: str) -> Dict[str, Any]:
-    types = signature_types(cls)
-    for key, value in section.items():
-        if key not in types:
-            raise ConfigError(f"{where}: {key!r} is not an argument of {cls.__name__}")
-        if not conforms(value, types[key]):
-            raise ConfigError(f"{where}: {key}={str(value)[:80]!r} is not a {_type_name(types[key])}")
-        if key == "img_size" and isinstance(value, int):
-            check_architecture({"img_size": value}, where)
-    if "arch" in types:
-        encoder_architecture(section, where)
-    return dict(section)

@@ -12,8 +12,8 @@ from typing import List, Optional
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from simmim.cli import CONFIG_DIR, StageCLI, has_config, user_errors_as_messages, with_default_subcommand
-from simmim.errors import ConfigError
+from simmim.cli import CONFIG_DIR, StageCLI, has_config, with_default_subcommand
+from simmim.errors import ConfigError, user_errors_as_messages
 from simmim.export import ExportWeights
 from simmim.finetune.callbacks import PredictionCSV
 from simmim.finetune.data import ClassificationDataModule

@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from simmim.cli import CONFIG_DIR, StageCLI, user_errors_as_messages, with_default_subcommand
+from simmim.cli import CONFIG_DIR, StageCLI, with_default_subcommand
+from simmim.errors import user_errors_as_messages
 from simmim.export import ExportWeights
 from simmim.knn import KNNMonitor
 from simmim.pretrain.callbacks import ReconstructionGrid

@@ -16,6 +16,7 @@ import torch
 from conftest import TINY
 
 from simmim.builtin_data import prepare_digits
+from simmim.cli import CONFIG_DIR
 from simmim.finetune import main as finetune
 from simmim.pretrain import main as pretrain
 from simmim.pretrain.module import SimMIMPretrainer
@@ -182,6 +183,22 @@ def test_a_crafted_shard_folder_is_refused_under_any_strategy(tmp_path, digits):
     args = _args(tmp_path / "run", digits, *MASK, "--trainer.logger", "false", "--ckpt_path", str(folder))
     with pytest.raises(SystemExit, match=r"^error: .*sets the state of <class 'pathlib"):
         pretrain(["fit", *args])
+    assert not marker.exists() and pathlib.PosixPath.is_file is is_file
+
+
+def test_a_crafted_last_shard_folder_in_a_configured_checkpoint_folder_is_refused(tmp_path, digits):
+    """`--ckpt_path last` with nothing under the root: Lightning looks in the configured `dirpath` itself."""
+    marker, is_file = tmp_path / "pwned", pathlib.PosixPath.is_file
+    folder = _shard_folder(tmp_path / "elsewhere" / "last.ckpt", marker)
+    (folder / ".metadata").write_bytes(BUILD_ON_PATH)
+    config = tmp_path / "callbacks.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: pytorch_lightning.callbacks.ModelCheckpoint\n      init_args:\n"
+        f"        dirpath: {tmp_path / 'elsewhere'}\n        save_last: true\n"
+    )
+    args = _args(tmp_path / "run", digits, *MASK, "--trainer.logger", "false", "--ckpt_path", "last")
+    with pytest.raises(SystemExit, match=r"^error: .*sets the state of <class 'pathlib"):
+        pretrain(["fit", "--config", str(CONFIG_DIR / "pretrain/default.yaml"), "--config", str(config), *args])
     assert not marker.exists() and pathlib.PosixPath.is_file is is_file
 
 
