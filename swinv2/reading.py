@@ -16,6 +16,7 @@ a billion blocks or a terabyte-wide layer. The limits are wide enough for SwinV2
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import pickle
@@ -26,6 +27,8 @@ from collections import OrderedDict
 from typing import Any, BinaryIO, Dict, Mapping, Union
 
 import torch
+
+from swinv2.model import SwinTransformerV2
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what a transformers hub folder holds
 PathLike = Union[str, os.PathLike]
@@ -205,6 +208,7 @@ RECORD_FIELDS = (
 )  # fmt: skip
 OPTION_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate", "use_checkpoint", "attn_chunk_size", "fused_attn")
 MAX_RECORD_CHARS = 1 << 16
+_DEFAULTS = {n: p.default for n, p in inspect.signature(SwinTransformerV2).parameters.items()}
 
 
 class MalformedRecordError(UnreadableCheckpointError):
@@ -269,7 +273,8 @@ def check_architecture(arch: Any, where: str, fields: tuple = RECORD_FIELDS) -> 
     if unknown:
         raise MalformedRecordError(f"{where}: unknown architecture field(s) {unknown[:5]}; known: {', '.join(fields)}")
     a = dict(arch)
-    depths, heads = a.get("depths", (2, 2, 6, 2)), a.get("num_heads", (3, 6, 12, 24))
+    full = {**_DEFAULTS, **a}  # what the constructor builds when a field is not given
+    depths, heads = full["depths"], full["num_heads"]
     for field, v in (("depths", depths), ("num_heads", heads)):
         if not isinstance(v, (list, tuple)):
             raise MalformedRecordError(f"{where}: {field}={v!r} must be a list with one integer per stage")
@@ -279,7 +284,7 @@ def check_architecture(arch: Any, where: str, fields: tuple = RECORD_FIELDS) -> 
     for d, h in zip(depths, heads):
         _number(where, "depths", d, "depth")
         _number(where, "num_heads", h, "num_heads")
-    embed = a.get("embed_dim", 96)
+    embed = full["embed_dim"]
     _number(where, "embed_dim", embed, "embed_dim")
     for i, h in enumerate(heads):
         if (embed * 2**i) % h:
@@ -292,8 +297,8 @@ def check_architecture(arch: Any, where: str, fields: tuple = RECORD_FIELDS) -> 
             _number(where, field, a[field], field, integer=False)
     if a.get("attn_chunk_size") is not None:
         _number(where, "attn_chunk_size", a["attn_chunk_size"], "attn_chunk_size")
-    img = _sides(where, "img_size", a.get("img_size", 224), "img_size")
-    windows = _per_stage_sides(where, "window_size", a.get("window_size", 7), len(depths), "window_size")
+    img = _sides(where, "img_size", full["img_size"], "img_size")
+    windows = _per_stage_sides(where, "window_size", full["window_size"], len(depths), "window_size")
     pretrained = a.get("pretrained_window_sizes", 0)
     if not (_is_int(pretrained) and pretrained == 0) and not (
         isinstance(pretrained, (list, tuple)) and not any(pretrained)
@@ -308,13 +313,13 @@ def check_architecture(arch: Any, where: str, fields: tuple = RECORD_FIELDS) -> 
     if "variant" in a and not isinstance(a["variant"], str):
         raise MalformedRecordError(f"{where}: variant={a['variant']!r} must be a name")
     width = [embed * 2**i for i in range(len(depths))]
-    hidden = a.get("mlp_ratio", 4.0)
-    params = sum(d * (4 + 2 * hidden) * c * c for d, c in zip(depths, width)) + width[-1] * a.get("num_classes", 0)
+    hidden = full["mlp_ratio"]
+    params = sum(d * (4 + 2 * hidden) * c * c for d, c in zip(depths, width)) + width[-1] * full["num_classes"]
     _number(where, "the parameter count", int(params), "parameters")
     _number(
         where,
         "the blocks' buffer size",
-        _buffer_elements(img, a.get("patch_size", 4), windows, depths),
+        _buffer_elements(img, full["patch_size"], windows, depths),
         "buffer_elements",
     )
     return a
