@@ -1,0 +1,37 @@
+"""The natural-image benchmark's crops: held-out crops share no pixel with training crops, and the folder has the
+layout the stages read (16 classes in train/ and val/)."""
+
+import cv2
+import numpy as np
+
+from simmim.builtin_data import PHOTOS, crop_boxes, prepare_photos
+from simmim.labelled import labelled_split
+
+
+def _overlap(a, b) -> bool:
+    (_, t1, l1, s1), (_, t2, l2, s2) = a, b
+    return t1 < t2 + s2 and t2 < t1 + s1 and l1 < l2 + s2 and l2 < l1 + s1
+
+
+def test_held_out_crops_share_no_pixel_with_training_crops():
+    for shape in ((384, 512), (384, 384), (576, 384), (384, 441)):
+        for index in range(4):
+            boxes = list(crop_boxes(shape, 4, index, 6, 6, np.random.default_rng(index)))
+            train = [b for b in boxes if b[0] == "train"]
+            val = [b for b in boxes if b[0] == "val"]
+            assert len(train) == 12 * 6 and len(val) == 4 * 6
+            assert all(0 <= t and 0 <= left and t + s <= shape[0] and left + s <= shape[1] for _, t, left, s in boxes)
+            assert not any(_overlap(v, t) for v in val for t in train), (shape, index)
+            held_rows = {t * 4 // shape[0] for _, t, _, _ in val}
+            assert held_rows == {0, 1, 2, 3}  # one held-out tile in every row
+
+
+def test_prepared_folder_reads_as_labelled_train_and_val(tmp_path):
+    root = prepare_photos(tmp_path / "photos", train_crops_per_tile=1, val_crops_per_tile=1)
+    tf, tl, vf, vl, classes = labelled_split(str(root), 0.2)
+    assert classes == sorted(PHOTOS) and len(classes) == 16
+    assert len(tf) == 16 * 12 and len(vf) == 16 * 4
+    assert sorted(set(tl)) == sorted(set(vl)) == list(range(16))
+    image = cv2.imread(str(vf[0]), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert prepare_photos(root) == root  # a finished folder is found, not written again
