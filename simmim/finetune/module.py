@@ -13,7 +13,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 import swinv2
 from simmim.errors import require
-from simmim.finetune.layer_decay import layer_decay_param_groups
+from simmim.finetune.layer_decay import depth_scaled_decay, layer_decay_param_groups
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
 from simmim.seeding import StepSeeding
 from simmim.sharding import ShardedModel
@@ -42,7 +42,13 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
             0.99x-1.07x of the eager speed, which is already 1.29x-1.39x timm's in bf16).
         encoder_kwargs: Further `SwinTransformerV2` arguments (embed_dim, depths, num_heads, ...).
         base_lr, warmup_lr, min_lr: Per 512 images when `scale_lr` (official B: 1.25e-3, 2.5e-7, 2.5e-7).
-        layer_decay: Layer-wise LR decay (official: 0.75 for B).
+        layer_decay: Layer-wise LR decay of a pretrained start, per layer of a `layer_decay_depth`-block model
+            (official: 0.75 for B, at its own depth).
+        layer_decay_depth: The block count `layer_decay` is meant for: a model of another depth gets the factor that
+            gives its lowest layer the same share of the learning rate (`depth_scaled_decay`); None: `layer_decay`
+            as it is, whatever the depth.
+        scratch_layer_decay: The layer decay of a run from scratch (`pretrained` None): 1.0, none, as supervised
+            training from scratch uses; None: the pretrained recipe's.
         mixup, cutmix, mix_prob, switch_prob, label_smoothing: timm Mixup settings (official: 0.8, 1.0, 1, 0.5, 0.1).
         max_bad_fraction: Deprecated, use `--data.max_bad_fraction`; still honoured (with a warning) so that
             older configs and checkpoints load.
@@ -67,6 +73,8 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
         warmup_epochs: float = 20,
         weight_decay: float = 0.05,
         layer_decay: float = 0.75,
+        layer_decay_depth: Optional[int] = None,
+        scratch_layer_decay: Optional[float] = 1.0,
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         mixup: float = 0.8,
@@ -115,6 +123,17 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
             else None
         )
         self.soft_ce = SoftTargetCrossEntropy()
+        self.layer_decay = self.recipe_layer_decay()
+
+    def recipe_layer_decay(self) -> float:
+        """The per-layer decay this run uses: `scratch_layer_decay` from scratch (unless None), else `layer_decay`
+        scaled to this model's depth from `layer_decay_depth`."""
+        hp = self.hparams
+        if hp.pretrained is None and hp.scratch_layer_decay is not None:
+            return hp.scratch_layer_decay
+        return depth_scaled_decay(
+            hp.layer_decay, sum(len(layer.blocks) for layer in self.model.layers), hp.layer_decay_depth
+        )
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
@@ -125,6 +144,11 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
             )
         if self.load_report is not None:
             print(f"pretrained weights from {self.hparams.pretrained}:\n{self.load_report}")
+        elif self.hparams.scratch_layer_decay is not None:
+            print(
+                f"from scratch (--model.pretrained null): the from-scratch recipe, layer decay "
+                f"{self.hparams.scratch_layer_decay} (--model.scratch_layer_decay) instead of the pretrained start's"
+            )
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, _, _ = batch
@@ -170,6 +194,6 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
         hp, trainer = self.hparams, self.trainer
         depths = [len(layer.blocks) for layer in self.model.layers]
         groups = layer_decay_param_groups(
-            self.model.named_parameters(), depths, hp.weight_decay, hp.layer_decay, self.model.no_weight_decay()
+            self.model.named_parameters(), depths, hp.weight_decay, self.layer_decay, self.model.no_weight_decay()
         )
         return configure_adamw(trainer, groups, **{k: hp[k] for k in SCHEDULE_KEYS}, schedule="cosine")

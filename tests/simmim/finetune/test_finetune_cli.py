@@ -55,6 +55,7 @@ def _args(tmp_path, digits, *extra):
 @pytest.mark.slow
 def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits, pretrained_w4):
     w8 = ["--model.window_size", "8", "--model.pretrained", pretrained_w4, "--trainer.limit_train_batches", "4"]
+    w8 += ["--trainer.val_check_interval", "4"]  # the default recipe validates every 100 steps
     cli = main(["fit", *_args(tmp_path, digits, *w8, "--trainer.max_epochs", "1")])
     report = cli.model.load_report
     assert report.missing_keys == ["head.bias", "head.weight"] and report.unexpected_keys == []
