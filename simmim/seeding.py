@@ -14,6 +14,8 @@ Every draw is seeded from it here and nowhere else:
   Python's global generators from (run seed, rank, epoch, batch index) before each batch, so ranks differ and a
   resumed run repeats the interrupted run's draws.
 - **Shuffling**: the epoch's order is a permutation drawn from (run seed, epoch).
+- **The quick fine-tune monitor** (`simmim.quick_finetune`): its head and batch order from (run seed) alone, the
+  same at every epoch and on every rank, so two checkpoints are compared under the same draws.
 
 `ResumableLoader` makes the training loader stateful for Lightning: its state is the epoch and the global position
 it had reached, read from Lightning's own count of trained batches when a checkpoint is written; `SeedState` keeps
@@ -41,7 +43,7 @@ from simmim.workers import WorkerLoader
 
 SEED_ENV = "PL_GLOBAL_SEED"
 # Stream tags: each purpose draws from its own sequence.
-_SHUFFLE, _SAMPLE, _STEP, _EVAL = 0, 1, 2, 3
+_SHUFFLE, _SAMPLE, _STEP, _EVAL, _MONITOR = 0, 1, 2, 3, 4
 
 SampleKey = Union[int, Tuple[int, int]]
 
@@ -63,6 +65,11 @@ def sample_seed(key: SampleKey) -> Tuple[int, int]:
     if isinstance(key, (tuple, list)):
         return int(key[0]), int(key[1])
     return int(key), derive_seed(_EVAL, int(key))
+
+
+def monitor_generator() -> torch.Generator:
+    """The quick fine-tune monitor's generator: from the run seed only (the same draws at every check)."""
+    return torch.Generator().manual_seed(derive_seed(_MONITOR, run_seed()))
 
 
 def sample_generators(seed: int) -> Tuple[np.random.Generator, random.Random, np.random.Generator]:

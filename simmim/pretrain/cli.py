@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
+import pytorch_lightning as pl
+
 from simmim.cli import CONFIG_DIR, StageCLI, with_default_subcommand
 from simmim.errors import user_errors_as_messages
 from simmim.export import ExportWeights
@@ -15,6 +17,7 @@ from simmim.knn import KNNMonitor
 from simmim.pretrain.callbacks import ReconstructionGrid
 from simmim.pretrain.data import PretrainDataModule
 from simmim.pretrain.module import SimMIMPretrainer
+from simmim.quick_finetune import QuickFinetuneMonitor
 
 
 class PretrainCLI(StageCLI):
@@ -34,6 +37,28 @@ class PretrainCLI(StageCLI):
         return [self.grid, self.export]
 
 
+def monitor_summary(callbacks: List[pl.Callback]) -> List[str]:
+    """The monitors' closing lines, saying what each number means."""
+    lines = []
+    quick = next((c for c in callbacks if isinstance(c, QuickFinetuneMonitor)), None)
+    if quick is not None and quick.last is not None:
+        start = "" if quick.first is None else f", from the initial weights {quick.first:.2f}%"
+        lines.append(
+            f"quick fine-tune top-1 (val/finetune_acc1): {quick.last:.2f}%{start}: every layer fine-tuned for "
+            f"{quick.steps} steps on {len(quick.data[0][1])} labelled images, scored on {len(quick.data[1][1])}; "
+            "it rises as pretraining pays off"
+        )
+    knn = next((c for c in callbacks if isinstance(c, KNNMonitor)), None)
+    if knn is not None and knn.last is not None:
+        train, val = knn.counts
+        start = "" if knn.first is None else f" (before training: {knn.first:.2f}%)"
+        lines.append(
+            f"kNN top-1 (val/knn_acc1): {knn.last:.2f}% of {val} images, voting {train} labelled images{start}; "
+            "frozen features: it can fall while fine-tuning gets better (docs/payoff.md)"
+        )
+    return lines
+
+
 def main(args: Optional[List[str]] = None) -> PretrainCLI:
     args = with_default_subcommand(
         sys.argv[1:] if args is None else list(args),
@@ -47,13 +72,8 @@ def main(args: Optional[List[str]] = None) -> PretrainCLI:
         ckpt = cli.trainer.checkpoint_callback
         loss = cli.trainer.callback_metrics.get("train/loss")
         print(f"\nsteps: {cli.trainer.global_step}, last training loss: {'-' if loss is None else f'{loss:.4f}'}")
-        monitor = next((c for c in cli.trainer.callbacks if isinstance(c, KNNMonitor)), None)
-        if monitor is not None and monitor.last is not None:
-            train, val = monitor.counts
-            start = "" if monitor.first is None else f" (before training: {monitor.first:.2f}%)"
-            print(
-                f"kNN top-1 (val/knn_acc1): {monitor.last:.2f}% of {val} images, voting {train} labelled images{start}"
-            )
+        for line in monitor_summary(cli.trainer.callbacks):
+            print(line)
         print(f"checkpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or '-'})")
         print(f"encoder export: {cli.export.path}")
         print(f"reconstruction grid: {cli.grid.last_path or cli.grid.why_none(cli.trainer)}")

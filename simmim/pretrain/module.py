@@ -13,6 +13,7 @@ from simmim.errors import ConfigError
 from simmim.knn import KNNMonitor
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads, param_groups_weight_decay
 from simmim.pretrain.model import SimMIM
+from simmim.quick_finetune import QuickFinetuneMonitor
 from simmim.seeding import StepSeeding
 from simmim.sharding import ShardedModel
 from swinv2.model import EncoderOptions, WindowSpec
@@ -40,11 +41,15 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         weight_decay, betas, eps: AdamW.
         max_bad_fraction: Deprecated, use `--data.max_bad_fraction`; still honoured (with a warning) so that
             older configs and checkpoints load.
-        knn_root: Labelled class folders for the kNN monitor (`val/knn_acc1`, `simmim.knn`): `DIR/train/<class>`
-            and `DIR/val/<class>`, or `DIR/<class>` split 80/20. None: the built-in digits' labels when pretraining
-            on the built-in digits, otherwise no monitor.
-        knn_every_n_epochs: The monitor's period in training epochs; 0 turns it off.
+        knn_root: Labelled class folders for the monitors (`DIR/train/<class>` and `DIR/val/<class>`, or
+            `DIR/<class>` split 80/20). None: the built-in digits' labels when pretraining on the built-in digits,
+            otherwise no monitor.
+        knn_every_n_epochs: The kNN monitor's period in training epochs (`val/knn_acc1`, `simmim.knn`: frozen
+            features); 0 turns it off.
         knn_k: Neighbours that vote (temperature 0.07).
+        finetune_every_n_epochs: The quick fine-tune monitor's period (`val/finetune_acc1`,
+            `simmim.quick_finetune`: what fine-tuning from these weights gives); 0 turns it off.
+        finetune_steps: Its fine-tune's length in steps of 32 images.
     """
 
     SHARDED_FORWARD_METHODS = ("reconstruct",)  # the reconstruction grid's forward
@@ -75,6 +80,8 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         knn_root: Optional[str] = None,
         knn_every_n_epochs: int = 1,
         knn_k: int = 20,
+        finetune_every_n_epochs: int = 0,
+        finetune_steps: int = 100,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -100,15 +107,24 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         return self.model.encoder
 
     def configure_callbacks(self) -> List[pl.Callback]:
-        """The kNN monitor, when it has labelled images: `knn_root`, or the built-in digits' labels when the data
+        """The monitors, when they have labelled images: `knn_root`, or the built-in digits' labels when the data
         are the built-in digits."""
         hp = self.hparams
         datamodule = getattr(self.trainer, "datamodule", None)
         on_digits = datamodule is not None and getattr(datamodule, "root", "") is None
-        if hp.knn_every_n_epochs <= 0 or (hp.knn_root is None and not on_digits):
+        if hp.knn_root is None and not on_digits:
             return []
         workers = getattr(datamodule, "num_workers", 0)
-        return [KNNMonitor(hp.knn_root, hp.img_size, hp.knn_every_n_epochs, hp.knn_k, num_workers=workers)]
+        monitors: List[pl.Callback] = []
+        if hp.knn_every_n_epochs > 0:
+            monitors.append(KNNMonitor(hp.knn_root, hp.img_size, hp.knn_every_n_epochs, hp.knn_k, num_workers=workers))
+        if hp.get("finetune_every_n_epochs", 0) > 0:
+            monitors.append(
+                QuickFinetuneMonitor(
+                    hp.knn_root, hp.img_size, hp.finetune_every_n_epochs, hp.finetune_steps, num_workers=workers
+                )
+            )
+        return monitors
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, mask, _ = batch

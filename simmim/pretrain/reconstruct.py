@@ -48,7 +48,7 @@ def load_pretrainer(checkpoint: Path) -> SimMIMPretrainer:
             "the decoder, which is in the run's checkpoints/*.ckpt, not in encoder.safetensors"
         )
     hp = checked_hyperparameters(raw["hyper_parameters"], SimMIMPretrainer, str(checkpoint))
-    hp.update(compile_attention=False, knn_every_n_epochs=0)
+    hp.update(compile_attention=False, knn_every_n_epochs=0, finetune_every_n_epochs=0)
     module = SimMIMPretrainer(**hp)
     module.load_state_dict(raw["state_dict"])
     return module.eval()

@@ -3,6 +3,7 @@
 import importlib
 import os
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,7 @@ def test_ddp_run_under_the_limit_completes(tmp_path):
         image_folder(knn_root / f"class{c}", [f"{c}_{i}.png" for i in range(n)], 40, ["0_3.png"] if c == 0 else ())
     knn = ["--model.knn_root", str(knn_root), "--model.knn_every_n_epochs", "1", "--model.knn_k", "5"]
     knn += ["--trainer.precision", "32"]  # the same arithmetic as the check below on any CPU
+    knn += ["--model.finetune_every_n_epochs", "1", "--model.finetune_steps", "3"]  # and the quick fine-tune
     out = run_ddp_on_cpu("simmim.pretrain", *args, "--data.max_bad_fraction", "0.15", *FAST, *knn)
     assert all(f"{i:02d}.png" in out.stderr for i in bad)  # both were warned about, on rank 1
     # the two ranks' features gathered = every readable image once: the kNN of the exported encoder in one process
@@ -193,6 +195,23 @@ def test_ddp_run_under_the_limit_completes(tmp_path):
     expected = 100 * knn_top1(*sets[0], *sets[1], len(classes), k=5)
     summary = f"kNN top-1 (val/knn_acc1): {expected:.2f}% of {val} images, voting {train} labelled images"
     assert summary in out.stdout, out.stdout[-800:]
+    # the quick fine-tune: every rank ran the same one over every readable labelled image; one process agrees
+    from simmim.quick_finetune import QuickFinetuneMonitor, load_images, quick_finetune_top1
+    from simmim.seeding import monitor_generator
+
+    monitor = QuickFinetuneMonitor(str(knn_root), 64)
+    tf, tl, vf, vl, classes = labelled_split(str(knn_root), monitor.val_fraction, monitor.label_fraction)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # as each of the two ranks ran
+    try:
+        with pytest.warns(UserWarning, match="0_3.png") if "0_3.png" in {f.name for f in tf + vf} else nullcontext():
+            sets = load_images(tf, tl, 64), load_images(vf, vl, 64)
+        quick = quick_finetune_top1(encoder, *sets, len(classes), 3, generator=monitor_generator())
+    finally:
+        torch.set_num_threads(threads)
+    summary = f"quick fine-tune top-1 (val/finetune_acc1): {quick:.2f}%, from the initial weights "
+    assert summary in out.stdout, out.stdout[-800:]
+    assert f"fine-tuned for 3 steps on {len(sets[0][1])} labelled images, scored on {len(sets[1][1])}" in out.stdout
 
 
 def _batches(dataset):
