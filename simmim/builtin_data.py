@@ -108,7 +108,15 @@ def prepare_photos(
     """
     root = Path(root)
     done = root / ".complete"
+    settings = (
+        f"size={size} short_side={short_side} grid={grid} crops={train_crops_per_tile}/{val_crops_per_tile} seed={seed}"
+    )
     if done.exists():
+        if settings not in done.read_text():
+            raise FileExistsError(
+                f"{root} holds crops made with other settings ({done.read_text().strip()}; asked: {settings}): "
+                "delete the folder or give another root"
+            )
         return root
     rng = np.random.default_rng(seed)
     counts = {"train": 0, "val": 0}
@@ -125,5 +133,5 @@ def prepare_photos(
             out.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(out), crop)
             counts[split] += 1
-    done.write_text(f"{len(PHOTOS)} classes, {counts['train']} train / {counts['val']} val crops\n")
+    done.write_text(f"{len(PHOTOS)} classes, {counts['train']} train / {counts['val']} val crops; {settings}\n")
     return root

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from simmim.errors import DataFolderError
-from simmim.finetune.layer_decay import depth_scaled_decay, layer_decay_param_groups
 from simmim.knn import ResizeCenterCrop
 from simmim.labelled import LabelledImageDataset, labelled_split
 from simmim.loaders import collate_readable, make_loader
+from simmim.optim import depth_scaled_decay, layer_decay_param_groups
 from simmim.seeding import monitor_generator
 from simmim.sharding import is_sharded
 
@@ -48,45 +48,52 @@ def quick_finetune_top1(
     """Top-1 (0-100) on `val` of a copy of `encoder` (a `SwinTransformerV2`, left untouched) with a fresh linear
     head, fine-tuned for `steps` AdamW steps of `batch_size` images drawn from `train` ((images, labels) tensors, the
     images normalised), learning rate `lr` with 10% linear warm-up and a cosine decay to 0, layer decay as the
-    fine-tuning stage applies it, label smoothing 0.1. `autocast`: a context-manager factory for the forward passes
-    (the trainer's precision)."""
+    fine-tuning stage applies it, label smoothing 0.1. Every random draw (head, batches, drop-path) comes from
+    `generator`; the global generators are left as they were. `autocast`: a context-manager factory for the forward
+    passes (the trainer's precision)."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    model = copy.deepcopy(encoder).float()
-    device = next(model.parameters()).device
-    model.head = torch.nn.Linear(model.num_features, num_classes).to(device)
-    with torch.no_grad():
-        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=generator).clamp_(-2, 2) * 0.02)
-        model.head.bias.zero_()
-    depths = [len(layer.blocks) for layer in model.layers]
-    decay = depth_scaled_decay(layer_decay, sum(depths), layer_decay_depth)
-    groups = layer_decay_param_groups(model.named_parameters(), depths, weight_decay, decay, model.no_weight_decay())
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
-    warmup = max(1, steps // 10)
-    images, labels = train
-    model.train()
-    for step in range(steps):
-        if step < warmup:
-            factor = (step + 1) / warmup
-        else:
-            factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        for g in optimizer.param_groups:
-            g["lr"] = lr * factor * g["lr_scale"]
-        pick = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
-        with autocast():
-            logits = model(images[pick].to(device)).float()
-        loss = F.cross_entropy(logits, labels[pick].to(device), label_smoothing=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(val[0]), 256):
+    device = next(encoder.parameters()).device
+    # the global generators (drop-path, dropout, the head's default init) are forked and seeded from `generator`:
+    # the same draws on every rank and at every check, and the training run's own draws left as they were
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(generator.initial_seed())  # without advancing `generator`
+        model = copy.deepcopy(encoder).float()
+        model.head = torch.nn.Linear(model.num_features, num_classes).to(device)
+        with torch.no_grad():
+            model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=generator).clamp_(-2, 2) * 0.02)
+            model.head.bias.zero_()
+        depths = [len(layer.blocks) for layer in model.layers]
+        decay = depth_scaled_decay(layer_decay, sum(depths), layer_decay_depth)
+        groups = layer_decay_param_groups(
+            model.named_parameters(), depths, weight_decay, decay, model.no_weight_decay()
+        )
+        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
+        warmup = max(1, steps // 10)
+        images, labels = train
+        model.train()
+        for step in range(steps):
+            if step < warmup:
+                factor = (step + 1) / warmup
+            else:
+                factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+            for g in optimizer.param_groups:
+                g["lr"] = lr * factor * g["lr_scale"]
+            pick = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
             with autocast():
-                logits = model(val[0][start : start + 256].to(device)).float()
-            correct += (logits.argmax(1) == val[1][start : start + 256].to(device)).sum().item()
-    return 100.0 * correct / max(len(val[0]), 1)
+                logits = model(images[pick].to(device)).float()
+            loss = F.cross_entropy(logits, labels[pick].to(device), label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, len(val[0]), 256):
+                with autocast():
+                    logits = model(val[0][start : start + 256].to(device)).float()
+                correct += (logits.argmax(1) == val[1][start : start + 256].to(device)).sum().item()
+        return 100.0 * correct / max(len(val[0]), 1)
 
 
 def load_images(

@@ -2,8 +2,8 @@
 
 from simmim.finetune.cli import FinetuneCLI, main
 from simmim.finetune.data import ClassificationDataModule, LabelledImageDataset
-from simmim.finetune.layer_decay import layer_decay_param_groups, swin_layer_id
 from simmim.finetune.module import SwinV2Classifier
+from simmim.optim import layer_decay_param_groups, swin_layer_id
 
 __all__ = [
     "main",

@@ -13,8 +13,13 @@ from timm.loss import SoftTargetCrossEntropy
 
 import swinv2
 from simmim.errors import require
-from simmim.finetune.layer_decay import depth_scaled_decay, layer_decay_param_groups
-from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads
+from simmim.optim import (
+    SCHEDULE_KEYS,
+    configure_adamw,
+    depth_scaled_decay,
+    drop_nonfinite_grads,
+    layer_decay_param_groups,
+)
 from simmim.seeding import StepSeeding
 from simmim.sharding import ShardedModel
 from swinv2.model import EncoderOptions, WindowSpec
@@ -144,7 +149,7 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
             )
         if self.load_report is not None:
             print(f"pretrained weights from {self.hparams.pretrained}:\n{self.load_report}")
-        elif self.hparams.scratch_layer_decay is not None:
+        elif self.hparams.scratch_layer_decay is not None and self.trainer.is_global_zero:
             print(
                 f"from scratch (--model.pretrained null): the from-scratch recipe, layer decay "
                 f"{self.hparams.scratch_layer_decay} (--model.scratch_layer_decay) instead of the pretrained start's"

@@ -10,7 +10,7 @@ import swinv2
 from simmim.builtin_data import prepare_digits
 from simmim.cli import CONFIG_DIR
 from simmim.finetune import main
-from simmim.finetune.layer_decay import depth_scaled_decay, layer_decay_param_groups, swin_layer_id
+from simmim.optim import depth_scaled_decay, layer_decay_param_groups, swin_layer_id
 
 
 def test_layer_ids_hand_computed_for_depths_2_2():
