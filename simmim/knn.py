@@ -90,7 +90,41 @@ def embed(encoder: torch.nn.Module, batches, device: torch.device, precision=Non
     return torch.cat(features), torch.cat(labels)
 
 
-class KNNMonitor(pl.Callback):
+class PeriodicMonitor(pl.Callback):
+    """A score of the encoder during pretraining: before training (a fresh run only) and every `every_n_epochs`
+    training epochs, `accuracy(pl_module)` (a percentage) logged as `metric`. Off under a sharded strategy, with a
+    warning naming `off_hint`."""
+
+    metric = ""
+    off_hint = ""
+
+    def __init__(self, every_n_epochs: int) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.first: Optional[float] = None  # the accuracy before training, in percent (a fresh run)
+        self.last: Optional[float] = None  # the latest accuracy, in percent
+
+    def accuracy(self, pl_module: pl.LightningModule) -> float:
+        raise NotImplementedError
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The starting point (a fresh run only): what the initial weights give, written to the logger at step 0
+        (a value logged through the module here would only reach it at the end of epoch 0, overwritten)."""
+        if is_sharded(pl_module):
+            self.every_n_epochs = 0
+            rank_zero_warn(f"the {self.metric} monitor is off under a sharded strategy (fsdp2): {self.off_hint}")
+        if self.every_n_epochs > 0 and trainer.global_step == 0:
+            self.first = self.accuracy(pl_module)
+            if trainer.is_global_zero and trainer.logger is not None:
+                trainer.logger.log_metrics({self.metric: self.first}, step=0)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs <= 0 or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self.last = self.accuracy(pl_module)
+        pl_module.log(self.metric, self.last, sync_dist=False, rank_zero_only=False)
+
+
+class KNNMonitor(PeriodicMonitor):
     """Before training (a fresh run) and every `every_n_epochs` training epochs, the kNN top-1 of the encoder's
     features on a labelled image folder, logged as `val/knn_acc1` (a percentage). Under DDP each rank embeds its
     share of the images and the features are gathered, so every rank computes the same value over the whole set.
@@ -106,6 +140,11 @@ class KNNMonitor(pl.Callback):
         option: The setting that gave `root`, named in errors.
     """
 
+    metric = "val/knn_acc1"
+    off_hint = (
+        "run `python -m simmim.probe` on the exported encoder instead, or --model.knn_every_n_epochs 0 to silence this"
+    )
+
     def __init__(
         self,
         root: Optional[str],
@@ -118,12 +157,11 @@ class KNNMonitor(pl.Callback):
         val_fraction: float = 0.2,
         option: str = "--model.knn_root",
     ) -> None:
-        self.root, self.img_size, self.every_n_epochs = root, img_size, every_n_epochs
+        super().__init__(every_n_epochs)
+        self.root, self.img_size = root, img_size
         self.k, self.temperature, self.batch_size, self.num_workers = k, temperature, batch_size, num_workers
         self.val_fraction, self.option = val_fraction, option
         self.classes: Optional[List[str]] = None
-        self.first: Optional[float] = None  # the accuracy before training, in percent (a fresh run)
-        self.last: Optional[float] = None  # the latest accuracy, in percent
         self.counts: Tuple[int, int] = (0, 0)  # the (train, val) images it was computed over, all ranks together
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -177,23 +215,3 @@ class KNNMonitor(pl.Callback):
             encoder.train(was_training)
         self.counts = (len(train[1]), len(val[1]))
         return 100.0 * knn_top1(*train, *val, len(self.classes), self.k, self.temperature)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The starting point (a fresh run only): what the initial weights give, written to the logger at step 0
-        (a value logged through the module here would only reach it at the end of epoch 0, overwritten)."""
-        if is_sharded(pl_module):
-            self.every_n_epochs = 0
-            rank_zero_warn(
-                "the kNN monitor is off under a sharded strategy (fsdp2): run `python -m simmim.probe` on the "
-                "exported encoder instead, or --model.knn_every_n_epochs 0 to silence this"
-            )
-        if self.every_n_epochs > 0 and trainer.global_step == 0:
-            self.first = self.accuracy(pl_module)
-            if trainer.is_global_zero and trainer.logger is not None:
-                trainer.logger.log_metrics({"val/knn_acc1": self.first}, step=0)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs <= 0 or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self.last = self.accuracy(pl_module)
-        pl_module.log("val/knn_acc1", self.last, sync_dist=False, rank_zero_only=False)

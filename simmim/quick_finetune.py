@@ -20,15 +20,14 @@ from typing import Callable, ContextManager, List, Optional, Tuple
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 
 from simmim.errors import DataFolderError
-from simmim.knn import ResizeCenterCrop
+from simmim.knn import PeriodicMonitor, ResizeCenterCrop
 from simmim.labelled import LabelledImageDataset, labelled_split
 from simmim.loaders import collate_readable, make_loader
 from simmim.optim import depth_scaled_decay, layer_decay_param_groups
 from simmim.seeding import monitor_generator
-from simmim.sharding import is_sharded
 
 
 def quick_finetune_top1(
@@ -109,7 +108,7 @@ def load_images(
     return torch.cat(xs), torch.cat(ys)
 
 
-class QuickFinetuneMonitor(pl.Callback):
+class QuickFinetuneMonitor(PeriodicMonitor):
     """Before training (a fresh run) and every `every_n_epochs` training epochs, `quick_finetune_top1` of the
     encoder on a labelled image folder, logged as `val/finetune_acc1`.
 
@@ -126,6 +125,9 @@ class QuickFinetuneMonitor(pl.Callback):
         option: The setting that gave `root`, named in errors.
     """
 
+    metric = "val/finetune_acc1"
+    off_hint = "fine-tune the exported encoder instead, or --model.finetune_every_n_epochs 0 to silence this"
+
     def __init__(
         self,
         root: Optional[str],
@@ -140,7 +142,8 @@ class QuickFinetuneMonitor(pl.Callback):
         num_workers: int = 0,
         option: str = "--model.knn_root",
     ) -> None:
-        self.root, self.img_size, self.every_n_epochs = root, img_size, every_n_epochs
+        super().__init__(every_n_epochs)
+        self.root, self.img_size = root, img_size
         self.steps, self.batch_size, self.lr, self.label_fraction = steps, batch_size, lr, label_fraction
         self.val_fraction, self.max_images, self.num_workers, self.option = (
             val_fraction,
@@ -150,8 +153,6 @@ class QuickFinetuneMonitor(pl.Callback):
         )
         self.data: Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None
         self.num_classes = 0
-        self.first: Optional[float] = None  # before training (a fresh run), in percent
-        self.last: Optional[float] = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Reads the images once they exist (the data module writes the built-in digits in `prepare_data`)."""
@@ -186,24 +187,6 @@ class QuickFinetuneMonitor(pl.Callback):
             generator=monitor_generator(),
             autocast=precision.forward_context,
         )
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if is_sharded(pl_module):
-            self.every_n_epochs = 0
-            rank_zero_warn(
-                "the quick fine-tune monitor is off under a sharded strategy (fsdp2): fine-tune the exported encoder "
-                "instead, or --model.finetune_every_n_epochs 0 to silence this"
-            )
-        if self.every_n_epochs > 0 and trainer.global_step == 0:
-            self.first = self.accuracy(pl_module)
-            if trainer.is_global_zero and trainer.logger is not None:
-                trainer.logger.log_metrics({"val/finetune_acc1": self.first}, step=0)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs <= 0 or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self.last = self.accuracy(pl_module)
-        pl_module.log("val/finetune_acc1", self.last, sync_dist=False, rank_zero_only=False)
 
 
 def _spread(items: List, limit: int) -> List:
