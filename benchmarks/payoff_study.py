@@ -74,7 +74,7 @@ def run_jobs(read_jobs: Callable[[], List[dict]], out: Path, slots: Callable[[],
             done.add(name)
             print(json.dumps({k: v for k, v in row.items() if k != "job"}), flush=True)
         ready = [j for j in pending if all(a in done for a in j.get("after", []))]
-        if not ready and not running:
+        if pending and not ready and not running:
             print(f"not run, a job they wait for failed: {[j['name'] for j in pending]}", flush=True)
             break
         while ready and len(running) < slots():
