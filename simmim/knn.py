@@ -67,6 +67,13 @@ class ResizeCenterCrop:
         return (torch.from_numpy(crop).permute(2, 0, 1).float() - self.mean) / self.std
 
 
+def eval_loader(files: List, labels: List[int], img_size: int, batch_size: int, num_workers: int, trainer=None):
+    """In-order (images, labels, index, readable) batches of labelled files, resized and center-cropped to `img_size`
+    and normalised; unreadable files are left out of their batch with a warning."""
+    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(img_size))
+    return make_loader(dataset, batch_size, num_workers, False, partial(collate_readable, num_fields=3), trainer)
+
+
 @torch.no_grad()
 def embed(encoder: torch.nn.Module, batches, device: torch.device, precision=None) -> Tuple[torch.Tensor, ...]:
     """(features, labels) of every readable image of `batches` ((images, labels, ...) tuples): the encoder's
@@ -189,9 +196,8 @@ class KNNMonitor(PeriodicMonitor):
         filler = per_rank - len(real)  # equal batch counts on every rank (sharded forwards): padded, label -1
         mine = real + [real[-1] if real else 0] * filler
         own_labels = [labels[i] for i in real] + [-1] * filler
-        dataset = LabelledImageDataset([files[i] for i in mine], own_labels, ResizeCenterCrop(self.img_size))
-        loader = make_loader(
-            dataset, self.batch_size, self.num_workers, False, partial(collate_readable, num_fields=3), trainer
+        loader = eval_loader(
+            [files[i] for i in mine], own_labels, self.img_size, self.batch_size, self.num_workers, trainer
         )
         encoder = pl_module.encoder
         features, own = embed(encoder, loader, pl_module.device, trainer.precision_plugin)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
-from functools import partial
 from typing import Callable, ContextManager, List, Optional, Tuple
 
 import pytorch_lightning as pl
@@ -23,9 +22,8 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 
 from simmim.errors import DataFolderError
-from simmim.knn import PeriodicMonitor, ResizeCenterCrop
-from simmim.labelled import LabelledImageDataset, labelled_split
-from simmim.loaders import collate_readable, make_loader
+from simmim.knn import PeriodicMonitor, eval_loader
+from simmim.labelled import labelled_split
 from simmim.optim import depth_scaled_decay, layer_decay_param_groups
 from simmim.seeding import monitor_generator
 
@@ -99,10 +97,8 @@ def load_images(
     files: List, labels: List[int], img_size: int, trainer: Optional[pl.Trainer] = None, num_workers: int = 0
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(images, labels) of every readable file, resized and center-cropped to `img_size` and normalised."""
-    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(img_size))
-    loader = make_loader(dataset, 256, num_workers, False, partial(collate_readable, num_fields=3), trainer)
     xs, ys = [], []
-    for x, y, *_ in loader:
+    for x, y, *_ in eval_loader(files, labels, img_size, 256, num_workers, trainer):
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
@@ -145,12 +141,8 @@ class QuickFinetuneMonitor(PeriodicMonitor):
         super().__init__(every_n_epochs)
         self.root, self.img_size = root, img_size
         self.steps, self.batch_size, self.lr, self.label_fraction = steps, batch_size, lr, label_fraction
-        self.val_fraction, self.max_images, self.num_workers, self.option = (
-            val_fraction,
-            max_images,
-            num_workers,
-            option,
-        )
+        self.val_fraction, self.max_images = val_fraction, max_images
+        self.num_workers, self.option = num_workers, option
         self.data: Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None
         self.num_classes = 0
 
