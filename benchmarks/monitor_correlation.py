@@ -1,6 +1,6 @@
 """Do the pretraining monitors rank checkpoints as fine-tuning does? For every checkpoint of a pretraining run, the
-quick fine-tune monitor's top-1 (`simmim.quick_finetune`, exactly as the callback computes it) and the kNN top-1
-(`simmim.knn`), against the mean top-1 of full fine-tuning runs from the same checkpoint (read from the study's
+quick fine-tune monitor's top-1 (`simmim.monitors`, exactly as the callback computes it) and the kNN top-1
+(`simmim.monitors`), against the mean top-1 of full fine-tuning runs from the same checkpoint (read from the study's
 results file); Spearman rank correlation of each monitor with fine-tuning.
 
     python benchmarks/monitor_correlation.py runs/study/pt_photos_hi --root data/photos/prepared \\
@@ -21,9 +21,8 @@ import torch
 from scipy.stats import spearmanr
 
 import swinv2
-from simmim.knn import knn_top1
-from simmim.labelled import labelled_split
-from simmim.quick_finetune import load_images, quick_finetune_top1
+from simmim.data.folders import labelled_split
+from simmim.monitors import knn_top1, load_images, quick_finetune_top1
 from simmim.seeding import monitor_generator
 
 

@@ -7,7 +7,7 @@ the from-scratch recipe by itself), with 10% and 25% of the labels, 3 seeds; pri
 
 Only the data, the class count and the label fraction are given to the stage commands (and, to run two at a time
 on one thread each, the loader's worker count and the run folders): every other setting is the default config's.
-The photos are cut by `simmim.builtin_data.prepare_photos` from sample photographs that scikit-image, scikit-learn
+The photos are cut by `simmim.data.builtin.prepare_photos` from sample photographs that scikit-image, scikit-learn
 and matplotlib ship; no validation crop shares a pixel with a training crop. The digits' pretraining set is all
 of the digits (as `python -m simmim.pretrain` uses them), their fine-tuning validation split included.
 Each run's log is in `runs/payoff_<data>/logs/`; results accumulate in `runs/payoff_<data>/results.jsonl`, so an
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from payoff_study import run_jobs  # noqa: E402
 
-from simmim.builtin_data import DEFAULT_DIGITS_ROOT, DEFAULT_PHOTOS_ROOT, prepare_digits, prepare_photos  # noqa: E402
+from simmim.data.builtin import DEFAULT_DIGITS_ROOT, DEFAULT_PHOTOS_ROOT, prepare_digits, prepare_photos  # noqa: E402
 
 DATA = {  # name: (pretraining --data.root, fine-tuning --data.root, classes)
     "photos": (f"{DEFAULT_PHOTOS_ROOT}/train", str(DEFAULT_PHOTOS_ROOT), 16),

@@ -1,9 +1,11 @@
-"""SimMIM pretraining and fine-tuning stages (Lightning) around the `swinv2` encoder.
+"""SimMIM pretraining and fine-tuning (Lightning) around the `swinv2` encoder.
 
-Shared modules live here (`images`, `loaders`, `optim`, `cli`, `export`, `bad_images`, `builtin_data`, `seeding`,
-`runs`, `errors`); each stage is a subpackage (`simmim.pretrain`, `simmim.finetune`) that imports the shared
-modules and never the other stage.
-The names below are re-exported lazily, so importing one stage never loads the other.
+The stages are subpackages (`simmim.pretrain`, `simmim.finetune`, and the evaluation tools in `simmim.eval`) that
+never import each other; what they share is a few concepts at the top: `data` (reading images), `checkpointing`
+(run folders, exports, untrusted files), `seeding`, `distributed`, `optim`, `stage` (the LightningModule base),
+`monitors`, `cli` and `errors` (docs/layout.md draws who may import whom).
+
+The classes below are re-exported here, once, and lazily, so importing one stage never loads the other.
 """
 
 from __future__ import annotations

@@ -1,33 +1,42 @@
-"""LightningCLI conventions shared by the stages: omegaconf configs, `fit` as the default subcommand, checkpoints in
-the run's own folder with `last.ckpt` (`--ckpt_path last` resumes the newest run under the root, in its folder),
-optional checkpoints every N steps, checkpoints read safely, the bad-image limit, and user errors as one line
-instead of a traceback."""
+"""The command line both stages share: LightningCLI with omegaconf configs, `fit` as the default subcommand, the
+run's callbacks and plugins declared where LightningCLI expects them, `--ckpt_path last`, and user errors as one
+line instead of a traceback (`simmim.errors`).
+
+What every run gets, and where it is declared:
+
+- `--checkpoint.*`: the `ModelCheckpoint` keeping `last.ckpt` in the run's own folder; `--checkpoint_every_n_steps`
+  adds `last.ckpt` every N optimizer steps (`StepCheckpoint`). Both are configurable and in the saved `config.yaml`.
+- Persistent callbacks (LightningCLI's `trainer_defaults`, not configurable): the claim on the checkpoint folders,
+  the bad-image limit (`--data.max_bad_fraction`), the logged wait for data, and the stage's own (its exports).
+- `trainer.plugins` defaults to `SafeCheckpointIO`, which reads checkpoints without running code from them; a
+  configured plugin list must hold a `CheckpointIO`.
+- `--ckpt_path last` is the newest `last.ckpt` under the root, resolved when the arguments are parsed; the
+  checkpoint's hyper-parameters are merged into the config only after `simmim.checkpointing.untrusted` checked them.
+- bf16-mixed trains in fp32 on a CPU that would emulate bf16 (`precision_for_this_cpu`); `--collective_timeout_s`
+  bounds the collectives of a data-parallel strategy.
+"""
 
 from __future__ import annotations
 
 import os
+import platform
 import warnings
-from datetime import timedelta
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins import CheckpointIO
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 
-from simmim.bad_images import BadImageLimit
+from simmim.checkpointing.runs import ClaimCheckpointFolders, is_checkpoint, metadata_file, newest_last_checkpoint
+from simmim.checkpointing.untrusted import check_run_outputs, check_sharded_checkpoint, checkpoint_hyperparameters
+from simmim.data.watch import BadImageLimit, DataWaitTimer
+from simmim.distributed import strategy_with_timeout
 from simmim.errors import ConfigError
-from simmim.export import SafeCheckpointIO
-from simmim.runs import ClaimCheckpointFolders, is_checkpoint, metadata_file, newest_last_checkpoint
-from simmim.sharding import register as register_strategies
-from simmim.sharding import with_timeout
-from simmim.step_timing import DataWaitTimer
-from simmim.untrusted import check_run_outputs, check_sharded_checkpoint, checkpoint_hyperparameters
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-register_strategies()  # `--trainer.strategy zero1 | fsdp2 | fsdp2_no_reshard`, and `fsdp` wrapping each block
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # main(args) is how tests and the entry point drive the CLI; the warning about args beside sys.argv is noise.
@@ -55,31 +64,10 @@ def with_default_subcommand(
     return args
 
 
-def finish_distributed() -> None:
-    """Destroy the process group before the interpreter exits. Left alive, gloo's threads sometimes abort the
-    process at exit ("terminate called without an active exception", return code -6) after the work is done."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def strategy_with_timeout(strategy, seconds: float):
-    """`--trainer.strategy NAME` (ddp, zero1, fsdp2, ...) built with collectives that fail after `seconds` instead
-    of Lightning's 30 minutes."""
-    built = with_timeout(strategy, timedelta(seconds=seconds)) if isinstance(strategy, str) else None
-    if built is None:
-        raise ConfigError(
-            f"--collective_timeout_s applies to a data-parallel --trainer.strategy (ddp, zero1, fsdp2, ...), not "
-            f"{strategy!r}: give that strategy's own timeout argument instead"
-        )
-    return built
-
-
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX on x86). Without, PyTorch emulates bf16
-    matmuls: a SwinV2 step in bf16-mixed ran about 7x slower than in fp32 on an AVX2 CPU. True where it cannot
-    tell (other architectures, other PyTorch versions)."""
-    import platform
-
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX on x86); without, PyTorch emulates bf16
+    matmuls, several times slower than fp32 (docs/training.md). True where it cannot tell (other architectures,
+    other PyTorch versions)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return True
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -113,13 +101,31 @@ def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """`last.ckpt` (and `periodic-{step}.ckpt`) every `every_n_train_steps` optimizer steps, in the folder of the
+    run's epoch-end checkpoints, so that an interrupted run loses at most that many steps. None: it writes nothing.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: Optional[int] = None) -> None:
+        active = bool(every_n_train_steps)
+        super().__init__(
+            dirpath=dirpath,
+            filename="periodic-{step}",
+            save_last=active,
+            every_n_train_steps=every_n_train_steps or 0,
+            every_n_epochs=None if active else 0,
+            enable_version_counter=False,
+        )
+
+
 class StageCLI(LightningCLI):
-    """LightningCLI with omegaconf configs, an overwritable saved config and per-run checkpoint folders; stages name
-    their program and subcommands (`PROG`, `SUBCOMMANDS`) and add their callbacks in `stage_callbacks`."""
+    """LightningCLI as both stages use it; a stage names its program and subcommands (`PROG`, `SUBCOMMANDS`),
+    adds its options in `add_arguments_to_parser` and its persistent callbacks in `stage_callbacks`."""
 
     PROG = "python -m simmim"
     DESCRIPTION = ""
     SUBCOMMANDS: Sequence[str] = ("fit", "validate")
+    CHECKPOINT_KEYS: Sequence[str] = ("checkpoint", "step_checkpoint")  # the configurable ModelCheckpoints
 
     def __init__(self, model_class, datamodule_class, args: List[str], **kwargs) -> None:
         # omegaconf+: interpolations are resolved after the command line is applied, so the default configs'
@@ -128,18 +134,28 @@ class StageCLI(LightningCLI):
             "parser_kwargs", {"parser_mode": "omegaconf+", "prog": self.PROG, "description": self.DESCRIPTION}
         )
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        self.claim, self.bad_images = ClaimCheckpointFolders(), BadImageLimit()
+        persistent = [self.claim, self.bad_images, DataWaitTimer(), *self.stage_callbacks()]
+        plugins = [{"class_path": "simmim.checkpointing.exports.SafeCheckpointIO"}]  # in the saved config
+        kwargs.setdefault("trainer_defaults", {"callbacks": persistent, "plugins": plugins})
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
 
     def stage_callbacks(self) -> list:
+        """The stage's callbacks that every run has (built before the arguments are parsed)."""
         return []
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
+        parser.add_lightning_class_args(StepCheckpoint, "step_checkpoint")
         parser.add_argument(
             "--checkpoint_every_n_steps",
             type=Optional[int],
             default=None,
             help="also write last.ckpt every N optimizer steps (exact mid-epoch resume loses at most N steps)",
         )
+        parser.link_arguments("checkpoint_every_n_steps", "step_checkpoint.every_n_train_steps")
+        parser.link_arguments("checkpoint.dirpath", "step_checkpoint.dirpath")
         parser.add_argument(
             "--collective_timeout_s",
             type=Optional[float],
@@ -152,18 +168,22 @@ class StageCLI(LightningCLI):
         """The Lightning subcommands this stage offers (`--help` lists only these)."""
         return {k: v for k, v in LightningCLI.subcommands().items() if k in self.SUBCOMMANDS}
 
-    def _parse_ckpt_path(self) -> None:
-        """`--ckpt_path last` is the newest `last.ckpt` under the root (every run has its own folder; left as
-        `last` when there is none, and Lightning starts afresh with a warning). The file's hyper-parameters are
-        then merged into the config as LightningCLI does, but read by `swinv2.read_checkpoint` and checked against
-        the module's typed signature first (`simmim.untrusted.checkpoint_hyperparameters`): a value that names a
-        class to build is refused, not handed to the parser, which would build it.
+    def setting(self, key: str) -> Any:
+        """An option of the running subcommand, as instantiated (`"trainer.precision"`, `"ckpt_path"`)."""
+        return (self.config_init[self.subcommand] if self.subcommand else self.config_init).get(key)
 
-        This overrides LightningCLI's private hook because it is the only place the CLI merges a checkpoint's
-        values into the config; `tests/simmim/test_untrusted.py` fails if the pinned Lightning stops calling it."""
-        if not self.config.get("subcommand"):
+    def parse_arguments(self, parser, args) -> None:
+        """The arguments, then `--ckpt_path`: `last` becomes the newest `last.ckpt` under the root (every run has
+        its own folder; left as `last` when there is none, and Lightning starts afresh with a warning), a shard
+        folder is checked, and the checkpoint's hyper-parameters are merged into the config, as LightningCLI does,
+        but read by `swinv2.read_checkpoint` and checked against the module's typed signature first
+        (`checkpoint_hyperparameters`): a value that names a class to build is refused, never handed to the parser,
+        which would build it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
             return
-        config = self.config[self.config.subcommand]
+        config = self.config[subcommand]
         if config.get("ckpt_path") == "last":
             newest = newest_last_checkpoint(config.trainer.get("default_root_dir") or os.getcwd())
             if newest is not None:
@@ -175,7 +195,13 @@ class StageCLI(LightningCLI):
             check_sharded_checkpoint(path)
         hparams = checkpoint_hyperparameters(metadata_file(path), self.model_class)
         if hparams:
-            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def _parse_ckpt_path(self) -> None:
+        """Does nothing. LightningCLI's private hook would merge `--ckpt_path`'s hyper-parameters into the config
+        unchecked, where a value naming a class gets built; `parse_arguments` has merged the checked ones. Overriding
+        it is the only way to turn it off: `tests/simmim/test_untrusted.py` fails if the pinned Lightning renames it
+        or stops calling it."""
 
     def before_instantiate_classes(self) -> None:
         """A run resumed from `<save_dir>/<name>/<version>/checkpoints/*.ckpt` logs and writes into that version
@@ -190,71 +216,49 @@ class StageCLI(LightningCLI):
             if run.parent == (Path(init.save_dir) / (init.get("name") or "")).resolve():
                 init.version = run.name
 
-    def _max_bad_fraction(self) -> float:
-        """`--data.max_bad_fraction`; the module argument it replaced is still read (older configs and checkpoints
-        carry it) with a warning."""
-        old = getattr(self.model, "hparams", {}).get("max_bad_fraction")
-        if old is None:
-            return self.datamodule.max_bad_fraction
-        rank_zero_warn(f"--model.max_bad_fraction is deprecated: it is now --data.max_bad_fraction (using {old})")
-        return old
+    def after_instantiate_classes(self) -> None:
+        """The persistent callbacks take the options they serve: the claim the checkpoint the run resumes from
+        (Lightning takes it up only after the callbacks' `setup`), the limit `--data.max_bad_fraction`."""
+        self.claim.resume_from = self.setting("ckpt_path")
+        self.bad_images.max_fraction = self.datamodule.max_bad_fraction
 
-    def _check_outputs(self, callbacks: list) -> None:
-        """No file of the run is written through a link out of its root (`simmim.untrusted.check_run_outputs`):
-        checked on every subcommand (validate writes its config.yaml too), before the trainer and its loggers
-        exist. No logger configured means Lightning's default, a TensorBoard logger in `<root>/lightning_logs`.
-        A `--ckpt_path last` left for Lightning to find in a configured checkpoint folder has its shard folders
-        checked here (`_parse_ckpt_path` checks the ones it finds)."""
-        root = self._get(self.config_init, "trainer.default_root_dir") or os.getcwd()
-        loggers = self._get(self.config_init, "trainer.logger")
+    def _checkpoint_callbacks(self) -> List[ModelCheckpoint]:
+        configured = [*_as_list(self.setting("trainer.callbacks")), *map(self.setting, self.CHECKPOINT_KEYS)]
+        return [c for c in configured if isinstance(c, ModelCheckpoint)]
+
+    def _check_outputs(self) -> None:
+        """No file of the run is written through a link out of its root (`check_run_outputs`): checked on every
+        subcommand (validate writes its config.yaml too), before the trainer and its loggers exist. No logger
+        configured means Lightning's default, a TensorBoard logger in `<root>/lightning_logs`. A `--ckpt_path last`
+        left for Lightning to find in a configured checkpoint folder has its shard folders checked here
+        (`parse_arguments` checks the ones it finds)."""
+        root = self.setting("trainer.default_root_dir") or os.getcwd()
+        loggers = self.setting("trainer.logger")
         if loggers is None or loggers is True:
             folders = [os.path.join(root, "lightning_logs")]
         else:
             folders = [getattr(lg, "root_dir", None) for lg in _as_list(loggers) if lg is not False]
-        dirpaths = [c.dirpath for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        dirpaths = [c.dirpath for c in self._checkpoint_callbacks() if c.dirpath]
         check_run_outputs(root, [f for f in folders if f], dirpaths)
-        if self._get(self.config_init, "ckpt_path") == "last":  # not found under the root: Lightning looks here
+        if self.setting("ckpt_path") == "last":  # not found under the root: Lightning looks here
             for folder in (Path(d) for d in dirpaths if "://" not in str(d)):
                 for shards in (p for p in folder.glob("last*.ckpt") if p.is_dir()):
                     check_sharded_checkpoint(shards)
 
     def instantiate_trainer(self, **kwargs):
-        """The configured callbacks and plugins, plus: a `ModelCheckpoint` keeping `last.ckpt` in the run's folder
-        (unless one is configured) and one every `--checkpoint_every_n_steps`, the claim on the checkpoint
-        folders, the bad-image limit, the data-wait timer, the stage's callbacks, and safe checkpoint reading (unless
-        a `CheckpointIO` plugin is configured). bf16-mixed trains in fp32 on a CPU without bf16 arithmetic
-        (`precision_for_this_cpu`)."""
-        callbacks = [*_as_list(self._get(self.config_init, "trainer.callbacks")), *kwargs.pop("callbacks", [])]
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(ModelCheckpoint(save_last=True, enable_version_counter=False))
-        every = self._get(self.config_init, "checkpoint_every_n_steps")
-        if every:  # beside the first checkpoint callback, sharing its last.ckpt
-            dirpath = next(c.dirpath for c in callbacks if isinstance(c, ModelCheckpoint))
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=dirpath,
-                    every_n_train_steps=every,
-                    save_last=True,
-                    filename="periodic-{step}",
-                    enable_version_counter=False,
-                )
+        """The trainer, after the run's output folders are checked, with the collective timeout and the precision
+        this CPU can run (the saved config keeps what was asked)."""
+        self._check_outputs()
+        if not any(isinstance(p, CheckpointIO) for p in _as_list(self.setting("trainer.plugins"))):
+            raise ConfigError(
+                "--trainer.plugins must include a CheckpointIO: add simmim.checkpointing.exports.SafeCheckpointIO "
+                "(the default, which reads checkpoints without running code from them) to the list"
             )
-        self._check_outputs(callbacks)
-        self.bad_images = BadImageLimit(self._max_bad_fraction())
-        callbacks += [
-            ClaimCheckpointFolders(self._get(self.config_init, "ckpt_path")),
-            self.bad_images,
-            DataWaitTimer(),
-            *self.stage_callbacks(),
-        ]
-        timeout = self._get(self.config_init, "collective_timeout_s")
+        timeout = self.setting("collective_timeout_s")
         if timeout is not None:
-            kwargs["strategy"] = strategy_with_timeout(self._get(self.config_init, "trainer.strategy"), timeout)
-        precision = self._get(self.config_init, "trainer.precision")
-        cpu_precision = precision_for_this_cpu(precision, self._get(self.config_init, "trainer.accelerator"))
-        if cpu_precision != precision:  # the trainer only: the saved config keeps what was asked
+            kwargs["strategy"] = strategy_with_timeout(self.setting("trainer.strategy"), timeout)
+        precision = self.setting("trainer.precision")
+        cpu_precision = precision_for_this_cpu(precision, self.setting("trainer.accelerator"))
+        if cpu_precision != precision:
             kwargs["precision"] = cpu_precision
-        plugins = _as_list(self._get(self.config_init, "trainer.plugins"))
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(SafeCheckpointIO())
-        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+        return super().instantiate_trainer(**kwargs)

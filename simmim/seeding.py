@@ -7,19 +7,20 @@ Every draw is seeded from it here and nowhere else:
   from (run seed, epoch, the sample's position in that epoch's global order). Data-loader workers and DDP ranks
   read different positions, so they draw differently; a sample's draw does not depend on which worker or rank
   reads it, so 0 or 8 workers, 1 or 16 ranks, and an interrupted run's resume all see the same crops and masks
-  (a resume on another number of ranks shares out the rest of its interrupted epoch anew, see `ResumableLoader`).
+  (a resume on another number of ranks shares out the rest of its interrupted epoch anew, see
+  `simmim.data.loaders.ResumableLoader`).
   `sample_generators` turns the seed into the generators the transforms and the mask use; `seeded_globals` seeds
   the global generators for transforms that draw from them (timm's and torchvision's) and gives them back after.
 - **Per training batch** (drop-path, dropout, mixup/cutmix): `seed_step` reseeds torch (every device), NumPy's and
   Python's global generators from (run seed, rank, epoch, batch index) before each batch, so ranks differ and a
   resumed run repeats the interrupted run's draws.
 - **Shuffling**: the epoch's order is a permutation drawn from (run seed, epoch).
-- **The quick fine-tune monitor** (`simmim.quick_finetune`): its head and batch order from (run seed) alone, the
+- **The quick fine-tune monitor** (`simmim.monitors`): its head and batch order from (run seed) alone, the
   same at every epoch and on every rank, so two checkpoints are compared under the same draws.
 
-`ResumableLoader` makes the training loader stateful for Lightning: its state is the epoch and the global position
-it had reached, read from Lightning's own count of trained batches when a checkpoint is written; `SeedState` keeps
-the run seed in the data module's part of the checkpoint.
+`simmim.data.loaders.ResumableLoader` makes the training loader stateful for Lightning: its state is the epoch and
+the global position it had reached, read from Lightning's own count of trained batches when a checkpoint is written;
+`SeedState` keeps the run seed in the data module's part of the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,19 +28,15 @@ from __future__ import annotations
 import math
 import os
 import random
-import weakref
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 
-from simmim.step_timing import TimedIterator
-from simmim.untrusted import checked_counts
-from simmim.workers import WorkerLoader
+from simmim.checkpointing.untrusted import checked_counts
 
 SEED_ENV = "PL_GLOBAL_SEED"
 # Stream tags: each purpose draws from its own sequence.
@@ -104,14 +101,6 @@ def seed_step(rank: int, epoch: int, batch_idx: int) -> None:
     random.seed(seed)
 
 
-class StepSeeding:
-    """For a `LightningModule`: `seed_step` before every training batch (drop-path, dropout and mixup draw from
-    the global generators)."""
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_step(self.global_rank, self.current_epoch, batch_idx)
-
-
 class SeededSampler(DistributedSampler):
     """The training order: a permutation per epoch, shared out across ranks, each index paired with its sample
     seed. A subclass of `DistributedSampler` so that Lightning uses it under DDP as it is.
@@ -163,83 +152,6 @@ class SeededSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
-
-
-class ResumableLoader(WorkerLoader):
-    """A training `DataLoader` over a `SeededSampler` whose state Lightning saves in every checkpoint and restores
-    when it resumes mid-epoch (it has `state_dict`/`load_state_dict`), so the run continues with the next sample of
-    the interrupted epoch, in the same order and with the same draws.
-
-    The state is taken from Lightning's count of trained batches in the epoch (`batch_progress.current.processed`),
-    not from what the loader has produced: its workers and Lightning's fetcher run ahead of training. Every
-    iteration outside such a resume starts at the epoch Lightning is in (its `set_epoch` call comes after the
-    first `iter()` of a run, too late for workers that prefetch at once).
-
-    It also counts the time its `next()` blocks (`data_wait_s`), which `simmim.step_timing.DataWaitTimer` logs.
-
-    Args:
-        dataset: A dataset whose `__getitem__` takes `SampleKey`s.
-        sampler: The training order.
-        trainer: The trainer the checkpoints are written by (None outside a Lightning run: the state is the
-            epoch's start).
-        **kwargs: `DataLoader` arguments.
-    """
-
-    def __init__(self, dataset, sampler: SeededSampler, trainer=None, **kwargs: Any) -> None:
-        super().__init__(dataset, sampler=sampler, **kwargs)
-        self._trainer = weakref.ref(trainer) if trainer is not None else (lambda: None)
-        self._resume: Optional[Tuple[int, int]] = None  # (epoch, start) loaded from a checkpoint, not yet iterated
-        self.data_wait_s = 0.0  # time spent in `next()` since `DataWaitTimer` last read it
-
-    def _fitting_trainer(self):
-        trainer = self._trainer()
-        return trainer if trainer is not None and trainer.state.fn == TrainerFn.FITTING else None
-
-    def __iter__(self):
-        trainer, sampler = self._fitting_trainer(), self.sampler
-        if isinstance(sampler, SeededSampler):
-            if self._resume is not None:
-                sampler.pin(*self._resume)
-            elif trainer is not None:
-                sampler.pin(trainer.fit_loop.epoch_progress.current.processed)
-        self._resume = None
-        return TimedIterator(super().__iter__(), self)
-
-    def state_dict(self) -> Dict[str, int]:
-        sampler, trainer = self.sampler, self._fitting_trainer()
-        if not isinstance(sampler, SeededSampler):  # Lightning swapped it (overfit_batches): nothing to resume
-            return {}
-        epoch, batches = sampler.epoch, 0
-        if trainer is not None:
-            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            if batches >= trainer.num_training_batches:  # the epoch is over: the next one starts afresh
-                epoch, batches = epoch + 1, 0
-        return {
-            "epoch": epoch,
-            "position": batches * self.batch_size * sampler.num_replicas,
-            "size": sampler.size,
-            "world_size": sampler.num_replicas,
-        }
-
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        sampler = self.sampler
-        if not state or not isinstance(sampler, SeededSampler):
-            return
-        state = checked_counts(state, ("epoch", "position", "size", "world_size"), "the training loader")
-        if state["size"] != sampler.size:
-            rank_zero_warn(
-                f"the training set had {state['size']} files when the checkpoint was written and has {sampler.size} "
-                "now: the resumed epoch's order is not the interrupted one's"
-            )
-        if state["world_size"] != sampler.num_replicas:
-            rank_zero_warn(
-                f"resumed on {sampler.num_replicas} processes, the checkpoint was written on {state['world_size']}: "
-                "the rest of the interrupted epoch is shared out anew from where training stopped, but Lightning "
-                "counts that epoch's remaining batches per process, so some of its samples may be skipped or read "
-                "twice; later epochs are exact"
-            )
-        sampler.set_epoch(state["epoch"])
-        self._resume = (state["epoch"], min(state["position"], sampler.size))
 
 
 class SeedState:

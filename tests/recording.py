@@ -11,7 +11,7 @@ from typing import Optional
 
 import pytorch_lightning as pl
 
-from simmim.sharding import optimizer_state_bytes
+from simmim.distributed import optimizer_state_bytes
 
 
 def fingerprint(tensor) -> str:

@@ -1,5 +1,6 @@
-"""The package layout's rules, read from the source: stages never import each other, shared modules never import a
-stage, `swinv2` never imports `simmim`, nothing cites files outside the repository, documented names resolve."""
+"""The package layout's rules (docs/layout.md), read from the source: shared modules import only lower layers and no
+stage, stages never import each other, `swinv2` never imports `simmim`, nothing is re-exported twice, nothing cites
+files outside the repository, documented names resolve."""
 
 import ast
 import importlib
@@ -10,7 +11,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = sorted(p.name for p in (ROOT / "simmim").iterdir() if (p / "__init__.py").exists())
+STAGES = ("eval", "finetune", "pretrain")
+# The shared layer, lowest first (docs/layout.md): a module imports only lower layers and its own package.
+LAYERS = {
+    "simmim.errors": 0,
+    "simmim.checkpointing.untrusted": 1,
+    "simmim.checkpointing.runs": 1,
+    "simmim.seeding": 2,
+    "simmim.data": 3,
+    "simmim.distributed": 4,
+    "simmim.checkpointing.exports": 5,
+    "simmim.optim": 5,
+    "simmim.stage": 6,
+    "simmim.monitors": 6,
+    "simmim.cli": 7,
+}
+ENTRY_POINTS = ("activations.py", "probe.py", "reconstruct.py", "transfer.py")
 
 
 def imported_modules(path: Path, root: Path = ROOT) -> set:
@@ -37,12 +53,65 @@ def _files(folder: Path):
 
 
 def test_the_stages_are_subpackages():
-    assert {"pretrain", "finetune"} <= set(STAGES)
+    assert all((ROOT / "simmim" / s / "__init__.py").exists() for s in STAGES)
+
+
+def layer_of(module: str):
+    """The layer of a shared module (`LAYERS`, a package's entry covering its modules); None outside the layer."""
+    for name, layer in LAYERS.items():
+        if module == name or module.startswith(name + "."):
+            return layer, name
+    return None
+
+
+def layer_violations(root: Path, layers=None) -> list:
+    """(file, module) for every import of a shared module from a shared module of the same or a lower layer (other
+    than its own package), and of every shared file `LAYERS` does not place."""
+    found = []
+    for path in _files(root / "simmim"):
+        module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        if path.name in ("__init__.py", *ENTRY_POINTS) or module.split(".")[1] in STAGES:
+            continue  # package docstrings (they import nothing), the command shims, the stages
+        own = layer_of(module)
+        if own is None:
+            found.append((str(path.relative_to(root)), "not placed in LAYERS"))
+            continue
+        for m in imported_modules(path, root):
+            other = layer_of(m) if m.startswith("simmim.") else None
+            same_package = m.split(".")[:2] == module.split(".")[:2]  # simmim.data.*, simmim.checkpointing.*
+            if other is not None and not same_package and other[0] >= own[0]:
+                found.append((str(path.relative_to(root)), m))
+    return found
+
+
+def test_shared_modules_import_only_lower_layers():
+    assert layer_violations(ROOT) == [], "docs/layout.md: a shared module imports only lower layers"
+
+
+def test_the_layer_checker_sees_an_upward_import_and_an_unplaced_module(tmp_path):
+    (tmp_path / "simmim" / "data").mkdir(parents=True)
+    (tmp_path / "simmim" / "data" / "images.py").write_text("from simmim.cli import StageCLI\n")
+    (tmp_path / "simmim" / "seeding.py").write_text("from simmim.checkpointing.untrusted import checked_counts\n")
+    (tmp_path / "simmim" / "extra.py").write_text("")
+    found = layer_violations(tmp_path)
+    assert ("simmim/data/images.py", "simmim.cli") in found and ("simmim/extra.py", "not placed in LAYERS") in found
+    assert not [f for f in found if f[0] == "simmim/seeding.py"]  # layer 2 reading layer 1: allowed
+
+
+def test_nothing_is_re_exported_twice():
+    """A stage's `__init__` exports its command line only; the classes are re-exported by `simmim` alone."""
+    for stage in ("pretrain", "finetune"):
+        tree = ast.parse((ROOT / "simmim" / stage / "__init__.py").read_text())
+        exported = [a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names]
+        assert exported == ["main"], (stage, exported)
+    for package in ("data", "checkpointing", "eval"):
+        tree = ast.parse((ROOT / "simmim" / package / "__init__.py").read_text())
+        assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], package
 
 
 def cross_stage_imports(root: Path) -> list:
     """(file, module) for every import of one stage subpackage of `root/simmim` from inside another."""
-    stages = sorted(p.name for p in (root / "simmim").iterdir() if (p / "__init__.py").exists())
+    stages = [s for s in STAGES if (root / "simmim" / s).is_dir()]
     found = []
     for stage in stages:
         for path in _files(root / "simmim" / stage):
@@ -79,18 +148,16 @@ def _is_entry_point(path: Path) -> bool:
     return one_line and main
 
 
-ENTRY_POINTS = ("activations.py", "probe.py", "reconstruct.py", "transfer.py")
-
-
 def test_entry_points_are_shims_only():
     for name in ENTRY_POINTS:
         assert _is_entry_point(ROOT / "simmim" / name), name
 
 
 def test_shared_modules_import_no_stage():
-    for path in sorted((ROOT / "simmim").glob("*.py")):
-        if path.name == "__init__.py" or path.name in ENTRY_POINTS:
-            continue  # the package's re-exports; the command shims
+    for path in _files(ROOT / "simmim"):
+        parts = path.relative_to(ROOT / "simmim").parts
+        if parts == ("__init__.py",) or path.name in ENTRY_POINTS or parts[0] in STAGES:
+            continue  # the package's re-exports; the command shims; the stages
         bad = [m for m in imported_modules(path) for s in STAGES if m.startswith(f"simmim.{s}")]
         assert not bad, f"{path.relative_to(ROOT)} is shared but imports {bad}"
 

@@ -39,7 +39,7 @@ def _is_parameters(cell) -> bool:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """The notebooks' runs folder, with a small labelled set (3 classes of 10 digits) for the kNN and the probe."""
-    from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+    from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
 
     digits = prepare_digits(DEFAULT_DIGITS_ROOT)
     folder = tmp_path_factory.mktemp("notebooks")

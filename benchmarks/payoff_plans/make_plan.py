@@ -20,7 +20,7 @@ OUT = Path(__file__).with_name("study.json")
 def pretrain(name: str, photos: bool, epochs: int, *extra: str) -> dict:
     data = ["--data.root", f"{PHOTOS}/train", "--model.knn_root", PHOTOS] if photos else []
     args = ["fit", *data, "--trainer.max_epochs", str(epochs), "--data.num_workers", "0"]
-    args += ["--model.knn_every_n_epochs", "10", "--grid_every_n_epochs", str(epochs)]
+    args += ["--model.knn_every_n_epochs", "10", "--grid.every_n_epochs", str(epochs)]
     args += ["--trainer.default_root_dir", f"runs/study/{name}"]
     args += ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint"]
     args += ["--trainer.callbacks.dirpath", f"runs/study/{name}/ckpt", "--trainer.callbacks.every_n_epochs", "10"]

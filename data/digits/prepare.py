@@ -5,7 +5,7 @@ The pretraining CLI calls the same function on first use when no --data.root is 
 
 import argparse
 
-from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)

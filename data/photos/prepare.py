@@ -7,7 +7,7 @@ function.
 
 import argparse
 
-from simmim.builtin_data import DEFAULT_PHOTOS_ROOT, prepare_photos
+from simmim.data.builtin import DEFAULT_PHOTOS_ROOT, prepare_photos
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)

@@ -21,10 +21,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 import swinv2
-from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.data.builtin import labelled_root
+from simmim.data.folders import labelled_split, stratified_pick
 from simmim.errors import ConfigError
 from simmim.eval.classify import accuracy, fit, loader
-from simmim.labelled import labelled_split, stratified_pick
 
 # Design name -> `SwinTransformerV2` arguments.
 DESIGNS: Dict[str, Dict[str, str]] = {
@@ -195,8 +195,7 @@ def main(args: Optional[List[str]] = None) -> Dict[str, DesignResult]:
     p.add_argument("--probe_images", type=int, default=256, help="held-out images (per class alike) to measure on")
     p.add_argument("--out", help="also write the table and summary to this Markdown file")
     opts = p.parse_args(args)
-    if opts.root is None:
-        prepare_digits(DEFAULT_DIGITS_ROOT)
+    opts.root = labelled_root(opts.root)
     arch = dict(embed_dim=opts.embed_dim, depths=tuple(opts.depths), num_heads=tuple(opts.num_heads))
     results = study(
         opts.root, opts.designs, opts.img_size, opts.window, opts.epochs, opts.lr, opts.batch_size, arch, opts.seed,

@@ -11,10 +11,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from simmim.knn import ResizeCenterCrop
-from simmim.labelled import LabelledImageDataset
-from simmim.loaders import collate_readable
-from simmim.workers import WorkerLoader
+from simmim.data.folders import LabelledImageDataset
+from simmim.data.loaders import WorkerLoader, collate_readable
+from simmim.monitors import ResizeCenterCrop
 
 
 def loader(

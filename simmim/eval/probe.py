@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 
 import swinv2
-from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.data.builtin import labelled_root
+from simmim.data.folders import labelled_split
 from simmim.errors import ConfigError
 from simmim.eval.classify import loader
-from simmim.labelled import labelled_split
 
 
 @torch.no_grad()
@@ -138,27 +138,29 @@ def main(args: Optional[List[str]] = None) -> float:
     opts = parse(args)
     if opts.checkpoint is None:
         raise SystemExit("error: --checkpoint is required (with --random_init: the shape to initialise randomly)")
-    if opts.root is None:
-        prepare_digits(DEFAULT_DIGITS_ROOT)
+    opts.root = labelled_root(opts.root)
     torch.manual_seed(opts.seed)
     encoder = load_encoder(opts.checkpoint, opts.img_size, opts.random_init)
     img_size = encoder.img_size[0]
     last = len(encoder.layers) - 1
-    tf, tl, vf, vl, classes = labelled_split(opts.root, opts.val_fraction)
-    if len(tf) < 2 or not vf:
-        raise ConfigError(f"--data.root {opts.root}: {len(tf)} training and {len(vf)} held-out images: too few")
+    split = labelled_split(opts.root, opts.val_fraction)
+    if len(split.train_files) < 2 or not split.val_files:
+        raise ConfigError(
+            f"--data.root {opts.root}: {len(split.train_files)} training and {len(split.val_files)} held-out images: "
+            "too few"
+        )
     start = time.perf_counter()
     common = dict(img_size=img_size, stage=opts.stage, final_norm=not opts.no_final_norm)
     common.update(batch_size=opts.batch_size, num_workers=opts.num_workers)
-    train = cached_features(encoder, tf, tl, **common)
-    val = cached_features(encoder, vf, vl, **common)
-    head = train_linear(train, len(classes), opts.epochs, opts.lr, seed=opts.seed)
+    train = cached_features(encoder, split.train_files, split.train_labels, **common)
+    val = cached_features(encoder, split.val_files, split.val_labels, **common)
+    head = train_linear(train, len(split.classes), opts.epochs, opts.lr, seed=opts.seed)
     acc = top1(head, val)
     what = "a random init of its architecture" if opts.random_init else opts.checkpoint
     stage = "last stage" if opts.stage in (-1, last) else f"stage {opts.stage}"
     norm = ", after the final norm" if opts.stage in (-1, last) and not opts.no_final_norm else ""
     print(
         f"linear probe of {what} ({stage}{norm}, {train[0].shape[1]} features): top-1 {acc:.2f}% on {len(val[1])} "
-        f"images ({len(classes)} classes, {len(train[1])} training images, {time.perf_counter() - start:.0f} s)"
+        f"images ({len(split.classes)} classes, {len(train[1])} training images, {time.perf_counter() - start:.0f} s)"
     )
     return acc

@@ -19,10 +19,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import swinv2
-from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.data.builtin import labelled_root
+from simmim.data.folders import labelled_split
 from simmim.errors import ConfigError
 from simmim.eval.classify import accuracy, fit, loader
-from simmim.labelled import labelled_split
 
 POSITION_BIASES = ("table", "linear_cpb", "log_cpb")
 
@@ -103,8 +103,7 @@ def main(args: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the table to this Markdown file")
     opts = p.parse_args(args)
-    if opts.root is None:
-        prepare_digits(DEFAULT_DIGITS_ROOT)
+    opts.root = labelled_root(opts.root)
     start = time.perf_counter()
     arch = dict(embed_dim=opts.embed_dim, depths=tuple(opts.depths), num_heads=tuple(opts.num_heads))
     results = study(

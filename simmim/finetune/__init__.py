@@ -1,16 +1,9 @@
-"""Stage 2: fine-tuning a pretrained SwinV2 for classification, at the same or a larger window."""
+"""Stage 2: fine-tuning a pretrained SwinV2 for classification, at the same or a larger window: `augment` (the
+official recipe's augmentation), `data`, `module` (the LightningModule), `callbacks` (predictions CSV) and `cli`.
 
-from simmim.finetune.cli import FinetuneCLI, main
-from simmim.finetune.data import ClassificationDataModule, LabelledImageDataset
-from simmim.finetune.module import SwinV2Classifier
-from simmim.optim import layer_decay_param_groups, swin_layer_id
+`main(args)` is the command line (`python -m simmim.finetune`), callable from Python with a list of arguments.
+"""
 
-__all__ = [
-    "main",
-    "FinetuneCLI",
-    "ClassificationDataModule",
-    "LabelledImageDataset",
-    "SwinV2Classifier",
-    "layer_decay_param_groups",
-    "swin_layer_id",
-]
+from simmim.finetune.cli import main
+
+__all__ = ["main"]

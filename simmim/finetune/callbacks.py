@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from simmim.export import run_dir
+from simmim.checkpointing.exports import run_dir
 
 
 class PredictionCSV(pl.Callback):

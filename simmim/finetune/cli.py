@@ -12,14 +12,14 @@ from typing import List, Optional
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from simmim.checkpointing.exports import ExportWeights
+from simmim.checkpointing.runs import is_checkpoint
 from simmim.cli import CONFIG_DIR, StageCLI, has_config, with_default_subcommand
+from simmim.data.folders import class_names
 from simmim.errors import ConfigError, user_errors_as_messages
-from simmim.export import ExportWeights
 from simmim.finetune.callbacks import PredictionCSV
 from simmim.finetune.data import ClassificationDataModule
 from simmim.finetune.module import SwinV2Classifier
-from simmim.labelled import class_names
-from simmim.runs import is_checkpoint
 
 DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safetensors"
 
@@ -28,10 +28,21 @@ class FinetuneCLI(StageCLI):
     PROG = "python -m simmim.finetune"
     DESCRIPTION = "Fine-tune a pretrained SwinV2 for classification (no subcommand: fit; no --config: the default)"
     SUBCOMMANDS = ("fit", "validate", "predict")
+    CHECKPOINT_KEYS = (*StageCLI.CHECKPOINT_KEYS, "best_checkpoint")
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.img_size", "model.img_size")
+        parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")  # in the run's folder, beside last.ckpt
+        parser.set_defaults(
+            {
+                "best_checkpoint.filename": "best-{epoch:03d}",
+                "best_checkpoint.monitor": "val/acc1",
+                "best_checkpoint.mode": "max",
+                "best_checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments("checkpoint.dirpath", "best_checkpoint.dirpath")
 
     def before_instantiate_classes(self) -> None:
         """`--model.num_classes` unset: the number of class folders of `--data.root`; set: it must agree."""
@@ -58,13 +69,7 @@ class FinetuneCLI(StageCLI):
             "model", {"classifier.safetensors": "official", "classifier_timm.safetensors": "timm"}
         )
         self.predictions = PredictionCSV()
-        best = ModelCheckpoint(  # in the run's folder, beside last.ckpt
-            filename="best-{epoch:03d}",
-            monitor="val/acc1",
-            mode="max",
-            auto_insert_metric_name=False,
-        )
-        return [best, self.export, self.predictions]
+        return [self.export, self.predictions]
 
 
 def _default_pretrained(args: List[str]) -> List[str]:

@@ -9,12 +9,12 @@ from typing import List, Optional, Tuple
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.data.folders import LabelledImageDataset, labelled_split
+from simmim.data.images import list_images
+from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
 from simmim.errors import check_loader, require
 from simmim.finetune.augment import RECIPES, classification_transform
-from simmim.images import list_images
-from simmim.labelled import LabelledImageDataset, labelled_split
-from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
 from simmim.seeding import SeedState
 
 
@@ -67,7 +67,7 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.root is None:
-            prepare_digits(DEFAULT_DIGITS_ROOT)
+            prepare_digits()
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.classes is None:
@@ -75,9 +75,9 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         skip_empty_validation(self, "no validation images (--data.val_fraction 0 and no val/ folder): no val/acc1")
 
     def _scan(self) -> None:
-        self.train_files, self.train_labels, self.val_files, self.val_labels, self.classes = labelled_split(
-            self.root, self.val_fraction, self.label_fraction
-        )
+        split = labelled_split(self.root, self.val_fraction, self.label_fraction)
+        self.train_files, self.train_labels, self.classes = split.train_files, split.train_labels, split.classes
+        self.val_files, self.val_labels = split.val_files, split.val_labels
 
     @property
     def num_classes(self) -> Optional[int]:

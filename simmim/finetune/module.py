@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -17,17 +16,15 @@ from simmim.optim import (
     SCHEDULE_KEYS,
     configure_adamw,
     depth_scaled_decay,
-    drop_nonfinite_grads,
     layer_decay_param_groups,
 )
-from simmim.seeding import StepSeeding
-from simmim.sharding import ShardedModel
+from simmim.stage import StageModule
 from swinv2.model import EncoderOptions, WindowSpec
 
 log = logging.getLogger(__name__)
 
 
-class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
+class SwinV2Classifier(StageModule):
     """SwinV2 fine-tuning with the official SimMIM fine-tuning recipe (docs/recipes.md).
 
     Args:
@@ -43,8 +40,8 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
             windows (no rescaling).
         drop_path_rate: Stochastic depth (official: 0.1 for B).
         use_checkpoint: Activation checkpointing of every block (memory for compute).
-        compile_attention: `torch.compile` the window attention (about a minute at start; on the benchmark CPU
-            0.99x-1.07x of the eager speed, which is already 1.29x-1.39x timm's in bf16).
+        compile_attention: `torch.compile` the window attention (it compiles at start; docs/speed.md measures
+            what it gains).
         encoder_kwargs: Further `SwinTransformerV2` arguments (embed_dim, depths, num_heads, ...).
         base_lr, warmup_lr, min_lr: Per 512 images when `scale_lr` (official B: 1.25e-3, 2.5e-7, 2.5e-7).
         layer_decay: Layer-wise LR decay of a pretrained start, per layer of a `layer_decay_depth`-block model
@@ -55,8 +52,6 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
         scratch_layer_decay: The layer decay of a run from scratch (`pretrained` None): 1.0, none, as supervised
             training from scratch uses; None: the pretrained recipe's.
         mixup, cutmix, mix_prob, switch_prob, label_smoothing: timm Mixup settings (official: 0.8, 1.0, 1, 0.5, 0.1).
-        max_bad_fraction: Deprecated, use `--data.max_bad_fraction`; still honoured (with a warning) so that
-            older configs and checkpoints load.
     """
 
     def __init__(
@@ -87,9 +82,8 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
-        max_bad_fraction: Optional[float] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(img_size)
         if num_classes is None:
             raise ValueError("num_classes is required (the fine-tuning command line reads it from --data.root)")
         patch = (encoder_kwargs or {}).get("patch_size", 4)
@@ -188,12 +182,9 @@ class SwinV2Classifier(ShardedModel, StepSeeding, pl.LightningModule):
         conf, pred = probs.max(-1)
         return {"index": index, "pred": pred, "prob": conf}
 
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        swinv2.add_record(checkpoint, self.model)  # the checkpoint contract's architecture record
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if drop_nonfinite_grads(self):
-            print(f"step {self.global_step}: non-finite gradients, optimizer step skipped")
+    @property
+    def swin(self) -> swinv2.SwinTransformerV2:
+        return self.model
 
     def configure_optimizers(self):
         hp, trainer = self.hparams, self.trainer

@@ -1,19 +1,10 @@
-"""Stage 1: SimMIM pretraining of a SwinV2 encoder (masking, decoder and loss, data, LightningModule, CLI)."""
+"""Stage 1: SimMIM pretraining of a SwinV2 encoder. The method is `masking` (random patch masks) and `model` (mask
+token in, linear decoder out, L1 on the masked pixels); around it `augment` (crop and flip), `data`, `module` (the
+LightningModule), `callbacks` (reconstruction grids), `reconstruct` (the viewer) and `cli`.
 
-from simmim.pretrain.cli import PretrainCLI, main
-from simmim.pretrain.data import MaskedImageDataset, PretrainDataModule
-from simmim.pretrain.masking import MaskGenerator
-from simmim.pretrain.model import SimMIM, masked_l1_loss, normalize_target
-from simmim.pretrain.module import SimMIMPretrainer
+`main(args)` is the command line (`python -m simmim.pretrain`), callable from Python with a list of arguments.
+"""
 
-__all__ = [
-    "main",
-    "PretrainCLI",
-    "PretrainDataModule",
-    "MaskedImageDataset",
-    "MaskGenerator",
-    "SimMIM",
-    "SimMIMPretrainer",
-    "masked_l1_loss",
-    "normalize_target",
-]
+from simmim.pretrain.cli import main
+
+__all__ = ["main"]

@@ -33,7 +33,7 @@ def normalize_images(
     if x.dtype != torch.uint8:
         raise TypeError(f"normalize_images takes uint8 images, got {x.dtype}")
     mean_255, std_255 = _channel_constants(tuple(mean), tuple(std), x.device)
-    out = x.to(torch.float32).sub_(mean_255).div_(std_255)  # in place: 15x faster on CPU than new tensors
+    out = x.to(torch.float32).sub_(mean_255).div_(std_255)  # in place: far cheaper on CPU than new tensors
     return out if dtype == torch.float32 else out.to(dtype)
 
 

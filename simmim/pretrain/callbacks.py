@@ -11,9 +11,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torchvision.utils import make_grid, save_image
 
-from simmim.export import run_dir
+from simmim.checkpointing.exports import run_dir
+from simmim.distributed import is_sharded
 from simmim.pretrain.model import local_stats
-from simmim.sharding import is_sharded
 
 
 class ReconstructionGrid(pl.Callback):
@@ -31,6 +31,7 @@ class ReconstructionGrid(pl.Callback):
         self.seen = 0  # readable validation images in the current validation epoch
         self.stride = 1  # take every stride-th of them
         self.picked: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the images and masks the grid shows
 
     def why_none(self, trainer: pl.Trainer) -> str:
         """Why no grid was written (for the end-of-run summary)."""
@@ -49,7 +50,7 @@ class ReconstructionGrid(pl.Callback):
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
         folder = os.path.join(run_dir(trainer), "reconstructions")
-        batch = getattr(pl_module, "first_val_batch", None)
+        batch = self.batch
         grid = None
         validated = sum(trainer.num_val_batches or [0]) > 0  # the same on every rank
         if validated and is_sharded(pl_module.model):  # a sharded forward is collective: every rank runs it
@@ -80,7 +81,7 @@ class ReconstructionGrid(pl.Callback):
                 self.picked.append((x[i].detach().clone(), mask[i].detach().clone()))  # not the whole batch
         self.seen += len(x)
         if self.picked and (len(self.picked) == self.num_images or batch_idx + 1 == sum(trainer.num_val_batches)):
-            pl_module.first_val_batch = tuple(torch.stack(t) for t in zip(*self.picked))
+            self.batch = tuple(torch.stack(t) for t in zip(*self.picked))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.seen == 0 and sum(trainer.num_val_batches or [0]):

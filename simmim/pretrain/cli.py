@@ -10,14 +10,13 @@ from typing import List, Optional
 
 import pytorch_lightning as pl
 
+from simmim.checkpointing.exports import ExportWeights
 from simmim.cli import CONFIG_DIR, StageCLI, with_default_subcommand
 from simmim.errors import user_errors_as_messages
-from simmim.export import ExportWeights
-from simmim.knn import KNNMonitor
+from simmim.monitors import KNNMonitor, QuickFinetuneMonitor
 from simmim.pretrain.callbacks import ReconstructionGrid
 from simmim.pretrain.data import PretrainDataModule
 from simmim.pretrain.module import SimMIMPretrainer
-from simmim.quick_finetune import QuickFinetuneMonitor
 
 
 class PretrainCLI(StageCLI):
@@ -29,12 +28,15 @@ class PretrainCLI(StageCLI):
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.img_size", "model.img_size")
         parser.link_arguments("model.patch_size", "data.model_patch_size")
-        parser.add_argument("--grid_every_n_epochs", type=int, default=1, help="reconstruction grid period")
+        parser.add_lightning_class_args(ReconstructionGrid, "grid")  # --grid.every_n_epochs, --grid.num_images
 
     def stage_callbacks(self) -> list:
-        self.grid = ReconstructionGrid(every_n_epochs=self._get(self.config_init, "grid_every_n_epochs") or 1)
         self.export = ExportWeights("encoder", {"encoder.safetensors": "official"})
-        return [self.grid, self.export]
+        return [self.export]
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        self.grid = self.setting("grid")
 
 
 def monitor_summary(callbacks: List[pl.Callback]) -> List[str]:

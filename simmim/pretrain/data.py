@@ -11,10 +11,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from simmim.builtin_data import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
+from simmim.data.images import list_images, read_sample_image
+from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
 from simmim.errors import check_loader, require
-from simmim.images import list_images, read_sample_image
-from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
 from simmim.pretrain.augment import PretrainTransform, normalize_images
 from simmim.pretrain.masking import MaskGenerator
 from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
@@ -112,7 +112,7 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.root is None:
-            prepare_digits(DEFAULT_DIGITS_ROOT)
+            prepare_digits()
 
     def setup(self, stage: Optional[str] = None) -> None:
         files = self.files if self.files is not None else list_images(DEFAULT_DIGITS_ROOT)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional
 
 import numpy as np
 from timm.layers import to_2tuple
 
-IntOrPair = Union[int, Tuple[int, int]]
+from swinv2.model import IntOrPair
 
 
 class MaskGenerator:

@@ -48,8 +48,8 @@ def local_stats(x: torch.Tensor, patch_size: int = 47) -> Tuple[torch.Tensor, to
     """Per-pixel, per-channel mean and std of the `patch_size` x `patch_size` neighbourhood (padding excluded,
     unbiased variance), as the official SwinV2 SimMIM `norm_targets`. Returns (mean, sqrt(var + 1e-6)).
 
-    The official code averages over the square window directly: k^2 additions per pixel, 2.7 s of a 4.6 s SwinV2-T
-    step on 2 CPU cores at window 47. The window clipped to the image is a rectangle, so here its sums are taken one
+    The official code averages over the square window directly: k^2 additions per pixel, most of a SwinV2-T step on
+    a CPU at window 47 (docs/speed.md). The window clipped to the image is a rectangle, so here its sums are taken one
     axis after the other, each as a difference of cumulative sums (a few operations per pixel, whatever k), in
     float64: the same statistics, with less rounding than the official float32 pools. Images are taken a few at a
     time (`_STATS_CHUNK` values each), so the float64 temporaries stay a few tens of MB at any batch size."""

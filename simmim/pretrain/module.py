@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
 
 import swinv2
 from simmim.errors import ConfigError
-from simmim.knn import KNNMonitor
-from simmim.optim import SCHEDULE_KEYS, configure_adamw, drop_nonfinite_grads, param_groups_weight_decay
+from simmim.monitors import KNNMonitor, QuickFinetuneMonitor
+from simmim.optim import SCHEDULE_KEYS, configure_adamw, param_groups_weight_decay
 from simmim.pretrain.model import SimMIM
-from simmim.quick_finetune import QuickFinetuneMonitor
-from simmim.seeding import StepSeeding
-from simmim.sharding import ShardedModel
+from simmim.stage import StageModule
 from swinv2.model import EncoderOptions, WindowSpec
 
 
-class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
+class SimMIMPretrainer(StageModule):
     """SimMIM pretraining with the official SwinV2 recipe (docs/recipes.md).
 
     Args:
@@ -29,8 +27,8 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         window_size: Window per stage (int or one per stage).
         drop_path_rate: Stochastic depth.
         use_checkpoint: Activation checkpointing of every block (memory for compute).
-        compile_attention: `torch.compile` the window attention (about a minute at start; on the benchmark CPU
-            0.99x-1.07x of the eager speed, which is already 1.29x-1.39x timm's in bf16).
+        compile_attention: `torch.compile` the window attention (it compiles at start; docs/speed.md measures
+            what it gains).
         encoder_kwargs: Further `SwinTransformerV2` arguments (embed_dim, depths, num_heads, use_checkpoint, ...).
         norm_target_patch_size: Local target normalisation window (official: 47); None for raw pixels.
         base_lr, warmup_lr, min_lr: Per 512 images when `scale_lr` (official: 1e-4, 5e-7, 5e-6).
@@ -39,16 +37,14 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         lr_schedule: "multistep" (official pretraining) or "cosine".
         milestones: Epochs at which multistep multiplies the LR by `gamma` (official: [700]).
         weight_decay, betas, eps: AdamW.
-        max_bad_fraction: Deprecated, use `--data.max_bad_fraction`; still honoured (with a warning) so that
-            older configs and checkpoints load.
         knn_root: Labelled class folders for the monitors (`DIR/train/<class>` and `DIR/val/<class>`, or
             `DIR/<class>` split 80/20). None: the built-in digits' labels when pretraining on the built-in digits,
             otherwise no monitor.
-        knn_every_n_epochs: The kNN monitor's period in training epochs (`val/knn_acc1`, `simmim.knn`: frozen
+        knn_every_n_epochs: The kNN monitor's period in training epochs (`val/knn_acc1`, `simmim.monitors`: frozen
             features); 0 turns it off.
         knn_k: Neighbours that vote (temperature 0.07).
         finetune_every_n_epochs: The quick fine-tune monitor's period (`val/finetune_acc1`,
-            `simmim.quick_finetune`: what fine-tuning from these weights gives); 0 turns it off.
+            `simmim.monitors`: what fine-tuning from these weights gives); 0 turns it off.
         finetune_steps: Its fine-tune's length in steps of 32 images.
     """
 
@@ -76,14 +72,13 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         weight_decay: float = 0.05,
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        max_bad_fraction: Optional[float] = None,
         knn_root: Optional[str] = None,
         knn_every_n_epochs: int = 1,
         knn_k: int = 20,
         finetune_every_n_epochs: int = 0,
         finetune_steps: int = 100,
     ) -> None:
-        super().__init__()
+        super().__init__(img_size)
         self.save_hyperparameters()
         encoder = swinv2.create_model(
             arch,
@@ -99,11 +94,14 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         if compile_attention:
             encoder.compile_attention()
         self.model = SimMIM(encoder, encoder.encoder_stride, norm_target_patch_size)
-        self.skipped_steps = 0
         self._t_batch = time.perf_counter()
 
     @property
     def encoder(self) -> swinv2.SwinTransformerV2:
+        return self.model.encoder
+
+    @property
+    def swin(self) -> swinv2.SwinTransformerV2:
         return self.model.encoder
 
     def configure_callbacks(self) -> List[pl.Callback]:
@@ -151,18 +149,6 @@ class SimMIMPretrainer(ShardedModel, StepSeeding, pl.LightningModule):
         x = self.blank_images()
         grid = self.hparams.img_size // self.hparams.patch_size
         return x, torch.zeros(1, grid, grid, dtype=torch.bool, device=self.device)
-
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        swinv2.add_record(checkpoint, self.encoder)  # the checkpoint contract's architecture record
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if drop_nonfinite_grads(self):
-            self.skipped_steps += 1
-            print(
-                f"step {self.global_step}: non-finite gradients, optimizer step skipped ({self.skipped_steps} so far)"
-            )
-        if self._trainer is not None:
-            self.log("train/skipped_steps", float(self.skipped_steps))
 
     def configure_optimizers(self):
         hp = self.hparams

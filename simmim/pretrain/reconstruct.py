@@ -16,21 +16,21 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from simmim.checkpointing.untrusted import checked_hyperparameters, read_run_config
+from simmim.data.images import decode_image, list_images
+from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from simmim.errors import ConfigError
-from simmim.images import decode_image, list_images
-from simmim.knn import ResizeCenterCrop
-from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD
+from simmim.monitors import ResizeCenterCrop
 from simmim.pretrain.callbacks import reconstruction_grid
 from simmim.pretrain.data import PretrainDataModule
 from simmim.pretrain.masking import MaskGenerator
 from simmim.pretrain.module import SimMIMPretrainer
-from simmim.untrusted import checked_hyperparameters, read_run_config
 from swinv2.reading import read_checkpoint
 
 
 def run_config(checkpoint: Path) -> dict:
     """The `data` section of the run's saved config (`<run>/config.yaml`), checked as untrusted input
-    (`simmim.untrusted.read_run_config`), or {} without one."""
+    (`simmim.checkpointing.untrusted.read_run_config`), or {} without one."""
     for folder in (checkpoint.parent, checkpoint.parent.parent):
         if (folder / "config.yaml").is_file():
             sections = {"data": PretrainDataModule, "model": SimMIMPretrainer}
@@ -40,7 +40,7 @@ def run_config(checkpoint: Path) -> dict:
 
 def load_pretrainer(checkpoint: Path) -> SimMIMPretrainer:
     """The pretraining module of a Lightning checkpoint, read without running pickled code, its hyper-parameters
-    checked (`simmim.untrusted.checked_hyperparameters`) before the module is built from them."""
+    checked (`simmim.checkpointing.untrusted.checked_hyperparameters`) before the module is built from them."""
     raw = read_checkpoint(checkpoint)
     if "state_dict" not in raw or "hyper_parameters" not in raw:
         raise ConfigError(

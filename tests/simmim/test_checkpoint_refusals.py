@@ -11,7 +11,7 @@ from conftest import TINY
 from crafted_checkpoints import CRAFTED
 
 import swinv2
-from simmim.builtin_data import prepare_digits
+from simmim.data.builtin import prepare_digits
 from simmim.finetune import main as finetune
 from simmim.pretrain import main as pretrain
 
@@ -105,8 +105,7 @@ def test_unreadable_or_foreign_files_end_in_one_line(tmp_path, digits):
         pretrain(["fit", *_args(tmp_path, digits, "--data.mask_patch_size", "8", "--ckpt_path", str(official))])
 
 
-def test_deprecated_model_max_bad_fraction_is_still_honoured(tmp_path, digits):
-    args = _args(tmp_path, digits, "--trainer.limit_val_batches", "1", "--model.max_bad_fraction", "0.2")
-    with pytest.warns(UserWarning, match="--model.max_bad_fraction is deprecated"):
-        cli = finetune(["validate", *args, *CLASSES])
+def test_the_data_modules_bad_image_limit_reaches_the_callback(tmp_path, digits):
+    args = _args(tmp_path, digits, "--trainer.limit_val_batches", "1", "--data.max_bad_fraction", "0.2")
+    cli = finetune(["validate", *args, *CLASSES])
     assert cli.bad_images.max_fraction == 0.2

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from simmim.data.images import UnreadableImageError, decode_image, list_images, to_uint8_rgb
+from simmim.data.loaders import collate_readable
 from simmim.finetune.augment import classification_transform
 from simmim.finetune.data import LabelledImageDataset
-from simmim.images import UnreadableImageError, decode_image, list_images, to_uint8_rgb
-from simmim.loaders import collate_readable
 from simmim.pretrain.augment import PretrainTransform
 from simmim.pretrain.data import MaskedImageDataset, PretrainDataModule
 from simmim.pretrain.masking import MaskGenerator
@@ -121,7 +121,7 @@ def test_a_key_seed_draws_the_crop_and_mask_and_an_index_has_fixed_ones(tmp_path
 
 
 def test_too_many_bad_images_stop_the_run_with_a_clear_message():
-    from simmim.bad_images import BadImageLimit
+    from simmim.data.watch import BadImageLimit
     from simmim.errors import DataError
 
     counter = BadImageLimit(max_fraction=0.1)
@@ -136,7 +136,7 @@ def test_too_many_bad_images_stop_the_run_with_a_clear_message():
 def test_a_dataset_under_the_limit_never_stops():
     """4 corrupt files in 204 (2%) under a limit of 5%, all met among the first images: no stop (the old running
     fraction stopped such a run after 68 images, at "4 of 68")."""
-    from simmim.bad_images import BadImageLimit
+    from simmim.data.watch import BadImageLimit
 
     counter = BadImageLimit(max_fraction=0.05)
     for step in range(20):
@@ -192,7 +192,7 @@ class _Trainer:
 
 
 def test_loader_workers_run_opencv_on_one_thread_and_gpu_batches_are_pinned():
-    from simmim.loaders import make_loader
+    from simmim.data.loaders import make_loader
 
     if cv2.getNumThreads() < 2:
         pytest.skip("OpenCV runs on one thread in this process already")

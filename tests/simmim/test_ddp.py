@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import image_folder
 
-from simmim.workers import worker_context
+from simmim.data.loaders import worker_context
 
 TESTS = str(Path(__file__).resolve().parents[1])  # recording.py
 TINY = [

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from simmim.knn import ResizeCenterCrop, knn_top1
+from simmim.monitors import ResizeCenterCrop, knn_top1
 
 
 def _reference_top1(train, train_labels, val, val_labels, num_classes, k, temperature):

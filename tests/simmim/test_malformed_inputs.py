@@ -238,7 +238,7 @@ def shard_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shards")
     paths = {name: str(build(tmp / f"{i}.ckpt")) for i, (name, (build, _)) in enumerate(SHARDS.items())}
     calls = ", ".join(f"({n!r}, lambda: check_sharded_checkpoint({p!r}))" for n, p in paths.items())
-    return _run(tmp, "from simmim.untrusted import check_sharded_checkpoint", f"[{calls}]")
+    return _run(tmp, "from simmim.checkpointing.untrusted import check_sharded_checkpoint", f"[{calls}]")
 
 
 @pytest.mark.parametrize("case", sorted(SHARDS))
@@ -263,7 +263,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def config_results(tmp_path_factory):
-    from simmim.builtin_data import prepare_digits
+    from simmim.data.builtin import prepare_digits
     from simmim.pretrain.module import SimMIMPretrainer
 
     tmp = tmp_path_factory.mktemp("configs")

@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from simmim import builtin_data
-from simmim.builtin_data import PHOTOS, crop_boxes, prepare_photos
-from simmim.labelled import labelled_split
+from simmim.data import builtin as builtin_data
+from simmim.data.builtin import PHOTOS, crop_boxes, prepare_photos
+from simmim.data.folders import labelled_split
 
 
 def _overlap(a, b) -> bool:

@@ -80,7 +80,7 @@ def test_the_data_module_normalises_batches_after_the_transfer(tmp_path):
 def test_gpu_training_batches_arrive_pinned_and_normalise_on_the_gpu(tmp_path):
     import cv2
 
-    from simmim.loaders import collate_readable, make_loader
+    from simmim.data.loaders import collate_readable, make_loader
     from simmim.pretrain.data import MaskedImageDataset
     from simmim.pretrain.masking import MaskGenerator
 

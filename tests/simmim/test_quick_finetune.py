@@ -5,7 +5,7 @@ import torch
 from conftest import TINY
 
 import swinv2
-from simmim.quick_finetune import _spread, quick_finetune_top1
+from simmim.monitors import _spread, quick_finetune_top1
 
 
 def _four_classes(n: int, seed: int, noise: float = 0.5):

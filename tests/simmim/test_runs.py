@@ -1,5 +1,5 @@
-"""Run folders (`simmim.runs`): a second run never overwrites the first, `--ckpt_path last` resumes the newest run
-in its own folder, a shared folder is claimed, and a used one stops a new run with what to do."""
+"""Run folders (`simmim.checkpointing.runs`): a second run never overwrites the first, `--ckpt_path last` resumes the
+newest run in its own folder, a shared folder is claimed, and a used one stops a new run with what to do."""
 
 import os
 import subprocess
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from simmim.builtin_data import prepare_digits
+from simmim.checkpointing.runs import LOCK_NAME, claim_folder
+from simmim.data.builtin import prepare_digits
 from simmim.pretrain import main
-from simmim.runs import LOCK_NAME, claim_folder
 
 QUICK = [
     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",

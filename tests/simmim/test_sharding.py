@@ -18,7 +18,7 @@ from conftest import image_folder, recorded_command
 from pytorch_lightning.strategies import StrategyRegistry
 
 import swinv2
-from simmim.sharding import FSDP2Strategy, ZeroOneStrategy
+from simmim.distributed import FSDP2Strategy, ZeroOneStrategy
 
 ENCODER = '{"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}'
 RUN = [
@@ -66,7 +66,7 @@ def _side_by_side(tmp: Path, runs: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from simmim.builtin_data import prepare_digits
+    from simmim.data.builtin import prepare_digits
 
     tmp = tmp_path_factory.mktemp("sharding")
     src = image_folder(tmp / "src", ["one.png"], size=48)
@@ -205,7 +205,7 @@ def test_a_crafted_shard_folder_is_refused_and_a_real_one_passes(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from simmim.untrusted import check_sharded_checkpoint
+    from simmim.checkpointing.untrusted import check_sharded_checkpoint
     from swinv2.reading import UnsafeCheckpointError
 
     real = tmp_path / "real.ckpt"
@@ -265,7 +265,7 @@ def test_a_crafted_shard_folder_is_refused_and_a_real_one_passes(tmp_path):
 def test_the_collective_timeout_reaches_every_data_parallel_strategy():
     from datetime import timedelta
 
-    from simmim.cli import strategy_with_timeout
+    from simmim.distributed import strategy_with_timeout
     from simmim.errors import ConfigError
 
     zero = strategy_with_timeout("zero1", 5)

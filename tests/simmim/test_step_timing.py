@@ -6,8 +6,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
 
-from simmim.loaders import collate_readable, make_loader
-from simmim.step_timing import DataWaitTimer
+from simmim.data.loaders import collate_readable, make_loader
+from simmim.data.watch import DataWaitTimer
 
 
 class _Delayed(Dataset):

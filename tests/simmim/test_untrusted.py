@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import TINY
 
-from simmim.builtin_data import prepare_digits
+from simmim.checkpointing.untrusted import check_sharded_checkpoint, checked_hyperparameters, conforms
 from simmim.cli import CONFIG_DIR
+from simmim.data.builtin import prepare_digits
 from simmim.finetune import main as finetune
 from simmim.pretrain import main as pretrain
 from simmim.pretrain.module import SimMIMPretrainer
-from simmim.untrusted import check_sharded_checkpoint, checked_hyperparameters, conforms
 from swinv2.reading import MalformedRecordError, UnsafeCheckpointError
 
 FAST = ["--trainer.enable_progress_bar", "false", "--data.num_workers", "0"]
@@ -90,13 +90,19 @@ def test_hyperparameters_naming_a_class_are_refused_and_build_nothing(tmp_path, 
 
 
 def test_lightning_still_calls_the_hook_that_merges_checkpoint_hyperparameters():
-    """`StageCLI._parse_ckpt_path` overrides a private LightningCLI hook; if the pinned Lightning stopped calling
-    it, the checkpoint's values would reach the parser unchecked (or not at all) without any test noticing."""
+    """`StageCLI._parse_ckpt_path` turns off a private LightningCLI hook that merges a checkpoint's values into the
+    config unchecked (`StageCLI.parse_arguments` merges the checked ones); if the pinned Lightning renamed the hook,
+    its unchecked merge would run again without any other test noticing."""
     import inspect
 
     from pytorch_lightning.cli import LightningCLI
 
-    assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI.__init__)
+    from simmim.cli import StageCLI
+
+    source = inspect.getsource(LightningCLI.__init__)
+    assert "self._parse_ckpt_path()" in source
+    assert source.index("self.parse_arguments(") < source.index("self._parse_ckpt_path()")
+    assert StageCLI._parse_ckpt_path is not LightningCLI._parse_ckpt_path
 
 
 def test_honest_hyperparameters_pass_and_others_name_the_key():
@@ -118,10 +124,10 @@ def test_honest_hyperparameters_pass_and_others_name_the_key():
 
 def test_no_module_argument_accepts_any_type():
     """A parameter typed `Any` is where jsonargparse builds a class_path; every type must be spelled out."""
+    from simmim.checkpointing.untrusted import signature_types
     from simmim.finetune.data import ClassificationDataModule
     from simmim.finetune.module import SwinV2Classifier
     from simmim.pretrain.data import PretrainDataModule
-    from simmim.untrusted import signature_types
 
     for cls in (SimMIMPretrainer, SwinV2Classifier, PretrainDataModule, ClassificationDataModule):
         for name, hint in signature_types(cls).items():
@@ -326,7 +332,7 @@ def test_lightnings_default_logger_folder_is_checked_too(tmp_path, digits):
 
 
 def test_restored_paths_are_kept_only_inside_the_callbacks_folder(tmp_path):
-    from simmim.untrusted import drop_foreign_paths
+    from simmim.checkpointing.untrusted import drop_foreign_paths
 
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
@@ -355,7 +361,7 @@ def test_an_honest_run_folder_still_resumes(honest_run, digits):
 def test_a_claim_file_that_is_a_fifo_or_garbage_neither_hangs_nor_fails(tmp_path):
     import socket
 
-    from simmim.runs import LOCK_NAME, claim_folder
+    from simmim.checkpointing.runs import LOCK_NAME, claim_folder
 
     os.mkfifo(tmp_path / LOCK_NAME)  # opening it to read would block until a writer came
     assert claim_folder(tmp_path, resuming_here=False) is None

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from simmim.workers import WorkerLoader, opencv_single_threaded
+from simmim.data.loaders import WorkerLoader, opencv_single_threaded
 
 _BIG = np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
 
@@ -85,3 +85,14 @@ def test_lightning_rebuilding_the_loader_keeps_one_wrapper():
     loader = WorkerLoader(_Extra(), batch_size=2, num_workers=1, worker_init_fn=_record)
     rebuilt = WorkerLoader(_Extra(), batch_size=2, num_workers=1, worker_init_fn=loader.worker_init_fn)
     assert rebuilt.worker_init_fn.then is _record
+
+
+def test_pytorch_still_starts_workers_through_the_hook_the_loader_overrides():
+    """`WorkerLoader._get_iterator` overrides a private `DataLoader` method; if the pinned PyTorch started workers
+    elsewhere, forks would copy OpenCV's thread pool again (and hang at random) without the other tests noticing."""
+    import inspect
+
+    from torch.utils.data import DataLoader
+
+    assert inspect.getsource(DataLoader.__iter__).count("self._get_iterator()") == 2
+    assert WorkerLoader._get_iterator is not DataLoader._get_iterator

@@ -9,11 +9,10 @@ from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import AugmentOp
 
+from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, WorkerLoader
 from simmim.finetune.augment import classification_transform
 from simmim.finetune.data import LabelledImageDataset
-from simmim.loaders import IMAGENET_MEAN, IMAGENET_STD
 from simmim.seeding import seeded_globals
-from simmim.workers import WorkerLoader
 
 
 def _photo(h=150, w=200, seed=0):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
 import swinv2
-from simmim.builtin_data import prepare_digits
+from simmim.data.builtin import prepare_digits
 from simmim.finetune import main
 from simmim.finetune.data import ClassificationDataModule
 

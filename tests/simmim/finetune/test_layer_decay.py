@@ -7,8 +7,8 @@ from conftest import TINY
 from omegaconf import OmegaConf
 
 import swinv2
-from simmim.builtin_data import prepare_digits
 from simmim.cli import CONFIG_DIR
+from simmim.data.builtin import prepare_digits
 from simmim.finetune import main
 from simmim.optim import depth_scaled_decay, layer_decay_param_groups, swin_layer_id
 

@@ -12,7 +12,7 @@ from conftest import image_folder, run_ddp_on_cpu
 from omegaconf import OmegaConf
 
 import swinv2
-from simmim.builtin_data import prepare_digits
+from simmim.data.builtin import prepare_digits
 from simmim.pretrain import main
 
 CONFIGS = sorted((Path(__file__).parents[3] / "configs" / "pretrain").glob("*.yaml"))
@@ -182,8 +182,8 @@ def test_ddp_run_under_the_limit_completes(tmp_path, monkeypatch):
     out = run_ddp_on_cpu("simmim.pretrain", *args, "--data.max_bad_fraction", "0.15", *FAST, *knn)
     assert all(f"{i:02d}.png" in out.stderr for i in bad)  # both were warned about, on rank 1
     # the two ranks' features gathered = every readable image once: the kNN of the exported encoder in one process
-    from simmim.knn import KNNMonitor, ResizeCenterCrop, embed, knn_top1
-    from simmim.labelled import LabelledImageDataset, labelled_split
+    from simmim.data.folders import LabelledImageDataset, labelled_split
+    from simmim.monitors import KNNMonitor, ResizeCenterCrop, embed, knn_top1
 
     encoder = swinv2.create_model_from_checkpoint(next(tmp_path.rglob("encoder.safetensors"))).eval()
     tf, tl, vf, vl, classes = labelled_split(str(knn_root), KNNMonitor(None, 64).val_fraction)
@@ -196,7 +196,7 @@ def test_ddp_run_under_the_limit_completes(tmp_path, monkeypatch):
     summary = f"kNN top-1 (val/knn_acc1): {expected:.2f}% of {val} images, voting {train} labelled images"
     assert summary in out.stdout, out.stdout[-800:]
     # the quick fine-tune: every rank ran the same one over every readable labelled image; one process agrees
-    from simmim.quick_finetune import QuickFinetuneMonitor, load_images, quick_finetune_top1
+    from simmim.monitors import QuickFinetuneMonitor, load_images, quick_finetune_top1
     from simmim.seeding import monitor_generator
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # the run's seed (the default config's), whatever ran before
@@ -219,7 +219,7 @@ def test_ddp_run_under_the_limit_completes(tmp_path, monkeypatch):
 def _batches(dataset):
     from functools import partial
 
-    from simmim.loaders import collate_readable
+    from simmim.data.loaders import collate_readable
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=partial(collate_readable, num_fields=3))
     return list(loader)
@@ -251,8 +251,8 @@ def test_configured_callbacks_join_the_stages_own(tmp_path, digits):
     checkpoints are still read through the safe reader."""
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from simmim.bad_images import BadImageLimit
-    from simmim.export import ExportWeights, SafeCheckpointIO
+    from simmim.checkpointing.exports import ExportWeights, SafeCheckpointIO
+    from simmim.data.watch import BadImageLimit
 
     args = ["--data.root", digits, "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_val_batches", "1"]
     cli = main(["validate", *args, "--trainer.callbacks+=pytorch_lightning.callbacks.LearningRateMonitor", *FAST])

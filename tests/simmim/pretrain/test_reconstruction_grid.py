@@ -18,7 +18,7 @@ def test_grid_images_are_spread_over_the_validation_set():
         positions = torch.arange(8 * b, 8 * b + 8, dtype=torch.float32)
         x = positions.view(8, 1, 1, 1).expand(8, 3, 4, 4)
         grid.on_validation_batch_end(trainer, module, None, (x, torch.zeros(8, 2, 2), ()), b)
-    images, masks = module.first_val_batch
+    images, masks = grid.batch
     assert images[:, 0, 0, 0].tolist() == [0, 5, 10, 15, 20, 25, 30, 35] and masks.shape == (8, 2, 2)
 
 
@@ -29,7 +29,7 @@ def test_a_small_validation_set_gives_what_it_has():
     grid.on_validation_epoch_start(trainer, module)
     x = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 3, 4, 4)
     grid.on_validation_batch_end(trainer, module, None, (x, torch.zeros(3, 2, 2), ()), 0)
-    assert module.first_val_batch[0][:, 0, 0, 0].tolist() == [0, 1, 2]
+    assert grid.batch[0][:, 0, 0, 0].tolist() == [0, 1, 2]
 
 
 def test_a_partial_last_batch_still_gives_a_full_grid():
@@ -43,4 +43,4 @@ def test_a_partial_last_batch_still_gives_a_full_grid():
     for b, n in enumerate((8, 2)):
         x = torch.arange(8 * b, 8 * b + n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 4, 4)
         grid.on_validation_batch_end(trainer, module, None, (x, torch.zeros(n, 2, 2), ()), b)
-    assert module.first_val_batch[0][:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert grid.batch[0][:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]

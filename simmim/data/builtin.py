@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -56,6 +57,11 @@ PHOTOS = {
     "grace_hopper": ("matplotlib", "grace_hopper.jpg"),
 }
 _PHOTO_FOLDERS = {"skimage": ("data",), "sklearn": ("datasets", "images"), "matplotlib": ("mpl-data", "sample_data")}
+
+
+def labelled_root(root: Optional[str]) -> str:
+    """An evaluation tool's `--data.root`: `root` as given, or the built-in digits (written first if needed)."""
+    return str(root) if root is not None else str(prepare_digits())
 
 
 def _photo(package: str, name: str) -> np.ndarray:

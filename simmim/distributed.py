@@ -1,4 +1,7 @@
-"""Sharded data-parallel training through Lightning's strategies, by name (`--trainer.strategy NAME`).
+"""Training across processes: Lightning's data-parallel strategies by name (`--trainer.strategy NAME`), their
+collective timeouts (`strategy_with_timeout`), gathering sharded weights, and the process group's end.
+
+The names this module registers with Lightning (at import):
 
 - `zero1`: DDP with the AdamW states sharded across ranks (ZeRO stage 1, as the SwinV2 paper trains SwinV2-G):
   `torch.distributed.optim.ZeroRedundancyOptimizer`. Weights and gradients stay replicated; checkpoints gather
@@ -20,6 +23,7 @@ Activation checkpointing (`--model.use_checkpoint true`) and sequential attentio
 from __future__ import annotations
 
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, Iterable, Sequence
 
@@ -27,8 +31,8 @@ import torch
 import torch.nn as nn
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 
+from simmim.checkpointing.untrusted import check_sharded_checkpoint
 from simmim.errors import ConfigError
-from simmim.untrusted import check_sharded_checkpoint
 from swinv2.blocks import SwinTransformerBlock
 
 SHARDED_UNITS = (SwinTransformerBlock,)
@@ -62,8 +66,8 @@ class ZeroOneStrategy(DDPStrategy):
 
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 data parallelism over all processes: every SwinV2 block, then the whole model, `fully_shard`ed in the
-    module's `configure_model` (`ShardedModel`). `reshard_after_forward=False` keeps each block's gathered weights
-    from its forward to its backward (ZeRO-2)."""
+    module's `configure_model` (`simmim.stage.StageModule`). `reshard_after_forward=False` keeps each block's
+    gathered weights from its forward to its backward (ZeRO-2)."""
 
     strategy_name = "fsdp2"
 
@@ -122,22 +126,32 @@ class FSDP2Strategy(ModelParallelStrategy):
             _remove(previous)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Any = None) -> Dict[str, Any]:
-        """Check the whole shard folder (`simmim.untrusted.check_sharded_checkpoint`) before Lightning and
+        """Check the whole shard folder (`simmim.checkpointing.untrusted.check_sharded_checkpoint`) before Lightning and
         torch.distributed.checkpoint read any of it, then load with `weights_only=True`."""
         path = self.broadcast(str(checkpoint_path))  # the path rank 0 resolved, as Lightning loads it
         check_sharded_checkpoint(path)
         return super().load_checkpoint(path, weights_only=True)
 
 
-def with_timeout(name: str, timeout) -> Any:
-    """The registered strategy `name` with its collectives' `timeout` (a `timedelta`); None for a name whose
-    strategy takes no timeout."""
-    if name not in StrategyRegistry:
-        return None
-    entry = StrategyRegistry[name]
-    if not issubclass(entry["strategy"], (DDPStrategy, ModelParallelStrategy)):
-        return None
-    return entry["strategy"](**entry["init_params"], timeout=timeout)
+def strategy_with_timeout(strategy: Any, seconds: float) -> Any:
+    """`--trainer.strategy NAME` (ddp, zero1, fsdp2, ...) built with collectives that fail after `seconds` instead
+    of Lightning's 30 minutes (`--collective_timeout_s`)."""
+    known = isinstance(strategy, str) and strategy in StrategyRegistry  # (the registry's `get` builds the strategy)
+    entry = StrategyRegistry[strategy] if known else None
+    if entry is None or not issubclass(entry["strategy"], (DDPStrategy, ModelParallelStrategy)):
+        raise ConfigError(
+            f"--collective_timeout_s applies to a data-parallel --trainer.strategy (ddp, zero1, fsdp2, ...), not "
+            f"{strategy!r}: give that strategy's own timeout argument instead"
+        )
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=seconds))
+
+
+def finish_distributed() -> None:
+    """Destroy the process group before the interpreter exits (the entry points' last call). Left alive, gloo's
+    threads sometimes abort the process at exit ("terminate called without an active exception", return code -6)
+    after the work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _remove(path: Path) -> None:
@@ -146,33 +160,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-class ShardedModel:
-    """LightningModule mixin: under `fsdp2` (any strategy with a `shard` method), `configure_model` shards the
-    module's `model` attribute block by block. Under other strategies it does nothing. Under sharding, run the model
-    through `self.model(...)` or one of `SHARDED_FORWARD_METHODS`, on every rank: a forward gathers weights from
-    all ranks, and a submodule called directly (`self.model.encoder`) would find its root's weights still sharded."""
-
-    SHARDED_FORWARD_METHODS: Sequence[str] = ()
-
-    def configure_model(self) -> None:
-        shard = getattr(self.trainer.strategy, "shard", None)
-        if shard is not None:
-            shard(self.model, self.SHARDED_FORWARD_METHODS)
-
-    @torch.no_grad()
-    def join_sharded_forward(self, *inputs: torch.Tensor) -> None:
-        """For a rank whose batch came out empty (every file unreadable) in validation or prediction: under
-        sharding the others' forward waits on this rank's share of the weights, so run the model on `inputs` (a
-        blank stand-in) and drop the result. Without sharding it does nothing."""
-        if is_sharded(self.model):
-            self.model(*inputs)
-
-    def blank_images(self) -> torch.Tensor:
-        """One black image of the module's input size, (1, 3, S, S), on its device."""
-        size = self.hparams.img_size
-        return torch.zeros(1, 3, size, size, device=self.device)
 
 
 def is_sharded(module: nn.Module) -> bool:

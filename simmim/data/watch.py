@@ -1,4 +1,6 @@
-"""Stop a run whose training data is mostly unreadable, counting over every rank."""
+"""What the trainer learns about its data while it trains, as two callbacks: `BadImageLimit` stops a run whose
+training files are mostly unreadable (counting over every rank), `DataWaitTimer` logs how long each step waited for
+its batch, so that a user sees when the loader is the bottleneck."""
 
 from __future__ import annotations
 
@@ -46,3 +48,18 @@ class BadImageLimit(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         self.update(batch[-1], len(trainer.train_dataloader.dataset), trainer)
+
+
+class DataWaitTimer(pl.Callback):
+    """Logs `train/data_wait_ms` every training step: how long the training loader's `next()` blocked since the
+    previous step (the first step's includes the workers' start). Near zero: the loader keeps up; a large share of
+    the step time (compare `train/throughput_img_s`): add `--data.num_workers`. Checkpointing, validation and
+    logging between steps are not counted, nor the copy to the device. Needs a training loader that counts its waits
+    (`data_wait_s`, as `simmim.data.loaders.ResumableLoader` does); logged from each rank's own clock (rank 0's is
+    shown)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        loader = trainer.train_dataloader
+        if hasattr(loader, "data_wait_s"):
+            pl_module.log("train/data_wait_ms", loader.data_wait_s * 1e3)
+            loader.data_wait_s = 0.0

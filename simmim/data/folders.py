@@ -4,15 +4,15 @@ and the dataset of (image, label) samples with a seeded transform."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from simmim.builtin_data import DEFAULT_DIGITS_ROOT
+from simmim.data.builtin import DEFAULT_DIGITS_ROOT
+from simmim.data.images import list_images, read_sample_image
 from simmim.errors import DataFolderError
-from simmim.images import list_images, read_sample_image
 from simmim.seeding import SampleKey, sample_seed, seeded_globals
 
 DIGIT_CLASSES = [str(d) for d in range(10)]  # the built-in digits' class folders, written by prepare_data
@@ -88,10 +88,20 @@ def stratified_pick(labels: List[int], num_classes: int, fraction: float, seed: 
     return picked
 
 
+class LabelledSplit(NamedTuple):
+    """A labelled folder's fixed split: files and class indices of both sides, and the class names."""
+
+    train_files: List[Path]
+    train_labels: List[int]
+    val_files: List[Path]
+    val_labels: List[int]
+    classes: List[str]
+
+
 def labelled_split(
     root: Optional[str], val_fraction: float, label_fraction: float = 1.0, option: str = "--data.root"
-) -> Tuple[List[Path], List[int], List[Path], List[int], List[str]]:
-    """(train files, train labels, val files, val labels, classes) of `root`: `root/train/<class>` and
+) -> LabelledSplit:
+    """The `LabelledSplit` of `root`: `root/train/<class>` and
     `root/val/<class>` when both exist, else `root/<class>` split by `val_fraction` (stratified, the same draw every
     time); None: the built-in digits. `label_fraction` < 1 keeps that fraction of each class's training labels.
     Errors name `option`, the setting that gave `root`."""
@@ -117,4 +127,4 @@ def labelled_split(
         keep = stratified_pick(tl, len(classes), label_fraction, seed=1, at_least_one=True)
         tf = [f for f, k in zip(tf, keep) if k]
         tl = [lab for lab, k in zip(tl, keep) if k]
-    return tf, tl, vf, vl, classes
+    return LabelledSplit(tf, tl, vf, vl, classes)

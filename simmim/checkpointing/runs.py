@@ -21,8 +21,8 @@ from typing import Dict, List, Optional
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
+from simmim.checkpointing.untrusted import drop_foreign_paths
 from simmim.errors import ConfigError
-from simmim.untrusted import drop_foreign_paths
 
 LOCK_NAME = ".run.lock"
 SHARDED_METADATA = "meta.pt"  # Lightning's name for it in a sharded (torch.distributed.checkpoint) folder

@@ -11,9 +11,9 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_warn
 
 import swinv2
-from simmim.runs import SHARDED_METADATA
-from simmim.sharding import full_state_dict, is_sharded
-from simmim.untrusted import local_path
+from simmim.checkpointing.runs import SHARDED_METADATA
+from simmim.checkpointing.untrusted import local_path
+from simmim.distributed import full_state_dict, is_sharded
 from swinv2.reading import read_checkpoint
 
 
