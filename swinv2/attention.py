@@ -15,8 +15,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 POSITION_BIAS_TYPES = ("log_cpb", "linear_cpb", "table")
-# "cosine": SwinV2's scaled cosine attention; "dot": Swin V1's scaled dot product, kept for the paper's comparison.
-ATTENTION_TYPES = ("cosine", "dot")
 
 # Official: logit_scale is clamped at log(1 / 0.01) so the cosine similarity is scaled by at most 100.
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
@@ -112,17 +110,10 @@ def cosine_qkv(qkv: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, to
     return (F.normalize(q, dim=-1) * scale).to(dtype), F.normalize(k, dim=-1).to(dtype), v
 
 
-def dot_qkv(qkv: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split the qkv projection (B*nW, N, 3, nH, hd) into `q * scale`, k and v, each (B*nW, nH, N, hd)."""
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
-    return q * scale, k, v
-
-
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside (shifted) windows with scaled cosine similarity.
 
-    `sim(q, k) = cos(q, k) * exp(min(logit_scale, log 100)) + B`, B the relative position bias; with
-    `attention="dot"`, Swin V1's `sim(q, k) = q.k / sqrt(hd) + B` (no `logit_scale` parameter).
+    `sim(q, k) = cos(q, k) * exp(min(logit_scale, log 100)) + B`, B the relative position bias.
 
     Args:
         dim: Number of input channels C.
@@ -136,7 +127,6 @@ class WindowAttention(nn.Module):
         fused: Use `F.scaled_dot_product_attention`; None picks the faster path measured by
             `benchmarks/encoder.py`: fused on CUDA, explicit matmul-softmax-matmul on CPU.
         chunk_size: Sequential attention: compute at most this many windows at once (None: all at once).
-        attention: "cosine" (SwinV2) or "dot" (Swin V1's scaled dot product, for the paper's comparison).
     """
 
     def __init__(
@@ -151,17 +141,15 @@ class WindowAttention(nn.Module):
         position_bias: str = "log_cpb",
         fused: Optional[bool] = None,
         chunk_size: Optional[int] = None,
-        attention: str = "cosine",
     ) -> None:
         super().__init__()
         if position_bias not in POSITION_BIAS_TYPES:
             raise ValueError(f"position_bias must be one of {POSITION_BIAS_TYPES}, got {position_bias!r}")
-        if attention not in ATTENTION_TYPES:
-            raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {attention!r}")
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"attn_chunk_size must be a positive number of windows or None, got {chunk_size}")
+        _check_sequential_dropout(chunk_size, attn_drop)
         self.dim = dim
         self.window_size = tuple(window_size)
         self.pretrained_window_size = tuple(pretrained_window_size)
@@ -170,12 +158,8 @@ class WindowAttention(nn.Module):
         self.fused = fused
         self.chunk_size = chunk_size
         self.attn_drop = attn_drop
-        self.attention = attention
 
-        if attention == "cosine":
-            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        else:
-            self.logit_scale = None
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         num_rel = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
         if position_bias == "table":
             self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))
@@ -204,8 +188,8 @@ class WindowAttention(nn.Module):
             table = self.relative_position_bias_table  # ((2Wh-1)*(2Ww-1), nH)
         else:
             table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        # Contiguous: a permuted view as the mask operand makes the (B*nW, nH, N, N) add about 10x slower on CPU.
-        # index_select: its backward (index_add) is ~4x faster on CPU than that of `table[index]` (index_put).
+        # Contiguous: a permuted view as the mask operand makes the (B*nW, nH, N, N) add much slower on CPU.
+        # index_select: its backward (index_add) is faster on CPU than that of `table[index]` (index_put).
         bias = table.index_select(0, self.relative_position_index.view(-1))
         bias = bias.view(n, n, -1).permute(2, 0, 1).contiguous()  # (nH, N, N)
         if self.position_bias != "table":
@@ -225,33 +209,29 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         bias = None if self.q_bias is None else torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).view(bw, n, 3, self.num_heads, c // self.num_heads)
-        # The temperature (cosine: per head; dot: 1/sqrt(hd)) is folded into q so the fused kernel can use scale=1.
-        # q and k stay in the projection's dtype: under autocast the (B*nW, nH, N, N) products then stay in
-        # bf16 instead of bouncing between fp32 and bf16.
-        dtype = qkv.dtype
-        if self.logit_scale is not None:
-            scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
-            q, k, v = cosine_qkv(qkv, scale)  # each (B*nW, nH, N, hd), contiguous
-        else:
-            q, k, v = dot_qkv(qkv, (c // self.num_heads) ** -0.5)
-        bias = self.relative_bias().unsqueeze(0).to(dtype)  # (1, nH, N, N)
-        # One draw per call, so attention dropout keeps the same elements however the windows are chunked and
-        # when a checkpoint recomputes the call (checkpoints restore the RNG state).
-        seed = int(torch.randint(0, 2**62, ())) if self.training and self.attn_drop > 0 else 0
+        q, k, v = self.split_qkv(qkv)
+        bias = self.relative_bias().unsqueeze(0).to(qkv.dtype)  # (1, nH, N, N)
         if self.chunk_size is None or self.chunk_size >= bw:
-            out = self._attend_windows(q, k, v, bias, shift_mask, seed, 0)
+            out = self._attend_windows(q, k, v, bias, shift_mask, 0)
         else:
-            out = self._attend_sequential(q, k, v, bias, shift_mask, seed)
+            _check_sequential_dropout(self.chunk_size, self.attn_drop if self.training else 0.0)
+            out = self._attend_sequential(q, k, v, bias, shift_mask)
         x = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(x))
 
-    def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, seed: int, first: int = 0
-    ) -> torch.Tensor:
+    def split_qkv(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The qkv projection (B*nW, N, 3, nH, hd) as q, k, v (each (B*nW, nH, N, hd), contiguous), with the
+        similarity's temperature folded into q so that the attention itself (fused or not) uses scale 1: here q
+        and k L2-normalised and q times the clamped per-head `exp(logit_scale)`. q and k stay in the projection's
+        dtype: under autocast the (B*nW, nH, N, N) products then stay in bf16 instead of bouncing between fp32 and
+        bf16."""
+        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (nH, 1, 1)
+        return cosine_qkv(qkv, scale)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention for a run of windows.
 
-        q, k, v: (W, nH, N, hd), windows `first` to `first + W` of the call; mask: (M, nH, N, N) with M one of
-        1, nW, W. Returns (W, nH, N, hd).
+        q, k, v: (W, nH, N, hd); mask: (M, nH, N, N) with M one of 1, nW, W. Returns (W, nH, N, hd).
         """
         bw, nh, n, hd = q.shape
         nw = mask.shape[0]
@@ -265,9 +245,8 @@ class WindowAttention(nn.Module):
         else:
             attn = torch.matmul(q, k.transpose(-2, -1)).add_(mask)  # (W, nH, N, N) or (B, nW*nH, N, N)
             attn = torch.softmax(attn, dim=-1, dtype=q.dtype)
-            if drop > 0:  # same memory order in both shapes, so element i of window `first` is element i here
-                keep = dropout_keep_mask(attn.shape, drop, seed, first * nh * n * n, attn.device)
-                attn = torch.where(keep, attn * (1.0 / (1.0 - drop)), 0.0)
+            if drop > 0:  # from the global generator, which activation checkpointing restores to recompute
+                attn = F.dropout(attn, drop)
             out = torch.matmul(attn, v)
         return out.reshape(bw, nh, n, hd)
 
@@ -278,7 +257,6 @@ class WindowAttention(nn.Module):
         v: torch.Tensor,
         bias: torch.Tensor,
         shift_mask: Optional[torch.Tensor],
-        seed: int,
     ) -> torch.Tensor:
         """Sequential self-attention (paper Sec. 3.5): `chunk_size` windows at a time.
 
@@ -290,8 +268,8 @@ class WindowAttention(nn.Module):
         recompute = torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad)
         outs = []
         for i, (qc, kc, vc) in enumerate(zip(*(t.split(self.chunk_size) for t in (q, k, v)))):
-            args = (qc, kc, vc, bias, shift_mask, seed, i * self.chunk_size)
-            if recompute:  # no RNG state to keep: a chunk draws nothing (its dropout hashes `seed`)
+            args = (qc, kc, vc, bias, shift_mask, i * self.chunk_size)
+            if recompute:  # no RNG state to keep: a chunk draws nothing (no attention dropout here)
                 outs.append(checkpoint(self._attend_windows, *args, use_reentrant=False, preserve_rng_state=False))
             else:
                 outs.append(self._attend_windows(*args))
@@ -304,7 +282,6 @@ class WindowAttention(nn.Module):
         v: torch.Tensor,
         bias: torch.Tensor,
         shift_mask: Optional[torch.Tensor],
-        seed: int,
         first: int,
     ) -> torch.Tensor:
         """`_attend` for windows `first` to `first + W` (all of them, or one chunk), with their mask built here:
@@ -316,27 +293,14 @@ class WindowAttention(nn.Module):
             if first % nw or count % nw:
                 shift_mask = shift_mask[torch.arange(first, first + count, device=q.device) % nw]
             mask = (bias + shift_mask.unsqueeze(1)).to(bias.dtype)
-        return self._attend(q, k, v, mask, seed, first)
+        return self._attend(q, k, v, mask)
 
 
-def _logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
-    return (z >> bits) & ((1 << (64 - bits)) - 1)  # int64 `>>` is arithmetic: clear the copied sign bits
-
-
-# splitmix64's constants as signed int64.
-_GOLDEN, _MIX1, _MIX2 = (
-    c - 2**64 if c >= 2**63 else c for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-)
-
-
-def dropout_keep_mask(shape: torch.Size, p: float, seed: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Bool keep-mask for dropout with rate `p`: element i is kept unless a splitmix64 hash of (seed, offset + i)
-    falls below p. A counter-based draw: any run of elements gets the bits the whole tensor would give, which
-    sequential attention and recomputation need (a generator's stream depends on how the tensor is cut).
-    """
-    numel = math.prod(shape)
-    z = torch.arange(offset, offset + numel, device=device, dtype=torch.int64).mul_(_GOLDEN).add_(seed)
-    z = (z ^ _logical_shift(z, 30)).mul_(_MIX1)
-    z = (z ^ _logical_shift(z, 27)).mul_(_MIX2)
-    z = z ^ _logical_shift(z, 31)
-    return ((z & 0xFFFFFF) >= round(p * 2**24)).view(shape)
+def _check_sequential_dropout(chunk_size: Optional[int], attn_drop: float) -> None:
+    """Sequential attention draws no attention dropout: a chunk recomputed in backward would need the RNG state of
+    its forward, and no recipe uses attention dropout (the official rate is 0)."""
+    if chunk_size is not None and attn_drop > 0:
+        raise ValueError(
+            f"attention dropout (attn_drop_rate {attn_drop}) does not combine with sequential attention "
+            f"(attn_chunk_size {chunk_size}): set attn_drop_rate 0 or attn_chunk_size None"
+        )

@@ -1,7 +1,5 @@
 """Swin Transformer V2 building blocks: window partitioning, the post-norm block, patch merging, a stage.
 
-`norm_position="pre"` gives Swin V1's pre-norm block and patch merging instead, for the paper's comparison.
-
 Module and parameter names follow microsoft/Swin-Transformer `models/swin_transformer_v2.py`; feature maps
 travel as NHWC (B, H, W, C) between blocks, as in timm, so non-square and padded inputs need no bookkeeping.
 """
@@ -20,9 +18,6 @@ from swinv2.attention import WindowAttention
 
 # Official: logits between tokens of different shifted regions get -100 (not -inf, which NaNs empty rows).
 SHIFT_MASK_VALUE = -100.0
-
-# "post": SwinV2's residual post-norm, x + LN(f(x)); "pre": Swin V1's pre-norm, x + f(LN(x)).
-NORM_POSITIONS = ("post", "pre")
 
 
 def window_partition(x: torch.Tensor, window_size: Tuple[int, int]) -> torch.Tensor:
@@ -89,8 +84,7 @@ class Mlp(nn.Module):
 
 
 class SwinTransformerBlock(nn.Module):
-    """Residual post-norm block: `x = x + DropPath(LN(WindowAttn(x)))`, `x = x + DropPath(LN(MLP(x)))`; with
-    `norm_position="pre"`, Swin V1's `x = x + DropPath(WindowAttn(LN(x)))`, `x = x + DropPath(MLP(LN(x)))`.
+    """Residual post-norm block: `x = x + DropPath(LN(WindowAttn(x)))`, `x = x + DropPath(LN(MLP(x)))`.
 
     Args:
         dim: Channels C.
@@ -100,8 +94,7 @@ class SwinTransformerBlock(nn.Module):
         shift: Whether this is a shifted-window block (odd blocks in a stage).
         mlp_ratio: MLP hidden size / C.
         extra_norm: Apply a LayerNorm to the main branch after the block (SwinV2-H/G, every 6 blocks).
-        norm_position: "post" (SwinV2) or "pre" (Swin V1).
-        **attn_kwargs: qkv_bias, attn_drop, pretrained_window_size, position_bias, fused, chunk_size, attention.
+        **attn_kwargs: qkv_bias, attn_drop, pretrained_window_size, position_bias, fused, chunk_size.
     """
 
     def __init__(
@@ -115,13 +108,9 @@ class SwinTransformerBlock(nn.Module):
         drop: float = 0.0,
         drop_path: float = 0.0,
         extra_norm: bool = False,
-        norm_position: str = "post",
         **attn_kwargs,
     ) -> None:
         super().__init__()
-        if norm_position not in NORM_POSITIONS:
-            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
-        self.pre_norm = norm_position == "pre"
         self.input_resolution = tuple(input_resolution)
         self.window_size, self.shift_size = clamp_window(self.input_resolution, window_size, shift)
         self.attn = WindowAttention(dim, self.window_size, num_heads, proj_drop=drop, **attn_kwargs)
@@ -166,36 +155,33 @@ class SwinTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        if self.pre_norm:
-            x = x + self.drop_path(self.window_attention(self.norm1(x)))
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
-        else:
-            x = x + self.drop_path(self.norm1(self.window_attention(x)))
-            x = x + self.drop_path(self.norm2(self.mlp(x)))
+        x = x + self.drop_path(self.norm1(self.window_attention(x)))
+        x = x + self.drop_path(self.norm2(self.mlp(x)))
         return self.norm3(x)
 
 
 class PatchMerging(nn.Module):
-    """SwinV2 patch merging: concatenate 2x2 neighbours, Linear(4C, 2C, no bias), then LayerNorm(2C).
+    """SwinV2 patch merging: concatenate 2x2 neighbours, Linear(4C, 2C, no bias), then LayerNorm(2C) (V1 normalised
+    the 4C channels before the reduction; V2 moves the norm after it, like the post-norm blocks)."""
 
-    (V1 normalised before the reduction, `LayerNorm(4C)`; V2 moves the norm after it, like the post-norm blocks.
-    `norm_first=True` gives V1's order.)
-    """
-
-    def __init__(self, dim: int, norm_first: bool = False) -> None:
+    def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm_first = norm_first
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim if norm_first else 2 * dim)
+        self.norm = nn.LayerNorm(2 * dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C); odd sizes are zero-padded."""
+    @staticmethod
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 4C), each 2x2 neighbourhood concatenated; odd sizes are
+        zero-padded."""
         b, h, w, c = x.shape
         x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
         h, w = x.shape[1:3]
         # Official channel order [x(0,0), x(1,0), x(0,1), x(1,1)]: row offset varies fastest.
-        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        return self.reduction(self.norm(x)) if self.norm_first else self.norm(self.reduction(x))
+        return x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
+        return self.norm(self.reduction(self.merge(x)))
 
 
 class BasicLayer(nn.Module):
@@ -209,7 +195,6 @@ class BasicLayer(nn.Module):
         downsample: Merge patches at the end of the stage (official layout: stages 0 to N-2).
         use_checkpoint: Non-reentrant activation checkpointing of each block while training.
         extra_norm_period: Main-branch LayerNorm after every `extra_norm_period`-th block of the stage (0: none).
-        norm_position: "post" (SwinV2 blocks and patch merging) or "pre" (Swin V1's).
         **block_kwargs: Forwarded to `SwinTransformerBlock`.
     """
 
@@ -222,7 +207,6 @@ class BasicLayer(nn.Module):
         downsample: bool = False,
         use_checkpoint: bool = False,
         extra_norm_period: int = 0,
-        norm_position: str = "post",
         **block_kwargs,
     ) -> None:
         super().__init__()
@@ -237,12 +221,11 @@ class BasicLayer(nn.Module):
                     shift=j % 2 == 1,
                     drop_path=drop_path[j],
                     extra_norm=extra,
-                    norm_position=norm_position,
                     **block_kwargs,
                 )
             )
         self.blocks = nn.ModuleList(blocks)
-        self.downsample = PatchMerging(dim, norm_first=norm_position == "pre") if downsample else None
+        self.downsample = PatchMerging(dim) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C), or (B, H/2, W/2, 2C) with downsampling."""

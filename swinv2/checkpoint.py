@@ -28,7 +28,7 @@ from swinv2.convert import (
     resize_bias_table,
     to_timm_state_dict,
 )
-from swinv2.model import BLOCK_DESIGN, VARIANTS, SwinTransformerV2
+from swinv2.model import VARIANTS, SwinTransformerV2
 from swinv2.reading import (
     ARCHITECTURE_LIMITS,
     OPTION_FIELDS,
@@ -82,10 +82,7 @@ class LoadReport:
 
 
 def variant_of(arch: Mapping[str, Any]) -> str:
-    """The `VARIANTS` name whose shape (embed dim, depths, heads, extra norms) `arch` has, else "custom" (also for a
-    block design other than SwinV2's)."""
-    if any(arch.get(k, default) != default for k, default in BLOCK_DESIGN.items()):
-        return "custom"
+    """The `VARIANTS` name whose shape (embed dim, depths, heads, extra norms) `arch` has, else "custom"."""
     for name, spec in VARIANTS.items():
         want = {"extra_norm_period": 0, **spec}
         if all(arch[k] == (list(v) if isinstance(v, tuple) else v) for k, v in want.items()):
@@ -221,25 +218,14 @@ def _check_windows(model: SwinTransformerV2, file_windows: Optional[Windows], ho
 # Loading
 
 
-def _check_block_design(model: SwinTransformerV2, arch: Optional[Mapping[str, Any]], sd: StateDict, name: str) -> None:
-    """Refuse weights of another block design. A file without a record shows its attention by `logit_scale`, and a
-    pre-norm file its patch merging by a 4C-wide norm (a shape mismatch, refused when loading); only a single-stage
-    pre-norm file without a record cannot be told from a post-norm one."""
-    ours = model.architecture()
-    if arch is None:
-        if any(k.endswith("attn.qkv.weight") for k in sd):
-            attention = "cosine" if any(k.endswith("attn.logit_scale") for k in sd) else "dot"
-            arch = {"attention": attention, "norm_position": ours["norm_position"]}  # the norms: by their shapes
-        else:
-            return
-    differ = {
-        k: (arch.get(k, default), ours[k]) for k, default in BLOCK_DESIGN.items() if arch.get(k, default) != ours[k]
-    }
-    if differ:
-        what = ", ".join(f"{k}={theirs!r} (the model has {mine!r})" for k, (theirs, mine) in differ.items())
+def _check_cosine_attention(sd: StateDict, name: str) -> None:
+    """Refuse weights whose attention has no `logit_scale`: a scaled dot-product design (Swin V1's), whose weights
+    do not mean the same in SwinV2's scaled cosine attention. (Swin V1's patch merging shows as a 4C-wide
+    `downsample.norm`: a shape mismatch, refused when loading.)"""
+    if any(k.endswith("attn.qkv.weight") for k in sd) and not any(k.endswith("attn.logit_scale") for k in sd):
         raise CheckpointMismatchError(
-            f"{name} was trained with {what}: its weights do not mean the same in this model. Build the model "
-            "with the file's settings (swinv2.create_model_from_checkpoint reads them from the file)."
+            f"{name} has attention without logit_scale: scaled dot-product attention (Swin V1's design), whose "
+            "weights do not mean the same in SwinV2's scaled cosine attention. Load it with the code that wrote it."
         )
 
 
@@ -251,7 +237,7 @@ def _mismatch_hint(key: str) -> str:
     if key.endswith(("logit_scale", "cpb_mlp.2.weight", "relative_position_bias_table")):
         return "a different num_heads"
     if "downsample.norm" in key:
-        return "a different norm_position (pre-norm patch merging normalises 4C channels, post-norm 2C) or embed_dim"
+        return "a different embed_dim, or Swin V1's patch merging (it normalises 4C channels, SwinV2 2C)"
     return "a different variant (embed_dim, num_heads or mlp_ratio)"
 
 
@@ -280,7 +266,7 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
     sd, fmt, prefix, outside = official_state_dict(raw)
     report = LoadReport(format=fmt, prefix=prefix, dropped_keys=outside)
     arch = read_architecture(raw, name)
-    _check_block_design(model, arch, sd, name)
+    _check_cosine_attention(sd, name)
     if arch is not None:
         report.windows, how = reference_windows(arch), "recorded in the file"
     else:
@@ -353,7 +339,6 @@ def infer_architecture(sd: StateDict) -> Dict[str, Any]:
     stages = len(blocks)
     depths = [blocks[i] + 1 for i in range(stages)]
     norm3 = [int(m.group(1)) for k in sd if (m := re.match(r"layers\.\d+\.blocks\.(\d+)\.norm3\.weight", k))]
-    merge = sd.get("layers.0.downsample.norm.weight")  # LayerNorm(4C) before the reduction in Swin V1's order
     arch: Dict[str, Any] = dict(
         patch_size=proj.shape[-1],
         in_chans=proj.shape[1],
@@ -370,8 +355,6 @@ def infer_architecture(sd: StateDict) -> Dict[str, Any]:
         if "layers.0.blocks.0.attn.relative_position_bias_table" in sd
         else spacing(sd) or "log_cpb",
         mask_token="mask_token" in sd,
-        norm_position="pre" if merge is not None and merge.shape[0] == 4 * proj.shape[0] else "post",
-        attention="cosine" if "layers.0.blocks.0.attn.logit_scale" in sd else "dot",
     )
     tables = [sd.get(f"layers.{i}.blocks.0.attn.relative_coords_table") for i in range(stages)]
     index = [sd.get(f"layers.{i}.blocks.0.attn.relative_position_index") for i in range(stages)]

@@ -39,8 +39,6 @@ class EncoderOptions(TypedDict, total=False):
     position_bias: str
     attn_chunk_size: Optional[int]
     fused_attn: Optional[bool]
-    norm_position: str
-    attention: str
 
 
 # Parameters the official code keeps out of weight decay, by name fragment (`no_weight_decay_keywords`),
@@ -52,11 +50,6 @@ NO_WEIGHT_DECAY_KEYWORDS = (
     "absolute_pos_embed",
     "mask_token",
 )
-
-
-# SwinV2's block design (the defaults). The other values keep each weight's shape but change its meaning; weights
-# files from before these options were recorded hold these.
-BLOCK_DESIGN = {"norm_position": "post", "attention": "cosine"}
 
 
 def _pair(v: IntOrPair) -> Tuple[int, int]:
@@ -138,9 +131,6 @@ class SwinTransformerV2(nn.Module):
         attn_chunk_size: Sequential attention: compute at most this many windows at once to bound memory.
         fused_attn: Use `F.scaled_dot_product_attention` (True), explicit matmuls (False), or pick by device
             (None: fused on CUDA, explicit on CPU, where `benchmarks/encoder.py` measured it faster).
-        norm_position: "post" (SwinV2's residual post-norm and patch merging) or "pre" (Swin V1's pre-norm blocks
-            and norm-first patch merging): the paper's comparison (`python -m simmim.activations`).
-        attention: "cosine" (SwinV2's scaled cosine attention) or "dot" (Swin V1's scaled dot product).
     """
 
     def __init__(
@@ -167,8 +157,6 @@ class SwinTransformerV2(nn.Module):
         mask_token: bool = False,
         attn_chunk_size: Optional[int] = None,
         fused_attn: Optional[bool] = None,
-        norm_position: str = "post",
-        attention: str = "cosine",
     ) -> None:
         super().__init__()
         num_stages = len(depths)
@@ -208,7 +196,6 @@ class SwinTransformerV2(nn.Module):
                     downsample=i < num_stages - 1,
                     use_checkpoint=use_checkpoint,
                     extra_norm_period=extra_norm_period,
-                    norm_position=norm_position,
                     num_heads=num_heads[i],
                     window_size=windows[i],
                     mlp_ratio=mlp_ratio,
@@ -219,7 +206,6 @@ class SwinTransformerV2(nn.Module):
                     position_bias=position_bias,
                     fused=fused_attn,
                     chunk_size=attn_chunk_size,
-                    attention=attention,
                 )
             )
         self.norm = nn.LayerNorm(self.num_features)
@@ -229,8 +215,7 @@ class SwinTransformerV2(nn.Module):
 
     def init_weights(self) -> None:
         """Official init: trunc-normal(0.02) Linear weights, zero biases, unit LayerNorms, then the residual
-        post-norms (norm1, norm2 of every block) at zero, so each block starts as the identity. Pre-norm blocks
-        keep unit norms (their norms feed the branches; Swin V1's init)."""
+        post-norms (norm1, norm2 of every block) at zero, so each block starts as the identity."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -243,7 +228,7 @@ class SwinTransformerV2(nn.Module):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
         for layer in self.layers:
-            for blk in (b for b in layer.blocks if not b.pre_norm):
+            for blk in layer.blocks:
                 for norm in (blk.norm1, blk.norm2):
                     nn.init.zeros_(norm.weight)
                     nn.init.zeros_(norm.bias)
@@ -275,8 +260,6 @@ class SwinTransformerV2(nn.Module):
             extra_norm_period=self.extra_norm_period,
             position_bias=attn[0].position_bias,
             mask_token=self.mask_token is not None,
-            norm_position="pre" if self.layers[0].blocks[0].pre_norm else "post",
-            attention=attn[0].attention,
         )
 
     def no_weight_decay(self) -> Set[str]:
@@ -292,9 +275,8 @@ class SwinTransformerV2(nn.Module):
     def compile_attention(self, **compile_kwargs: Any) -> None:
         """`torch.compile` every window-attention module (opt-in; the blocks stay eager).
 
-        Fuses the bias, mask, softmax and their backward. On the benchmark CPU, after ~1 minute of compilation,
-        SwinV2-T bf16 training steps ran at 0.99x-1.07x of the (hand-optimised) eager path in two runs; compiling
-        whole blocks was slower. Untested on GPU.
+        Fuses the bias, mask, softmax and their backward; compiling whole blocks was slower. It compiles at the
+        first forward; docs/speed.md measures what it gains.
         """
         for layer in self.layers:
             for blk in layer.blocks:

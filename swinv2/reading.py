@@ -197,14 +197,12 @@ ARCHITECTURE_LIMITS: Dict[str, tuple] = {
 }
 CHOICES = {
     "position_bias": ("log_cpb", "linear_cpb", "table"),
-    "norm_position": ("post", "pre"),
-    "attention": ("cosine", "dot"),
 }
 FLAGS = ("qkv_bias", "ape", "patch_norm", "mask_token", "use_checkpoint")
 RECORD_FIELDS = (
     "variant", "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depths", "num_heads", "window_size",
     "pretrained_window_sizes", "mlp_ratio", "qkv_bias", "ape", "patch_norm", "extra_norm_period", "position_bias",
-    "mask_token", "norm_position", "attention",
+    "mask_token",
 )  # fmt: skip
 OPTION_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate", "use_checkpoint", "attn_chunk_size", "fused_attn")
 MAX_RECORD_CHARS = 1 << 16
@@ -246,17 +244,21 @@ def _per_stage_sides(where: str, field: str, v: Any, stages: int, limit: str) ->
     return [_sides(where, field, x, limit) for x in v]
 
 
-def parse_record(text: Union[str, bytes], where: str) -> Dict[str, Any]:
-    """A JSON architecture record (a safetensors header entry), bounded in length and checked."""
+def read_json_record(text: Union[str, bytes], where: str) -> Any:
+    """A JSON record (a safetensors header entry), bounded in length, parsed; not yet checked."""
     import json
 
     if len(text) > MAX_RECORD_CHARS:
         raise MalformedRecordError(f"{where}: its architecture record is {len(text)} characters long (a damaged file)")
     try:
-        record = json.loads(text)
+        return json.loads(text)
     except (ValueError, RecursionError) as e:
         raise MalformedRecordError(f"{where}: its architecture record is not JSON ({str(e)[:120]})") from None
-    return check_architecture(record, where)
+
+
+def parse_record(text: Union[str, bytes], where: str) -> Dict[str, Any]:
+    """A JSON architecture record (a safetensors header entry), bounded in length and checked."""
+    return check_architecture(read_json_record(text, where), where)
 
 
 def check_architecture(arch: Any, where: str, fields: tuple = RECORD_FIELDS) -> Dict[str, Any]:

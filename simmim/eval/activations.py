@@ -4,10 +4,10 @@ The SwinV2 paper's argument for residual post-norm and scaled cosine attention (
 Fig. 2): in a pre-norm Transformer each block adds its unnormalised output to the main branch, so activations grow
 with depth, and the discrepancy between shallow and deep layers destabilises large models; post-norm normalises what
 each block adds, and cosine attention bounds the attention logits that post-norm would otherwise let a few token
-pairs dominate. This command builds the same deep, narrow encoder in each design (the Swin V1 one,
-`norm_position="pre", attention="dot"`, against SwinV2's defaults), measures the magnitude of every block's output
-on a fixed batch of held-out images, trains each briefly as a classifier on the same data with the same seed and
-schedule (`simmim.eval.classify`), and measures again.
+pairs dominate. This command builds the same deep, narrow encoder in each design (the Swin V1 one, pre-norm and
+dot-product attention from `simmim.eval.block_designs`, against SwinV2's), measures the magnitude of every block's
+output on a fixed batch of held-out images, trains each briefly as a classifier on the same data with the same seed
+and schedule (`simmim.eval.classify`), and measures again.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import swinv2
 from simmim.data.builtin import labelled_root
 from simmim.data.folders import labelled_split, stratified_pick
 from simmim.errors import ConfigError
+from simmim.eval import block_designs
 from simmim.eval.classify import accuracy, fit, loader
 
-# Design name -> `SwinTransformerV2` arguments.
+# Design name -> `simmim.eval.block_designs.build` arguments.
 DESIGNS: Dict[str, Dict[str, str]] = {
     "pre+dot": dict(norm_position="pre", attention="dot"),  # Swin V1
     "pre+cosine": dict(norm_position="pre", attention="cosine"),
@@ -80,7 +81,7 @@ def build(design: str, seed: int, **kwargs) -> swinv2.SwinTransformerV2:
     """The encoder of one design (a key of `DESIGNS`), initialised from `seed`: every design draws the same values
     for the weights they share, so the designs differ only in how the blocks use them."""
     torch.manual_seed(seed)
-    return swinv2.SwinTransformerV2(**kwargs, **DESIGNS[design])
+    return block_designs.build(**DESIGNS[design], **kwargs)
 
 
 def probe_batch(files: Sequence[str], labels: Sequence[int], count: int, img_size: int, seed: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""The Swin V1 block designs kept for the paper's comparison: pre-norm (`norm_position="pre"`) and scaled
-dot-product attention (`attention="dot"`). Checked against timm's Swin V1, through every attention path, and
-through the checkpoint contract; the SwinV2 defaults are checked unchanged by the timm V2 parity tests."""
+"""Swin V1's block design for the activation study (`simmim.eval.block_designs`): pre-norm blocks and merging
+(`norm_position="pre"`) and scaled dot-product attention (`attention="dot"`). Checked against timm's Swin V1, through
+every attention path, through its own record, and refused by `swinv2`'s loaders; SwinV2 itself is checked by the
+timm V2 parity tests."""
 
 import re
 
@@ -10,6 +11,7 @@ from conftest import TINY, assert_same_values_and_grads, randomize_, values_and_
 from timm.models.swin_transformer import SwinTransformer as TimmSwinV1
 
 import swinv2
+from simmim.eval.block_designs import build, design_of, load, save
 from swinv2.checkpoint import CheckpointMismatchError
 
 V1_DESIGN = dict(norm_position="pre", attention="dot")
@@ -39,7 +41,7 @@ def _from_timm_v1(sd):
 def test_pre_norm_dot_table_matches_timm_swin_v1(img_size):
     arch = dict(img_size=img_size, patch_size=4, embed_dim=24, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4)
     theirs = randomize_(TimmSwinV1(**arch, num_classes=0), seed=3).eval()
-    ours = swinv2.SwinTransformerV2(**arch, num_classes=0, position_bias="table", **V1_DESIGN).eval()
+    ours = build(**arch, num_classes=0, position_bias="table", **V1_DESIGN).eval()
     missing, unexpected = ours.load_state_dict(_from_timm_v1(theirs.state_dict()), strict=False)
     assert unexpected == [] and all(k.endswith(("relative_position_index", "attn_mask")) for k in missing)
     x = torch.randn(2, 3, img_size, img_size)
@@ -57,15 +59,16 @@ def test_pre_norm_dot_table_matches_timm_swin_v1(img_size):
 
 @pytest.mark.parametrize("design", DESIGNS, ids=lambda d: f"{d['norm_position']}-{d['attention']}")
 def test_every_design_trains_every_parameter(design):
-    model = randomize_(swinv2.SwinTransformerV2(**TINY, **design))
+    model = randomize_(build(**TINY, **design))
     assert (model.layers[0].blocks[0].attn.logit_scale is None) == (design["attention"] == "dot")
+    assert design_of(model) == design
     model(torch.randn(2, 3, 32, 32)).square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def test_pre_norm_init_keeps_unit_norms_and_blocks_are_not_identities():
-    model = swinv2.SwinTransformerV2(**TINY, norm_position="pre")
+    model = build(**TINY, norm_position="pre")
     blk = model.layers[0].blocks[0]
     assert torch.equal(blk.norm1.weight, torch.ones(24)) and torch.equal(blk.norm2.weight, torch.ones(24))
     assert model.layers[0].downsample.norm.weight.shape == (4 * 24,)  # V1 merging: LayerNorm(4C), then reduction
@@ -83,7 +86,7 @@ def _set(model, **attrs):
 
 @pytest.mark.parametrize("path", ["chunked", "fused", "checkpointed"])
 def test_v1_design_gives_the_same_values_and_gradients_on_every_attention_path(path):
-    model = randomize_(swinv2.SwinTransformerV2(**{**TINY, "img_size": 48}, fused_attn=False, **V1_DESIGN))
+    model = randomize_(build(**{**TINY, "img_size": 48}, fused_attn=False, **V1_DESIGN))
     x = torch.randn(2, 3, 48, 48)
     reference = values_and_grads(model, x)
     if path == "chunked":
@@ -97,49 +100,50 @@ def test_v1_design_gives_the_same_values_and_gradients_on_every_attention_path(p
 
 @pytest.mark.slow
 def test_v1_design_compiled_attention_matches_eager():
-    model = randomize_(swinv2.SwinTransformerV2(**TINY, **V1_DESIGN))
+    model = randomize_(build(**TINY, **V1_DESIGN))
     x = torch.randn(2, 3, 32, 32)
     reference = values_and_grads(model, x)
     model.compile_attention()
     assert_same_values_and_grads(values_and_grads(model, x), reference, atol=1e-4)
 
 
-def test_design_is_recorded_inferred_and_refused_when_it_does_not_match(tmp_path):
-    model = randomize_(swinv2.SwinTransformerV2(**TINY, **V1_DESIGN))
-    assert swinv2.SwinTransformerV2(**TINY).architecture()["norm_position"] == "post"
-    path = swinv2.save_weights(tmp_path / "v1.safetensors", model)
-    rebuilt = swinv2.create_model_from_checkpoint(path)
-    assert rebuilt.architecture() == model.architecture()
+def test_the_same_seed_gives_every_design_the_same_shared_weights():
+    """The study compares designs from the same initial weights: the parts draw nothing of their own."""
+    torch.manual_seed(0)
+    v2 = swinv2.SwinTransformerV2(**TINY).state_dict()
+    torch.manual_seed(0)
+    v1 = build(**TINY, **V1_DESIGN).state_dict()
+    shared = [k for k in v1 if "norm" not in k and k in v2]
+    assert len(shared) > 20 and all(torch.equal(v1[k], v2[k]) for k in shared)
+
+
+@pytest.mark.parametrize("design", DESIGNS[1:], ids=lambda d: f"{d['norm_position']}-{d['attention']}")
+def test_its_record_rebuilds_the_design_and_swinv2_refuses_the_file(tmp_path, design):
+    model = randomize_(build(**TINY, **design))
+    path = save(tmp_path / "design.safetensors", model)
+    rebuilt = load(path)
+    assert design_of(rebuilt) == design and rebuilt.architecture() == model.architecture()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))
-    # Without the record (a plain state dict), the keys show both choices.
-    inferred = swinv2.checkpoint.infer_architecture(model.state_dict())
-    assert (inferred["norm_position"], inferred["attention"]) == ("pre", "dot")
-    # Into a SwinV2 model of the same shapes: refused with both settings named, not loaded with another meaning.
-    with pytest.raises(CheckpointMismatchError, match="norm_position='pre'.*attention='dot'"):
-        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), path)
-    with pytest.raises(ValueError, match="norm_position='pre'"):
-        swinv2.to_timm_state_dict(model)
-    assert swinv2.architecture(model)["variant"] == "custom"  # not recorded as a SwinV2 variant of its shape
+    # Read as SwinV2 (from the file or its state dict, with or without a record), the weights would mean something
+    # else: refused with the reason.
+    reason = "without logit_scale" if design["attention"] == "dot" else "Swin V1's patch merging"
+    for source in (path, model.state_dict()):
+        with pytest.raises(CheckpointMismatchError, match=reason):
+            swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), source)
+    with pytest.raises(CheckpointMismatchError, match=reason):
+        swinv2.create_model_from_checkpoint(path)
 
 
-def test_files_without_a_record_are_refused_by_their_keys():
-    v2 = randomize_(swinv2.SwinTransformerV2(**TINY)).state_dict()
-    dot = randomize_(swinv2.SwinTransformerV2(**TINY, attention="dot")).state_dict()
-    with pytest.raises(CheckpointMismatchError, match="attention='dot' \\(the model has 'cosine'\\)"):
-        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), dot)
-    with pytest.raises(CheckpointMismatchError, match="attention='cosine' \\(the model has 'dot'\\)"):
-        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY, attention="dot"), v2)
-    with pytest.raises(CheckpointMismatchError, match="downsample.norm.*different norm_position"):
-        swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY, norm_position="pre"), v2)
-    v1 = randomize_(swinv2.SwinTransformerV2(**TINY, **V1_DESIGN))
-    report = swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY, **V1_DESIGN), v1.state_dict())
-    assert report.missing_keys == [] and report.unexpected_keys == []
+def test_a_file_without_its_record_is_refused_by_load(tmp_path):
+    path = swinv2.save_weights(tmp_path / "v2.safetensors", swinv2.SwinTransformerV2(**TINY))
+    with pytest.raises(swinv2.reading.MalformedRecordError, match="simmim.block_design"):
+        load(path)
 
 
 def test_bad_design_values_are_named():
     with pytest.raises(ValueError, match="norm_position must be one of"):
-        swinv2.SwinTransformerV2(**TINY, norm_position="sandwich")
+        build(**TINY, norm_position="sandwich")
     with pytest.raises(ValueError, match="attention must be one of"):
-        swinv2.SwinTransformerV2(**TINY, attention="linear")
+        build(**TINY, attention="linear")
