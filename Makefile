@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv pretrain finetune test test-fast bench lint clean
+.PHONY: venv pretrain finetune test test-slow test-all bench lint clean
 
 venv: $(VENV)/.installed
 
@@ -22,11 +22,16 @@ pretrain: venv
 finetune: venv
 	$(PY) -m simmim.finetune
 
+# The suite without the tests marked slow (multi-process runs, kill-and-resume, compilation, the training notebooks).
 test: venv
-	$(PY) -m pytest -q
-
-test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
+
+# The slow tests alone; CI runs `make test` and then these.
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+test-all: venv
+	$(PY) -m pytest -q
 
 bench: venv
 	$(PY) benchmarks/encoder.py

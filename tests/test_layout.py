@@ -125,14 +125,21 @@ def test_no_stage_imports_another():
     assert cross_stage_imports(ROOT) == [], "move what both stages need to the top of simmim/"
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_importing_a_stage_loads_no_other_stage(stage):
-    """At run time too, packages' `__init__` re-exports included (a fresh interpreter)."""
+def test_fresh_interpreters_load_no_other_stage_and_swinv2_no_lightning():
+    """At run time too, packages' `__init__` re-exports included: each import in a fresh interpreter, the three
+    side by side (each is mostly one core importing)."""
     loaded = "sorted({m.split('.')[1] for m in sys.modules if m.startswith('simmim.')})"
-    code = f"import sys, simmim, simmim.{stage}; print({loaded})"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    loaded = set(ast.literal_eval(out.strip()))
-    assert stage in loaded and not loaded & (set(STAGES) - {stage}), loaded
+    banned = "('simmim', 'lightning', 'pytorch_lightning', 'lightning_fabric', 'omegaconf')"
+    codes = {stage: f"import sys, simmim, simmim.{stage}; print({loaded})" for stage in ("pretrain", "finetune")}
+    codes["swinv2"] = f"import sys, swinv2; print(sorted({{m for m in sys.modules if m.split('.')[0] in {banned}}}))"
+    procs = {
+        name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        for name, code in codes.items()
+    }
+    found = {name: ast.literal_eval(proc.communicate(timeout=300)[0].strip()) for name, proc in procs.items()}
+    for stage in ("pretrain", "finetune"):
+        assert stage in found[stage] and not set(found[stage]) & (set(STAGES) - {stage}), found[stage]
+    assert found["swinv2"] == [], found["swinv2"]
 
 
 def _is_entry_point(path: Path) -> bool:

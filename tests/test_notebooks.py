@@ -52,7 +52,7 @@ def shared(tmp_path_factory):
 
 EXPORTS: dict = {}  # what 01 exported, when it ran before 02
 
-# Notebooks that train: slow (`make test-fast` skips them).
+# Notebooks that train: slow (`make test` leaves them to `make test-slow`).
 TRAINING = {"01_quickstart.ipynb", "02_finetune_and_transfer.ipynb"}
 
 

@@ -110,6 +110,12 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
         self.files = list_images(root) if root is not None else None  # fail at start-up, not mid-run
 
+    @property
+    def labels(self) -> Optional[str]:
+        """Class folders labelling these images, for the pretraining monitors: the built-in digits label
+        themselves; a folder of your own has none here (`--model.knn_root` names them)."""
+        return str(DEFAULT_DIGITS_ROOT) if self.root is None else None
+
     def prepare_data(self) -> None:
         if self.root is None:
             prepare_digits()

@@ -12,6 +12,7 @@ import swinv2
 from simmim.errors import ConfigError
 from simmim.monitors import KNNMonitor, QuickFinetuneMonitor
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, param_groups_weight_decay
+from simmim.pretrain.data import PretrainDataModule
 from simmim.pretrain.model import SimMIM
 from simmim.stage import StageModule
 from swinv2.model import EncoderOptions, WindowSpec
@@ -105,21 +106,21 @@ class SimMIMPretrainer(StageModule):
         return self.model.encoder
 
     def configure_callbacks(self) -> List[pl.Callback]:
-        """The monitors, when they have labelled images: `knn_root`, or the built-in digits' labels when the data
-        are the built-in digits."""
+        """The monitors, when they have labelled images: `knn_root`, or the labels that come with the data
+        (`PretrainDataModule.labels`: the built-in digits')."""
         hp = self.hparams
-        datamodule = getattr(self.trainer, "datamodule", None)
-        on_digits = datamodule is not None and getattr(datamodule, "root", "") is None
-        if hp.knn_root is None and not on_digits:
+        datamodule = self.trainer.datamodule if isinstance(self.trainer.datamodule, PretrainDataModule) else None
+        root = hp.knn_root if hp.knn_root is not None else datamodule and datamodule.labels
+        if root is None:
             return []
-        workers = getattr(datamodule, "num_workers", 0)
+        workers = datamodule.num_workers if datamodule is not None else 0
         monitors: List[pl.Callback] = []
         if hp.knn_every_n_epochs > 0:
-            monitors.append(KNNMonitor(hp.knn_root, hp.img_size, hp.knn_every_n_epochs, hp.knn_k, num_workers=workers))
-        if hp.get("finetune_every_n_epochs", 0) > 0:
+            monitors.append(KNNMonitor(root, hp.img_size, hp.knn_every_n_epochs, hp.knn_k, num_workers=workers))
+        if hp.finetune_every_n_epochs > 0:
             monitors.append(
                 QuickFinetuneMonitor(
-                    hp.knn_root, hp.img_size, hp.finetune_every_n_epochs, hp.finetune_steps, num_workers=workers
+                    root, hp.img_size, hp.finetune_every_n_epochs, hp.finetune_steps, num_workers=workers
                 )
             )
         return monitors

@@ -7,7 +7,8 @@ import torch
 from conftest import TINY, randomize_
 
 import swinv2
-from swinv2.checkpoint import ARCH_KEY, implied_windows, infer_architecture
+from swinv2.checkpoint import ARCH_KEY, infer_architecture
+from swinv2.windows import implied_windows
 from swinv2.reading import read_checkpoint
 
 TRANSFERRED = {**TINY, "img_size": 64, "window_size": 8, "pretrained_window_sizes": (4, 4)}
