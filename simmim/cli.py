@@ -8,8 +8,8 @@ What every run gets, and where it is declared:
   adds `last.ckpt` every N optimizer steps (`StepCheckpoint`). Both are configurable and in the saved `config.yaml`.
 - Persistent callbacks (LightningCLI's `trainer_defaults`, not configurable): the claim on the checkpoint folders,
   the bad-image limit (`--data.max_bad_fraction`), the logged wait for data, and the stage's own (its exports).
-- `trainer.plugins` defaults to `SafeCheckpointIO`, which reads checkpoints without running code from them; a
-  configured plugin list must hold a `CheckpointIO`.
+- `trainer.plugins` defaults to `SafeCheckpointIO`, which reads checkpoints without running code from them; a run
+  whose checkpoints would be read by Lightning's own `TorchCheckpointIO` (which unpickles) is refused.
 - `--ckpt_path last` is the newest `last.ckpt` under the root, resolved when the arguments are parsed; the
   checkpoint's hyper-parameters are merged into the config only after `simmim.checkpointing.untrusted` checked them.
 - bf16-mixed trains in fp32 on a CPU that would emulate bf16 (`precision_for_this_cpu`); `--collective_timeout_s`
@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.plugins import CheckpointIO
+from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info
 
 from simmim.checkpointing.runs import ClaimCheckpointFolders, is_checkpoint, metadata_file, newest_last_checkpoint
@@ -137,7 +137,9 @@ class StageCLI(LightningCLI):
         self.claim, self.bad_images = ClaimCheckpointFolders(), BadImageLimit()
         persistent = [self.claim, self.bad_images, DataWaitTimer(), *self.stage_callbacks()]
         plugins = [{"class_path": "simmim.checkpointing.exports.SafeCheckpointIO"}]  # in the saved config
-        kwargs.setdefault("trainer_defaults", {"callbacks": persistent, "plugins": plugins})
+        given = dict(kwargs.pop("trainer_defaults", None) or {})  # a caller's defaults add to these
+        callbacks = [*persistent, *_as_list(given.pop("callbacks", None))]
+        kwargs["trainer_defaults"] = {"plugins": plugins, **given, "callbacks": callbacks}
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
 
     def stage_callbacks(self) -> list:
@@ -245,15 +247,24 @@ class StageCLI(LightningCLI):
                 for shards in (p for p in folder.glob("last*.ckpt") if p.is_dir()):
                     check_sharded_checkpoint(shards)
 
+    def _check_checkpoint_callbacks(self) -> None:
+        """A `ModelCheckpoint` of `--trainer.callbacks` with the same triggers as one of the run's own (the same
+        state key) would make Lightning stop with a traceback: refused in one line instead."""
+        ours = {self.setting(key).state_key: key for key in self.CHECKPOINT_KEYS}
+        for cb in _as_list(self.setting("trainer.callbacks")):
+            if isinstance(cb, ModelCheckpoint) and cb.state_key in ours:
+                raise ConfigError(
+                    f"--trainer.callbacks holds a ModelCheckpoint with the same triggers as the run's own "
+                    f"(--{ours[cb.state_key]}.*): configure that one (--{ours[cb.state_key]}.dirpath, "
+                    "--checkpoint.save_top_k, ...) instead, or give yours other triggers (monitor, every_n_epochs)"
+                )
+
     def instantiate_trainer(self, **kwargs):
-        """The trainer, after the run's output folders are checked, with the collective timeout and the precision
-        this CPU can run (the saved config keeps what was asked)."""
+        """The trainer, after the run's output folders and checkpoint callbacks are checked, with the collective
+        timeout and the precision this CPU can run (the saved config keeps what was asked), reading checkpoints
+        without running code from them."""
         self._check_outputs()
-        if not any(isinstance(p, CheckpointIO) for p in _as_list(self.setting("trainer.plugins"))):
-            raise ConfigError(
-                "--trainer.plugins must include a CheckpointIO: add simmim.checkpointing.exports.SafeCheckpointIO "
-                "(the default, which reads checkpoints without running code from them) to the list"
-            )
+        self._check_checkpoint_callbacks()
         timeout = self.setting("collective_timeout_s")
         if timeout is not None:
             kwargs["strategy"] = strategy_with_timeout(self.setting("trainer.strategy"), timeout)
@@ -261,4 +272,11 @@ class StageCLI(LightningCLI):
         cpu_precision = precision_for_this_cpu(precision, self.setting("trainer.accelerator"))
         if cpu_precision != precision:
             kwargs["precision"] = cpu_precision
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        io = trainer.strategy.checkpoint_io
+        if type(getattr(io, "checkpoint_io", io)) is TorchCheckpointIO:  # alone or inside a wrapper (async)
+            raise ConfigError(
+                f"--trainer.plugins leaves checkpoint reading to Lightning's TorchCheckpointIO (through "
+                f"{type(io).__name__}), which unpickles: add simmim.checkpointing.exports.SafeCheckpointIO to the list"
+            )
+        return trainer

@@ -5,7 +5,8 @@
 - an optimizer step whose gradients hold inf or NaN skipped, counted, printed and logged (`train/skipped_steps`);
 - under a sharded strategy (`fsdp2`), the module's `model` sharded block by block (`configure_model`), and the
   stand-in forward of a rank whose evaluation batch came out empty;
-- the checkpoint contract's architecture record of the stage's SwinV2 (`swin`) in every checkpoint.
+- the checkpoint contract's architecture record of the stage's SwinV2 (`swin`) in every checkpoint;
+- the images a step is given: normalised floats, or a one-line refusal saying what to do (`images`).
 
 A stage builds `self.model` (what is sharded and run), names its SwinV2 (`swin`) and passes its input size.
 """
@@ -19,6 +20,7 @@ import torch
 
 import swinv2
 from simmim.distributed import is_sharded
+from simmim.errors import ConfigError
 from simmim.optim import drop_nonfinite_grads
 from simmim.seeding import seed_step
 
@@ -45,6 +47,17 @@ class StageModule(pl.LightningModule):
     def swin(self) -> swinv2.SwinTransformerV2:
         """The SwinV2 whose architecture the checkpoints record."""
         raise NotImplementedError
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as every step takes it: normalised float images. uint8 images mean the stage's data module did not
+        normalise them (pretraining's does it on the device after the copy, in `on_after_batch_transfer`, which
+        Lightning runs only for a data module handed to it): refused with what to do."""
+        if x.dtype == torch.uint8:
+            raise ConfigError(
+                "the batches arrive as uint8 images, which the stage's data module normalises: pass the data module "
+                "itself (trainer.fit(model, datamodule=dm)), not its loaders"
+            )
+        return x
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.global_rank, self.current_epoch, batch_idx)

@@ -27,7 +27,7 @@ from swinv2.convert import (
     resize_bias_table,
     to_timm_state_dict,
 )
-from swinv2.model import VARIANTS, SwinTransformerV2
+from swinv2.model import VARIANTS, SwinTransformerV2, require_swinv2_parts
 from swinv2.reading import (
     ARCHITECTURE_LIMITS,
     OPTION_FIELDS,
@@ -90,7 +90,9 @@ def variant_of(arch: Mapping[str, Any]) -> str:
 
 
 def architecture(model: SwinTransformerV2) -> Dict[str, Any]:
-    """`model.architecture()` and the variant it matches: the record every weights file of this project carries."""
+    """`model.architecture()` and the variant it matches: the record every weights file of this project carries.
+    A model with parts of another block design is refused (`require_swinv2_parts`)."""
+    require_swinv2_parts(model, "record the architecture")
     arch = model.architecture()
     return {"variant": variant_of(arch), **arch}
 
@@ -192,6 +194,7 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
         CheckpointMismatchError: a tensor's shape does not fit the model; the message names key, shapes, cause.
         UnsafeCheckpointError: the file would need pickled code to load (see `swinv2.reading`).
     """
+    require_swinv2_parts(model, "load SwinV2 weights into it")
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the checkpoint"
     raw = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
     sd, fmt, prefix, outside = official_state_dict(raw)

@@ -20,6 +20,8 @@ from typing import Dict, Mapping, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from swinv2.model import require_swinv2_parts
+
 StateDict = Dict[str, torch.Tensor]
 
 # Buffers that depend on the window and input size: always recomputed by the model that loads the weights.
@@ -200,8 +202,10 @@ def to_timm_state_dict(model: torch.nn.Module) -> StateDict:
     """Export `model` in timm's `SwinTransformerV2` layout, which timm loads with `strict=True`.
 
     Raises:
-        ValueError: the model uses a feature timm's SwinV2 does not have (non-log CPB, extra norms, APE).
+        ValueError: the model uses a feature timm's SwinV2 does not have (non-log CPB, extra norms, APE), or parts
+            of another block design.
     """
+    require_swinv2_parts(model, "export it in timm's layout")
     keys = model.state_dict().keys()
     extras = sorted({n for n in ("norm3", "absolute_pos_embed") for k in keys if n in k})
     bias = model.architecture()["position_bias"]

@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, TypedDict, U
 import torch
 import torch.nn as nn
 
-from swinv2.blocks import BasicLayer
+from swinv2.attention import WindowAttention
+from swinv2.blocks import BasicLayer, PatchMerging, SwinTransformerBlock
 
 IntOrPair = Union[int, Tuple[int, int]]
 # A window for every stage (an int or (h, w)), or one per stage: the type command lines and checkpoints give.
@@ -64,6 +65,21 @@ def _per_stage(value: Union[IntOrPair, Sequence[IntOrPair]], num_stages: int, na
     if len(value) != num_stages:
         raise ValueError(f"{name} needs an int or one value per stage ({num_stages}), got {value}")
     return tuple(_pair(v) for v in value)
+
+
+def require_swinv2_parts(model: nn.Module, what: str) -> None:
+    """Refuse a model with parts of another block design: subclasses of SwinV2's block, attention or patch merging
+    (such as Swin V1's, which a study may put in) keep SwinV2's parameter names, but their weights do not mean what
+    SwinV2's do, so such a model is neither recorded, exported nor loaded as a SwinV2. `what`: the refused action."""
+    parts = (SwinTransformerBlock, WindowAttention, PatchMerging)
+    modules = model.named_modules()
+    foreign = [f"{n} ({type(m).__name__})" for n, m in modules if isinstance(m, parts) and type(m) not in parts]
+    if foreign:
+        raise ValueError(
+            f"cannot {what}: the model has parts of another block design ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}), whose weights do not mean what SwinV2's do; save and load it "
+            "with the code that built it"
+        )
 
 
 class PatchEmbed(nn.Module):

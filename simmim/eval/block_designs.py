@@ -10,8 +10,10 @@ on its own, into a `swinv2.SwinTransformerV2` of any shape:
   (`DotProductAttention`).
 
 The parts keep SwinV2's parameter names and every attention path (fused, sequential, checkpointed, compiled). A
-model of another design is not a SwinV2: `swinv2` refuses its weights (no `logit_scale`, or a 4C-wide merging norm),
-so `save` writes this module's own record beside them and `load` rebuilds the design from it.
+model of another design is not a SwinV2: `swinv2` neither records, exports nor loads a model with these parts
+(`swinv2.model.require_swinv2_parts`). `save` writes this module's own file instead: its record, and the tensors
+under names that end in `@<design>`, so that no SwinV2 loader takes them for SwinV2 weights; `load` rebuilds the
+design from it.
 """
 
 from __future__ import annotations
@@ -93,10 +95,13 @@ def design_of(model: swinv2.SwinTransformerV2) -> Dict[str, str]:
 
 
 def save(path: Union[str, os.PathLike], model: swinv2.SwinTransformerV2) -> str:
-    """`model`'s weights as safetensors with this module's record (the design and `model.architecture()`)."""
+    """`model`'s weights as safetensors with this module's record (the design and `model.architecture()`), each
+    tensor named `<parameter>@<norm_position>+<attention>`."""
     path = os.fspath(path)
-    record = {**design_of(model), "architecture": model.architecture()}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    design = design_of(model)
+    record = {**design, "architecture": model.architecture()}
+    tag = f"@{design['norm_position']}+{design['attention']}"
+    tensors = {k + tag: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, path, metadata={RECORD_KEY: json.dumps(record)})
     return path
 
@@ -113,5 +118,6 @@ def load(path: Union[str, os.PathLike]) -> swinv2.SwinTransformerV2:
         raise MalformedRecordError(f"{path}: its {RECORD_KEY} record needs norm_position, attention, architecture")
     arch = check_architecture(record["architecture"], str(path))
     model = build(record["norm_position"], record["attention"], **arch)
-    model.load_state_dict(raw["state_dict"])
+    tag = f"@{record['norm_position']}+{record['attention']}"
+    model.load_state_dict({k.removesuffix(tag): v for k, v in raw["state_dict"].items()})
     return model

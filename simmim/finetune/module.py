@@ -151,6 +151,7 @@ class SwinV2Classifier(StageModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, _, _ = batch
+        x = self.images(x)
         if self.mixup is not None and len(x) % 2 == 0:
             x, target = self.mixup(x, y)
             loss = self.soft_ce(self.model(x).float(), target)
@@ -164,7 +165,7 @@ class SwinV2Classifier(StageModule):
         x, y, _, _ = batch
         if not len(x):
             return self.join_sharded_forward(self.blank_images())
-        logits = self.model(x).float()
+        logits = self.model(self.images(x)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
         metrics = {
             "val/loss": F.cross_entropy(logits, y),
@@ -178,7 +179,7 @@ class SwinV2Classifier(StageModule):
         if not len(x):  # every file of the batch was unreadable: their CSV rows stay empty
             self.join_sharded_forward(self.blank_images())
             return {"index": index, "pred": index, "prob": index}
-        probs = self.model(x).float().softmax(-1)
+        probs = self.model(self.images(x)).float().softmax(-1)
         conf, pred = probs.max(-1)
         return {"index": index, "pred": pred, "prob": conf}
 

@@ -13,6 +13,7 @@ from torchvision.utils import make_grid, save_image
 
 from simmim.checkpointing.exports import run_dir
 from simmim.distributed import is_sharded
+from simmim.errors import require
 from simmim.pretrain.model import local_stats
 
 
@@ -25,6 +26,8 @@ class ReconstructionGrid(pl.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8) -> None:
+        require(every_n_epochs >= 1, "--grid.every_n_epochs", every_n_epochs, "must be at least 1")
+        require(num_images >= 1, "--grid.num_images", num_images, "must be at least 1")
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.last_path: Optional[str] = None

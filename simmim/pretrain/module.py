@@ -9,7 +9,6 @@ import pytorch_lightning as pl
 import torch
 
 import swinv2
-from simmim.errors import ConfigError
 from simmim.monitors import KNNMonitor, QuickFinetuneMonitor
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, param_groups_weight_decay
 from simmim.pretrain.data import PretrainDataModule
@@ -127,7 +126,7 @@ class SimMIMPretrainer(StageModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, mask, _ = batch
-        _refuse_raw_pixels(x)
+        x = self.images(x)
         loss = self.model(x, mask)
         now = time.perf_counter()
         self.log("train/loss", loss, prog_bar=True)
@@ -138,7 +137,7 @@ class SimMIMPretrainer(StageModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, mask, _ = batch
-        _refuse_raw_pixels(x)
+        x = self.images(x)
         if len(x):
             self.log("val/loss", self.model(x, mask), prog_bar=True, batch_size=len(x), sync_dist=True)
         else:
@@ -162,14 +161,4 @@ class SimMIMPretrainer(StageModule):
             schedule=hp.lr_schedule,
             milestone_epochs=hp.milestones,
             gamma=hp.gamma,
-        )
-
-
-def _refuse_raw_pixels(x: torch.Tensor) -> None:
-    """uint8 images reach a step only from `PretrainDataModule`'s loaders handed to the trainer without the data
-    module, whose `on_after_batch_transfer` normalises them."""
-    if x.dtype == torch.uint8:
-        raise ConfigError(
-            "pretraining batches arrive as uint8 images, which PretrainDataModule normalises on the device after "
-            "the copy: pass the data module itself (trainer.fit(model, datamodule=dm)), not its loaders"
         )

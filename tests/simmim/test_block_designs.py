@@ -117,23 +117,51 @@ def test_the_same_seed_gives_every_design_the_same_shared_weights():
     assert len(shared) > 20 and all(torch.equal(v1[k], v2[k]) for k in shared)
 
 
+ONE_STAGE = {**TINY, "depths": (2,), "num_heads": (2,)}  # no patch merging: pre-norm shows in no tensor's shape
+
+
+@pytest.mark.parametrize("arch", [TINY, ONE_STAGE], ids=["two stages", "one stage"])
 @pytest.mark.parametrize("design", DESIGNS[1:], ids=lambda d: f"{d['norm_position']}-{d['attention']}")
-def test_its_record_rebuilds_the_design_and_swinv2_refuses_the_file(tmp_path, design):
-    model = randomize_(build(**TINY, **design))
+def test_its_record_rebuilds_the_design_and_swinv2_refuses_the_file(tmp_path, design, arch):
+    model = randomize_(build(**arch, **design))
     path = save(tmp_path / "design.safetensors", model)
     rebuilt = load(path)
     assert design_of(rebuilt) == design and rebuilt.architecture() == model.architecture()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))
-    # Read as SwinV2 (from the file or its state dict, with or without a record), the weights would mean something
-    # else: refused with the reason.
-    reason = "without logit_scale" if design["attention"] == "dot" else "Swin V1's patch merging"
-    for source in (path, model.state_dict()):
-        with pytest.raises(CheckpointMismatchError, match=reason):
-            swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), source)
-    with pytest.raises(CheckpointMismatchError, match=reason):
+    # Read as SwinV2, the weights would mean something else: swinv2 finds no SwinV2 weights in the file.
+    with pytest.raises(CheckpointMismatchError, match="not a SwinV2 checkpoint"):
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**arch), path)
+    with pytest.raises(ValueError, match="not a SwinV2 checkpoint"):  # a MalformedRecordError saying so
         swinv2.create_model_from_checkpoint(path)
+
+
+@pytest.mark.parametrize("design", DESIGNS[1:], ids=lambda d: f"{d['norm_position']}-{d['attention']}")
+def test_swinv2_neither_records_exports_nor_loads_a_model_of_another_design(tmp_path, design):
+    model = build(**TINY, **design)
+    with pytest.raises(ValueError, match="cannot record the architecture: the model has parts of another"):
+        swinv2.save_weights(tmp_path / "w.safetensors", model)
+    with pytest.raises(ValueError, match="cannot record the architecture"):
+        swinv2.architecture(model)
+    with pytest.raises(ValueError, match="cannot export it in timm's layout"):
+        swinv2.to_timm_state_dict(model)
+    v2 = swinv2.save_weights(tmp_path / "v2.safetensors", swinv2.SwinTransformerV2(**TINY))
+    with pytest.raises(ValueError, match="cannot load SwinV2 weights into it"):
+        swinv2.load_pretrained(model, v2)
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_a_plain_state_dict_of_another_design_is_refused_by_its_keys_and_shapes():
+    """Without any file (a state dict handed over): dot-product attention has no logit_scale, V1's merging a 4C
+    norm. (A single-stage pre-norm state dict has neither: only the record of `save` can tell it.)"""
+    for design, reason in (
+        (dict(attention="dot"), "without logit_scale"),
+        (dict(norm_position="pre"), "patch merging"),
+    ):
+        state = randomize_(build(**TINY, **design)).state_dict()
+        with pytest.raises(CheckpointMismatchError, match=reason):
+            swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), state)
 
 
 def test_a_file_without_its_record_is_refused_by_load(tmp_path):

@@ -108,4 +108,7 @@ def test_unreadable_or_foreign_files_end_in_one_line(tmp_path, digits):
 def test_the_data_modules_bad_image_limit_reaches_the_callback(tmp_path, digits):
     args = _args(tmp_path, digits, "--trainer.limit_val_batches", "1", "--data.max_bad_fraction", "0.2")
     cli = finetune(["validate", *args, *CLASSES])
-    assert cli.bad_images.max_fraction == 0.2
+    from simmim.data.watch import BadImageLimit
+
+    (limit,) = [c for c in cli.trainer.callbacks if isinstance(c, BadImageLimit)]
+    assert limit.max_fraction == 0.2

@@ -8,8 +8,8 @@ from conftest import TINY, randomize_
 
 import swinv2
 from swinv2.checkpoint import ARCH_KEY, infer_architecture
-from swinv2.windows import implied_windows
 from swinv2.reading import read_checkpoint
+from swinv2.windows import implied_windows
 
 TRANSFERRED = {**TINY, "img_size": 64, "window_size": 8, "pretrained_window_sizes": (4, 4)}
 

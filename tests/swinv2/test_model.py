@@ -1,6 +1,5 @@
 """SwinTransformerV2: variants, shapes, gradients, masking, memory features, paper-level facts."""
 
-
 import pytest
 import torch
 from conftest import TINY, assert_same_values_and_grads, randomize_, values_and_grads

@@ -117,6 +117,18 @@ def test_num_classes_is_read_from_the_data(tmp_path):
     assert cli.datamodule.classes == ["cat", "dog", "emu"]
 
 
+def test_the_best_checkpoint_follows_the_runs_checkpoint_folder(tmp_path, digits):
+    """`--best_checkpoint.*` (the best val/acc1) writes beside `--checkpoint.*` unless given its own folder."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    folder = str(tmp_path / "ckpts")
+    args = [*_args(tmp_path, digits), "--model.window_size", "4", "--model.pretrained", "null"]
+    cli = main(["validate", *args, "--checkpoint.dirpath", folder, "--trainer.limit_val_batches", "1"])
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    best = next(c for c in checkpoints if c.monitor == "val/acc1")
+    assert {c.dirpath for c in checkpoints} == {folder} and best.mode == "max" and len(checkpoints) == 3
+
+
 def test_class_folders_must_agree_between_train_and_val(tmp_path):
     img = np.zeros((8, 8, 3), np.uint8)
     for split, classes in (("train", ["cat", "dog"]), ("val", ["cat", "emu"])):

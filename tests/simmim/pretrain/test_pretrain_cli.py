@@ -261,6 +261,41 @@ def test_configured_callbacks_join_the_stages_own(tmp_path, digits):
     assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
 
 
+def test_the_runs_checkpoints_and_grids_are_options_in_the_saved_config(tmp_path, digits):
+    """`--checkpoint.*` (the run's ModelCheckpoint), `--checkpoint_every_n_steps` (the StepCheckpoint beside it, in
+    the same folder), `--grid.*` and the plugins default reach the trainer and the saved config.yaml."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from simmim.cli import StepCheckpoint
+    from simmim.pretrain.callbacks import ReconstructionGrid
+
+    folder = str(tmp_path / "ckpts")
+    args = ["--data.root", digits, "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_val_batches", "1"]
+    args += ["--checkpoint.dirpath", folder, "--checkpoint.save_top_k", "-1", "--checkpoint_every_n_steps", "3"]
+    cli = main(["validate", *args, "--grid.every_n_epochs", "4", "--trainer.logger", "true", *FAST[2:]])
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    step = next(c for c in checkpoints if isinstance(c, StepCheckpoint))
+    assert [c.dirpath for c in checkpoints] == [folder, folder] and checkpoints[0].save_top_k == -1
+    assert step._every_n_train_steps == 3 and step.save_last
+    assert next(c for c in cli.trainer.callbacks if isinstance(c, ReconstructionGrid)).every_n_epochs == 4
+    saved = OmegaConf.load(next(tmp_path.rglob("config.yaml")))
+    assert saved.checkpoint.dirpath == folder and saved.checkpoint.save_top_k == -1 and saved.grid.every_n_epochs == 4
+    assert saved.checkpoint_every_n_steps == 3
+    assert [p["class_path"] for p in saved.trainer.plugins] == ["simmim.checkpointing.exports.SafeCheckpointIO"]
+
+
+def test_unsafe_checkpoint_reading_or_a_clashing_checkpoint_callback_is_refused_in_one_line(tmp_path, digits):
+    args = ["validate", "--data.root", digits, "--trainer.default_root_dir", str(tmp_path), *FAST]
+    with pytest.raises(SystemExit, match=r"^error: --trainer.plugins leaves checkpoint reading to Lightning's Torch"):
+        main([*args, "--trainer.plugins", "pytorch_lightning.plugins.io.AsyncCheckpointIO"])
+    with pytest.raises(SystemExit, match=r"^error: --trainer.callbacks holds a ModelCheckpoint with the same trigg"):
+        main([*args, "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint"])
+    with pytest.raises(SystemExit, match=r"^error: --grid.every_n_epochs 0: must be at least 1"):
+        main([*args, "--grid.every_n_epochs", "0"])
+    with pytest.raises(SystemExit, match=r"^error: ModelCheckpoint\(save_top_k=2, monitor=None\) is not a valid"):
+        main([*args, "--checkpoint.save_top_k", "2"])
+
+
 def test_a_validation_split_left_empty_says_so(tmp_path, capsys):
     """A split of only unreadable files warns that validation saw nothing; no split at all is said at the start;
     the closing summary says why there is no grid instead of `None`."""
