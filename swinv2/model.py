@@ -67,13 +67,24 @@ def _per_stage(value: Union[IntOrPair, Sequence[IntOrPair]], num_stages: int, na
     return tuple(_pair(v) for v in value)
 
 
+def _design(module: nn.Module) -> type:
+    """The class that gives `module` its meaning: its own, or, for a module FSDP2 sharded (`fully_shard` swaps its
+    class for `FSDP<name>`, a subclass of `FSDPModule` and of the original), the original class."""
+    cls = type(module)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a PyTorch without distributed support: nothing can be sharded
+        return cls
+    return next(b for b in cls.__bases__ if b is not FSDPModule) if issubclass(cls, FSDPModule) else cls
+
+
 def require_swinv2_parts(model: nn.Module, what: str) -> None:
     """Refuse a model with parts of another block design: subclasses of SwinV2's block, attention or patch merging
     (such as Swin V1's, which a study may put in) keep SwinV2's parameter names, but their weights do not mean what
     SwinV2's do, so such a model is neither recorded, exported nor loaded as a SwinV2. `what`: the refused action."""
     parts = (SwinTransformerBlock, WindowAttention, PatchMerging)
     modules = model.named_modules()
-    foreign = [f"{n} ({type(m).__name__})" for n, m in modules if isinstance(m, parts) and type(m) not in parts]
+    foreign = [f"{n} ({type(m).__name__})" for n, m in modules if isinstance(m, parts) and _design(m) not in parts]
     if foreign:
         raise ValueError(
             f"cannot {what}: the model has parts of another block design ({', '.join(foreign[:3])}"
