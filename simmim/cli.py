@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins import TorchCheckpointIO
@@ -37,6 +38,7 @@ from simmim.distributed import strategy_with_timeout
 from simmim.errors import ConfigError
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SAFE_IO = "simmim.checkpointing.exports.SafeCheckpointIO"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # main(args) is how tests and the entry point drive the CLI; the warning about args beside sys.argv is noise.
@@ -136,7 +138,7 @@ class StageCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         self.claim, self.bad_images = ClaimCheckpointFolders(), BadImageLimit()
         persistent = [self.claim, self.bad_images, DataWaitTimer(), *self.stage_callbacks()]
-        plugins = [{"class_path": "simmim.checkpointing.exports.SafeCheckpointIO"}]  # in the saved config
+        plugins = [{"class_path": SAFE_IO}]  # in the saved config
         given = dict(kwargs.pop("trainer_defaults", None) or {})  # a caller's defaults add to these
         callbacks = [*persistent, *_as_list(given.pop("callbacks", None))]
         kwargs["trainer_defaults"] = {"plugins": plugins, **given, "callbacks": callbacks}
@@ -248,16 +250,21 @@ class StageCLI(LightningCLI):
                     check_sharded_checkpoint(shards)
 
     def _check_checkpoint_callbacks(self) -> None:
-        """A `ModelCheckpoint` of `--trainer.callbacks` with the same triggers as one of the run's own (the same
-        state key) would make Lightning stop with a traceback: refused in one line instead."""
-        ours = {self.setting(key).state_key: key for key in self.CHECKPOINT_KEYS}
-        for cb in _as_list(self.setting("trainer.callbacks")):
-            if isinstance(cb, ModelCheckpoint) and cb.state_key in ours:
+        """Two `ModelCheckpoint`s with the same triggers (the same state key: the run's own, `--trainer.callbacks`
+        or both) would make Lightning stop with a traceback: refused in one line instead."""
+        sources = [(f"--{key}.*", self.setting(key)) for key in self.CHECKPOINT_KEYS]
+        sources += [("--trainer.callbacks", c) for c in _as_list(self.setting("trainer.callbacks"))]
+        seen: Dict[str, str] = {}
+        for name, cb in sources:
+            if not isinstance(cb, ModelCheckpoint):
+                continue
+            if cb.state_key in seen:
                 raise ConfigError(
-                    f"--trainer.callbacks holds a ModelCheckpoint with the same triggers as the run's own "
-                    f"(--{ours[cb.state_key]}.*): configure that one (--{ours[cb.state_key]}.dirpath, "
-                    "--checkpoint.save_top_k, ...) instead, or give yours other triggers (monitor, every_n_epochs)"
+                    f"{seen[cb.state_key]} and {name} are ModelCheckpoints with the same triggers: give one of them "
+                    "another monitor, mode or period, or configure only one (--checkpoint.save_top_k, "
+                    "--best_checkpoint.save_top_k, ...; the folder of the run's own is --checkpoint.dirpath)"
                 )
+            seen[cb.state_key] = name
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, after the run's output folders and checkpoint callbacks are checked, with the collective
@@ -273,10 +280,26 @@ class StageCLI(LightningCLI):
         if cpu_precision != precision:
             kwargs["precision"] = cpu_precision
         trainer = super().instantiate_trainer(**kwargs)
-        io = trainer.strategy.checkpoint_io
-        if type(getattr(io, "checkpoint_io", io)) is TorchCheckpointIO:  # alone or inside a wrapper (async)
+        io, wrappers = trainer.strategy.checkpoint_io, []
+        while getattr(io, "checkpoint_io", None) is not None:  # inside wrappers such as AsyncCheckpointIO
+            wrappers.append(type(io).__name__)
+            io = io.checkpoint_io
+        if type(io) is TorchCheckpointIO:
+            how = (
+                f"give {wrappers[-1]} `init_args: {{checkpoint_io: {{class_path: {SAFE_IO}}}}}`"
+                if wrappers
+                else f"add {SAFE_IO} to the list (`--trainer.plugins+=...` keeps it)"
+            )
             raise ConfigError(
-                f"--trainer.plugins leaves checkpoint reading to Lightning's TorchCheckpointIO (through "
-                f"{type(io).__name__}), which unpickles: add simmim.checkpointing.exports.SafeCheckpointIO to the list"
+                f"--trainer.plugins leaves checkpoint reading to Lightning's TorchCheckpointIO, which unpickles: {how}"
             )
         return trainer
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, with Lightning's objection to a setting of its own classes (an invalid
+        `--checkpoint.*` combination, say) as a one-line `ConfigError`. Only here: raised later, by a running
+        trainer, the same exception is a bug that keeps its traceback."""
+        try:
+            super().instantiate_classes()
+        except MisconfigurationException as e:
+            raise ConfigError(str(e)) from e

@@ -6,7 +6,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from swinv2.convert import CheckpointMismatchError
 from swinv2.reading import UnreadableCheckpointError, UnsafeCheckpointError
@@ -40,15 +39,13 @@ def check_loader(batch_size: int, num_workers: int, val_fraction: float, max_bad
 
 @contextmanager
 def user_errors_as_messages() -> Iterator[None]:
-    """A bad configuration value (ours, or one Lightning finds in its own classes' settings), a missing file, or a
-    checkpoint that is refused, unreadable, malformed or of another architecture, ends the command with its one-line
-    message (exit code 1) instead of a traceback, wherever it was named. Every command line of the project runs
-    inside it."""
+    """A bad configuration value, a missing file, or a checkpoint that is refused, unreadable, malformed or of
+    another architecture, ends the command with its one-line message (exit code 1) instead of a traceback,
+    wherever it was named. Every command line of the project runs inside it."""
     try:
         yield
     except (
         ConfigError,
-        MisconfigurationException,
         DataError,
         FileNotFoundError,
         UnsafeCheckpointError,

@@ -54,8 +54,9 @@ class StageModule(pl.LightningModule):
         Lightning runs only for a data module handed to it): refused with what to do."""
         if x.dtype == torch.uint8:
             raise ConfigError(
-                "the batches arrive as uint8 images, which the stage's data module normalises: pass the data module "
-                "itself (trainer.fit(model, datamodule=dm)), not its loaders"
+                "the batches arrive as uint8 images, but steps take normalised float images: pretraining's data "
+                "module normalises them on the device, so pass the data module itself (trainer.fit(model, "
+                "datamodule=dm)), not its loaders; a loader of your own must normalise its images"
             )
         return x
 

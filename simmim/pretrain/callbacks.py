@@ -26,7 +26,12 @@ class ReconstructionGrid(pl.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8) -> None:
-        require(every_n_epochs >= 1, "--grid.every_n_epochs", every_n_epochs, "must be at least 1")
+        require(
+            every_n_epochs >= 1,
+            "--grid.every_n_epochs",
+            every_n_epochs,
+            "must be at least 1 (a period longer than the run writes only the final grid)",
+        )
         require(num_images >= 1, "--grid.num_images", num_images, "must be at least 1")
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images

@@ -127,6 +127,9 @@ def test_the_best_checkpoint_follows_the_runs_checkpoint_folder(tmp_path, digits
     checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     best = next(c for c in checkpoints if c.monitor == "val/acc1")
     assert {c.dirpath for c in checkpoints} == {folder} and best.mode == "max" and len(checkpoints) == 3
+    same = ["--checkpoint.monitor", "val/acc1", "--checkpoint.mode", "max"]  # the best checkpoint's triggers
+    with pytest.raises(SystemExit, match=r"^error: --checkpoint.\* and --best_checkpoint.\* are ModelCheckpoints"):
+        main(["validate", *args, *same])
 
 
 def test_class_folders_must_agree_between_train_and_val(tmp_path):

@@ -286,9 +286,12 @@ def test_the_runs_checkpoints_and_grids_are_options_in_the_saved_config(tmp_path
 
 def test_unsafe_checkpoint_reading_or_a_clashing_checkpoint_callback_is_refused_in_one_line(tmp_path, digits):
     args = ["validate", "--data.root", digits, "--trainer.default_root_dir", str(tmp_path), *FAST]
-    with pytest.raises(SystemExit, match=r"^error: --trainer.plugins leaves checkpoint reading to Lightning's Torch"):
+    with pytest.raises(SystemExit, match=r"^error: --trainer.plugins leaves checkpoint reading to .*give AsyncCheck"):
         main([*args, "--trainer.plugins", "pytorch_lightning.plugins.io.AsyncCheckpointIO"])
-    with pytest.raises(SystemExit, match=r"^error: --trainer.callbacks holds a ModelCheckpoint with the same trigg"):
+    wrapped = '{"class_path": "pytorch_lightning.plugins.io.AsyncCheckpointIO", "init_args": {"checkpoint_io": '
+    wrapped += '{"class_path": "simmim.checkpointing.exports.SafeCheckpointIO"}}}'
+    main([*args, "--trainer.plugins", f"[{wrapped}]", "--trainer.limit_val_batches", "1"])  # the advice works
+    with pytest.raises(SystemExit, match=r"^error: --checkpoint.\* and --trainer.callbacks are ModelCheckpoints with"):
         main([*args, "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint"])
     with pytest.raises(SystemExit, match=r"^error: --grid.every_n_epochs 0: must be at least 1"):
         main([*args, "--grid.every_n_epochs", "0"])
