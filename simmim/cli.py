@@ -22,7 +22,7 @@ import os
 import platform
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -226,9 +226,11 @@ class StageCLI(LightningCLI):
         self.claim.resume_from = self.setting("ckpt_path")
         self.bad_images.max_fraction = self.datamodule.max_bad_fraction
 
-    def _checkpoint_callbacks(self) -> List[ModelCheckpoint]:
-        configured = [*_as_list(self.setting("trainer.callbacks")), *map(self.setting, self.CHECKPOINT_KEYS)]
-        return [c for c in configured if isinstance(c, ModelCheckpoint)]
+    def _checkpoint_callbacks(self) -> List[Tuple[str, ModelCheckpoint]]:
+        """(where it was configured, callback) for every ModelCheckpoint of the run: its own, then the user's."""
+        sources = [(f"--{key}.*", self.setting(key)) for key in self.CHECKPOINT_KEYS]
+        sources += [("--trainer.callbacks", c) for c in _as_list(self.setting("trainer.callbacks"))]
+        return [(name, c) for name, c in sources if isinstance(c, ModelCheckpoint)]
 
     def _check_outputs(self) -> None:
         """No file of the run is written through a link out of its root (`check_run_outputs`): checked on every
@@ -242,7 +244,7 @@ class StageCLI(LightningCLI):
             folders = [os.path.join(root, "lightning_logs")]
         else:
             folders = [getattr(lg, "root_dir", None) for lg in _as_list(loggers) if lg is not False]
-        dirpaths = [c.dirpath for c in self._checkpoint_callbacks() if c.dirpath]
+        dirpaths = [c.dirpath for _, c in self._checkpoint_callbacks() if c.dirpath]
         check_run_outputs(root, [f for f in folders if f], dirpaths)
         if self.setting("ckpt_path") == "last":  # not found under the root: Lightning looks here
             for folder in (Path(d) for d in dirpaths if "://" not in str(d)):
@@ -252,12 +254,8 @@ class StageCLI(LightningCLI):
     def _check_checkpoint_callbacks(self) -> None:
         """Two `ModelCheckpoint`s with the same triggers (the same state key: the run's own, `--trainer.callbacks`
         or both) would make Lightning stop with a traceback: refused in one line instead."""
-        sources = [(f"--{key}.*", self.setting(key)) for key in self.CHECKPOINT_KEYS]
-        sources += [("--trainer.callbacks", c) for c in _as_list(self.setting("trainer.callbacks"))]
         seen: Dict[str, str] = {}
-        for name, cb in sources:
-            if not isinstance(cb, ModelCheckpoint):
-                continue
+        for name, cb in self._checkpoint_callbacks():
             if cb.state_key in seen:
                 raise ConfigError(
                     f"{seen[cb.state_key]} and {name} are ModelCheckpoints with the same triggers: give one of them "

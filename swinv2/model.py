@@ -67,15 +67,19 @@ def _per_stage(value: Union[IntOrPair, Sequence[IntOrPair]], num_stages: int, na
     return tuple(_pair(v) for v in value)
 
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # a PyTorch without distributed support: nothing can be sharded
+    FSDPModule = None
+
+
 def _design(module: nn.Module) -> type:
     """The class that gives `module` its meaning: its own, or, for a module FSDP2 sharded (`fully_shard` swaps its
     class for `FSDP<name>`, a subclass of `FSDPModule` and of the original), the original class."""
     cls = type(module)
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a PyTorch without distributed support: nothing can be sharded
+    if FSDPModule is None or not issubclass(cls, FSDPModule):
         return cls
-    return next(b for b in cls.__bases__ if b is not FSDPModule) if issubclass(cls, FSDPModule) else cls
+    return next(b for b in cls.__bases__ if b is not FSDPModule)
 
 
 def require_swinv2_parts(model: nn.Module, what: str) -> None:

@@ -1,5 +1,7 @@
-"""Built-in default data: scikit-learn's 1,797 handwritten digits (8x8, shipped with the package, no network),
-written as an ImageFolder tree of 64x64 PNGs `<root>/<digit>/<index>.png`, so they carry labels for fine-tuning.
+"""Built-in data, made from what the dependencies ship (no network): scikit-learn's 1,797 handwritten digits (8x8),
+written as an ImageFolder tree of 64x64 PNGs `<root>/<digit>/<index>.png` so they carry labels for fine-tuning
+(`prepare_digits`, the default data), and the payoff benchmark's 64 px crops of 16 sample photographs
+(`prepare_photos`).
 """
 
 from __future__ import annotations

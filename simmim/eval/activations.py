@@ -112,7 +112,8 @@ def study(
     same initial weights (`build`), data order and schedule; magnitudes on about `probe_images` held-out images spread
     over the classes (`probe_batch`)."""
     arch = arch or dict(embed_dim=32, depths=(2, 2, 18, 2), num_heads=(1, 2, 4, 8))
-    tf, tl, vf, vl, classes = labelled_split(root, 0.2)
+    tf, tl, vf, vl = (split := labelled_split(root, 0.2))[:4]
+    classes = split.classes
     probe = probe_batch(vf, vl, probe_images, img_size, seed)
     results: Dict[str, DesignResult] = {}
     for name in designs:

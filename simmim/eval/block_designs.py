@@ -94,14 +94,18 @@ def design_of(model: swinv2.SwinTransformerV2) -> Dict[str, str]:
     }
 
 
+def _tag(design: Dict[str, Any]) -> str:
+    """The suffix of every tensor name in `save`'s files: `@<norm_position>+<attention>`."""
+    return f"@{design['norm_position']}+{design['attention']}"
+
+
 def save(path: Union[str, os.PathLike], model: swinv2.SwinTransformerV2) -> str:
     """`model`'s weights as safetensors with this module's record (the design and `model.architecture()`), each
     tensor named `<parameter>@<norm_position>+<attention>`."""
     path = os.fspath(path)
     design = design_of(model)
     record = {**design, "architecture": model.architecture()}
-    tag = f"@{design['norm_position']}+{design['attention']}"
-    tensors = {k + tag: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k + _tag(design): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, path, metadata={RECORD_KEY: json.dumps(record)})
     return path
 
@@ -118,6 +122,5 @@ def load(path: Union[str, os.PathLike]) -> swinv2.SwinTransformerV2:
         raise MalformedRecordError(f"{path}: its {RECORD_KEY} record needs norm_position, attention, architecture")
     arch = check_architecture(record["architecture"], str(path))
     model = build(record["norm_position"], record["attention"], **arch)
-    tag = f"@{record['norm_position']}+{record['attention']}"
-    model.load_state_dict({k.removesuffix(tag): v for k, v in raw["state_dict"].items()})
+    model.load_state_dict({k.removesuffix(_tag(record)): v for k, v in raw["state_dict"].items()})
     return model

@@ -55,7 +55,8 @@ def study(
     """{bias: {column: top-1}} with the columns "SIZE/wWINDOW" (trained there), "SIZE/wWINDOW zero-shot" and
     "SIZE/wWINDOW fine-tuned" for every target."""
     arch = arch or dict(embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
-    tf, tl, vf, vl, classes = labelled_split(root, 0.2)
+    tf, tl, vf, vl = (split := labelled_split(root, 0.2))[:4]
+    classes = split.classes
     results: Dict[str, Dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for bias in biases:

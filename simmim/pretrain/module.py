@@ -147,7 +147,7 @@ class SimMIMPretrainer(StageModule):
         """One black, unmasked image and its mask: a stand-in for a rank that has no image to feed a sharded
         forward (`join_sharded_forward`, the reconstruction grid)."""
         x = self.blank_images()
-        grid = self.hparams.img_size // self.hparams.patch_size
+        grid = self.input_size // self.hparams.patch_size
         return x, torch.zeros(1, grid, grid, dtype=torch.bool, device=self.device)
 
     def configure_optimizers(self):
