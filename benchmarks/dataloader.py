@@ -45,11 +45,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, default_collate  # noqa: E402
 
-from simmim.data.images import list_images  # noqa: E402
+from simmim.data.images import list_images, normalize_images  # noqa: E402
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader  # noqa: E402
 from simmim.finetune.augment import classification_transform  # noqa: E402
 from simmim.finetune.data import LabelledImageDataset  # noqa: E402
-from simmim.pretrain.augment import PretrainTransform, normalize_images  # noqa: E402
+from simmim.pretrain.augment import PretrainTransform  # noqa: E402
 from simmim.pretrain.data import MaskedImageDataset  # noqa: E402
 from simmim.pretrain.masking import MaskGenerator  # noqa: E402
 from simmim.seeding import sample_generators  # noqa: E402

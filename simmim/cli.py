@@ -4,10 +4,13 @@ line instead of a traceback (`simmim.errors`).
 
 What every run gets, and where it is declared:
 
-- `--checkpoint.*`: the `ModelCheckpoint` keeping `last.ckpt` in the run's own folder; `--checkpoint_every_n_steps`
-  adds `last.ckpt` every N optimizer steps (`StepCheckpoint`). Both are configurable and in the saved `config.yaml`.
-- Persistent callbacks (LightningCLI's `trainer_defaults`, not configurable): the claim on the checkpoint folders,
-  the bad-image limit (`--data.max_bad_fraction`), the logged wait for data, and the stage's own (its exports).
+- Callbacks with a setting, each an option group in the saved `config.yaml`: `--checkpoint.*`, the `ModelCheckpoint`
+  keeping `last.ckpt` in the run's own folder; `--checkpoint_every_n_steps`, `last.ckpt` every N optimizer steps
+  (`StepCheckpoint`); `--bad_images.max_fraction`, the bad-image limit; `--export.files`, the weight files written
+  at the end of fit; and the stage's own (`--grid.*`, `--best_checkpoint.*`).
+- Callbacks without a setting are LightningCLI's persistent callbacks (`trainer_defaults`, which its saved config
+  does not list): the claim on the checkpoint folders, the logged wait for data, and the stage's own (the
+  predictions CSV).
 - `trainer.plugins` defaults to `SafeCheckpointIO`, which reads checkpoints without running code from them; a run
   whose checkpoints would be read by Lightning's own `TorchCheckpointIO` (which unpickles) is refused.
 - `--ckpt_path last` is the newest `last.ckpt` under the root, resolved when the arguments are parsed; the
@@ -31,6 +34,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info
 
+from simmim.checkpointing.exports import ExportWeights
 from simmim.checkpointing.runs import ClaimCheckpointFolders, is_checkpoint, metadata_file, newest_last_checkpoint
 from simmim.checkpointing.untrusted import check_run_outputs, check_sharded_checkpoint, checkpoint_hyperparameters
 from simmim.data.watch import BadImageLimit, DataWaitTimer
@@ -121,13 +125,15 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class StageCLI(LightningCLI):
-    """LightningCLI as both stages use it; a stage names its program and subcommands (`PROG`, `SUBCOMMANDS`),
-    adds its options in `add_arguments_to_parser` and its persistent callbacks in `stage_callbacks`."""
+    """LightningCLI as both stages use it; a stage names its program, subcommands and exports (`PROG`,
+    `SUBCOMMANDS`, `EXPORTS`), adds its options in `add_arguments_to_parser` and its persistent callbacks in
+    `stage_callbacks`."""
 
     PROG = "python -m simmim"
     DESCRIPTION = ""
     SUBCOMMANDS: Sequence[str] = ("fit", "validate")
     CHECKPOINT_KEYS: Sequence[str] = ("checkpoint", "step_checkpoint")  # the configurable ModelCheckpoints
+    EXPORTS: Dict[str, str] = {}  # the default --export.files
 
     def __init__(self, model_class, datamodule_class, args: List[str], **kwargs) -> None:
         # omegaconf+: interpolations are resolved after the command line is applied, so the default configs'
@@ -136,8 +142,8 @@ class StageCLI(LightningCLI):
             "parser_kwargs", {"parser_mode": "omegaconf+", "prog": self.PROG, "description": self.DESCRIPTION}
         )
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        self.claim, self.bad_images = ClaimCheckpointFolders(), BadImageLimit()
-        persistent = [self.claim, self.bad_images, DataWaitTimer(), *self.stage_callbacks()]
+        self.claim = ClaimCheckpointFolders()
+        persistent = [self.claim, DataWaitTimer(), *self.stage_callbacks()]
         plugins = [{"class_path": SAFE_IO}]  # in the saved config
         given = dict(kwargs.pop("trainer_defaults", None) or {})  # a caller's defaults add to these
         callbacks = [*persistent, *_as_list(given.pop("callbacks", None))]
@@ -145,7 +151,7 @@ class StageCLI(LightningCLI):
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
 
     def stage_callbacks(self) -> list:
-        """The stage's callbacks that every run has (built before the arguments are parsed)."""
+        """The stage's callbacks without a setting that every run has (built before the arguments are parsed)."""
         return []
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -160,6 +166,9 @@ class StageCLI(LightningCLI):
         )
         parser.link_arguments("checkpoint_every_n_steps", "step_checkpoint.every_n_train_steps")
         parser.link_arguments("checkpoint.dirpath", "step_checkpoint.dirpath")
+        parser.add_lightning_class_args(BadImageLimit, "bad_images")
+        parser.add_lightning_class_args(ExportWeights, "export")
+        parser.set_defaults({"export.files": dict(self.EXPORTS)})
         parser.add_argument(
             "--collective_timeout_s",
             type=Optional[float],
@@ -221,10 +230,10 @@ class StageCLI(LightningCLI):
                 init.version = run.name
 
     def after_instantiate_classes(self) -> None:
-        """The persistent callbacks take the options they serve: the claim the checkpoint the run resumes from
-        (Lightning takes it up only after the callbacks' `setup`), the limit `--data.max_bad_fraction`."""
+        """The claim takes the checkpoint the run resumes from (Lightning takes it up only after the callbacks'
+        `setup`); `export` and `bad_images` are the run's, for the summary and for tests."""
         self.claim.resume_from = self.setting("ckpt_path")
-        self.bad_images.max_fraction = self.datamodule.max_bad_fraction
+        self.export, self.bad_images = self.setting("export"), self.setting("bad_images")
 
     def _checkpoint_callbacks(self) -> List[Tuple[str, ModelCheckpoint]]:
         """(where it was configured, callback) for every ModelCheckpoint of the run: its own, then the user's."""
@@ -245,7 +254,7 @@ class StageCLI(LightningCLI):
         else:
             folders = [getattr(lg, "root_dir", None) for lg in _as_list(loggers) if lg is not False]
         dirpaths = [c.dirpath for _, c in self._checkpoint_callbacks() if c.dirpath]
-        check_run_outputs(root, [f for f in folders if f], dirpaths)
+        check_run_outputs(root, [f for f in folders if f], dirpaths, list(self.setting("export").files))
         if self.setting("ckpt_path") == "last":  # not found under the root: Lightning looks here
             for folder in (Path(d) for d in dirpaths if "://" not in str(d)):
                 for shards in (p for p in folder.glob("last*.ckpt") if p.is_dir()):

@@ -75,10 +75,19 @@ class ResizeCenterCrop:
         return (torch.from_numpy(crop).permute(2, 0, 1).float() - self.mean) / self.std
 
 
-def eval_loader(files: List, labels: List[int], img_size: int, batch_size: int, num_workers: int, trainer=None):
+def eval_loader(
+    files: List,
+    labels: List[int],
+    img_size: int,
+    batch_size: int,
+    num_workers: int,
+    trainer=None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+):
     """In-order (images, labels, index, readable) batches of labelled files, resized and center-cropped to `img_size`
-    and normalised; unreadable files are left out of their batch with a warning."""
-    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(img_size))
+    and normalised with `mean` and `std`; unreadable files are left out of their batch with a warning."""
+    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(img_size, mean, std))
     return make_loader(dataset, batch_size, num_workers, False, partial(collate_readable, num_fields=3), trainer)
 
 
@@ -204,9 +213,8 @@ class KNNMonitor(PeriodicMonitor):
         filler = per_rank - len(real)  # equal batch counts on every rank (sharded forwards): padded, label -1
         mine = real + [real[-1] if real else 0] * filler
         own_labels = [labels[i] for i in real] + [-1] * filler
-        loader = eval_loader(
-            [files[i] for i in mine], own_labels, self.img_size, self.batch_size, self.num_workers, trainer
-        )
+        images, norm = [files[i] for i in mine], (pl_module.mean, pl_module.std)  # as the module's training images
+        loader = eval_loader(images, own_labels, self.img_size, self.batch_size, self.num_workers, trainer, *norm)
         encoder = pl_module.encoder
         features, own = embed(encoder, loader, pl_module.device, trainer.precision_plugin)
         rows = torch.full((per_rank, encoder.num_features), float("nan"), device=pl_module.device)
@@ -297,11 +305,17 @@ def quick_finetune_top1(
 
 
 def load_images(
-    files: List, labels: List[int], img_size: int, trainer: Optional[pl.Trainer] = None, num_workers: int = 0
+    files: List,
+    labels: List[int],
+    img_size: int,
+    trainer: Optional[pl.Trainer] = None,
+    num_workers: int = 0,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(images, labels) of every readable file, resized and center-cropped to `img_size` and normalised."""
     xs, ys = [], []
-    for x, y, *_ in eval_loader(files, labels, img_size, 256, num_workers, trainer):
+    for x, y, *_ in eval_loader(files, labels, img_size, 256, num_workers, trainer, mean, std):
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
@@ -362,9 +376,10 @@ class QuickFinetuneMonitor(PeriodicMonitor):
                 f"({len(tf)} to train, {len(vf)} to score): add images, or give train/ and val/ folders"
             )
         self.num_classes = len(classes)
+        norm = {"mean": pl_module.mean, "std": pl_module.std}  # the pretraining module's, as its training images
         self.data = (
-            load_images(tf, tl, self.img_size, trainer, self.num_workers),
-            load_images(vf, vl, self.img_size, trainer, self.num_workers),
+            load_images(tf, tl, self.img_size, trainer, self.num_workers, **norm),
+            load_images(vf, vl, self.img_size, trainer, self.num_workers, **norm),
         )
         rank_zero_info(
             f"quick fine-tune monitor: {len(classes)} classes, {len(self.data[0][1])} train / {len(self.data[1][1])} "

@@ -6,23 +6,29 @@
 - under a sharded strategy (`fsdp2`), the module's `model` sharded block by block (`configure_model`), and the
   stand-in forward of a rank whose evaluation batch came out empty;
 - the checkpoint contract's architecture record of the stage's SwinV2 (`swin`) in every checkpoint;
-- the images a step is given: normalised floats, or a one-line refusal saying what to do (`images`).
+- the images a step is given: uint8 batches normalised with the module's own `mean` and `std` on the training
+  device right after the copy (`images`, `on_after_batch_transfer`), float batches taken as normalised already.
 
-A stage builds `self.model` (what is sharded and run), names its SwinV2 (`swin`) and passes its input size.
+A stage builds `self.model` (what is sharded and run), names its SwinV2 (`swin`) and passes its input size and
+normalisation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
 
 import swinv2
+from simmim.data.images import normalize_images
+from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from simmim.distributed import is_sharded
-from simmim.errors import ConfigError
+from simmim.errors import require
 from simmim.optim import drop_nonfinite_grads
 from simmim.seeding import seed_step
+
+_TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
 class StageModule(pl.LightningModule):
@@ -34,13 +40,20 @@ class StageModule(pl.LightningModule):
 
     Args:
         img_size: The input size (square), for `blank_images`.
+        mean, std: The normalisation of the input images (per channel, as fractions of the pixel range).
     """
 
     SHARDED_FORWARD_METHODS: Sequence[str] = ()
 
-    def __init__(self, img_size: int) -> None:
+    def __init__(
+        self, img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
         super().__init__()
+        require(len(mean) == 3, "--model.mean", list(mean), "must hold one value per channel (3)")
+        require(len(std) == 3 and all(s > 0 for s in std), "--model.std", list(std), "must be 3 positive values")
         self.input_size = img_size
+        self.mean: Tuple[float, ...] = tuple(float(m) for m in mean)
+        self.std: Tuple[float, ...] = tuple(float(s) for s in std)
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, in this process's run
 
     @property
@@ -49,16 +62,21 @@ class StageModule(pl.LightningModule):
         raise NotImplementedError
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` as every step takes it: normalised float images. uint8 images mean the stage's data module did not
-        normalise them (pretraining's does it on the device after the copy, in `on_after_batch_transfer`, which
-        Lightning runs only for a data module handed to it): refused with what to do."""
-        if x.dtype == torch.uint8:
-            raise ConfigError(
-                "the batches arrive as uint8 images, but steps take normalised float images: pretraining's data "
-                "module normalises them on the device, so pass the data module itself (trainer.fit(model, "
-                "datamodule=dm)), not its loaders; a loader of your own must normalise its images"
-            )
-        return x
+        """`x` as every step takes it: uint8 images (what pretraining's loaders deliver) normalised with the module's
+        `mean` and `std` on their device, in float32 (in the weights' dtype under a `-true` precision); float images
+        are taken as normalised already (fine-tuning's loaders normalise before random erasing)."""
+        if x.dtype != torch.uint8:
+            return x
+        precision = str(self._trainer.precision) if self._trainer is not None else ""
+        return normalize_images(x, self.mean, self.std, _TRUE_PRECISION.get(precision, torch.float32))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A batch's images (its first element) through `images` right after the copy to the training device, so
+        that the steps and the callbacks that read the batch see the same normalised floats, whoever made the
+        loader. (Lightning runs a data module's own hook instead, if it has one; the steps still call `images`.)"""
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            return (self.images(batch[0]), *batch[1:])
+        return batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.global_rank, self.current_epoch, batch_idx)

@@ -35,6 +35,22 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
     return model
 
 
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> str:
+    """The built-in digits at their default 64 px, written once per session (read-only: copy before changing)."""
+    from simmim.data.builtin import prepare_digits
+
+    return str(prepare_digits(tmp_path_factory.mktemp("digits64")))
+
+
+@pytest.fixture(scope="session")
+def digits32(tmp_path_factory) -> str:
+    """The built-in digits at 32 px, written once per session (read-only: copy before changing)."""
+    from simmim.data.builtin import prepare_digits
+
+    return str(prepare_digits(tmp_path_factory.mktemp("digits32"), size=32))
+
+
 def image_folder(folder, names, size: int, broken=()):
     """Random-noise PNGs named `names` in `folder`; those also in `broken` hold bytes that are not an image."""
     import cv2

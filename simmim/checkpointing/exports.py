@@ -14,6 +14,7 @@ import swinv2
 from simmim.checkpointing.runs import SHARDED_METADATA
 from simmim.checkpointing.untrusted import local_path
 from simmim.distributed import full_state_dict, is_sharded
+from simmim.errors import require
 from swinv2.reading import read_checkpoint
 
 
@@ -25,18 +26,29 @@ def run_dir(trainer: pl.Trainer) -> str:
 
 
 class ExportWeights(pl.Callback):
-    """At the end of fit, write the SwinV2 in `pl_module.<attribute>` to `<run>/<name>` for every
-    `{name: layout}` in `files` with `swinv2.save_weights` (each file records the architecture, so
+    """At the end of fit, write the stage's SwinV2 (`pl_module.swin`) to `<run>/<name>` for every `{name: layout}`
+    in `files` with `swinv2.save_weights` (each file records the architecture, so
     `swinv2.create_model_from_checkpoint(path)` rebuilds the model alone). A model sharded by FSDP2 is gathered
     first, so the files are the same plain single-process weights under every strategy.
 
     Args:
-        attribute: The LightningModule attribute holding the `swinv2.SwinTransformerV2`.
-        files: File name -> layout ("official" or "timm").
+        files: File name (a `.safetensors` name in the run's folder) -> layout: "official" (this project's and
+            microsoft/Swin-Transformer's keys) or "timm". Empty: no export.
     """
 
-    def __init__(self, attribute: str, files: Dict[str, str]) -> None:
-        self.attribute, self.files = attribute, dict(files)
+    LAYOUTS = ("official", "timm")
+
+    def __init__(self, files: Dict[str, str]) -> None:
+        for name, layout in dict(files).items():
+            plain = name == os.path.basename(name) and name not in (".", "..") and "\\" not in name
+            require(
+                plain and name.endswith(".safetensors") and len(name) > len(".safetensors"),
+                "--export.files",
+                repr(name),
+                "must be a file name ending in .safetensors, written in the run's folder (no folders)",
+            )
+            require(layout in self.LAYOUTS, "--export.files", f"{name}: {layout!r}", "a layout is official or timm")
+        self.files = dict(files)
         self.paths: List[str] = []
 
     @property
@@ -46,7 +58,7 @@ class ExportWeights(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         folder = run_dir(trainer)  # collective: before the rank-zero check
-        model = getattr(pl_module, self.attribute)
+        model = pl_module.swin
         if is_sharded(model):  # FSDP2: gather the shards (collective), write a plain single-process model
             state = full_state_dict(model, keep=trainer.is_global_zero)
             if trainer.is_global_zero:

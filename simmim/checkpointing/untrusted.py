@@ -27,7 +27,7 @@ import pickle
 import stat
 import typing
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, List, Literal, Mapping, Tuple, Union
+from typing import Any, BinaryIO, Dict, List, Literal, Mapping, Sequence, Tuple, Union
 
 import torch
 
@@ -512,14 +512,16 @@ RUN_OUTPUTS = (
 )  # fmt: skip
 
 
-def check_run_outputs(root: str | os.PathLike, logger_folders: List[str], checkpoint_folders: List[str]) -> None:
+def check_run_outputs(
+    root: str | os.PathLike, logger_folders: List[str], checkpoint_folders: List[str], names: Sequence[str] = ()
+) -> None:
     """Before the trainer exists (loggers create their folders and first files as it starts): refuse a run whose
     loggers' folders, whose configured checkpoint folders, or (without a logger, or with one writing in the root
-    itself) whose root under a name the run writes there (`RUN_OUTPUTS`) hold a symbolic link leading outside the
-    root (`check_output_folder`)."""
+    itself) whose root under a name the run writes there (`RUN_OUTPUTS` and `names`, such as the configured
+    exports) hold a symbolic link leading outside the root (`check_output_folder`)."""
     root = os.path.abspath(root)
     in_root = not logger_folders or any(os.path.abspath(f) == root for f in logger_folders)
-    for name in RUN_OUTPUTS if in_root else ():
+    for name in (*RUN_OUTPUTS, *names) if in_root else ():
         path = os.path.join(root, name)
         if os.path.lexists(path):
             check_output_folder(path, root)

@@ -2,11 +2,12 @@
 
 Every image becomes uint8 H x W x 3 RGB: grayscale is replicated, 16-bit and float images are rescaled, alpha is
 composited over white, CMYK is converted by the decoder. Unreadable files raise `UnreadableImageError` naming the
-path, so callers can skip and count them.
+path, so callers can skip and count them. `normalize_images` turns a batch of them into the floats a model takes.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+import torch
 
 from simmim.errors import DataFolderError
 
@@ -105,3 +107,24 @@ def read_sample_image(files: Sequence, i: int, refill: bool) -> Tuple[Optional[n
     if not refill:
         return None, i, (i,)
     raise UnreadableImageError(f"none of the {n} images could be decoded; the warnings name them")
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device):
+    """255 x mean and 255 x std as (1, C, 1, 1) float32 tensors on `device`, made once per device: building them per
+    batch would be a host-to-device copy, which makes the host wait for the GPU's queued work."""
+    mean_255 = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    std_255 = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return mean_255.to(device), std_255.to(device)
+
+
+def normalize_images(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 images (B, 3, H, W), on any device -> `(x / 255 - mean) / std` per channel in float32 on that device,
+    then cast to `dtype` (the weights' dtype under a "-true" precision)."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize_images takes uint8 images, got {x.dtype}")
+    mean_255, std_255 = _channel_constants(tuple(mean), tuple(std), x.device)
+    out = x.to(torch.float32).sub_(mean_255).div_(std_255)  # in place: far cheaper on CPU than new tensors
+    return out if dtype == torch.float32 else out.to(dtype)

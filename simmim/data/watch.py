@@ -13,7 +13,8 @@ from simmim.errors import DataError, require
 
 
 class BadImageLimit(pl.Callback):
-    """Stops a run once more than `max_fraction` of its training files turned out unreadable (one bad file is always
+    """Stops a run once more than `max_fraction` (`--bad_images.max_fraction`) of its training files turned out
+    unreadable (one bad file is always
     tolerated). Counted are distinct files (a file passed over in every epoch, or by two neighbours' refills, counts
     once), judged against the number of files in the training set, so a dataset under the limit never stops,
     however early its bad files come. Under DDP the ranks share what they found: every rank sees the same set and
@@ -24,7 +25,7 @@ class BadImageLimit(pl.Callback):
     """
 
     def __init__(self, max_fraction: float = 0.01) -> None:
-        require(0.0 <= max_fraction <= 1.0, "--data.max_bad_fraction", max_fraction, "must be in [0, 1]")
+        require(0.0 <= max_fraction <= 1.0, "--bad_images.max_fraction", max_fraction, "must be in [0, 1]")
         self.max_fraction = max_fraction
         self.bad: Set[int] = set()  # indices of the unreadable training files found so far, on every rank
 
@@ -41,9 +42,9 @@ class BadImageLimit(pl.Callback):
         self.bad.update(new)
         if len(self.bad) > max(1.0, self.max_fraction * num_files):
             raise DataError(
-                f"{len(self.bad)} of the {num_files} training images could not be decoded, more than "
-                f"max_bad_fraction={self.max_fraction}; the warnings name their paths: fix or remove them, or raise "
-                "--data.max_bad_fraction"
+                f"{len(self.bad)} of the {num_files} training images could not be decoded, more than the tolerated "
+                f"fraction {self.max_fraction} (--bad_images.max_fraction); the warnings name their paths: fix or "
+                "remove them, or raise the limit"
             )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:

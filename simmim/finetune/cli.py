@@ -12,7 +12,6 @@ from typing import List, Optional
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from simmim.checkpointing.exports import ExportWeights
 from simmim.checkpointing.runs import is_checkpoint
 from simmim.cli import CONFIG_DIR, StageCLI, has_config, with_default_subcommand
 from simmim.data.folders import class_names
@@ -29,10 +28,13 @@ class FinetuneCLI(StageCLI):
     DESCRIPTION = "Fine-tune a pretrained SwinV2 for classification (no subcommand: fit; no --config: the default)"
     SUBCOMMANDS = ("fit", "validate", "predict")
     CHECKPOINT_KEYS = (*StageCLI.CHECKPOINT_KEYS, "best_checkpoint")
+    EXPORTS = {"classifier.safetensors": "official", "classifier_timm.safetensors": "timm"}
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.img_size", "model.img_size")
+        parser.link_arguments("model.mean", "data.mean")  # the loaders normalise (random erasing needs it)
+        parser.link_arguments("model.std", "data.std")
         parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")  # in the run's folder, beside last.ckpt
         parser.set_defaults(
             {
@@ -65,11 +67,8 @@ class FinetuneCLI(StageCLI):
             )
 
     def stage_callbacks(self) -> list:
-        self.export = ExportWeights(
-            "model", {"classifier.safetensors": "official", "classifier_timm.safetensors": "timm"}
-        )
         self.predictions = PredictionCSV()
-        return [self.export, self.predictions]
+        return [self.predictions]
 
 
 def _default_pretrained(args: List[str]) -> List[str]:

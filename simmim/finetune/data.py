@@ -33,7 +33,7 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
             bicubic, random erasing in pixel mode; evaluation resizes by 256/224 and center-crops) or "digits" (a
             small shift, rotation and scale, no flip; evaluation resizes: for the built-in digits).
         erase_prob: Random erasing probability (official: 0.25; the official pipeline only).
-        max_bad_fraction: Stop training once more than this fraction of the training files could not be decoded.
+        mean, std: The normalisation the loaders apply (the command line takes them from `--model.mean`, `--model.std`).
     """
 
     def __init__(
@@ -49,10 +49,9 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         erase_prob: float = 0.25,
         mean: Tuple[float, float, float] = IMAGENET_MEAN,
         std: Tuple[float, float, float] = IMAGENET_STD,
-        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
-        check_loader(batch_size, num_workers, val_fraction, max_bad_fraction)
+        check_loader(batch_size, num_workers, val_fraction)
         require(0.0 < label_fraction <= 1.0, "--data.label_fraction", label_fraction, "must be in (0, 1]")
         require(0.0 <= erase_prob <= 1.0, "--data.erase_prob", erase_prob, "must be in [0, 1] (official: 0.25)")
         require(img_size > 0, "--data.img_size", img_size, "must be positive")
@@ -60,7 +59,6 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         self.root, self.img_size, self.batch_size, self.num_workers = root, img_size, batch_size, num_workers
         self.val_fraction, self.label_fraction, self.predict_root = val_fraction, label_fraction, predict_root
         self.augment, self.erase_prob, self.mean, self.std = augment, erase_prob, tuple(mean), tuple(std)
-        self.max_bad_fraction = max_bad_fraction
         self.classes: Optional[List[str]] = None
         if root is not None:
             self._scan()  # a user's folder fails at start-up, not mid-run; the digits are written in prepare_data

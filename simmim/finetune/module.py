@@ -11,6 +11,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 import swinv2
+from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from simmim.errors import require
 from simmim.optim import (
     SCHEDULE_KEYS,
@@ -52,6 +53,9 @@ class SwinV2Classifier(StageModule):
         scratch_layer_decay: The layer decay of a run from scratch (`pretrained` None): 1.0, none, as supervised
             training from scratch uses; None: the pretrained recipe's.
         mixup, cutmix, mix_prob, switch_prob, label_smoothing: timm Mixup settings (official: 0.8, 1.0, 1, 0.5, 0.1).
+        mean, std: The normalisation of the input images (ImageNet's by default). On the command line the data
+            module takes them from here: its loaders normalise before random erasing, which works on normalised
+            pixels; uint8 images given to the module directly are normalised with them on the device.
     """
 
     def __init__(
@@ -82,8 +86,10 @@ class SwinV2Classifier(StageModule):
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
+        mean: Tuple[float, float, float] = IMAGENET_MEAN,
+        std: Tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
-        super().__init__(img_size)
+        super().__init__(img_size, mean, std)
         if num_classes is None:
             raise ValueError("num_classes is required (the fine-tuning command line reads it from --data.root)")
         patch = (encoder_kwargs or {}).get("patch_size", 4)

@@ -1,13 +1,12 @@
 """The SimMIM pretraining augmentation. It runs once per image in every data-loader worker, so it is written
-directly on OpenCV and stops at uint8: crop+resize and flip in the workers, normalisation on the training device
-after the batch is copied there (a quarter of the bytes through the workers' shared memory, the pinned buffers and the
-host-to-device copy, and no float pass over the pixels in the workers)."""
+directly on OpenCV and stops at uint8: crop+resize and flip in the workers; the module normalises the batch on the
+training device after the copy (`simmim.stage.StageModule.images`): a quarter of the bytes through the workers' shared
+memory, the pinned buffers and the host-to-device copy, and no float pass over the pixels in the workers."""
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import cv2
 import numpy as np
@@ -16,32 +15,11 @@ import torch
 Box = Tuple[int, int, int, int]  # top, left, height, width
 
 
-@functools.lru_cache(maxsize=16)
-def _channel_constants(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device):
-    """255 x mean and 255 x std as (1, C, 1, 1) float32 tensors on `device`, made once per device: building them per
-    batch would be a host-to-device copy, which makes the host wait for the GPU's queued work."""
-    mean_255 = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    std_255 = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    return mean_255.to(device), std_255.to(device)
-
-
-def normalize_images(
-    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """uint8 images (B, 3, H, W), on any device -> `(x / 255 - mean) / std` per channel in float32 on that device,
-    then cast to `dtype` (the weights' dtype under a "-true" precision)."""
-    if x.dtype != torch.uint8:
-        raise TypeError(f"normalize_images takes uint8 images, got {x.dtype}")
-    mean_255, std_255 = _channel_constants(tuple(mean), tuple(std), x.device)
-    out = x.to(torch.float32).sub_(mean_255).div_(std_255)  # in place: far cheaper on CPU than new tensors
-    return out if dtype == torch.float32 else out.to(dtype)
-
-
 class PretrainTransform:
-    """Official SimMIM-SwinV2 augmentation, up to normalisation (`normalize_images`). Training: RandomResizedCrop
-    (area 0.67-1 of the image, aspect ratio 3/4-4/3, torchvision's sampling with its centre-crop fallback),
-    horizontal flip with probability 0.5. Evaluation: the whole image resized. Resizing is OpenCV's bilinear
-    (`INTER_LINEAR`).
+    """Official SimMIM-SwinV2 augmentation, up to normalisation (`simmim.data.images.normalize_images`). Training:
+    RandomResizedCrop (area 0.67-1 of the image, aspect ratio 3/4-4/3, torchvision's sampling with its centre-crop
+    fallback), horizontal flip with probability 0.5. Evaluation: the whole image resized. Resizing is OpenCV's
+    bilinear (`INTER_LINEAR`).
 
     Called with a uint8 (H, W, 3) RGB image and the sample's generator; returns a contiguous uint8 (3, S, S) tensor,
     the layout a batch is stacked in (a permuted view would make the collate gather it element by element).

@@ -48,11 +48,11 @@ class ReconstructionGrid(pl.Callback):
         return "none: no validation image could be decoded"
 
     def make_grid(self, pl_module: pl.LightningModule, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        dm = pl_module.trainer.datamodule
         was_training = pl_module.training
         pl_module.eval()
         try:
-            return reconstruction_grid(pl_module.model, x[: self.num_images], mask[: self.num_images], dm.mean, dm.std)
+            x, mask = x[: self.num_images], mask[: self.num_images]
+            return reconstruction_grid(pl_module.model, x, mask, pl_module.mean, pl_module.std)
         finally:
             pl_module.train(was_training)
 

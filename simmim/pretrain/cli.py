@@ -10,7 +10,6 @@ from typing import List, Optional
 
 import pytorch_lightning as pl
 
-from simmim.checkpointing.exports import ExportWeights
 from simmim.cli import CONFIG_DIR, StageCLI, with_default_subcommand
 from simmim.errors import user_errors_as_messages
 from simmim.monitors import KNNMonitor, QuickFinetuneMonitor
@@ -23,16 +22,13 @@ class PretrainCLI(StageCLI):
     PROG = "python -m simmim.pretrain"
     DESCRIPTION = "SimMIM pretraining of a SwinV2 encoder (no subcommand: fit; no --config: the default recipe)"
     SUBCOMMANDS = ("fit", "validate")
+    EXPORTS = {"encoder.safetensors": "official"}
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.img_size", "model.img_size")
         parser.link_arguments("model.patch_size", "data.model_patch_size")
         parser.add_lightning_class_args(ReconstructionGrid, "grid")  # --grid.every_n_epochs, --grid.num_images
-
-    def stage_callbacks(self) -> list:
-        self.export = ExportWeights("encoder", {"encoder.safetensors": "official"})
-        return [self.export]
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()

@@ -1,5 +1,5 @@
-"""Pretraining data: a folder of images -> (image, mask) batches, masks made in the workers, images normalised on
-the training device."""
+"""Pretraining data: a folder of images -> (uint8 image, mask) batches, masks made in the workers (the module
+normalises the images on the training device)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.data.images import list_images, read_sample_image
-from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
+from simmim.data.loaders import collate_readable, make_loader, skip_empty_validation
 from simmim.errors import check_loader, require
-from simmim.pretrain.augment import PretrainTransform, normalize_images
+from simmim.pretrain.augment import PretrainTransform
 from simmim.pretrain.masking import MaskGenerator
 from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
-
-_TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
 class MaskedImageDataset(Dataset):
@@ -70,8 +68,6 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         batch_size: Per-device batch size.
         num_workers: DataLoader workers.
         val_fraction: Held-out fraction of the files (a fixed split).
-        mean, std: Normalisation (ImageNet's by default), applied on the training device (`on_after_batch_transfer`).
-        max_bad_fraction: Stop training once more than this fraction of the training files could not be decoded.
     """
 
     def __init__(
@@ -84,12 +80,9 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 4,
         val_fraction: float = 0.05,
-        mean: Tuple[float, float, float] = IMAGENET_MEAN,
-        std: Tuple[float, float, float] = IMAGENET_STD,
-        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
-        check_loader(batch_size, num_workers, val_fraction, max_bad_fraction)
+        check_loader(batch_size, num_workers, val_fraction)
         require(0.0 < mask_ratio < 1.0, "--data.mask_ratio", mask_ratio, "must be in (0, 1) (official: 0.6)")
         require(
             mask_patch_size % model_patch_size == 0,
@@ -106,7 +99,6 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         )
         self.root, self.img_size, self.batch_size = root, img_size, batch_size
         self.num_workers, self.val_fraction = num_workers, val_fraction
-        self.mean, self.std, self.max_bad_fraction = tuple(mean), tuple(std), max_bad_fraction
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
         self.files = list_images(root) if root is not None else None  # fail at start-up, not mid-run
 
@@ -140,16 +132,6 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_files, train=True)
-
-    def on_after_batch_transfer(self, batch: Tuple, dataloader_idx: int) -> Tuple:
-        """The loaders deliver uint8 images; they are normalised here, on the training device, after the copy (in
-        float32, or in the weights' dtype under `--trainer.precision` bf16-true, 16-true or 64-true). Loaders given
-        to `Trainer.fit` without this data module skip this hook: their batches stay uint8."""
-        x, *rest = batch
-        if x.dtype != torch.uint8:
-            return batch
-        dtype = _TRUE_PRECISION.get(str(self.trainer.precision) if self.trainer else "", torch.float32)
-        return (normalize_images(x, self.mean, self.std, dtype), *rest)
 
     def val_dataloader(self):
         if not self.val_files:  # under a trainer `setup` has turned validation off

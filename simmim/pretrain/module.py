@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 import swinv2
+from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from simmim.monitors import KNNMonitor, QuickFinetuneMonitor
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, param_groups_weight_decay
 from simmim.pretrain.data import PretrainDataModule
@@ -46,6 +47,8 @@ class SimMIMPretrainer(StageModule):
         finetune_every_n_epochs: The quick fine-tune monitor's period (`val/finetune_acc1`,
             `simmim.monitors`: what fine-tuning from these weights gives); 0 turns it off.
         finetune_steps: Its fine-tune's length in steps of 32 images.
+        mean, std: The normalisation of the input images, applied on the training device (ImageNet's by default);
+            the loss compares normalised pixels, and the monitors normalise their images the same way.
     """
 
     SHARDED_FORWARD_METHODS = ("reconstruct",)  # the reconstruction grid's forward
@@ -77,8 +80,10 @@ class SimMIMPretrainer(StageModule):
         knn_k: int = 20,
         finetune_every_n_epochs: int = 0,
         finetune_steps: int = 100,
+        mean: Tuple[float, float, float] = IMAGENET_MEAN,
+        std: Tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
-        super().__init__(img_size)
+        super().__init__(img_size, mean, std)
         self.save_hyperparameters()
         encoder = swinv2.create_model(
             arch,

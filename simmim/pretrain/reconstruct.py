@@ -2,8 +2,9 @@
 
 Masks images of a folder as pretraining does and writes a grid of original, masked input, reconstruction and the
 reconstruction pasted into the visible pixels, one row per image, from a pretraining checkpoint (the decoder is
-in the `.ckpt`, not in the encoder export). The image size, mask patch size, mask ratio and normalisation come
-from the run's `config.yaml` beside its `checkpoints/` folder when it is there; flags override them.
+in the `.ckpt`, not in the encoder export). The image size, mask patch size and mask ratio come from the run's
+`config.yaml` beside its `checkpoints/` folder when it is there (flags override them); the normalisation is the
+checkpoint's own (`--model.mean`, `--model.std`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from torchvision.utils import save_image
 
 from simmim.checkpointing.untrusted import checked_hyperparameters, read_run_config
 from simmim.data.images import decode_image, list_images
-from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from simmim.errors import ConfigError
 from simmim.monitors import ResizeCenterCrop
 from simmim.pretrain.callbacks import reconstruction_grid
@@ -81,7 +81,7 @@ def main(args: Optional[List[str]] = None) -> torch.Tensor:
     data = run_config(checkpoint)
     module = load_pretrainer(checkpoint)
     img_size = opts.img_size or data.get("img_size") or module.hparams.img_size
-    mean, std = data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD)
+    mean, std = module.mean, module.std
     try:
         masks = MaskGenerator(
             img_size,

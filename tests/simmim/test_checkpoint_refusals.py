@@ -11,7 +11,6 @@ from conftest import TINY
 from crafted_checkpoints import CRAFTED
 
 import swinv2
-from simmim.data.builtin import prepare_digits
 from simmim.finetune import main as finetune
 from simmim.pretrain import main as pretrain
 
@@ -19,15 +18,10 @@ FAST = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "
 SMALL = ["--model.encoder_kwargs", "{embed_dim: 24, depths: [2, 2], num_heads: [2, 4]}", "--model.window_size", "4"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return str(prepare_digits(tmp_path_factory.mktemp("digits"), size=32))
-
-
-def _args(tmp_path, digits, *extra):
+def _args(tmp_path, digits32, *extra):
     return [
         "--data.root",
-        digits,
+        digits32,
         "--data.img_size",
         "32",
         "--trainer.default_root_dir",
@@ -56,30 +50,34 @@ COMMANDS = {
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 @pytest.mark.parametrize("kind", sorted(CRAFTED))
-def test_crafted_checkpoint_on_the_command_line_is_refused(tmp_path, digits, kind, command):
+def test_crafted_checkpoint_on_the_command_line_is_refused(tmp_path, digits32, kind, command):
     path, marker = _crafted(tmp_path, kind)
     update = collections.Counter.update
     with pytest.raises(SystemExit, match=rf"^error: refused to load .*{kind}\.ckpt: ") as err:
-        COMMANDS[command](_args(tmp_path, digits), str(path))
+        COMMANDS[command](_args(tmp_path, digits32), str(path))
     assert "\n" not in str(err.value.code)
     assert not marker.exists()
     assert collections.Counter.update is update and collections.Counter("aab") == {"a": 2, "b": 1}
 
 
 @pytest.mark.parametrize("kind", sorted(CRAFTED))
-def test_crafted_last_checkpoint_is_refused_on_resume(tmp_path, digits, kind):
+def test_crafted_last_checkpoint_is_refused_on_resume(tmp_path, digits32, kind):
     """`--ckpt_path last` is resolved by the trainer, not the CLI: the trainer reads it with our reader too."""
     path, marker = _crafted(tmp_path, kind)
     (tmp_path / "checkpoints").mkdir()
     path.rename(tmp_path / "checkpoints" / "last.ckpt")
     with pytest.raises(SystemExit, match=r"^error: refused to load .*last\.ckpt: "):
-        pretrain(["fit", *_args(tmp_path, digits, "--data.mask_patch_size", "8", "--ckpt_path", "last")])
+        pretrain(["fit", *_args(tmp_path, digits32, "--data.mask_patch_size", "8", "--ckpt_path", "last")])
     assert not marker.exists() and collections.Counter("aab") == {"a": 2, "b": 1}
 
 
-def test_refusal_is_one_line_on_stderr_without_a_traceback(tmp_path, digits):
+def test_refusal_is_one_line_on_stderr_without_a_traceback(tmp_path, digits32):
     path, marker = _crafted(tmp_path, "inside_config")
-    args = ["-m", "simmim.pretrain", *_args(tmp_path, digits, "--data.mask_patch_size", "8", "--ckpt_path", str(path))]
+    args = [
+        "-m",
+        "simmim.pretrain",
+        *_args(tmp_path, digits32, "--data.mask_patch_size", "8", "--ckpt_path", str(path)),
+    ]
     out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
@@ -87,13 +85,13 @@ def test_refusal_is_one_line_on_stderr_without_a_traceback(tmp_path, digits):
     assert "Traceback" not in out.stderr and not marker.exists()
 
 
-def test_unreadable_or_foreign_files_end_in_one_line(tmp_path, digits):
+def test_unreadable_or_foreign_files_end_in_one_line(tmp_path, digits32):
     """A corrupt safetensors file as --model.pretrained, and an official checkpoint (readable, with its yacs config)
     given to --ckpt_path, which resumes runs of this project only."""
     bad = tmp_path / "encoder.safetensors"
     bad.write_bytes(b"\xff" * 64)
     with pytest.raises(SystemExit, match=r"^error: cannot read .*encoder\.safetensors as safetensors"):
-        finetune(["fit", *_args(tmp_path, digits), *CLASSES, "--model.pretrained", str(bad)])
+        finetune(["fit", *_args(tmp_path, digits32), *CLASSES, "--model.pretrained", str(bad)])
 
     official, _ = _crafted(tmp_path, "inside_config")  # a real yacs config, here without the payload
     from yacs.config import CfgNode
@@ -102,11 +100,11 @@ def test_unreadable_or_foreign_files_end_in_one_line(tmp_path, digits):
     with pytest.raises(
         SystemExit, match=r"^error: .*inside_config\.ckpt is not a Lightning checkpoint.*--model\.pretrained"
     ):
-        pretrain(["fit", *_args(tmp_path, digits, "--data.mask_patch_size", "8", "--ckpt_path", str(official))])
+        pretrain(["fit", *_args(tmp_path, digits32, "--data.mask_patch_size", "8", "--ckpt_path", str(official))])
 
 
-def test_the_data_modules_bad_image_limit_reaches_the_callback(tmp_path, digits):
-    args = _args(tmp_path, digits, "--trainer.limit_val_batches", "1", "--data.max_bad_fraction", "0.2")
+def test_the_bad_image_limit_option_reaches_the_callback(tmp_path, digits32):
+    args = _args(tmp_path, digits32, "--trainer.limit_val_batches", "1", "--bad_images.max_fraction", "0.2")
     cli = finetune(["validate", *args, *CLASSES])
     from simmim.data.watch import BadImageLimit
 

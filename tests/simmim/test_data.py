@@ -129,7 +129,8 @@ def test_too_many_bad_images_stop_the_run_with_a_clear_message():
     counter.update([5, 5, 6, 7], num_files=80)  # 3 distinct of 80: under 10%, however early
     counter.update([6, 7, 5], num_files=80)  # the same files again (a later epoch, a neighbour's refill)
     assert counter.bad == {5, 6, 7}
-    with pytest.raises(DataError, match=r"9 of the 80 training images could not be decoded, more than max_bad"):
+    message = r"9 of the 80 training images could not be decoded, more than the tolerated fraction 0.1 \(--bad_images"
+    with pytest.raises(DataError, match=message):
         counter.update(range(8, 14), num_files=80)
 
 

@@ -49,3 +49,39 @@ def test_resize_center_crop_keeps_the_middle_of_the_short_side():
     assert x.shape == (3, 30, 30)
     band = x[0, 0]  # std 1 of the 0-1 range: pixels / 255
     assert band[10:20].min() > 0.9 and band[:8].max() < 0.1 and band[22:].max() < 0.1
+
+
+def test_both_monitors_read_their_images_normalised_as_the_module_trains(tmp_path, monkeypatch):
+    """The kNN and quick fine-tune monitors embed images normalised with the pretraining module's mean and std (its
+    training images' normalisation), not ImageNet's."""
+    from types import SimpleNamespace
+
+    from conftest import image_folder
+
+    import simmim.monitors as monitors
+    from simmim.pretrain.module import SimMIMPretrainer
+
+    for c in range(2):
+        image_folder(tmp_path / f"class{c}", [f"{i}.png" for i in range(5)], 40)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    module = SimMIMPretrainer("swinv2_tiny", img_size=32, window_size=4, mean=mean, std=std,
+                              encoder_kwargs=dict(embed_dim=24, depths=(2, 2), num_heads=(2, 4)))  # fmt: skip
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    module._trainer = SimpleNamespace(global_rank=0, world_size=1, precision_plugin=None, strategy=cpu)
+    images = []
+
+    def record(encoder, batches, device, precision=None):
+        batches = list(batches)
+        images.extend(x for x, *_ in batches)
+        return torch.zeros(sum(len(x) for x, *_ in batches), 24 * 2), torch.cat([y for _, y, *_ in batches])
+
+    monkeypatch.setattr(monitors, "embed", record)
+    knn = monitors.KNNMonitor(str(tmp_path), 32)
+    knn.setup(module._trainer, module, "fit")
+    knn._gathered_features(module, knn.val_files, knn.val_labels)
+    quick = monitors.QuickFinetuneMonitor(str(tmp_path), 32, label_fraction=1.0)
+    quick.setup(None, module, "fit")
+    for x in (*images, quick.data[0][0], quick.data[1][0]):
+        pixels = x * (torch.tensor(std).view(1, 3, 1, 1) * 255) + torch.tensor(mean).view(1, 3, 1, 1) * 255
+        torch.testing.assert_close(pixels, pixels.round().clamp(0, 255), rtol=0, atol=1e-3)  # whole 0-255 values
+    assert images

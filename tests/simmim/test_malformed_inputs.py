@@ -49,12 +49,30 @@ for name, call in {calls}:
 """
 
 
-def _run(tmp_path, imports: str, calls: str) -> dict:
+def _start(tmp_path, imports: str, calls: str) -> subprocess.Popen:
+    """A driver over `calls` in a fresh interpreter; the three drivers of this file run side by side."""
     code = DRIVER.format(imports=imports, calls=calls)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    results = [json.loads(line[5:]) for line in out.stdout.splitlines() if line.startswith("CASE ")]
-    assert results, out.stderr[-3000:]
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)  # fmt: skip
+
+
+def _results(driver: subprocess.Popen) -> dict:
+    stdout, stderr = driver.communicate(timeout=600)
+    results = [json.loads(line[5:]) for line in stdout.splitlines() if line.startswith("CASE ")]
+    assert results, stderr[-3000:]
     return {r["case"]: r for r in results}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Each group's cases, by name: the weights files, the shard folders and the run configs, their drivers started
+    together."""
+    builders = {"weights": _weights_driver, "shards": _shard_driver, "configs": _config_driver}
+    folders = {group: tmp_path_factory.mktemp(group) for group in builders}
+    drivers = {group: _start(*build(folders[group])) for group, build in builders.items()}
+    done = {group: _results(driver) for group, driver in drivers.items()}
+    assert not (folders["configs"] / "pwned").exists()  # the YAML tag ran nothing
+    return done
 
 
 def _assert_one_line(result, expected: str):
@@ -132,9 +150,7 @@ WEIGHTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def weights_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("weights")
+def _weights_driver(tmp):
     paths = {}
     for name, (build, _) in WEIGHTS.items():
         suffix = (
@@ -144,12 +160,12 @@ def weights_results(tmp_path_factory):
         )
         paths[name] = str(build(tmp / f"{len(paths)}{suffix}"))
     calls = "[" + ", ".join(f"({n!r}, lambda: swinv2.create_model_from_checkpoint({p!r}))" for n, p in paths.items())
-    return _run(tmp, "import swinv2", calls + "]")
+    return tmp, "import swinv2", calls + "]"
 
 
 @pytest.mark.parametrize("case", sorted(WEIGHTS))
-def test_a_malformed_weights_file_ends_in_one_line(weights_results, case):
-    _assert_one_line(weights_results[case], WEIGHTS[case][1])
+def test_a_malformed_weights_file_ends_in_one_line(results, case):
+    _assert_one_line(results["weights"][case], WEIGHTS[case][1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,17 +249,15 @@ SHARDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def shard_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("shards")
+def _shard_driver(tmp):
     paths = {name: str(build(tmp / f"{i}.ckpt")) for i, (name, (build, _)) in enumerate(SHARDS.items())}
     calls = ", ".join(f"({n!r}, lambda: check_sharded_checkpoint({p!r}))" for n, p in paths.items())
-    return _run(tmp, "from simmim.checkpointing.untrusted import check_sharded_checkpoint", f"[{calls}]")
+    return tmp, "from simmim.checkpointing.untrusted import check_sharded_checkpoint", f"[{calls}]"
 
 
 @pytest.mark.parametrize("case", sorted(SHARDS))
-def test_a_malformed_shard_folder_ends_in_one_line(shard_results, case):
-    _assert_one_line(shard_results[case], SHARDS[case][1])
+def test_a_malformed_shard_folder_ends_in_one_line(results, case):
+    _assert_one_line(results["shards"][case], SHARDS[case][1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,12 +275,10 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def config_results(tmp_path_factory):
+def _config_driver(tmp):
     from simmim.data.builtin import prepare_digits
     from simmim.pretrain.module import SimMIMPretrainer
 
-    tmp = tmp_path_factory.mktemp("configs")
     images = prepare_digits(tmp / "digits", size=32)
     encoder = {k: TINY[k] for k in ("embed_dim", "depths", "num_heads")}
     module = SimMIMPretrainer(arch="swinv2_tiny", img_size=32, window_size=4, encoder_kwargs=encoder)
@@ -278,14 +290,12 @@ def config_results(tmp_path_factory):
         (tmp / f"run{i}" / "config.yaml").write_text(text)
         args = ["--checkpoint", str(ckpt), "--images", str(images), "--out", str(tmp / f"{i}.png")]
         calls.append(f"({name!r}, lambda: main({args!r}))")
-    results = _run(tmp, "from simmim.pretrain.reconstruct import main", "[" + ", ".join(calls) + "]")
-    assert not (tmp / "pwned").exists()
-    return results
+    return tmp, "from simmim.pretrain.reconstruct import main", "[" + ", ".join(calls) + "]"
 
 
 @pytest.mark.parametrize("case", sorted(CONFIGS))
-def test_a_malformed_run_config_ends_in_one_line(config_results, case):
-    _assert_one_line(config_results[case], CONFIGS[case][1])
+def test_a_malformed_run_config_ends_in_one_line(results, case):
+    _assert_one_line(results["configs"][case], CONFIGS[case][1])
 
 
 def test_an_evaluation_command_prints_one_line_for_a_refused_file(tmp_path):

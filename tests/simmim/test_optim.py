@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from conftest import image_folder
 
 from simmim.optim import lr_factor, scaled_lr, schedule_lengths
@@ -95,14 +96,26 @@ def test_cosine_without_an_end_is_a_clear_error(sixteen_images):
         _fit(sixteen_images, max_epochs=-1)
 
 
-def test_the_data_modules_loaders_alone_are_refused_with_advice(sixteen_images):
-    """Its loaders deliver uint8 images that the data module normalises; handed to fit() without it, the model
-    would get raw pixels."""
-    from simmim.errors import ConfigError
-
+def test_the_data_modules_loaders_alone_train_on_images_normalised_with_the_modules_mean_and_std(sixteen_images):
+    """Its loaders deliver uint8 images; handed to fit() without the data module, the model still normalises them
+    (its own hook, its own mean and std), so every training batch reaches the step as normalised floats."""
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     dm = PretrainDataModule(sixteen_images, img_size=32, mask_patch_size=8, batch_size=4, num_workers=0)
     dm.setup("fit")
-    model = SimMIMPretrainer("swinv2_tiny", img_size=32, window_size=4, encoder_kwargs=ENC, lr_schedule="multistep")
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=1, limit_val_batches=0)
-    with pytest.raises(ConfigError, match=r"pass the data module itself \(trainer.fit\(model, datamodule=dm\)\)"):
-        trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    model = SimMIMPretrainer(
+        "swinv2_tiny", img_size=32, window_size=4, encoder_kwargs=ENC, lr_schedule="multistep", mean=mean, std=std
+    )
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch[0])
+
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=2, limit_val_batches=0,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    assert len(seen) == 2 and all(x.dtype == torch.float32 for x in seen)
+    pixels = torch.cat(seen) * (torch.tensor(std).view(1, 3, 1, 1) * 255) + torch.tensor(mean).view(1, 3, 1, 1) * 255
+    torch.testing.assert_close(pixels, pixels.round().clamp(0, 255), rtol=0, atol=1e-3)  # whole 0-255 values

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from simmim.pretrain.augment import PretrainTransform, normalize_images
+from simmim.data.images import normalize_images
+from simmim.pretrain.augment import PretrainTransform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -57,23 +58,6 @@ def test_evaluation_resizes_the_whole_image_and_the_device_normalises_as_albumen
     normalised = normalize_images(x[None], MEAN, STD)[0]
     assert normalised.dtype == torch.float32
     np.testing.assert_allclose(normalised.permute(1, 2, 0).numpy(), ref, atol=1e-5)
-
-
-def test_the_data_module_normalises_batches_after_the_transfer(tmp_path):
-    """Loaders deliver uint8; Lightning's `on_after_batch_transfer` hook hands the model normalised float32."""
-    from simmim.pretrain.data import PretrainDataModule
-
-    dm = PretrainDataModule(None, img_size=32, mask_patch_size=16, mean=MEAN, std=STD)
-    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    mask = torch.zeros(2, 8, 8)
-    y, m, bad = dm.on_after_batch_transfer((x, mask, (3,)), 0)
-    assert y.dtype == torch.float32 and m is mask and bad == (3,)
-    np.testing.assert_allclose(y[0, :, 0, 0].numpy(), (x[0, :, 0, 0].numpy() / 255 - MEAN) / STD, rtol=1e-5)
-    empty = torch.empty(0)
-    assert dm.on_after_batch_transfer((empty, empty, ()), 0)[0] is empty  # a batch with nothing readable
-    dm.trainer = SimpleNamespace(precision="bf16-true")  # weights in bf16: so are the images
-    z = dm.on_after_batch_transfer((x, mask, ()), 0)[0]
-    assert z.dtype == torch.bfloat16 and torch.equal(z, y.to(torch.bfloat16))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from simmim.checkpointing.runs import LOCK_NAME, claim_folder
-from simmim.data.builtin import prepare_digits
 from simmim.pretrain import main
 
 QUICK = [
@@ -16,11 +15,6 @@ QUICK = [
     "--trainer.precision", "32", "--data.num_workers", "0", "--data.batch_size", "16",
     "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return str(prepare_digits(tmp_path_factory.mktemp("digits")))
 
 
 def test_a_second_run_gets_its_own_folder_and_last_resumes_the_newest_in_it(tmp_path, digits):

@@ -1,5 +1,5 @@
-"""What both stages share (`simmim.stage.StageModule`): non-finite steps skipped, counted and logged; raw images
-refused with advice; opt-in attention compilation."""
+"""What both stages share (`simmim.stage.StageModule`): non-finite steps skipped, counted and logged; uint8 images
+normalised by the module itself, with its own mean and std; opt-in attention compilation."""
 
 import pytest
 import pytorch_lightning as pl
@@ -7,25 +7,25 @@ import torch
 from conftest import TINY
 
 import swinv2
-from simmim.errors import ConfigError
 
 ENC = dict(embed_dim=24, depths=(2, 2), num_heads=(2, 4))
 
 
-def _stage(name, root):
-    """A tiny module and data module of one stage, on the digits at 32 px."""
+def _stage(name, root, **norm):
+    """A tiny module and data module of one stage, on the digits at 32 px (`norm`: the module's mean and std)."""
     if name == "pretrain":
         from simmim.pretrain.data import PretrainDataModule
         from simmim.pretrain.module import SimMIMPretrainer
 
         module = SimMIMPretrainer(
-            "swinv2_tiny", 32, window_size=4, encoder_kwargs=ENC, knn_every_n_epochs=0, finetune_every_n_epochs=0
-        )
+            "swinv2_tiny", 32, window_size=4, encoder_kwargs=ENC, knn_every_n_epochs=0, finetune_every_n_epochs=0,
+            **norm,
+        )  # fmt: skip
         return module, PretrainDataModule(root, 32, mask_patch_size=8, batch_size=4, num_workers=0)
     from simmim.finetune.data import ClassificationDataModule
     from simmim.finetune.module import SwinV2Classifier
 
-    module = SwinV2Classifier("swinv2_tiny", 10, 32, 4, encoder_kwargs=ENC, mixup=0.0, cutmix=0.0)
+    module = SwinV2Classifier("swinv2_tiny", 10, 32, 4, encoder_kwargs=ENC, mixup=0.0, cutmix=0.0, **norm)
     return module, ClassificationDataModule(root, 32, batch_size=4, num_workers=0, augment="digits")
 
 
@@ -35,13 +35,6 @@ class _NanAtFirstStep(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step == 0:
             next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
-
-
-@pytest.fixture(scope="module")
-def digits32(tmp_path_factory):
-    from simmim.data.builtin import prepare_digits
-
-    return str(prepare_digits(tmp_path_factory.mktemp("digits"), size=32))
 
 
 @pytest.mark.parametrize("name", ["pretrain", "finetune"])
@@ -56,13 +49,31 @@ def test_both_stages_skip_count_and_log_a_non_finite_step(name, digits32, capsys
     assert "step 0: non-finite gradients, optimizer step skipped (1 so far)" in capsys.readouterr().out
 
 
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # not ImageNet's: a test that would pass with the defaults cannot
+
+
+def _pixels(x, mean=MEAN, std=STD):
+    """The 0-255 values that normalised images `x` came from, per channel."""
+    return x.float() * (torch.tensor(std).view(1, 3, 1, 1) * 255) + torch.tensor(mean).view(1, 3, 1, 1) * 255
+
+
 @pytest.mark.parametrize("name", ["pretrain", "finetune"])
-def test_both_stages_refuse_raw_images_with_what_to_do(name, digits32):
-    module, _ = _stage(name, digits32)
-    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
-    batch = (images, torch.zeros(2, 8, 8), ()) if name == "pretrain" else (images, torch.zeros(2).long(), 0, ())
-    with pytest.raises(ConfigError, match=r"uint8 images.*pass the data module itself"):
-        module.training_step(batch, 0)
+def test_both_stages_normalise_uint8_images_with_their_own_mean_and_std(name, digits32):
+    """Right after the copy to the device (the module's own hook, so a loader handed to fit() alone is covered too)
+    and in the steps (`images`); floats are left alone; under bf16-true the images come in the weights' dtype."""
+    from types import SimpleNamespace
+
+    module, _ = _stage(name, digits32, mean=MEAN, std=STD)
+    raw = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    rest = (torch.zeros(2, 8, 8, dtype=torch.bool), ()) if name == "pretrain" else (torch.zeros(2).long(), 0, ())
+    x, *after = module.on_after_batch_transfer((raw, *rest), 0)
+    assert x.dtype == torch.float32 and all(a is b for a, b in zip(after, rest))
+    torch.testing.assert_close(_pixels(x), raw.float(), rtol=0, atol=1e-4)
+    floats = torch.randn(2, 3, 32, 32)
+    assert module.on_after_batch_transfer((floats, *rest), 0)[0] is floats
+    assert torch.equal(module.images(raw), x)  # what a step calls, for a data module with a hook of its own
+    module._trainer = SimpleNamespace(precision="bf16-true")
+    assert torch.equal(module.images(raw), x.to(torch.bfloat16))
 
 
 def test_nonfinite_gradients_skip_the_step():

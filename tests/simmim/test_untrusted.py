@@ -17,7 +17,6 @@ from conftest import TINY
 
 from simmim.checkpointing.untrusted import check_sharded_checkpoint, checked_hyperparameters, conforms
 from simmim.cli import CONFIG_DIR
-from simmim.data.builtin import prepare_digits
 from simmim.finetune import main as finetune
 from simmim.pretrain import main as pretrain
 from simmim.pretrain.module import SimMIMPretrainer
@@ -29,13 +28,8 @@ SMALL = ["--model.encoder_kwargs", "{embed_dim: 24, depths: [2, 2], num_heads: [
 SHORT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return str(prepare_digits(tmp_path_factory.mktemp("digits"), size=32))
-
-
-def _args(root, digits, *extra):
-    return ["--data.root", digits, "--data.img_size", "32", "--trainer.default_root_dir", str(root), *SMALL, *FAST,
+def _args(root, digits32, *extra):
+    return ["--data.root", digits32, "--data.img_size", "32", "--trainer.default_root_dir", str(root), *SMALL, *FAST,
             *extra]  # fmt: skip
 
 
@@ -75,12 +69,12 @@ ENTRY_POINTS = {
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 @pytest.mark.parametrize("place", sorted(PAYLOAD_PLACES))
-def test_hyperparameters_naming_a_class_are_refused_and_build_nothing(tmp_path, monkeypatch, digits, entry, place):
+def test_hyperparameters_naming_a_class_are_refused_and_build_nothing(tmp_path, monkeypatch, digits32, entry, place):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "pwned"
     build, expected = PAYLOAD_PLACES[place]
     path = _crafted_run(tmp_path / "run", build(marker))
-    args = _args(tmp_path / "run", digits, "--trainer.logger", "false")
+    args = _args(tmp_path / "run", digits32, "--trainer.logger", "false")
     with pytest.raises(SystemExit) as err:
         ENTRY_POINTS[entry](args, path)
     message = str(err.value.code)
@@ -181,18 +175,18 @@ def test_crafted_shard_folders_are_refused_before_torch_reads_them(tmp_path, att
     assert not marker.exists() and pathlib.PosixPath.is_file is is_file and pathlib.Path(__file__).is_file()
 
 
-def test_a_crafted_shard_folder_is_refused_under_any_strategy(tmp_path, digits):
+def test_a_crafted_shard_folder_is_refused_under_any_strategy(tmp_path, digits32):
     """`--ckpt_path FOLDER` without `--trainer.strategy fsdp2`: the folder is checked before any strategy reads it."""
     marker, is_file = tmp_path / "pwned", pathlib.PosixPath.is_file
     folder = _shard_folder(tmp_path / "shards.ckpt", marker)
     (folder / ".metadata").write_bytes(BUILD_ON_PATH)
-    args = _args(tmp_path / "run", digits, *MASK, "--trainer.logger", "false", "--ckpt_path", str(folder))
+    args = _args(tmp_path / "run", digits32, *MASK, "--trainer.logger", "false", "--ckpt_path", str(folder))
     with pytest.raises(SystemExit, match=r"^error: .*sets the state of <class 'pathlib"):
         pretrain(["fit", *args])
     assert not marker.exists() and pathlib.PosixPath.is_file is is_file
 
 
-def test_a_crafted_last_shard_folder_in_a_configured_checkpoint_folder_is_refused(tmp_path, digits):
+def test_a_crafted_last_shard_folder_in_a_configured_checkpoint_folder_is_refused(tmp_path, digits32):
     """`--ckpt_path last` with nothing under the root: Lightning looks in the configured `dirpath` itself."""
     marker, is_file = tmp_path / "pwned", pathlib.PosixPath.is_file
     folder = _shard_folder(tmp_path / "elsewhere" / "last.ckpt", marker)
@@ -202,18 +196,18 @@ def test_a_crafted_last_shard_folder_in_a_configured_checkpoint_folder_is_refuse
         "trainer:\n  callbacks:\n    - class_path: pytorch_lightning.callbacks.ModelCheckpoint\n      init_args:\n"
         f"        dirpath: {tmp_path / 'elsewhere'}\n        save_last: true\n"
     )
-    args = _args(tmp_path / "run", digits, *MASK, "--trainer.logger", "false", "--ckpt_path", "last")
+    args = _args(tmp_path / "run", digits32, *MASK, "--trainer.logger", "false", "--ckpt_path", "last")
     with pytest.raises(SystemExit, match=r"^error: .*sets the state of <class 'pathlib"):
         pretrain(["fit", "--config", str(CONFIG_DIR / "pretrain/default.yaml"), "--config", str(config), *args])
     assert not marker.exists() and pathlib.PosixPath.is_file is is_file
 
 
-def test_a_crafted_shard_folder_resumed_under_fsdp2_ends_in_one_line(tmp_path, digits):
+def test_a_crafted_shard_folder_resumed_under_fsdp2_ends_in_one_line(tmp_path, digits32):
     """Through the entry point: `--trainer.strategy fsdp2 --ckpt_path last` (one process, gloo)."""
     marker = tmp_path / "pwned"
     _shard_folder(tmp_path / "checkpoints" / "last.ckpt", marker)
     args = _args(
-        tmp_path, digits, *MASK, "--trainer.logger", "false", "--trainer.strategy", "fsdp2", "--ckpt_path", "last"
+        tmp_path, digits32, *MASK, "--trainer.logger", "false", "--trainer.strategy", "fsdp2", "--ckpt_path", "last"
     )
     cmd = [sys.executable, "-m", "simmim.pretrain", "fit", *args, "--trainer.accelerator", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -228,19 +222,19 @@ def test_a_crafted_shard_folder_resumed_under_fsdp2_ends_in_one_line(tmp_path, d
 
 
 @pytest.fixture
-def honest_run(tmp_path, digits, monkeypatch):
+def honest_run(tmp_path, digits32, monkeypatch):
     """A short run with its logger (`<root>/logs/version_0`), to be tampered with and resumed."""
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "run"
-    pretrain(["fit", *_args(root, digits, *MASK, *SHORT, "--model.knn_every_n_epochs", "0")])
+    pretrain(["fit", *_args(root, digits32, *MASK, *SHORT, "--model.knn_every_n_epochs", "0")])
     return root
 
 
-def _resume(root, digits, *extra):
+def _resume(root, digits32, *extra):
     return pretrain(
         [
             "fit",
-            *_args(root, digits, *MASK, *SHORT, "--model.knn_every_n_epochs", "0"),
+            *_args(root, digits32, *MASK, *SHORT, "--model.knn_every_n_epochs", "0"),
             "--trainer.max_epochs",
             "2",
             "--ckpt_path",
@@ -250,7 +244,7 @@ def _resume(root, digits, *extra):
     )
 
 
-def test_restored_checkpoint_paths_outside_the_run_are_never_deleted(honest_run, tmp_path, digits):
+def test_restored_checkpoint_paths_outside_the_run_are_never_deleted(honest_run, tmp_path, digits32):
     victims = [tmp_path / "victim_a", tmp_path / "victim_b"]
     for v in victims:
         v.mkdir()
@@ -267,7 +261,7 @@ def test_restored_checkpoint_paths_outside_the_run_are_never_deleted(honest_run,
     state["kth_best_model_path"] = str(victim_file)
     torch.save(ckpt, last)
     with pytest.warns(UserWarning, match="names files outside"):
-        cli = _resume(honest_run, digits)
+        cli = _resume(honest_run, digits32)
     assert cli.trainer.current_epoch == 2
     assert all((v / "precious.txt").read_text() == "keep me" for v in victims)
     assert victim_file.read_text() == "keep me"
@@ -279,7 +273,7 @@ def _snapshot(folder):
 
 
 @pytest.mark.parametrize("target", ["config.yaml", "a later checkpoint"])
-def test_a_symlink_in_a_run_folder_never_redirects_a_write(honest_run, tmp_path, digits, target):
+def test_a_symlink_in_a_run_folder_never_redirects_a_write(honest_run, tmp_path, digits32, target):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     version = honest_run / "logs" / "version_0"
@@ -289,13 +283,13 @@ def test_a_symlink_in_a_run_folder_never_redirects_a_write(honest_run, tmp_path,
     else:  # a link among the checkpoints, named as a later checkpoint would be
         (version / "checkpoints" / "periodic-step=4.ckpt").symlink_to(victim)
     with pytest.raises(SystemExit, match=r"^error: .* is a symbolic link to .*outside the run's folder") as err:
-        _resume(honest_run, digits, "--checkpoint_every_n_steps", "2")
+        _resume(honest_run, digits32, "--checkpoint_every_n_steps", "2")
     assert "\n" not in str(err.value.code)
     assert victim.read_text() == "keep me"
 
 
 @pytest.mark.parametrize("link", ["the version folder", "the logs folder"])
-def test_a_run_folder_that_links_elsewhere_is_never_written(honest_run, tmp_path, digits, link):
+def test_a_run_folder_that_links_elsewhere_is_never_written(honest_run, tmp_path, digits32, link):
     """The check runs before the trainer exists: TensorBoard creates its folder and first file as it starts."""
     folder = honest_run / "logs" / "version_0" if link == "the version folder" else honest_run / "logs"
     elsewhere = tmp_path / "elsewhere"
@@ -303,29 +297,41 @@ def test_a_run_folder_that_links_elsewhere_is_never_written(honest_run, tmp_path
     folder.symlink_to(elsewhere, target_is_directory=True)
     before = _snapshot(elsewhere)
     with pytest.raises(SystemExit, match=r"^error: .* is a symbolic link to .*outside the run's folder"):
-        _resume(honest_run, digits)
+        _resume(honest_run, digits32)
     assert _snapshot(elsewhere) == before
 
 
-def test_validate_never_writes_its_config_through_a_link(tmp_path, digits):
+def test_validate_never_writes_its_config_through_a_link(tmp_path, digits32):
     """`validate` writes config.yaml into the root of a run without a logger."""
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").symlink_to(victim)
-    args = _args(tmp_path / "run", digits, *MASK, "--trainer.logger", "false", "--trainer.limit_val_batches", "1")
+    args = _args(tmp_path / "run", digits32, *MASK, "--trainer.logger", "false", "--trainer.limit_val_batches", "1")
     with pytest.raises(SystemExit, match=r"config\.yaml is a symbolic link"):
         pretrain(["validate", *args])
     assert victim.read_text() == "keep me"
 
 
-def test_lightnings_default_logger_folder_is_checked_too(tmp_path, digits):
+def test_a_configured_export_is_never_written_through_a_link(tmp_path, digits32):
+    """`--export.files` names files the run writes in its folder (here the root: no logger)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "mine.safetensors").symlink_to(victim)
+    args = _args(tmp_path / "run", digits32, *MASK, "--trainer.logger", "false", "--trainer.limit_val_batches", "1")
+    with pytest.raises(SystemExit, match=r"mine\.safetensors is a symbolic link"):
+        pretrain(["fit", *args, "--export.files", "{mine.safetensors: official}", "--trainer.max_steps", "1"])
+    assert victim.read_text() == "keep me"
+
+
+def test_lightnings_default_logger_folder_is_checked_too(tmp_path, digits32):
     """No logger configured (`null`): Lightning's default writes `<root>/lightning_logs` as the trainer starts."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "lightning_logs").symlink_to(elsewhere, target_is_directory=True)
-    args = _args(tmp_path / "run", digits, *MASK, "--trainer.logger", "null", "--trainer.limit_val_batches", "1")
+    args = _args(tmp_path / "run", digits32, *MASK, "--trainer.logger", "null", "--trainer.limit_val_batches", "1")
     with pytest.raises(SystemExit, match=r"lightning_logs is a symbolic link"):
         pretrain(["validate", *args])
     assert not any(elsewhere.iterdir())
@@ -352,8 +358,8 @@ def test_restored_paths_are_kept_only_inside_the_callbacks_folder(tmp_path):
     assert drop_foreign_paths({"last_model_path": f"local://{inside}"}, str(folder))[1] == []
 
 
-def test_an_honest_run_folder_still_resumes(honest_run, digits):
-    cli = _resume(honest_run, digits)
+def test_an_honest_run_folder_still_resumes(honest_run, digits32):
+    cli = _resume(honest_run, digits32)
     assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 4
 
 

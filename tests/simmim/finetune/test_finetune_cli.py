@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
 import swinv2
-from simmim.data.builtin import prepare_digits
 from simmim.finetune import main
 from simmim.finetune.data import ClassificationDataModule
 
@@ -23,21 +22,16 @@ SMALL = ["--model.arch", "swinv2_tiny", "--model.encoder_kwargs", "{embed_dim: 2
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return str(prepare_digits(tmp_path_factory.mktemp("digits"), size=32))
-
-
-@pytest.fixture(scope="module")
 def pretrained_w4(tmp_path_factory):
     """A 'pretraining' export at 32 px, window 4, with the architecture record our exporter writes."""
     enc = swinv2.create_model("swinv2_tiny", img_size=32, window_size=4, num_classes=0, mask_token=True, **ENC)
     return swinv2.save_weights(tmp_path_factory.mktemp("pre") / "encoder.safetensors", enc)
 
 
-def _args(tmp_path, digits, *extra):
+def _args(tmp_path, digits32, *extra):
     return [
         "--data.root",
-        digits,
+        digits32,
         "--data.img_size",
         "32",
         "--data.batch_size",
@@ -53,17 +47,20 @@ def _args(tmp_path, digits, *extra):
 
 
 @pytest.mark.slow
-def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits, pretrained_w4):
+def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits32, pretrained_w4):
     w8 = ["--model.window_size", "8", "--model.pretrained", pretrained_w4, "--trainer.limit_train_batches", "4"]
     w8 += ["--trainer.val_check_interval", "4"]  # the default recipe validates every 100 steps
-    cli = main(["fit", *_args(tmp_path, digits, *w8, "--trainer.max_epochs", "1")])
+    norm = ["--model.mean", "[0.5, 0.4, 0.3]", "--model.std", "[0.2, 0.25, 0.3]"]  # the loaders take them too
+    cli = main(["fit", *_args(tmp_path, digits32, *w8, *norm, "--trainer.max_epochs", "1")])
+    assert cli.datamodule.mean == (0.5, 0.4, 0.3) and cli.datamodule.std == (0.2, 0.25, 0.3)
     report = cli.model.load_report
     assert report.missing_keys == ["head.bias", "head.weight"] and report.unexpected_keys == []
     assert cli.model.hparams.pretrained_window_sizes == ((4, 4), (4, 4))
     assert cli.model.model.layers[0].blocks[0].attn.relative_coords_table.shape == (1, 15, 15, 2)
     acc_fit = cli.trainer.callback_metrics["val/acc1"].item()
     last = cli.trainer.checkpoint_callback.last_model_path
-    val = main(["validate", *_args(tmp_path, digits, "--model.window_size", "8", "--ckpt_path", last)])
+    val = main(["validate", *_args(tmp_path, digits32, "--model.window_size", "8", "--ckpt_path", last)])
+    assert val.datamodule.mean == (0.5, 0.4, 0.3)  # from the checkpoint, so the accuracy is the same
     assert val.trainer.callback_metrics["val/acc1"].item() == pytest.approx(acc_fit, abs=1e-4)
 
     official_path, timm_path = cli.export.paths
@@ -79,28 +76,30 @@ def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits, pretra
 
     ckpt_dir = os.path.dirname(last)
     assert any(f.startswith("best-") for f in os.listdir(ckpt_dir))
-    resumed = main(["fit", *_args(tmp_path, digits, *w8, "--trainer.max_epochs", "2", "--ckpt_path", "last")])
+    resumed = main(["fit", *_args(tmp_path, digits32, *w8, "--trainer.max_epochs", "2", "--ckpt_path", "last")])
     assert resumed.trainer.global_step == 2 * cli.trainer.global_step
 
-    pred = main(["predict", *_args(tmp_path, digits, "--model.window_size", "8", "--ckpt_path", last)])
+    pred = main(["predict", *_args(tmp_path, digits32, "--model.window_size", "8", "--ckpt_path", last)])
     with open(pred.predictions.path) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(pred.datamodule.val_files) and rows[0]["pred"] in [str(d) for d in range(10)]
 
 
-def test_checkpoint_of_another_architecture_is_refused(tmp_path, digits):
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, digits32):
     other = swinv2.create_model(
         "swinv2_tiny", img_size=32, window_size=4, num_classes=0, embed_dim=32, depths=(2, 2), num_heads=(2, 4)
     )
     path = tmp_path / "other.safetensors"
     save_file(other.state_dict(), path)
     with pytest.raises(SystemExit, match=r"^error: .*patch_embed.proj.weight.*\(32, 3, 4, 4\).*\(24, 3, 4, 4\)"):
-        main(["fit", *_args(tmp_path, digits, "--model.window_size", "4", "--model.pretrained", str(path))])
+        main(["fit", *_args(tmp_path, digits32, "--model.window_size", "4", "--model.pretrained", str(path))])
 
 
-def test_num_classes_must_match_the_data(tmp_path, digits):
+def test_num_classes_must_match_the_data(tmp_path, digits32):
     """Checked before any model is built, in one line."""
-    args = _args(tmp_path, digits, "--model.window_size", "4", "--model.pretrained", "null", "--model.num_classes", "7")
+    args = _args(
+        tmp_path, digits32, "--model.window_size", "4", "--model.pretrained", "null", "--model.num_classes", "7"
+    )
     with pytest.raises(SystemExit, match=r"^error: --model.num_classes 7 disagrees with the data: 10 class folders"):
         main(["fit", *args, "--trainer.max_epochs", "1"])
 
@@ -117,12 +116,12 @@ def test_num_classes_is_read_from_the_data(tmp_path):
     assert cli.datamodule.classes == ["cat", "dog", "emu"]
 
 
-def test_the_best_checkpoint_follows_the_runs_checkpoint_folder(tmp_path, digits):
+def test_the_best_checkpoint_follows_the_runs_checkpoint_folder(tmp_path, digits32):
     """`--best_checkpoint.*` (the best val/acc1) writes beside `--checkpoint.*` unless given its own folder."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     folder = str(tmp_path / "ckpts")
-    args = [*_args(tmp_path, digits), "--model.window_size", "4", "--model.pretrained", "null"]
+    args = [*_args(tmp_path, digits32), "--model.window_size", "4", "--model.pretrained", "null"]
     cli = main(["validate", *args, "--checkpoint.dirpath", folder, "--trainer.limit_val_batches", "1"])
     checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     best = next(c for c in checkpoints if c.monitor == "val/acc1")
@@ -142,9 +141,9 @@ def test_class_folders_must_agree_between_train_and_val(tmp_path):
         ClassificationDataModule(root=str(tmp_path))
 
 
-def test_label_fraction_keeps_every_class(digits):
-    full = ClassificationDataModule(root=digits, img_size=32, val_fraction=0.2)
-    tenth = ClassificationDataModule(root=digits, img_size=32, val_fraction=0.2, label_fraction=0.1)
+def test_label_fraction_keeps_every_class(digits32):
+    full = ClassificationDataModule(root=digits32, img_size=32, val_fraction=0.2)
+    tenth = ClassificationDataModule(root=digits32, img_size=32, val_fraction=0.2, label_fraction=0.1)
     assert tenth.val_files == full.val_files
     assert abs(len(tenth.train_files) - 0.1 * len(full.train_files)) <= 10
     assert set(tenth.train_labels) == set(range(10))
@@ -156,8 +155,8 @@ def test_missing_pretraining_export_says_what_to_do(tmp_path, monkeypatch):
         main([])
 
 
-def test_train_and_eval_transforms(digits):
-    dm = ClassificationDataModule(root=digits, img_size=32, batch_size=4, num_workers=0)
+def test_train_and_eval_transforms(digits32):
+    dm = ClassificationDataModule(root=digits32, img_size=32, batch_size=4, num_workers=0)
     x, y, idx, skipped = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and y.dtype == torch.long and skipped == ()
     x, *_ = next(iter(dm.val_dataloader()))
@@ -193,13 +192,13 @@ def test_no_arguments_finetunes_the_default_export_at_a_larger_window(tmp_path, 
 
 
 @pytest.mark.slow
-def test_ddp_predict_writes_every_file_once_in_order(tmp_path, digits):
+def test_ddp_predict_writes_every_file_once_in_order(tmp_path, digits32):
     """Two CPU processes over gloo, an odd number of files and one corrupt file alone in its batch: every file keeps
     exactly one row."""
     names = [f"{i}.png" for i in range(5)] + ["2_broken.png"]
     folder = image_folder(tmp_path / "to_classify", names, size=32, broken=["2_broken.png"])
     predict = ["--model.pretrained", "null", "--model.window_size", "4", "--data.predict_root", str(folder)]
-    args = _args(tmp_path, digits, *predict)
+    args = _args(tmp_path, digits32, *predict)
     args[args.index("--data.batch_size") + 1] = "1"  # the corrupt file is a batch of its own
     run_ddp_on_cpu("simmim.finetune", "predict", *args)
     with open(tmp_path / "predictions.csv") as f:

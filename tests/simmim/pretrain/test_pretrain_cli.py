@@ -12,16 +12,10 @@ from conftest import image_folder, run_ddp_on_cpu
 from omegaconf import OmegaConf
 
 import swinv2
-from simmim.data.builtin import prepare_digits
 from simmim.pretrain import main
 
 CONFIGS = sorted((Path(__file__).parents[3] / "configs" / "pretrain").glob("*.yaml"))
 FAST = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return str(prepare_digits(tmp_path_factory.mktemp("digits")))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -179,7 +173,7 @@ def test_ddp_run_under_the_limit_completes(tmp_path, monkeypatch):
     knn = ["--model.knn_root", str(knn_root), "--model.knn_every_n_epochs", "1", "--model.knn_k", "5"]
     knn += ["--trainer.precision", "32"]  # the same arithmetic as the check below on any CPU
     knn += ["--model.finetune_every_n_epochs", "1", "--model.finetune_steps", "3"]  # and the quick fine-tune
-    out = run_ddp_on_cpu("simmim.pretrain", *args, "--data.max_bad_fraction", "0.15", *FAST, *knn)
+    out = run_ddp_on_cpu("simmim.pretrain", *args, "--bad_images.max_fraction", "0.15", *FAST, *knn)
     assert all(f"{i:02d}.png" in out.stderr for i in bad)  # both were warned about, on rank 1
     # the two ranks' features gathered = every readable image once: the kNN of the exported encoder in one process
     from simmim.data.folders import LabelledImageDataset, labelled_split
@@ -240,7 +234,7 @@ def test_ddp_ranks_pool_what_they_found_and_stop_together(tmp_path):
     args = ["--data.root", str(folder), "--data.val_fraction", "0", "--trainer.default_root_dir", str(tmp_path)]
     args += ["--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", "--data.batch_size", "8"]
     ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    cmd = [sys.executable, "-m", "simmim.pretrain", *args, "--data.max_bad_fraction", "0.1", *ddp, *FAST]
+    cmd = [sys.executable, "-m", "simmim.pretrain", *args, "--bad_images.max_fraction", "0.1", *ddp, *FAST]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert out.stderr.count("2 of the 16 training images could not be decoded") >= 1, out.stderr[-2000:]
@@ -263,7 +257,8 @@ def test_configured_callbacks_join_the_stages_own(tmp_path, digits):
 
 def test_the_runs_checkpoints_and_grids_are_options_in_the_saved_config(tmp_path, digits):
     """`--checkpoint.*` (the run's ModelCheckpoint), `--checkpoint_every_n_steps` (the StepCheckpoint beside it, in
-    the same folder), `--grid.*` and the plugins default reach the trainer and the saved config.yaml."""
+    the same folder), `--grid.*`, `--bad_images.*`, `--export.*` and the plugins default reach the trainer and the
+    saved config.yaml."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from simmim.cli import StepCheckpoint
@@ -272,7 +267,10 @@ def test_the_runs_checkpoints_and_grids_are_options_in_the_saved_config(tmp_path
     folder = str(tmp_path / "ckpts")
     args = ["--data.root", digits, "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_val_batches", "1"]
     args += ["--checkpoint.dirpath", folder, "--checkpoint.save_top_k", "-1", "--checkpoint_every_n_steps", "3"]
+    args += ["--bad_images.max_fraction", "0.3", "--export.files", "{e.safetensors: timm}"]
     cli = main(["validate", *args, "--grid.every_n_epochs", "4", "--trainer.logger", "true", *FAST[2:]])
+    assert cli.bad_images.max_fraction == 0.3 and cli.export.files == {"e.safetensors": "timm"}
+    assert cli.bad_images in cli.trainer.callbacks and cli.export in cli.trainer.callbacks
     checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     step = next(c for c in checkpoints if isinstance(c, StepCheckpoint))
     assert [c.dirpath for c in checkpoints] == [folder, folder] and checkpoints[0].save_top_k == -1
@@ -280,7 +278,8 @@ def test_the_runs_checkpoints_and_grids_are_options_in_the_saved_config(tmp_path
     assert next(c for c in cli.trainer.callbacks if isinstance(c, ReconstructionGrid)).every_n_epochs == 4
     saved = OmegaConf.load(next(tmp_path.rglob("config.yaml")))
     assert saved.checkpoint.dirpath == folder and saved.checkpoint.save_top_k == -1 and saved.grid.every_n_epochs == 4
-    assert saved.checkpoint_every_n_steps == 3
+    assert saved.checkpoint_every_n_steps == 3 and saved.bad_images.max_fraction == 0.3
+    assert dict(saved.export.files) == {"e.safetensors": "timm"}
     assert [p["class_path"] for p in saved.trainer.plugins] == ["simmim.checkpointing.exports.SafeCheckpointIO"]
 
 
@@ -310,7 +309,7 @@ def test_a_validation_split_left_empty_says_so(tmp_path, capsys):
     val = {os.path.basename(f) for f in dm.val_files}
     folder = image_folder(tmp_path / "images", names, size=64, broken=sorted(val))
     args = ["--data.val_fraction", "0.1", "--trainer.limit_train_batches", "1", "--trainer.max_epochs", "1"]
-    args += ["--data.batch_size", "4", "--data.max_bad_fraction", "0.2"]
+    args += ["--data.batch_size", "4", "--bad_images.max_fraction", "0.2"]
     with pytest.warns(UserWarning, match="no validation image could be decoded"):
         _fit(tmp_path / "a", str(folder), *args)
     assert "reconstruction grid: none: no validation image could be decoded" in capsys.readouterr().out
