@@ -1,6 +1,7 @@
-"""The command line both stages share: LightningCLI with omegaconf configs, `fit` as the default subcommand, the
-run's callbacks and plugins declared where LightningCLI expects them, `--ckpt_path last`, and user errors as one
-line instead of a traceback (`simmim.errors`).
+"""The command line both stages share: one LightningCLI subclass (`StageCLI`) with omegaconf configs, `fit` as the
+default subcommand, the run's callbacks and plugins declared where LightningCLI expects them, `--ckpt_path last`,
+and user errors as one line instead of a traceback (`simmim.errors`). A stage describes what it adds as data
+(`Stage`: program, subcommands, default config, option links, callbacks, a check of the parsed config).
 
 What every run gets, and where it is declared:
 
@@ -24,8 +25,9 @@ from __future__ import annotations
 import os
 import platform
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -54,19 +56,44 @@ def has_config(args: List[str]) -> bool:
     return any(a == "--config" or a.startswith("--config=") for a in args)
 
 
-def with_default_subcommand(
-    args: Optional[List[str]], default_config: Path, subcommands: Sequence[str], prog: str
-) -> List[str]:
+@dataclass(frozen=True)
+class Stage:
+    """What one stage adds to the shared command line.
+
+    Args:
+        prog, description: As `--help` shows them.
+        subcommands: The Lightning subcommands it offers.
+        default_config: The config put first when the arguments name none.
+        exports: The default `--export.files` (file name -> layout).
+        options: Callbacks with settings, each an option group in the saved config: (key, class, defaults).
+        links: `(source, target)` options linked after the groups are added (`parser.link_arguments`).
+        persistent: Callback classes without a setting that every run has (built with no arguments).
+        check: Called with the subcommand's parsed config before any class is built; it may fill values in or
+            raise `ConfigError`.
+    """
+
+    prog: str
+    description: str
+    subcommands: Tuple[str, ...]
+    default_config: Path
+    exports: Dict[str, str]
+    options: Tuple[Tuple[str, type, Dict[str, Any]], ...] = ()
+    links: Tuple[Tuple[str, str], ...] = ()
+    persistent: Tuple[type, ...] = ()
+    check: Optional[Callable[[Any], None]] = None
+
+
+def with_default_subcommand(args: Optional[List[str]], stage: Stage) -> List[str]:
     """Arguments without a subcommand run `fit`; without `--config` the stage's default config comes first, so
     `--data.root DIR` alone runs the default recipe on DIR. A Lightning subcommand the stage does not offer (such as
     `test`, which has no meaning without labels in pretraining) ends with a one-line message."""
-    args = list(args or [])
-    if args and args[0] in LIGHTNING_SUBCOMMANDS and args[0] not in subcommands:
-        raise SystemExit(f"error: {prog} has no `{args[0]}` subcommand; it offers {', '.join(subcommands)}")
-    if not args or args[0] not in (*subcommands, "-h", "--help"):
+    args, offered = list(args or []), stage.subcommands
+    if args and args[0] in LIGHTNING_SUBCOMMANDS and args[0] not in offered:
+        raise SystemExit(f"error: {stage.prog} has no `{args[0]}` subcommand; it offers {', '.join(offered)}")
+    if not args or args[0] not in (*offered, "-h", "--help"):
         args = ["fit", *args]
-    if args[0] in subcommands and not has_config(args):
-        args = [args[0], "--config", str(default_config), *args[1:]]
+    if args[0] in offered and not has_config(args):
+        args = [args[0], "--config", str(stage.default_config), *args[1:]]
     return args
 
 
@@ -125,34 +152,27 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class StageCLI(LightningCLI):
-    """LightningCLI as both stages use it; a stage names its program, subcommands and exports (`PROG`,
-    `SUBCOMMANDS`, `EXPORTS`), adds its options in `add_arguments_to_parser` and its persistent callbacks in
-    `stage_callbacks`."""
+    """LightningCLI as both stages use it, for the stage `stage` describes (`Stage`)."""
 
-    PROG = "python -m simmim"
-    DESCRIPTION = ""
-    SUBCOMMANDS: Sequence[str] = ("fit", "validate")
-    CHECKPOINT_KEYS: Sequence[str] = ("checkpoint", "step_checkpoint")  # the configurable ModelCheckpoints
-    EXPORTS: Dict[str, str] = {}  # the default --export.files
-
-    def __init__(self, model_class, datamodule_class, args: List[str], **kwargs) -> None:
+    def __init__(self, stage: Stage, model_class, datamodule_class, args: List[str], **kwargs) -> None:
+        self.stage = stage
         # omegaconf+: interpolations are resolved after the command line is applied, so the default configs'
         # `save_dir: ${...default_root_dir}` follows `--trainer.default_root_dir`.
         kwargs.setdefault(
-            "parser_kwargs", {"parser_mode": "omegaconf+", "prog": self.PROG, "description": self.DESCRIPTION}
+            "parser_kwargs", {"parser_mode": "omegaconf+", "prog": stage.prog, "description": stage.description}
         )
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         self.claim = ClaimCheckpointFolders()
-        persistent = [self.claim, DataWaitTimer(), *self.stage_callbacks()]
+        self.persistent = [self.claim, DataWaitTimer(), *(cls() for cls in stage.persistent)]
         plugins = [{"class_path": SAFE_IO}]  # in the saved config
         given = dict(kwargs.pop("trainer_defaults", None) or {})  # a caller's defaults add to these
-        callbacks = [*persistent, *_as_list(given.pop("callbacks", None))]
+        callbacks = [*self.persistent, *_as_list(given.pop("callbacks", None))]
         kwargs["trainer_defaults"] = {"plugins": plugins, **given, "callbacks": callbacks}
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
 
-    def stage_callbacks(self) -> list:
-        """The stage's callbacks without a setting that every run has (built before the arguments are parsed)."""
-        return []
+    def persistent_callback(self, cls: type) -> Any:
+        """The run's persistent callback of class `cls` (`Stage.persistent`)."""
+        return next(c for c in self.persistent if isinstance(c, cls))
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -168,7 +188,12 @@ class StageCLI(LightningCLI):
         parser.link_arguments("checkpoint.dirpath", "step_checkpoint.dirpath")
         parser.add_lightning_class_args(BadImageLimit, "bad_images")
         parser.add_lightning_class_args(ExportWeights, "export")
-        parser.set_defaults({"export.files": dict(self.EXPORTS)})
+        parser.set_defaults({"export.files": dict(self.stage.exports)})
+        for key, cls, defaults in self.stage.options:
+            parser.add_lightning_class_args(cls, key)
+            parser.set_defaults({f"{key}.{name}": value for name, value in defaults.items()})
+        for source, target in self.stage.links:
+            parser.link_arguments(source, target)
         parser.add_argument(
             "--collective_timeout_s",
             type=Optional[float],
@@ -179,7 +204,7 @@ class StageCLI(LightningCLI):
 
     def subcommands(self) -> Dict[str, Set[str]]:
         """The Lightning subcommands this stage offers (`--help` lists only these)."""
-        return {k: v for k, v in LightningCLI.subcommands().items() if k in self.SUBCOMMANDS}
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in self.stage.subcommands}
 
     def setting(self, key: str) -> Any:
         """An option of the running subcommand, as instantiated (`"trainer.precision"`, `"ckpt_path"`)."""
@@ -217,9 +242,12 @@ class StageCLI(LightningCLI):
         or stops calling it."""
 
     def before_instantiate_classes(self) -> None:
-        """A run resumed from `<save_dir>/<name>/<version>/checkpoints/*.ckpt` logs and writes into that version
-        folder again (the logger's `version` is set to it), so one run keeps one folder across resumes."""
+        """The stage's check of the config (`Stage.check`); then a run resumed from
+        `<save_dir>/<name>/<version>/checkpoints/*.ckpt` logs and writes into that version folder again (the
+        logger's `version` is set to it), so one run keeps one folder across resumes."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.stage.check is not None:
+            self.stage.check(config)
         ckpt, logger = config.get("ckpt_path"), config.trainer.get("logger")
         init = logger.get("init_args") if hasattr(logger, "get") else None
         if self.subcommand != "fit" or not is_checkpoint(ckpt) or init is None:
@@ -237,7 +265,8 @@ class StageCLI(LightningCLI):
 
     def _checkpoint_callbacks(self) -> List[Tuple[str, ModelCheckpoint]]:
         """(where it was configured, callback) for every ModelCheckpoint of the run: its own, then the user's."""
-        sources = [(f"--{key}.*", self.setting(key)) for key in self.CHECKPOINT_KEYS]
+        keys = ["checkpoint", "step_checkpoint", *(key for key, _, _ in self.stage.options)]
+        sources = [(f"--{key}.*", self.setting(key)) for key in keys]
         sources += [("--trainer.callbacks", c) for c in _as_list(self.setting("trainer.callbacks"))]
         return [(name, c) for name, c in sources if isinstance(c, ModelCheckpoint)]
 

@@ -15,6 +15,7 @@ normalisation.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Sequence, Tuple
 
 import pytorch_lightning as pl
@@ -29,6 +30,9 @@ from simmim.optim import drop_nonfinite_grads
 from simmim.seeding import seed_step
 
 _TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+# Lightning warns on every run that the module, not the data module, has `on_after_batch_transfer`: by design here.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule` but")
 
 
 class StageModule(pl.LightningModule):

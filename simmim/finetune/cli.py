@@ -13,7 +13,7 @@ from typing import List, Optional
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from simmim.checkpointing.runs import is_checkpoint
-from simmim.cli import CONFIG_DIR, StageCLI, has_config, with_default_subcommand
+from simmim.cli import CONFIG_DIR, Stage, StageCLI, has_config, with_default_subcommand
 from simmim.data.folders import class_names
 from simmim.errors import ConfigError, user_errors_as_messages
 from simmim.finetune.callbacks import PredictionCSV
@@ -23,52 +23,48 @@ from simmim.finetune.module import SwinV2Classifier
 DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safetensors"
 
 
-class FinetuneCLI(StageCLI):
-    PROG = "python -m simmim.finetune"
-    DESCRIPTION = "Fine-tune a pretrained SwinV2 for classification (no subcommand: fit; no --config: the default)"
-    SUBCOMMANDS = ("fit", "validate", "predict")
-    CHECKPOINT_KEYS = (*StageCLI.CHECKPOINT_KEYS, "best_checkpoint")
-    EXPORTS = {"classifier.safetensors": "official", "classifier_timm.safetensors": "timm"}
-
-    def add_arguments_to_parser(self, parser) -> None:
-        super().add_arguments_to_parser(parser)
-        parser.link_arguments("data.img_size", "model.img_size")
-        parser.link_arguments("model.mean", "data.mean")  # the loaders normalise (random erasing needs it)
-        parser.link_arguments("model.std", "data.std")
-        parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")  # in the run's folder, beside last.ckpt
-        parser.set_defaults(
-            {
-                "best_checkpoint.filename": "best-{epoch:03d}",
-                "best_checkpoint.monitor": "val/acc1",
-                "best_checkpoint.mode": "max",
-                "best_checkpoint.auto_insert_metric_name": False,
-            }
+def num_classes_from_data(config) -> None:
+    """`--model.num_classes` unset: the number of class folders of `--data.root`; set: it must agree."""
+    found = len(class_names(config.data.root))
+    data = f"{found} class folders under {config.data.root or 'the built-in digits'}"
+    given, ckpt = config.model.num_classes, config.get("ckpt_path")
+    if given is None:
+        config.model.num_classes = found
+    elif given != found and is_checkpoint(ckpt):
+        raise ConfigError(
+            f"--ckpt_path {ckpt} was trained with {given} classes, but --data.root has {data}: "
+            "pass the training data's --data.root (or its --config), so that classes keep their names"
         )
-        parser.link_arguments("checkpoint.dirpath", "best_checkpoint.dirpath")
+    elif given != found:
+        raise ConfigError(
+            f"--model.num_classes {given} disagrees with the data: {data}. "
+            f"Leave it unset (it is read from the data) or set {found}"
+        )
 
-    def before_instantiate_classes(self) -> None:
-        """`--model.num_classes` unset: the number of class folders of `--data.root`; set: it must agree."""
-        super().before_instantiate_classes()
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        found = len(class_names(config.data.root))
-        data = f"{found} class folders under {config.data.root or 'the built-in digits'}"
-        given, ckpt = config.model.num_classes, config.get("ckpt_path")
-        if given is None:
-            config.model.num_classes = found
-        elif given != found and is_checkpoint(ckpt):
-            raise ConfigError(
-                f"--ckpt_path {ckpt} was trained with {given} classes, but --data.root has {data}: "
-                "pass the training data's --data.root (or its --config), so that classes keep their names"
-            )
-        elif given != found:
-            raise ConfigError(
-                f"--model.num_classes {given} disagrees with the data: {data}. "
-                f"Leave it unset (it is read from the data) or set {found}"
-            )
 
-    def stage_callbacks(self) -> list:
-        self.predictions = PredictionCSV()
-        return [self.predictions]
+BEST_CHECKPOINT = {  # in the run's folder, beside last.ckpt
+    "filename": "best-{epoch:03d}",
+    "monitor": "val/acc1",
+    "mode": "max",
+    "auto_insert_metric_name": False,
+}
+
+FINETUNE = Stage(
+    prog="python -m simmim.finetune",
+    description="Fine-tune a pretrained SwinV2 for classification (no subcommand: fit; no --config: the default)",
+    subcommands=("fit", "validate", "predict"),
+    default_config=CONFIG_DIR / "finetune/default.yaml",
+    exports={"classifier.safetensors": "official", "classifier_timm.safetensors": "timm"},
+    options=(("best_checkpoint", ModelCheckpoint, BEST_CHECKPOINT),),
+    links=(
+        ("data.img_size", "model.img_size"),
+        ("model.mean", "data.mean"),  # the loaders normalise (random erasing needs it)
+        ("model.std", "data.std"),
+        ("checkpoint.dirpath", "best_checkpoint.dirpath"),
+    ),
+    persistent=(PredictionCSV,),
+    check=num_classes_from_data,
+)
 
 
 def _default_pretrained(args: List[str]) -> List[str]:
@@ -85,17 +81,17 @@ def _default_pretrained(args: List[str]) -> List[str]:
     return [*args, "--model.pretrained", exports[-1]]
 
 
-def main(args: Optional[List[str]] = None) -> FinetuneCLI:
+def main(args: Optional[List[str]] = None) -> StageCLI:
     raw = sys.argv[1:] if args is None else list(args)
-    args = with_default_subcommand(raw, CONFIG_DIR / "finetune/default.yaml", FinetuneCLI.SUBCOMMANDS, FinetuneCLI.PROG)
+    args = with_default_subcommand(raw, FINETUNE)
     if not has_config(raw) and args[0] == "fit" and not {"-h", "--help"} & set(args):
         args = _default_pretrained(args)
     with user_errors_as_messages():
-        cli = FinetuneCLI(SwinV2Classifier, ClassificationDataModule, args=args)
+        cli = StageCLI(FINETUNE, SwinV2Classifier, ClassificationDataModule, args=args)
     if cli.subcommand == "validate":
         print(f"val/acc1: {cli.trainer.callback_metrics['val/acc1'].item():.2f}")
     elif cli.subcommand == "predict":
-        print(f"predictions: {cli.predictions.path}")
+        print(f"predictions: {cli.persistent_callback(PredictionCSV).path}")
     elif cli.subcommand == "fit" and cli.trainer.is_global_zero:
         print(f"\ncheckpoints: {cli.trainer.checkpoint_callback.dirpath}; exports: {cli.export.paths}")
         if "val/acc1" in cli.trainer.callback_metrics:

@@ -10,29 +10,22 @@ from typing import List, Optional
 
 import pytorch_lightning as pl
 
-from simmim.cli import CONFIG_DIR, StageCLI, with_default_subcommand
+from simmim.cli import CONFIG_DIR, Stage, StageCLI, with_default_subcommand
 from simmim.errors import user_errors_as_messages
 from simmim.monitors import KNNMonitor, QuickFinetuneMonitor
 from simmim.pretrain.callbacks import ReconstructionGrid
 from simmim.pretrain.data import PretrainDataModule
 from simmim.pretrain.module import SimMIMPretrainer
 
-
-class PretrainCLI(StageCLI):
-    PROG = "python -m simmim.pretrain"
-    DESCRIPTION = "SimMIM pretraining of a SwinV2 encoder (no subcommand: fit; no --config: the default recipe)"
-    SUBCOMMANDS = ("fit", "validate")
-    EXPORTS = {"encoder.safetensors": "official"}
-
-    def add_arguments_to_parser(self, parser) -> None:
-        super().add_arguments_to_parser(parser)
-        parser.link_arguments("data.img_size", "model.img_size")
-        parser.link_arguments("model.patch_size", "data.model_patch_size")
-        parser.add_lightning_class_args(ReconstructionGrid, "grid")  # --grid.every_n_epochs, --grid.num_images
-
-    def after_instantiate_classes(self) -> None:
-        super().after_instantiate_classes()
-        self.grid = self.setting("grid")
+PRETRAIN = Stage(
+    prog="python -m simmim.pretrain",
+    description="SimMIM pretraining of a SwinV2 encoder (no subcommand: fit; no --config: the default recipe)",
+    subcommands=("fit", "validate"),
+    default_config=CONFIG_DIR / "pretrain/default.yaml",
+    exports={"encoder.safetensors": "official"},
+    options=(("grid", ReconstructionGrid, {}),),  # --grid.every_n_epochs, --grid.num_images
+    links=(("data.img_size", "model.img_size"), ("model.patch_size", "data.model_patch_size")),
+)
 
 
 def monitor_summary(callbacks: List[pl.Callback]) -> List[str]:
@@ -57,15 +50,10 @@ def monitor_summary(callbacks: List[pl.Callback]) -> List[str]:
     return lines
 
 
-def main(args: Optional[List[str]] = None) -> PretrainCLI:
-    args = with_default_subcommand(
-        sys.argv[1:] if args is None else list(args),
-        CONFIG_DIR / "pretrain/default.yaml",
-        PretrainCLI.SUBCOMMANDS,
-        PretrainCLI.PROG,
-    )
+def main(args: Optional[List[str]] = None) -> StageCLI:
+    args = with_default_subcommand(sys.argv[1:] if args is None else list(args), PRETRAIN)
     with user_errors_as_messages():
-        cli = PretrainCLI(SimMIMPretrainer, PretrainDataModule, args=args)
+        cli = StageCLI(PRETRAIN, SimMIMPretrainer, PretrainDataModule, args=args)
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:
         ckpt = cli.trainer.checkpoint_callback
         loss = cli.trainer.callback_metrics.get("train/loss")
@@ -74,5 +62,6 @@ def main(args: Optional[List[str]] = None) -> PretrainCLI:
             print(line)
         print(f"checkpoints: {ckpt.dirpath} (last: {ckpt.last_model_path or '-'})")
         print(f"encoder export: {cli.export.path}")
-        print(f"reconstruction grid: {cli.grid.last_path or cli.grid.why_none(cli.trainer)}")
+        grid = cli.setting("grid")
+        print(f"reconstruction grid: {grid.last_path or grid.why_none(cli.trainer)}")
     return cli

@@ -80,7 +80,9 @@ def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits32, pret
     assert resumed.trainer.global_step == 2 * cli.trainer.global_step
 
     pred = main(["predict", *_args(tmp_path, digits32, "--model.window_size", "8", "--ckpt_path", last)])
-    with open(pred.predictions.path) as f:
+    from simmim.finetune.callbacks import PredictionCSV
+
+    with open(pred.persistent_callback(PredictionCSV).path) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(pred.datamodule.val_files) and rows[0]["pred"] in [str(d) for d in range(10)]
 

@@ -78,7 +78,7 @@ def test_validation_loss_falls_and_encoder_is_exported(tmp_path, digits):
     loss1 = cli.trainer.callback_metrics["val/loss"].item()
     assert loss1 < 0.95 * loss0, (loss0, loss1)  # 40 steps of 32 images: about 10% lower
     export = cli.export.path
-    assert os.path.exists(export) and os.path.exists(cli.grid.last_path)
+    assert os.path.exists(export) and os.path.exists(cli.setting("grid").last_path)
     x, mask = torch.randn(2, 3, 64, 64), torch.rand(2, 16, 16) < 0.6
     with torch.no_grad():
         expected = cli.model.encoder.eval().forward_features(x, mask)
