@@ -25,14 +25,11 @@ import swinv2
 from simmim.data.images import normalize_images
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from simmim.distributed import is_sharded
-from simmim.errors import require
+from simmim.errors import ConfigError, require
 from simmim.optim import drop_nonfinite_grads
 from simmim.seeding import seed_step
 
 _TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
-
-# Lightning warns on every run that the module, not the data module, has `on_after_batch_transfer`: by design here.
-warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule` but")
 
 
 class StageModule(pl.LightningModule):
@@ -82,6 +79,21 @@ class StageModule(pl.LightningModule):
             return (self.images(batch[0]), *batch[1:])
         return batch
 
+    def setup(self, stage: str) -> None:
+        """A data module that normalises its images itself (fine-tuning's: random erasing needs normalised pixels)
+        must use the module's `mean` and `std`: float batches are taken as they come, so a mismatch is refused.
+        Lightning's warning that the module, not the data module, has `on_after_batch_transfer` is silenced for
+        these runs: that is the design."""
+        warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
+        data = self.trainer.datamodule
+        for name in ("mean", "std"):
+            theirs, ours = getattr(data, name, None), getattr(self, name)
+            if theirs is not None and tuple(float(v) for v in theirs) != ours:
+                raise ConfigError(
+                    f"the data module normalises with {name} {list(theirs)}, the module with {list(ours)}: give "
+                    f"both the same values (on the command line, --model.{name} sets both)"
+                )
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.global_rank, self.current_epoch, batch_idx)
 
@@ -111,5 +123,5 @@ class StageModule(pl.LightningModule):
             self.model(*inputs)
 
     def blank_images(self) -> torch.Tensor:
-        """One black image of the module's input size, (1, 3, S, S), on its device."""
-        return torch.zeros(1, 3, self.input_size, self.input_size, device=self.device)
+        """One black image of the module's input size, (1, 3, S, S), on its device, normalised as a batch is."""
+        return self.images(torch.zeros(1, 3, self.input_size, self.input_size, dtype=torch.uint8, device=self.device))

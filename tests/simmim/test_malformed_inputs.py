@@ -15,7 +15,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, image_folder
 from safetensors.torch import save_file
 
 import swinv2
@@ -69,8 +69,16 @@ def results(tmp_path_factory):
     together."""
     builders = {"weights": _weights_driver, "shards": _shard_driver, "configs": _config_driver}
     folders = {group: tmp_path_factory.mktemp(group) for group in builders}
-    drivers = {group: _start(*build(folders[group])) for group, build in builders.items()}
-    done = {group: _results(driver) for group, driver in drivers.items()}
+    drivers = {}
+    try:
+        for group, build in builders.items():
+            drivers[group] = _start(*build(folders[group]))
+        done = {group: _results(driver) for group, driver in drivers.items()}
+    finally:
+        for driver in drivers.values():
+            if driver.poll() is None:  # a timeout or an error above: leave nothing running
+                driver.kill()
+                driver.wait()
     assert not (folders["configs"] / "pwned").exists()  # the YAML tag ran nothing
     return done
 
@@ -276,10 +284,9 @@ CONFIGS = {
 
 
 def _config_driver(tmp):
-    from simmim.data.builtin import prepare_digits
     from simmim.pretrain.module import SimMIMPretrainer
 
-    images = prepare_digits(tmp / "digits", size=32)
+    images = image_folder(tmp / "images", ["0.png", "1.png"], 32)
     encoder = {k: TINY[k] for k in ("embed_dim", "depths", "num_heads")}
     module = SimMIMPretrainer(arch="swinv2_tiny", img_size=32, window_size=4, encoder_kwargs=encoder)
     calls = []

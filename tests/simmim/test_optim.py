@@ -96,15 +96,16 @@ def test_cosine_without_an_end_is_a_clear_error(sixteen_images):
         _fit(sixteen_images, max_epochs=-1)
 
 
-def test_the_data_modules_loaders_alone_train_on_images_normalised_with_the_modules_mean_and_std(sixteen_images):
-    """Its loaders deliver uint8 images; handed to fit() without the data module, the model still normalises them
-    (its own hook, its own mean and std), so every training batch reaches the step as normalised floats."""
+@pytest.mark.parametrize("given", ["the data module", "its loader alone"])
+def test_training_batches_reach_the_step_normalised_with_the_modules_mean_and_std(sixteen_images, given):
+    """The loaders deliver uint8 images; the module normalises them on the device with its own mean and std (its own
+    hook), whether fit() gets the data module or only its training loader."""
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     dm = PretrainDataModule(sixteen_images, img_size=32, mask_patch_size=8, batch_size=4, num_workers=0)
-    dm.setup("fit")
     model = SimMIMPretrainer(
-        "swinv2_tiny", img_size=32, window_size=4, encoder_kwargs=ENC, lr_schedule="multistep", mean=mean, std=std
-    )
+        "swinv2_tiny", img_size=32, window_size=4, encoder_kwargs=ENC, lr_schedule="multistep", mean=mean, std=std,
+        knn_every_n_epochs=0,
+    )  # fmt: skip
     seen = []
 
     class Record(pl.Callback):
@@ -115,7 +116,11 @@ def test_the_data_modules_loaders_alone_train_on_images_normalised_with_the_modu
         accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=2, limit_val_batches=0,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
     )  # fmt: skip
-    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    if given == "the data module":
+        trainer.fit(model, datamodule=dm)
+    else:
+        dm.setup("fit")
+        trainer.fit(model, train_dataloaders=dm.train_dataloader())
     assert len(seen) == 2 and all(x.dtype == torch.float32 for x in seen)
     pixels = torch.cat(seen) * (torch.tensor(std).view(1, 3, 1, 1) * 255) + torch.tensor(mean).view(1, 3, 1, 1) * 255
     torch.testing.assert_close(pixels, pixels.round().clamp(0, 255), rtol=0, atol=1e-3)  # whole 0-255 values

@@ -65,9 +65,7 @@ def _side_by_side(tmp: Path, runs: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from simmim.data.builtin import prepare_digits
-
+def runs(tmp_path_factory, digits32):
     tmp = tmp_path_factory.mktemp("sharding")
     src = image_folder(tmp / "src", ["one.png"], size=48)
     (tmp / "copies").mkdir()
@@ -85,7 +83,7 @@ def runs(tmp_path_factory):
         },
     )
     resumed_fsdp2 = [*sharded["fsdp2"], "--ckpt_path", "last"]  # the shards of fsdp2_no_reshard, under fsdp2
-    fine = ["--data.root", str(prepare_digits(tmp / "digits", size=32)), "--data.img_size", "32"]
+    fine = ["--data.root", digits32, "--data.img_size", "32"]
     fine += ["--data.batch_size", "8", "--data.num_workers", "0", "--model.arch", "swinv2_tiny"]
     fine += ["--model.encoder_kwargs", ENCODER, "--model.window_size", "4", "--trainer.max_steps", "2"]
     fine += ["--model.pretrained", str(tmp / "ddp" / "logs" / "version_0" / "encoder.safetensors")]

@@ -7,6 +7,7 @@ import torch
 from conftest import TINY
 
 import swinv2
+from simmim.errors import ConfigError
 
 ENC = dict(embed_dim=24, depths=(2, 2), num_heads=(2, 4))
 
@@ -71,9 +72,22 @@ def test_both_stages_normalise_uint8_images_with_their_own_mean_and_std(name, di
     torch.testing.assert_close(_pixels(x), raw.float(), rtol=0, atol=1e-4)
     floats = torch.randn(2, 3, 32, 32)
     assert module.on_after_batch_transfer((floats, *rest), 0)[0] is floats
+    empty = module.images(torch.empty(0, 3, 32, 32, dtype=torch.uint8))  # a batch with nothing readable
+    assert empty.shape == (0, 3, 32, 32) and empty.dtype == torch.float32
     assert torch.equal(module.images(raw), x)  # what a step calls, for a data module with a hook of its own
     module._trainer = SimpleNamespace(precision="bf16-true")
     assert torch.equal(module.images(raw), x.to(torch.bfloat16))
+    assert module.blank_images().dtype == torch.bfloat16  # the stand-in of an empty batch too
+
+
+def test_a_data_module_normalising_with_other_values_is_refused(digits32):
+    """Fine-tuning's loaders normalise (before random erasing); float batches pass the module untouched, so values
+    that differ from the module's would go unnoticed: refused before the first step."""
+    module, data = _stage("finetune", digits32, mean=MEAN, std=STD)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"the data module normalises with mean \[0.485, 0.456, 0.406\], the module"):
+        trainer.fit(module, datamodule=data)
 
 
 def test_nonfinite_gradients_skip_the_step():

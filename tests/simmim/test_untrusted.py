@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
 
@@ -301,27 +302,22 @@ def test_a_run_folder_that_links_elsewhere_is_never_written(honest_run, tmp_path
     assert _snapshot(elsewhere) == before
 
 
-def test_validate_never_writes_its_config_through_a_link(tmp_path, digits32):
-    """`validate` writes config.yaml into the root of a run without a logger."""
+@pytest.mark.parametrize(
+    "name, command",
+    [
+        ("config.yaml", ["validate"]),  # validate writes its config too
+        ("mine.safetensors", ["fit", "--export.files", "{mine.safetensors: official}", "--trainer.max_steps", "1"]),
+    ],
+)
+def test_a_file_the_run_writes_in_its_root_is_never_written_through_a_link(tmp_path, digits32, name, command):
+    """Without a logger the run writes into its root: its config.yaml, and the files `--export.files` names."""
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").symlink_to(victim)
+    (tmp_path / "run" / name).symlink_to(victim)
     args = _args(tmp_path / "run", digits32, *MASK, "--trainer.logger", "false", "--trainer.limit_val_batches", "1")
-    with pytest.raises(SystemExit, match=r"config\.yaml is a symbolic link"):
-        pretrain(["validate", *args])
-    assert victim.read_text() == "keep me"
-
-
-def test_a_configured_export_is_never_written_through_a_link(tmp_path, digits32):
-    """`--export.files` names files the run writes in its folder (here the root: no logger)."""
-    victim = tmp_path / "victim.txt"
-    victim.write_text("keep me")
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "mine.safetensors").symlink_to(victim)
-    args = _args(tmp_path / "run", digits32, *MASK, "--trainer.logger", "false", "--trainer.limit_val_batches", "1")
-    with pytest.raises(SystemExit, match=r"mine\.safetensors is a symbolic link"):
-        pretrain(["fit", *args, "--export.files", "{mine.safetensors: official}", "--trainer.max_steps", "1"])
+    with pytest.raises(SystemExit, match=rf"{re.escape(name)} is a symbolic link"):
+        pretrain([command[0], *args, *command[1:]])
     assert victim.read_text() == "keep me"
 
 
@@ -376,3 +372,23 @@ def test_a_claim_file_that_is_a_fifo_or_garbage_neither_hangs_nor_fails(tmp_path
     for garbage in (honest_host, '{"pid": "1; rm -rf /"}', "[1]"):
         (tmp_path / LOCK_NAME).write_text(garbage)
         assert claim_folder(tmp_path, resuming_here=False) is None, garbage
+
+
+def test_an_export_replaces_a_link_in_its_folder_and_never_follows_it(tmp_path):
+    """The export writes where the run's folder is (`trainer.log_dir`); a logger without a local root (MLflow, W&B)
+    leaves that folder unchecked at start-up, so the write itself must never follow a link: safetensors' writer
+    replaces it, and this fails if a version of it does not."""
+    from types import SimpleNamespace
+
+    import swinv2
+    from simmim.checkpointing.exports import ExportWeights
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "e.safetensors").symlink_to(victim)
+    trainer = SimpleNamespace(log_dir=str(tmp_path / "run"), is_global_zero=True)
+    module = SimpleNamespace(swin=swinv2.SwinTransformerV2(**TINY))
+    ExportWeights({"e.safetensors": "official"}).on_fit_end(trainer, module)
+    assert victim.read_text() == "keep me" and not (tmp_path / "run" / "e.safetensors").is_symlink()
+    assert swinv2.create_model_from_checkpoint(tmp_path / "run" / "e.safetensors").num_classes == TINY["num_classes"]

@@ -8,7 +8,6 @@ from omegaconf import OmegaConf
 
 import swinv2
 from simmim.cli import CONFIG_DIR
-from simmim.data.builtin import prepare_digits
 from simmim.finetune import main
 from simmim.optim import depth_scaled_decay, layer_decay_param_groups, swin_layer_id
 
@@ -96,10 +95,10 @@ def _fit_one_step(tmp_path, digits, pretrained, *extra):
 
 
 @pytest.mark.slow
-def test_default_recipe_scales_layer_decay_with_depth_and_scratch_gets_none(tmp_path, capsys):
+def test_default_recipe_scales_layer_decay_with_depth_and_scratch_gets_none(tmp_path, capsys, digits32):
     """The default config's optimizer: the lowest layer's share of the learning rate is the same at 8 and 12
     blocks (decay ** (layer_decay_depth + 1)); a run from scratch has no layer decay and says so."""
-    digits = str(prepare_digits(tmp_path / "digits", size=32))
+    digits = digits32
     recipe = OmegaConf.load(CONFIG_DIR / "finetune/default.yaml").model
     share = recipe.layer_decay ** (recipe.layer_decay_depth + 1)
     for depths in ([2, 2, 2, 2], [2, 2, 6, 2]):

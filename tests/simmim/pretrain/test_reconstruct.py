@@ -8,13 +8,15 @@ import swinv2
 from simmim.pretrain.module import SimMIMPretrainer
 from simmim.reconstruct import main
 
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # the run's own normalisation, not ImageNet's
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run folder as pretraining leaves it: checkpoints/last.ckpt and config.yaml with the data settings."""
     folder = tmp_path_factory.mktemp("run")
     module = SimMIMPretrainer(
-        "swinv2_tiny", img_size=32, window_size=4, norm_target_patch_size=None,
+        "swinv2_tiny", img_size=32, window_size=4, norm_target_patch_size=None, mean=MEAN, std=STD,
         encoder_kwargs={"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]},
     )  # fmt: skip
     (folder / "checkpoints").mkdir()
@@ -25,12 +27,19 @@ def run(tmp_path_factory):
     return folder
 
 
-def test_a_grid_of_every_image_in_four_columns(run, tmp_path):
+def test_a_grid_of_every_image_in_four_columns(run, tmp_path, monkeypatch):
+    from simmim.pretrain.model import SimMIM
+
+    seen, reconstruct = [], SimMIM.reconstruct
+    monkeypatch.setattr(SimMIM, "reconstruct", lambda self, x, mask: seen.append(x) or reconstruct(self, x, mask))
     images = image_folder(tmp_path / "imgs", [f"{i}.png" for i in range(5)], size=48)
     out = tmp_path / "grid.png"
     grid = main(["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--images", str(images), "--out", str(out)])
     assert out.is_file() and grid.shape == (3, 5 * 34 + 2, 4 * 34 + 2)  # 32 px tiles, 2 px padding
+    pixels = seen[0] * torch.tensor(STD).view(1, 3, 1, 1) * 255 + torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    torch.testing.assert_close(pixels, pixels.round(), rtol=0, atol=1e-3)  # normalised with the run's values
     original, pasted = grid[:, 2:34, 2:34], grid[:, 2:34, 2 + 3 * 34 : 34 + 3 * 34]
+    torch.testing.assert_close(original * 255, (original * 255).round(), rtol=0, atol=1e-3)  # and back
     visible = (original - pasted).abs().amax(0) < 1e-5  # the pasted column keeps the visible pixels
     assert visible.float().mean() == 0.5  # mask ratio 0.5 from the run's config.yaml (default 0.6): 8 of 16
     other = main(["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--images", str(images), "--out",
