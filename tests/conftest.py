@@ -1,8 +1,10 @@
 """Shared test helpers: tiny SwinV2 configurations and weight randomisation."""
 
 import os
+import tempfile
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise calls the network at import
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="simmim-test-cache-")  # file indexes: not the user's cache
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

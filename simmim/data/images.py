@@ -41,6 +41,18 @@ def list_images(root: str | os.PathLike) -> List[Path]:
     return files
 
 
+def require_images(root: str | os.PathLike) -> None:
+    """Raises the errors of `list_images` for a missing folder or one without images, walking only until the first
+    image (a start-up check on every rank; the full listing is the file index's, `simmim.data.index`)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataFolderError(f"--data.root {root}: image folder not found (set it to a folder of images)")
+    for _, _, names in os.walk(root):
+        if any(os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS for n in names):
+            return
+    raise DataFolderError(f"--data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+
+
 _UINT8_TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB}
 
 

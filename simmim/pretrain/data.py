@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
-from simmim.data.images import list_images, read_sample_image
+from simmim.data.images import read_sample_image, require_images
+from simmim.data.index import FileIndex, folder_index, index_from_list
 from simmim.data.loaders import collate_readable, make_loader, skip_empty_validation
 from simmim.errors import check_loader, require
 from simmim.pretrain.augment import PretrainTransform
@@ -59,6 +60,10 @@ class MaskedImageDataset(Dataset):
 class PretrainDataModule(SeedState, pl.LightningDataModule):
     """A folder of images (recursive; ImageFolder class folders allowed, labels unused), split into train/val.
 
+    The folder is read through its file index (`simmim.data.index`): listed once, by rank 0 of each node in
+    `prepare_data`, into files every rank and worker memory-maps, and reused from the cache while the tree is
+    unchanged.
+
     Args:
         root: Image folder. None: the built-in digits, prepared under `data/digits/prepared` on first use.
         img_size: Square crop size.
@@ -68,6 +73,9 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         batch_size: Per-device batch size.
         num_workers: DataLoader workers.
         val_fraction: Held-out fraction of the files (a fixed split).
+        index: A file list to read instead of walking `root` (one path per line, relative to `root`).
+        index_cache: Where indexes are kept (default: `$XDG_CACHE_HOME/simmim/index`, `~/.cache/simmim/index`).
+        reindex: Walk the folder (or read the list) again even when the cached index looks current.
     """
 
     def __init__(
@@ -80,9 +88,13 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 4,
         val_fraction: float = 0.05,
+        index: Optional[str] = None,
+        index_cache: Optional[str] = None,
+        reindex: bool = False,
     ) -> None:
         super().__init__()
         check_loader(batch_size, num_workers, val_fraction)
+        require(index is None or root is not None, "--data.index", index, "needs --data.root, the folder it lists")
         require(0.0 < mask_ratio < 1.0, "--data.mask_ratio", mask_ratio, "must be in (0, 1) (official: 0.6)")
         require(
             mask_patch_size % model_patch_size == 0,
@@ -100,7 +112,9 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         self.root, self.img_size, self.batch_size = root, img_size, batch_size
         self.num_workers, self.val_fraction = num_workers, val_fraction
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
-        self.files = list_images(root) if root is not None else None  # fail at start-up, not mid-run
+        self.index, self.index_cache, self.reindex = index, index_cache, reindex
+        if root is not None and index is None:
+            require_images(root)  # a missing or empty folder fails at start-up, on every rank
 
     @property
     def labels(self) -> Optional[str]:
@@ -111,13 +125,21 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.root is None:
             prepare_digits()
+        self.file_index(self.reindex)
+
+    def file_index(self, reindex: bool = False) -> FileIndex:
+        """The index of the images (built, or read back from the cache)."""
+        root = self.root if self.root is not None else DEFAULT_DIGITS_ROOT
+        if self.index is not None:
+            return index_from_list(root, self.index, self.index_cache, reindex)
+        return folder_index(root, self.index_cache, reindex)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        files = self.files if self.files is not None else list_images(DEFAULT_DIGITS_ROOT)
+        files = self.file_index()  # prepare_data (rank 0 of the node) has built it
         order = np.random.default_rng(0).permutation(len(files))  # fixed split, independent of the run seed
         n_val = int(round(len(files) * self.val_fraction))
-        self.val_files = [files[i] for i in sorted(order[:n_val])]
-        self.train_files = [files[i] for i in sorted(order[n_val:])]
+        self.val_files = files.subset(np.sort(order[:n_val]))
+        self.train_files = files.subset(np.sort(order[n_val:]))
         skip_empty_validation(self, "no validation images (--data.val_fraction 0): no val/loss, no reconstruction grid")
 
     def _loader(self, files: List, train: bool) -> DataLoader:

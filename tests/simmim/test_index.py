@@ -1,0 +1,189 @@
+"""The file index (`simmim.data.index`): the same files in the same order as a listing, rebuilt exactly when the tree
+changes, read from a list without a walk, refused when crafted, and no memory per file in a worker."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import image_folder
+
+from simmim.data.images import list_images
+from simmim.data.index import FileIndex, folder_index, index_from_list
+from simmim.errors import ConfigError, DataFolderError
+
+
+def _tree(root):
+    """Two class folders (one nested deeper), a file in the root, a non-image and a broken link."""
+    image_folder(root / "a", ["y.webp"], 8)
+    image_folder(root / "a" / "deep", ["x.PNG"], 8)
+    image_folder(root / "b", ["2.png", "10.jpg"], 8)
+    (root / "top.png").write_bytes((root / "b" / "2.png").read_bytes())
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "b" / "gone.png").symlink_to(root / "missing.png")
+    return root
+
+
+def test_the_index_lists_what_a_listing_finds_in_its_order_with_classes(tmp_path):
+    root = _tree(tmp_path / "tree")
+    with pytest.warns(UserWarning, match="gone.png: a symbolic link whose target is missing"):
+        index = folder_index(root, tmp_path / "cache")
+    with pytest.warns(UserWarning, match="gone.png"):
+        listed = list_images(root)
+    assert list(index) == [str(p) for p in listed]
+    assert index.classes == ["a", "b"]
+    assert [index.label(i) for i in range(len(index))] == [0, 0, 1, 1, -1]  # a/deep/x, a/y, b/10, b/2, top
+    sub = index.subset(np.array([3, 0]))
+    assert list(sub) == [index[3], index[0]] and sub.label(0) == 1 and list(sub.subset(np.array([1]))) == [index[0]]
+
+
+def test_the_cached_index_is_reused_until_a_folder_changes(tmp_path, monkeypatch):
+    root = _tree(tmp_path / "tree")
+    (root / "b" / "gone.png").unlink()
+    first = folder_index(root, tmp_path / "cache")
+    import simmim.data.index as index_module
+
+    walks, real_walk = [], index_module.walk
+    monkeypatch.setattr(index_module, "walk", lambda *args: walks.append(args) or real_walk(*args))
+    again = folder_index(root, tmp_path / "cache")
+    assert walks == [] and list(again) == list(first)  # reused: nothing walked
+    time.sleep(0.01)
+    (root / "a" / "deep" / "new.png").write_bytes((root / "top.png").read_bytes())  # added deep down
+    grown = folder_index(root, tmp_path / "cache")
+    assert len(walks) == 1 and len(grown) == len(first) + 1 and str(root / "a" / "deep" / "new.png") in list(grown)
+    assert len(folder_index(root, tmp_path / "cache")) == len(grown) and len(walks) == 1
+    os.remove(root / "top.png")
+    assert len(folder_index(root, tmp_path / "cache")) == len(first) and len(walks) == 2  # a file removed
+    folder_index(root, tmp_path / "cache", reindex=True)
+    assert len(walks) == 3  # asked for
+
+
+def test_a_file_list_is_read_without_a_walk_with_its_classes_and_refused_when_it_leaves_the_root(tmp_path):
+    listed = tmp_path / "files.txt"
+    listed.write_text("cats/1.jpg\tcat\ndogs/2.jpg\tdog\n\ncats/3.jpg\tcat\n")
+    index = index_from_list(tmp_path / "data", listed, tmp_path / "cache")
+    assert list(index) == [str(tmp_path / "data" / p) for p in ("cats/1.jpg", "dogs/2.jpg", "cats/3.jpg")]
+    assert index.classes == ["cat", "dog"] and [index.label(i) for i in range(3)] == [0, 1, 0]
+    for bad, message in [
+        ("/etc/passwd\n", "line 1: '/etc/passwd' is absolute or leaves --data.root"),
+        ("a.jpg\n../../b.jpg\n", "line 2: '../../b.jpg' is absolute or leaves"),
+        ("a.jpg\tx\nb.jpg\n", "some lines have a class and some do not"),
+        ("a.jpg\tx\ty\n", "line 1: 3 tab-separated fields"),
+        ("\n\n", "no paths in the list"),
+    ]:
+        listed.write_text(bad)
+        with pytest.raises(DataFolderError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            index_from_list(tmp_path / "data", listed, tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    "crafted, message",
+    [
+        (lambda f: (f / "meta.json").write_text("[1]"), "not a file index of this version"),
+        (lambda f: _edit_meta(f, count=10**12), "meta.json: malformed"),
+        (lambda f: _edit_meta(f, classes=[1]), "malformed classes"),
+        (lambda f: np.save(f / "offsets.npy", np.array([0, 5, 3, 9], dtype=np.int64)), "do not agree"),
+        (lambda f: np.save(f / "labels.npy", np.array([0, 7, 0], dtype=np.int32)), "do not agree"),
+        (lambda f: np.save(f / "offsets.npy", np.arange(4).astype(object), allow_pickle=True), "Python objects"),
+        (lambda f: (f / "names.bin").write_bytes(b"/ab"), "leaves the tree"),
+    ],
+    ids=[
+        "not an index",
+        "a count of 1e12",
+        "classes not names",
+        "offsets backwards",
+        "a label out of range",
+        "a pickled array",
+        "an absolute path",
+    ],  # fmt: skip
+)
+def test_a_crafted_cache_is_refused_in_one_line(tmp_path, crafted, message):
+    listed = tmp_path / "files.txt"
+    listed.write_text("a\tx\nb\tx\nc\tx\n")
+    folder = index_from_list(tmp_path, listed, tmp_path / "cache").folder
+    crafted(folder)
+    with pytest.raises((DataFolderError, ValueError), match=message):
+        index = FileIndex(folder)
+        [index[i] for i in range(len(index))]
+
+
+def _edit_meta(folder, **changes):
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
+WORKER = r"""
+import os, pickle, sys
+from simmim.data.index import FileIndex
+
+def private_kib():
+    # private dirty memory outside mapped files (heap, anonymous): what copying on write costs a process; a mapped
+    # file's pages count as private dirty too while the page cache has not written them back: left out
+    total, anonymous = 0, True
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header: address range, ..., [path]
+            anonymous = len(fields) == 5 or fields[5].startswith("[")
+        elif fields[0] == "Private_Dirty:" and anonymous:
+            total += int(fields[1])
+    return total
+
+files = pickle.loads(bytes.fromhex(sys.argv[1])) if sys.argv[1] != "list" else [f"class{i % 1000}/{i:09d}.JPEG"
+                                                                                   for i in range(int(sys.argv[2]))]
+before = private_kib()
+pid = os.fork()
+if pid == 0:  # a data-loader worker: forked, then it touches every entry over an epoch
+    start = private_kib()
+    total = sum(len(files[i]) for i in range(len(files)))
+    print(private_kib() - start, total, flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_worker_touching_every_entry_adds_no_memory_per_file(tmp_path):
+    """Measured: a forked process (a data-loader worker) reads every path of a split. From the index, the memory it
+    copies is the same for 100,000 and 300,000 files (the interpreter's own pages); from a Python list of the same
+    paths (the old listing) it grows with the list."""
+    n = 300_000
+    listed = tmp_path / "files.txt"
+    listed.write_text("".join(f"class{i % 1000}/{i:09d}.JPEG\n" for i in range(n)))
+    index = index_from_list(tmp_path / "data", listed, tmp_path / "cache")
+
+    def copied(*args):
+        out = subprocess.run([sys.executable, "-c", WORKER, *args], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        kib, total = map(int, out.stdout.split())
+        return kib, total
+
+    small, _ = copied(pickle.dumps(index.subset(np.arange(n // 3)[::-1])).hex())
+    large, total = copied(pickle.dumps(index.subset(np.arange(n)[::-1])).hex())  # a split, as training reads it
+    from_list, list_total = copied("list", str(n))
+    assert total == list_total + n * (len(str(tmp_path / "data")) + 1)  # every path was read, root included
+    assert abs(large - small) < 1024, (small, large)  # KiB: nothing per file
+    assert from_list - large > 40 * n / 1024, (from_list, large)  # the list: over 40 bytes a file
+
+
+def test_pretraining_reads_its_folder_or_a_list_through_the_index(tmp_path, digits32):
+    """The data module's split holds the same files as a listing would, in index files (nothing per file in
+    Python); `--data.index` reads only what the list names."""
+    from simmim.pretrain.data import PretrainDataModule
+
+    cache = str(tmp_path / "cache")
+    dm = PretrainDataModule(digits32, img_size=32, mask_patch_size=8, val_fraction=0.1, index_cache=cache)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert isinstance(dm.train_files, FileIndex) and isinstance(dm.val_files, FileIndex)
+    assert sorted([*dm.train_files, *dm.val_files]) == sorted(map(str, list_images(digits32)))
+    listed = tmp_path / "some.txt"
+    listed.write_text("0/0000.png\n7/0003.png\n")
+    dm = PretrainDataModule(digits32, img_size=32, mask_patch_size=8, val_fraction=0.0, index=str(listed),
+                            index_cache=cache)  # fmt: skip
+    dm.setup("fit")
+    assert list(dm.train_files) == [os.path.join(digits32, "0/0000.png"), os.path.join(digits32, "7/0003.png")]
+    with pytest.raises(ConfigError, match="needs --data.root"):
+        PretrainDataModule(None, index=str(listed))
