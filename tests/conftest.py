@@ -1,10 +1,13 @@
 """Shared test helpers: tiny SwinV2 configurations and weight randomisation."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise calls the network at import
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="simmim-test-cache-")  # file indexes: not the user's cache
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

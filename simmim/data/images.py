@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -84,8 +85,11 @@ def to_uint8_rgb(img: np.ndarray) -> np.ndarray:
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """Read any supported image file as uint8 (H, W, 3) RGB."""
+    """Read any supported image file as uint8 (H, W, 3) RGB. Only a regular file is read (a FIFO or a device named
+    by a file list would block or never end)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UnreadableImageError(f"cannot read {path}: not a regular file")
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise UnreadableImageError(f"cannot read {path}: {e}") from e

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import socket
+import time
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +35,9 @@ INDEX_VERSION = 1
 MAX_FILES = 1 << 33  # 8.6e9 files: the bound on a count read back from a cache
 MAX_PATH_BYTES = 4096  # one path in a list file
 WALK_THREADS = 16  # folders listed side by side (a shared filesystem answers many requests at once)
+MAX_META_BYTES = 1 << 30
+RACY_NS = 2 * 10**9  # a folder changed this close to its walk is walked again at the next start
+CHECK_CHUNK = 1 << 20  # entries checked at a time (bounded temporaries in every process that opens an index)
 
 
 def default_cache() -> Path:
@@ -49,20 +54,32 @@ def _sort_key(rel: str) -> Tuple[str, ...]:
     return tuple(rel.split("/"))  # the order of `sorted(Path...)`: part by part
 
 
-def _scan(folder: Path, rel: str) -> Tuple[List[str], List[Tuple[str, int]], List[str]]:
-    """One folder: (image files, (subfolder, its modification time) pairs, broken links), relative to the root."""
-    files, subfolders, broken = [], [], []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            name = f"{rel}/{entry.name}" if rel else entry.name
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+
+
+def _scan(folder: Path, rel: str) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """One folder: (image files, (subfolder, its modification time) pairs), relative to the root. What cannot be
+    read (a folder without permission, a link that leads nowhere or loops) is warned about and passed over."""
+    files, subfolders = [], []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        _warn(f"skipping the folder {folder}: {e.strerror or e}")
+        return files, subfolders
+    for entry in entries:
+        name = f"{rel}/{entry.name}" if rel else entry.name
+        try:
             if entry.is_dir(follow_symlinks=False):  # a linked folder is not followed: it could lead anywhere
                 subfolders.append((name, entry.stat(follow_symlinks=False).st_mtime_ns))
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 if entry.is_file():
                     files.append(name)
                 elif entry.is_symlink():
-                    broken.append(name)
-    return files, subfolders, broken
+                    _warn(f"skipping {folder / entry.name}: a symbolic link whose target is missing or loops back")
+        except OSError as e:
+            _warn(f"skipping {folder / entry.name}: {e.strerror or e}")
+    return files, subfolders
 
 
 def walk(root: Path, threads: int = WALK_THREADS) -> Tuple[List[str], List[Tuple[str, int]]]:
@@ -75,14 +92,10 @@ def walk(root: Path, threads: int = WALK_THREADS) -> Tuple[List[str], List[Tuple
         while level:
             found = list(pool.map(lambda rel: _scan(root / rel, rel), level))
             level = []
-            for level_files, subfolders, broken in found:
+            for level_files, subfolders in found:
                 files += level_files
                 folders += subfolders
                 level += [name for name, _ in subfolders]
-                for link in broken:
-                    warnings.warn(
-                        f"skipping {root / link}: a symbolic link whose target is missing or loops back", stacklevel=3
-                    )
     files.sort(key=_sort_key)
     return files, folders
 
@@ -95,25 +108,35 @@ def _pack(strings: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
 
 
-def _write(folder: Path, files: Sequence[str], labels: np.ndarray, classes: List[str], meta: Dict) -> None:
-    """The index's files in a fresh folder next to `folder`, then moved into place (a reader never sees half)."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    names, offsets = _pack(files)
-    names.tofile(tmp / "names.bin")
-    np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "labels.npy", labels.astype(np.int32))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "version": INDEX_VERSION, "count": len(files),
-                                               "classes": classes}))  # fmt: skip
-    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        folder.rename(old)
+def _unique() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _write(key: Path, files: Sequence[str], labels: np.ndarray, classes: List[str], meta: Dict) -> FileIndex:
+    """A new build of the index under `key/<build>/`, then `key/current` pointed at it (both moves are atomic:
+    a reader sees the old build or the new one, never half). A build is never changed or removed afterwards, so a
+    run reading it keeps working while another rebuilds."""
+    build = _unique()
     try:
-        tmp.rename(folder)
-    except OSError:  # another process moved its own (identical) index in first
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+        key.mkdir(parents=True, exist_ok=True)
+        tmp = key / f"{build}.tmp"
+        tmp.mkdir()
+        names, offsets = _pack(files)
+        names.tofile(tmp / "names.bin")
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "labels.npy", labels.astype(np.int32))
+        meta = {**meta, "version": INDEX_VERSION, "build": build, "count": len(files), "classes": classes}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        tmp.rename(key / build)
+        pointer = key / f"current.{build}.tmp"
+        pointer.write_text(build)
+        os.replace(pointer, key / "current")
+    except OSError as e:
+        raise DataFolderError(
+            f"cannot write the file index under {key}: {e.strerror or e}; give a writable folder with "
+            "--data.index_cache"
+        ) from None
+    return FileIndex(key / build)
 
 
 def _labels(files: Sequence[str], classes: List[str]) -> np.ndarray:
@@ -123,61 +146,87 @@ def _labels(files: Sequence[str], classes: List[str]) -> np.ndarray:
 
 
 def _folders_unchanged(root: Path, meta: Dict) -> bool:
-    """Whether every folder the index walked still has the modification time it had."""
-    names, times = meta.get("folders"), meta.get("folder_times")
+    """Whether every folder the index walked still has the modification time it had, and none had changed so
+    close to the walk that a change in the same clock tick could have gone unseen (then the next start walks)."""
+    names, times, walked = meta.get("folders"), meta.get("folder_times"), meta.get("walked_at")
     if not isinstance(names, list) or not isinstance(times, list) or len(names) != len(times):
+        return False
+    if not isinstance(walked, int) or any(not isinstance(t, int) or t >= walked - RACY_NS for t in times):
         return False
     for rel, mtime in zip(names, times):
         try:
             if not isinstance(rel, str) or os.stat(root / rel, follow_symlinks=False).st_mtime_ns != mtime:
                 return False
-        except OSError:
+        except (OSError, ValueError):
             return False
     return True
 
 
 def _read_meta(folder: Path) -> Optional[Dict]:
     try:
-        if (folder / "meta.json").stat().st_size > 1 << 30:
+        if (folder / "meta.json").stat().st_size > MAX_META_BYTES:
             return None
         meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return meta if isinstance(meta, dict) and meta.get("version") == INDEX_VERSION else None
 
 
-def folder_index(
-    root: str | os.PathLike, cache: Optional[str | os.PathLike] = None, reindex: bool = False
-) -> FileIndex:
-    """The index of the image tree `root` (`FileIndex`), from the cache when every folder it walked is unchanged,
-    else walked and written. Raises `DataFolderError` for a missing folder or one without images."""
+def _current(key: Path) -> Optional[Tuple[Path, Dict]]:
+    """The build `key/current` points at and its meta, or None (no index yet, or unreadable: then rebuilt)."""
+    try:
+        build = (key / "current").read_text()[:200].strip()
+    except OSError:
+        return None
+    if not build or "/" in build or build.startswith("."):
+        return None
+    meta = _read_meta(key / build)
+    return None if meta is None or meta.get("build") != build else (key / build, meta)
+
+
+def _root_folder(root: str | os.PathLike) -> Path:
     root = Path(root).resolve()
     if not root.is_dir():
         raise DataFolderError(f"--data.root {root}: image folder not found (set it to a folder of images)")
-    folder = Path(cache or default_cache()) / _key(root)
-    meta = None if reindex else _read_meta(folder)
-    if meta is not None and meta.get("root") == str(root) and meta.get("source") == "walk":
-        if _folders_unchanged(root, meta):
-            return FileIndex(folder)
+    return root
+
+
+def folder_index(
+    root: str | os.PathLike, cache: Optional[str | os.PathLike] = None, reindex: bool = False, fresh: bool = True
+) -> FileIndex:
+    """The index of the image tree `root` (`FileIndex`): the cached build when every folder it walked is unchanged
+    (`fresh`; without it, whatever build is current: what `setup` opens after `prepare_data` built it), else walked
+    and written. Raises `DataFolderError` for a missing folder or one without images."""
+    root = _root_folder(root)
+    key = Path(cache or default_cache()) / _key(root)
+    current = None if reindex else _current(key)
+    if current is not None and current[1].get("root") == str(root) and current[1].get("source") == "walk":
+        if not fresh or _folders_unchanged(root, current[1]):
+            return FileIndex(current[0])
+    walked_at = time.time_ns()
     files, folders = walk(root)
     if not files:
         raise DataFolderError(f"--data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     classes = sorted(name for name, _ in folders if name and "/" not in name)
-    meta = {"root": str(root), "source": "walk", "folders": [n for n, _ in folders],
+    meta = {"root": str(root), "source": "walk", "walked_at": walked_at, "folders": [n for n, _ in folders],
             "folder_times": [t for _, t in folders]}  # fmt: skip
-    _write(folder, files, _labels(files, classes), classes, meta)
-    return FileIndex(folder)
+    return _write(key, files, _labels(files, classes), classes, meta)
 
 
 def _list_entries(path: Path) -> Iterator[Tuple[int, str, Optional[str]]]:
     """(line number, path, class name or None) of each line of a file list: `path` or `path<TAB>class`."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        number = 0
+        while True:
+            raw = f.readline(MAX_PATH_BYTES + 2)  # bounded: a line without end is not read whole
+            if not raw:
+                return
+            number += 1
             line = raw.rstrip(b"\r\n")
-            if not line.strip():
-                continue
             if len(line) > MAX_PATH_BYTES:
                 raise DataFolderError(f"--data.index {path}, line {number}: longer than {MAX_PATH_BYTES} bytes")
+            if not line.strip():
+                continue
             fields = line.decode("utf-8", "surrogateescape").split("\t")
             if len(fields) > 2:
                 raise DataFolderError(
@@ -194,15 +243,14 @@ def index_from_list(
     """The index of the files `list_file` names (one per line, relative to `root`; `path<TAB>class` labels it),
     without walking the tree: rebuilt when the list's size or modification time changes. A path that is absolute
     or leaves `root` (`..`) is refused with its line number; whether the files exist is found as they are read."""
-    root, list_file = Path(root).resolve(), Path(list_file).resolve()
+    root, list_file = _root_folder(root), Path(list_file).resolve()
     if not list_file.is_file():
         raise DataFolderError(f"--data.index {list_file}: file list not found")
-    stat = list_file.stat()
-    folder = Path(cache or default_cache()) / _key(Path(f"{root}\0{list_file}"))
-    meta = None if reindex else _read_meta(folder)
-    signature = [str(list_file), stat.st_size, stat.st_mtime_ns]
-    if meta is not None and meta.get("root") == str(root) and meta.get("list") == signature:
-        return FileIndex(folder)
+    key = Path(cache or default_cache()) / _key(Path(f"{root}\0{list_file}"))
+    current = None if reindex else _current(key)
+    signature = [str(list_file), _digest(list_file)]
+    if current is not None and current[1].get("root") == str(root) and current[1].get("list") == signature:
+        return FileIndex(current[0])
     files, names = [], []
     for number, rel, label in _list_entries(list_file):
         rel = rel.replace(os.sep, "/")
@@ -221,8 +269,16 @@ def index_from_list(
     classes = sorted(set(labelled))
     ids = {c: i for i, c in enumerate(classes)}
     labels = np.array([ids[n] for n in names], dtype=np.int32) if labelled else np.full(len(files), -1, np.int32)
-    _write(folder, files, labels, classes, {"root": str(root), "source": "list", "list": signature})
-    return FileIndex(folder)
+    return _write(key, files, labels, classes, {"root": str(root), "source": "list", "list": signature})
+
+
+def _digest(path: Path) -> str:
+    """The SHA-256 of a file's content (a list is recognised by what it says, not by its time)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _inside(rel: str) -> bool:
@@ -230,51 +286,90 @@ def _inside(rel: str) -> bool:
 
 
 class FileIndex(Sequence[str]):
-    """A read-only, memory-mapped view of an index: `index[i]` is the i-th file's path (a `str`), `index.label(i)` its
-    class (-1 for none), `index.classes` the class names. `subset(name, positions)` is a view of some of its files
-    (a split), its positions kept in a file of the index too. Pickled (to data-loader workers started by
-    forkserver or spawn) as its folder and the subset's name: each process maps the same files."""
+    """A read-only, memory-mapped view of one build of an index: `index[i]` is the i-th file's path (a `str`),
+    `index.label(i)` its class (-1 for none), `index.classes` the class names. `subset(positions)` is a view of some
+    of its files (a split), its positions kept in a file of the build too. Pickled (to data-loader workers started
+    by forkserver or spawn) as the build's folder, root, count and subset: each process maps the same files and
+    checks that they are still what the pickling process read."""
 
     def __init__(self, folder: str | os.PathLike, subset: Optional[str] = None) -> None:
         self.folder, self.subset_name = Path(folder), subset
         self._open()
 
+    def _fail(self, what: str) -> DataFolderError:
+        return DataFolderError(f"file index {self.folder}: {what} (delete the folder to rebuild the index)")
+
     def _open(self) -> None:
         meta = _read_meta(self.folder)
         if meta is None:
-            raise DataFolderError(f"{self.folder}: not a file index of this version (delete it to rebuild it)")
-        count, root, classes = meta.get("count"), meta.get("root"), meta.get("classes")
-        if not (isinstance(count, int) and 0 < count < MAX_FILES and isinstance(root, str)):
-            raise DataFolderError(f"{self.folder}/meta.json: malformed (delete the folder to rebuild the index)")
+            raise self._fail("not a readable index of this version")
+        count, root, classes, build = meta.get("count"), meta.get("root"), meta.get("classes"), meta.get("build")
+        if not (type(count) is int and 0 < count < MAX_FILES and isinstance(root, str) and isinstance(build, str)):
+            raise self._fail("malformed meta.json")
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-            raise DataFolderError(f"{self.folder}/meta.json: malformed classes (delete the folder to rebuild it)")
-        self.root, self.classes, self.count = root, classes, count
-        size = (self.folder / "names.bin").stat().st_size
-        self.names = np.memmap(self.folder / "names.bin", dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-        self.offsets = np.load(self.folder / "offsets.npy", mmap_mode="r", allow_pickle=False)
-        self.labels = np.load(self.folder / "labels.npy", mmap_mode="r", allow_pickle=False)
-        ok = (
-            self.offsets.dtype == np.int64 and self.offsets.shape == (count + 1,) and self.labels.shape == (count,)
-            and self.labels.dtype == np.int32 and self.offsets[0] == 0 and self.offsets[-1] == size
-            and bool(np.all(np.diff(self.offsets) > 0))
-            and bool(np.all((self.labels >= -1) & (self.labels < max(1, len(classes)))))
+            raise self._fail("malformed classes in meta.json")
+        self.root, self.classes, self.count, self.build = root, classes, count, build
+        try:
+            size = (self.folder / "names.bin").stat().st_size
+            self.names = (
+                np.memmap(self.folder / "names.bin", dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+            )
+            self.offsets = np.load(self.folder / "offsets.npy", mmap_mode="r", allow_pickle=False)
+            self.labels = np.load(self.folder / "labels.npy", mmap_mode="r", allow_pickle=False)
+            positions = None
+            if self.subset_name is not None:
+                path = self.folder / f"subset-{self.subset_name}.npy"
+                positions = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise self._fail(f"unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+        shapes = (
+            self.offsets.dtype == np.int64 and self.offsets.shape == (count + 1,) and self.labels.dtype == np.int32
+            and self.labels.shape == (count,) and self.offsets[0] == 0 and self.offsets[-1] == size
         )  # fmt: skip
-        if not ok:
-            raise DataFolderError(f"{self.folder}: the index's arrays do not agree (delete the folder to rebuild it)")
+        if not shapes or not self._entries_agree(len(classes)):
+            raise self._fail("its arrays do not agree")
         self.positions = None
-        if self.subset_name is not None:
-            positions = np.load(self.folder / f"subset-{self.subset_name}.npy", mmap_mode="r", allow_pickle=False)
-            if positions.dtype != np.int64 or positions.ndim != 1 or (len(positions) and (
-                    positions.min() < 0 or positions.max() >= count)):  # fmt: skip
-                raise DataFolderError(f"{self.folder}: subset {self.subset_name} is malformed (delete the folder)")
+        if positions is not None:
+            if positions.dtype != np.int64 or positions.ndim != 1 or not self._positions_agree(positions):
+                raise self._fail(f"subset {self.subset_name} is malformed or not what its name says")
             self.positions = positions
 
+    def _entries_agree(self, num_classes: int) -> bool:
+        """Offsets rising, labels within the classes: checked a chunk at a time (bounded temporaries)."""
+        for start in range(0, self.count, CHECK_CHUNK):
+            offsets = np.asarray(self.offsets[start : start + CHECK_CHUNK + 1])
+            labels = np.asarray(self.labels[start : start + CHECK_CHUNK])
+            if not (np.all(offsets[1:] > offsets[:-1]) and np.all((labels >= -1) & (labels < num_classes))):
+                return False
+        return True
+
+    def _positions_agree(self, positions: np.ndarray) -> bool:
+        """Within the index, and the content its name (a digest) says."""
+        digest = hashlib.sha256()
+        for start in range(0, len(positions), CHECK_CHUNK):
+            chunk = np.ascontiguousarray(positions[start : start + CHECK_CHUNK])
+            if len(chunk) and (chunk.min() < 0 or chunk.max() >= self.count):
+                return False
+            digest.update(chunk.tobytes())
+        return digest.hexdigest()[:24] == self.subset_name
+
+    def fingerprint(self) -> Tuple[int, int, str]:
+        """(count, names' size, a digest of the offsets and labels): equal for two builds of the same files."""
+        digest = hashlib.sha256()
+        for array in (self.offsets, self.labels):
+            for start in range(0, len(array), CHECK_CHUNK):
+                digest.update(np.ascontiguousarray(array[start : start + CHECK_CHUNK]).tobytes())
+        return self.count, int(self.offsets[-1]), digest.hexdigest()[:24]
+
     def __getstate__(self) -> Dict:
-        return {"folder": str(self.folder), "subset": self.subset_name}
+        return {"folder": str(self.folder), "subset": self.subset_name, "root": self.root, "count": self.count,
+                "build": self.build}  # fmt: skip
 
     def __setstate__(self, state: Dict) -> None:
         self.folder, self.subset_name = Path(state["folder"]), state["subset"]
         self._open()
+        if (self.root, self.count, self.build) != (state["root"], state["count"], state["build"]):
+            raise self._fail("it is not the index the run opened")
 
     def __len__(self) -> int:
         return self.count if self.positions is None else len(self.positions)
@@ -311,10 +406,16 @@ class FileIndex(Sequence[str]):
         whole = np.ascontiguousarray(positions, dtype=np.int64)
         if self.positions is not None:
             whole = np.ascontiguousarray(np.asarray(self.positions)[whole])
-        name = hashlib.sha256(whole.tobytes()).hexdigest()[:24]
+        digest = hashlib.sha256()
+        for start in range(0, len(whole), CHECK_CHUNK):
+            digest.update(whole[start : start + CHECK_CHUNK].tobytes())
+        name = digest.hexdigest()[:24]
         path = self.folder / f"subset-{name}.npy"
         if not path.is_file():
-            tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
-            np.save(tmp, whole)
-            os.replace(tmp, path)  # the same content from every rank: whichever lands last
+            tmp = path.with_name(f"{path.stem}.{_unique()}.tmp.npy")
+            try:
+                np.save(tmp, whole)
+                os.replace(tmp, path)  # the same content from every rank: whichever lands last
+            except OSError as e:
+                raise self._fail(f"cannot write a split: {e.strerror or e}") from None
         return FileIndex(self.folder, name)

@@ -3,6 +3,7 @@ normalises the images on the training device)."""
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import List, Optional, Tuple
 
@@ -15,7 +16,7 @@ from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.data.images import read_sample_image, require_images
 from simmim.data.index import FileIndex, folder_index, index_from_list
 from simmim.data.loaders import collate_readable, make_loader, skip_empty_validation
-from simmim.errors import check_loader, require
+from simmim.errors import DataFolderError, check_loader, require
 from simmim.pretrain.augment import PretrainTransform
 from simmim.pretrain.masking import MaskGenerator
 from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
@@ -115,6 +116,9 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         self.index, self.index_cache, self.reindex = index, index_cache, reindex
         if root is not None and index is None:
             require_images(root)  # a missing or empty folder fails at start-up, on every rank
+        elif index is not None:
+            require(os.path.isdir(root), "--data.root", root, "is not a folder: the paths of --data.index are in it")
+            require(os.path.isfile(index), "--data.index", index, "is not a file: give a list of paths, one a line")
 
     @property
     def labels(self) -> Optional[str]:
@@ -125,17 +129,29 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.root is None:
             prepare_digits()
-        self.file_index(self.reindex)
+        self.file_index(self.reindex, fresh=True)
 
-    def file_index(self, reindex: bool = False) -> FileIndex:
-        """The index of the images (built, or read back from the cache)."""
+    def file_index(self, reindex: bool = False, fresh: bool = False) -> FileIndex:
+        """The index of the images: built, or read back from the cache (`fresh`: only while the tree is unchanged;
+        without it, the build `prepare_data` left, so that a tree changing during start-up cannot give two ranks
+        two indexes)."""
         root = self.root if self.root is not None else DEFAULT_DIGITS_ROOT
         if self.index is not None:
             return index_from_list(root, self.index, self.index_cache, reindex)
-        return folder_index(root, self.index_cache, reindex)
+        return folder_index(root, self.index_cache, reindex, fresh=fresh)
 
     def setup(self, stage: Optional[str] = None) -> None:
         files = self.file_index()  # prepare_data (rank 0 of the node) has built it
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:  # every node built its own: they must agree
+            mine = files.fingerprint()
+            same = trainer.strategy.broadcast(mine, src=0) == mine
+            if not trainer.strategy.reduce_boolean_decision(same, all=True):  # every rank stops, not one alone
+                raise DataFolderError(
+                    f"the ranks indexed different files under {self.root} (this one: {mine[0]}): the folder changed "
+                    "while the nodes listed it, or they see different folders; start again once it is complete, or "
+                    "give every node the same --data.index list"
+                )
         order = np.random.default_rng(0).permutation(len(files))  # fixed split, independent of the run seed
         n_val = int(round(len(files) * self.val_fraction))
         self.val_files = files.subset(np.sort(order[:n_val]))
