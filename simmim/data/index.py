@@ -19,12 +19,13 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import time
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,7 +36,8 @@ INDEX_VERSION = 1
 MAX_FILES = 1 << 33  # 8.6e9 files: the bound on a count read back from a cache
 MAX_PATH_BYTES = 4096  # one path in a list file
 WALK_THREADS = 16  # folders listed side by side (a shared filesystem answers many requests at once)
-MAX_META_BYTES = 1 << 30
+MAX_META_BYTES = 16 << 20  # meta.json: the class names and a few numbers, read by every process
+MAX_FOLDERS_BYTES = 1 << 30  # folders.json: every folder walked and its time, read by the freshness check only
 RACY_NS = 2 * 10**9  # a folder changed this close to its walk is walked again at the next start
 CHECK_CHUNK = 1 << 20  # entries checked at a time (bounded temporaries in every process that opens an index)
 
@@ -54,19 +56,17 @@ def _sort_key(rel: str) -> Tuple[str, ...]:
     return tuple(rel.split("/"))  # the order of `sorted(Path...)`: part by part
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, stacklevel=4)
-
-
-def _scan(folder: Path, rel: str) -> Tuple[List[str], List[Tuple[str, int]]]:
-    """One folder: (image files, (subfolder, its modification time) pairs), relative to the root. What cannot be
-    read (a folder without permission, a link that leads nowhere or loops) is warned about and passed over."""
-    files, subfolders = [], []
+def _scan(folder: Path, rel: str) -> Tuple[List[str], List[Tuple[str, int]], List[str]]:
+    """One folder: (image files, (subfolder, its modification time) pairs, what was passed over), relative to the
+    root. What cannot be read (a folder without permission, a link that leads nowhere or loops) is passed over and
+    said in the third list."""
+    files: List[str] = []
+    subfolders: List[Tuple[str, int]] = []
     try:
         entries = list(os.scandir(folder))
     except OSError as e:
-        _warn(f"skipping the folder {folder}: {e.strerror or e}")
-        return files, subfolders
+        return files, subfolders, [f"skipping the folder {folder}: {e.strerror or e}"]
+    problems = []
     for entry in entries:
         name = f"{rel}/{entry.name}" if rel else entry.name
         try:
@@ -76,28 +76,33 @@ def _scan(folder: Path, rel: str) -> Tuple[List[str], List[Tuple[str, int]]]:
                 if entry.is_file():
                     files.append(name)
                 elif entry.is_symlink():
-                    _warn(f"skipping {folder / entry.name}: a symbolic link whose target is missing or loops back")
+                    problems.append(
+                        f"skipping {folder / entry.name}: a symbolic link whose target is missing or loops back"
+                    )
         except OSError as e:
-            _warn(f"skipping {folder / entry.name}: {e.strerror or e}")
-    return files, subfolders
+            problems.append(f"skipping {folder / entry.name}: {e.strerror or e}")
+    return files, subfolders, problems
 
 
-def walk(root: Path, threads: int = WALK_THREADS) -> Tuple[List[str], List[Tuple[str, int]]]:
-    """Every image file below `root` (relative, `/`-separated, in `sorted(Path)` order) and every folder walked with
-    its modification time (the root as ""). Folders are listed side by side, level by level."""
+def walk(root: Path, threads: int = WALK_THREADS) -> Tuple[List[str], List[Tuple[str, int]], List[str]]:
+    """Every image file below `root` (relative, `/`-separated, in `sorted(Path)` order), every folder walked with
+    its modification time (the root as ""), and what was passed over. Folders are listed side by side, level by
+    level."""
     files: List[str] = []
     folders: List[Tuple[str, int]] = [("", os.stat(root).st_mtime_ns)]
+    problems: List[str] = []
     level = [""]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         while level:
             found = list(pool.map(lambda rel: _scan(root / rel, rel), level))
             level = []
-            for level_files, subfolders in found:
+            for level_files, subfolders, passed_over in found:
                 files += level_files
                 folders += subfolders
+                problems += passed_over
                 level += [name for name, _ in subfolders]
     files.sort(key=_sort_key)
-    return files, folders
+    return files, folders, problems
 
 
 def _pack(strings: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
@@ -112,7 +117,9 @@ def _unique() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
 
 
-def _write(key: Path, files: Sequence[str], labels: np.ndarray, classes: List[str], meta: Dict) -> FileIndex:
+def _write(
+    key: Path, files: Sequence[str], labels: np.ndarray, classes: List[str], meta: Dict, extra: Optional[Dict] = None
+) -> FileIndex:
     """A new build of the index under `key/<build>/`, then `key/current` pointed at it (both moves are atomic:
     a reader sees the old build or the new one, never half). A build is never changed or removed afterwards, so a
     run reading it keeps working while another rebuilds."""
@@ -127,6 +134,8 @@ def _write(key: Path, files: Sequence[str], labels: np.ndarray, classes: List[st
         np.save(tmp / "labels.npy", labels.astype(np.int32))
         meta = {**meta, "version": INDEX_VERSION, "build": build, "count": len(files), "classes": classes}
         (tmp / "meta.json").write_text(json.dumps(meta))
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content))
         tmp.rename(key / build)
         pointer = key / f"current.{build}.tmp"
         pointer.write_text(build)
@@ -145,10 +154,13 @@ def _labels(files: Sequence[str], classes: List[str]) -> np.ndarray:
     return np.array([ids.get(f.split("/", 1)[0], -1) if "/" in f else -1 for f in files], dtype=np.int32)
 
 
-def _folders_unchanged(root: Path, meta: Dict) -> bool:
+def _folders_unchanged(root: Path, folder: Path, meta: Dict) -> bool:
     """Whether every folder the index walked still has the modification time it had, and none had changed so
     close to the walk that a change in the same clock tick could have gone unseen (then the next start walks)."""
-    names, times, walked = meta.get("folders"), meta.get("folder_times"), meta.get("walked_at")
+    folders = _read_json(folder / "folders.json", MAX_FOLDERS_BYTES)
+    if not isinstance(folders, dict) or meta.get("complete") is not True:
+        return False  # something was passed over: walked again, and warned about again
+    names, times, walked = folders.get("folders"), folders.get("folder_times"), meta.get("walked_at")
     if not isinstance(names, list) or not isinstance(times, list) or len(names) != len(times):
         return False
     if not isinstance(walked, int) or any(not isinstance(t, int) or t >= walked - RACY_NS for t in times):
@@ -162,23 +174,37 @@ def _folders_unchanged(root: Path, meta: Dict) -> bool:
     return True
 
 
-def _read_meta(folder: Path) -> Optional[Dict]:
+def _read_small(path: Path, limit: int) -> Optional[bytes]:
+    """The bytes of a regular file of at most `limit` bytes, else None (a FIFO or a device would block or never
+    end; a larger file is not ours)."""
     try:
-        if (folder / "meta.json").stat().st_size > MAX_META_BYTES:
-            return None
-        meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError, RecursionError):
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            data = f.read(limit + 1)
+    except OSError:
         return None
+    return data if len(data) <= limit else None
+
+
+def _read_json(path: Path, limit: int) -> Any:
+    data = _read_small(path, limit)
+    try:
+        return None if data is None else json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _read_meta(folder: Path) -> Optional[Dict]:
+    meta = _read_json(folder / "meta.json", MAX_META_BYTES)
     return meta if isinstance(meta, dict) and meta.get("version") == INDEX_VERSION else None
 
 
 def _current(key: Path) -> Optional[Tuple[Path, Dict]]:
     """The build `key/current` points at and its meta, or None (no index yet, or unreadable: then rebuilt)."""
-    try:
-        build = (key / "current").read_text()[:200].strip()
-    except OSError:
-        return None
-    if not build or "/" in build or build.startswith("."):
+    data = _read_small(key / "current", 200)
+    build = data.decode("ascii", "replace").strip() if data is not None else ""
+    if not build or "/" in build or build.startswith(".") or "\ufffd" in build:
         return None
     meta = _read_meta(key / build)
     return None if meta is None or meta.get("build") != build else (key / build, meta)
@@ -201,16 +227,18 @@ def folder_index(
     key = Path(cache or default_cache()) / _key(root)
     current = None if reindex else _current(key)
     if current is not None and current[1].get("root") == str(root) and current[1].get("source") == "walk":
-        if not fresh or _folders_unchanged(root, current[1]):
+        if not fresh or _folders_unchanged(root, current[0], current[1]):
             return FileIndex(current[0])
     walked_at = time.time_ns()
-    files, folders = walk(root)
+    files, folders, passed_over = walk(root)
+    for message in passed_over:  # an index that passed something over is not reused: the next start looks again
+        warnings.warn(message, stacklevel=2)
     if not files:
         raise DataFolderError(f"--data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     classes = sorted(name for name, _ in folders if name and "/" not in name)
-    meta = {"root": str(root), "source": "walk", "walked_at": walked_at, "folders": [n for n, _ in folders],
-            "folder_times": [t for _, t in folders]}  # fmt: skip
-    return _write(key, files, _labels(files, classes), classes, meta)
+    meta = {"root": str(root), "source": "walk", "walked_at": walked_at, "complete": not passed_over}
+    extra = {"folders.json": {"folders": [n for n, _ in folders], "folder_times": [t for _, t in folders]}}
+    return _write(key, files, _labels(files, classes), classes, meta, extra)
 
 
 def _list_entries(path: Path) -> Iterator[Tuple[int, str, Optional[str]]]:
@@ -322,6 +350,8 @@ class FileIndex(Sequence[str]):
                 positions = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
             raise self._fail(f"unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+        if not all(isinstance(a, np.ndarray) for a in (self.offsets, self.labels, positions) if a is not None):
+            raise self._fail("unreadable (an array file that is not one array)")
         shapes = (
             self.offsets.dtype == np.int64 and self.offsets.shape == (count + 1,) and self.labels.dtype == np.int32
             and self.labels.shape == (count,) and self.offsets[0] == 0 and self.offsets[-1] == size
@@ -354,9 +384,9 @@ class FileIndex(Sequence[str]):
         return digest.hexdigest()[:24] == self.subset_name
 
     def fingerprint(self) -> Tuple[int, int, str]:
-        """(count, names' size, a digest of the offsets and labels): equal for two builds of the same files."""
+        """(count, names' size, a digest of the offsets, labels and names): equal for two builds of the same files."""
         digest = hashlib.sha256()
-        for array in (self.offsets, self.labels):
+        for array in (self.offsets, self.labels, self.names):
             for start in range(0, len(array), CHECK_CHUNK):
                 digest.update(np.ascontiguousarray(array[start : start + CHECK_CHUNK]).tobytes())
         return self.count, int(self.offsets[-1]), digest.hexdigest()[:24]

@@ -141,16 +141,24 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         return folder_index(root, self.index_cache, reindex, fresh=fresh)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        files = self.file_index()  # prepare_data (rank 0 of the node) has built it
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:  # every node built its own: they must agree
-            mine = files.fingerprint()
-            same = trainer.strategy.broadcast(mine, src=0) == mine
-            if not trainer.strategy.reduce_boolean_decision(same, all=True):  # every rank stops, not one alone
-                raise DataFolderError(
-                    f"the ranks indexed different files under {self.root} (this one: {mine[0]}): the folder changed "
-                    "while the nodes listed it, or they see different folders; start again once it is complete, or "
-                    "give every node the same --data.index list"
+        if trainer is None or trainer.world_size == 1:
+            files = self.file_index()  # prepare_data has built it
+        else:  # every node's rank 0 built its own: every rank opens, then all agree or all stop together
+            files, problem = None, None
+            try:
+                files = self.file_index()
+            except DataFolderError as e:
+                problem = e
+            mine = files.fingerprint() if files is not None else None
+            theirs = trainer.strategy.broadcast(mine, src=0)  # every rank takes part, whatever it found
+            same = problem is None and theirs == mine
+            if not trainer.strategy.reduce_boolean_decision(same, all=True):
+                raise problem or DataFolderError(
+                    f"the ranks indexed different files under {self.root} (rank {trainer.global_rank} or another "
+                    "could not open its index, or found other files): the folder changed while the nodes listed it, "
+                    "or they see different folders; start again once it is complete, or give every node the same "
+                    "--data.index list"
                 )
         order = np.random.default_rng(0).permutation(len(files))  # fixed split, independent of the run seed
         n_val = int(round(len(files) * self.val_fraction))

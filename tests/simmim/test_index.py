@@ -4,6 +4,7 @@ changes, read from a list without a walk, refused when crafted, and no memory pe
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -129,6 +130,13 @@ def test_a_file_list_is_read_without_a_walk_with_its_classes_and_refused_when_it
         (lambda f: (f / "offsets.npy").write_bytes(b"\x93NUMPY garbage"), "unreadable"),
         (lambda f: (f / "names.bin").unlink(), "unreadable"),
         (lambda f: (f / "names.bin").write_bytes(b"/ab"), "leaves the tree"),
+        (
+            lambda f: (
+                np.savez(f / "labels.npy", np.zeros(3, np.int32)) or os.replace(f / "labels.npy.npz", f / "labels.npy")
+            ),
+            "not one array",
+        ),
+        (lambda f: os.remove(f / "meta.json") or os.mkfifo(f / "meta.json"), "not a readable index"),
     ],
     ids=[
         "not an index",
@@ -143,6 +151,8 @@ def test_a_file_list_is_read_without_a_walk_with_its_classes_and_refused_when_it
         "a garbage header",
         "no names",
         "an absolute path",
+        "a zip for an array",
+        "a FIFO for meta.json",
     ],  # fmt: skip
 )
 def test_a_crafted_cache_is_refused_in_one_line(tmp_path, crafted, message):
@@ -164,9 +174,12 @@ def test_a_split_or_a_worker_never_reads_other_files_than_the_run_opened(tmp_pat
     with pytest.raises(DataFolderError, match="not what its name says"):
         pickle.loads(pickle.dumps(split))
     state = pickle.dumps(index)
-    _edit_meta(index.folder, root="/etc")  # the build changed under a running job
-    with pytest.raises(DataFolderError, match="not the index the run opened"):
-        pickle.loads(state)
+    meta = (index.folder / "meta.json").read_text()
+    for change in ({"root": "/etc"}, {"count": 2}, {"build": "another"}):  # the build changed under a running job
+        _edit_meta(index.folder, **change)
+        with pytest.raises(DataFolderError, match="not the index the run opened|do not agree"):
+            pickle.loads(state)
+        (index.folder / "meta.json").write_text(meta)
 
 
 def _edit_meta(folder, **changes):
@@ -250,3 +263,82 @@ def test_pretraining_reads_its_folder_or_a_list_through_the_index(tmp_path, digi
     assert list(dm.train_files) == [os.path.join(digits32, "0/0000.png"), os.path.join(digits32, "7/0003.png")]
     with pytest.raises(ConfigError, match="needs --data.root"):
         PretrainDataModule(None, index=str(listed))
+
+
+def test_a_crafted_current_pointer_or_folder_list_means_a_new_walk_not_a_hang(tmp_path):
+    root = tmp_path / "tree"
+    image_folder(root / "a", ["1.png"], 8)
+    first = folder_index(root, tmp_path / "cache")
+    key = first.folder.parent
+    for crafted in (lambda p: p.write_bytes(b"\\xff\\xff"), lambda p: os.remove(p) or os.mkfifo(p),
+                    lambda p: p.write_text("../../etc")):  # fmt: skip
+        crafted(key / "current")
+        again = folder_index(root, tmp_path / "cache")  # walked and written anew
+        assert again.folder != first.folder and list(again) == list(first)
+        first = again
+    os.remove(first.folder / "folders.json")
+    os.mkfifo(first.folder / "folders.json")
+    assert folder_index(root, tmp_path / "cache").folder != first.folder
+
+
+def test_what_the_walk_passed_over_is_looked_for_again_at_the_next_start(tmp_path, monkeypatch):
+    """A folder that could not be listed (permissions, a flaky network filesystem) keeps its parent's recorded
+    time when it becomes readable: an index that passed something over is never reused."""
+    import simmim.data.index as index_module
+
+    monkeypatch.setattr(index_module, "RACY_NS", 0)
+    root = tmp_path / "tree"
+    image_folder(root / "a", ["1.png"], 8)
+    image_folder(root / "b", ["2.png"], 8)
+    real_scandir = os.scandir
+
+    def refuse_b(path):
+        if str(path).endswith("/b"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(index_module.os, "scandir", refuse_b)
+    with pytest.warns(UserWarning, match="skipping the folder .*/b: Permission denied"):
+        assert [os.path.basename(p) for p in folder_index(root, tmp_path / "cache")] == ["1.png"]
+    monkeypatch.setattr(index_module.os, "scandir", real_scandir)
+    assert [os.path.basename(p) for p in folder_index(root, tmp_path / "cache")] == ["1.png", "2.png"]
+
+
+def test_a_list_is_recognised_by_its_content_and_setup_keeps_the_build_prepare_data_made(tmp_path, digits32):
+    from simmim.pretrain.data import PretrainDataModule
+
+    (tmp_path / "data").mkdir()
+    listed = tmp_path / "files.txt"
+    listed.write_text("a/1.png\n")
+    stamp = listed.stat()
+    assert list(index_from_list(tmp_path / "data", listed, tmp_path / "cache"))[0].endswith("a/1.png")
+    listed.write_text("b/1.png\n")  # the same size, and the same time put back
+    os.utime(listed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert list(index_from_list(tmp_path / "data", listed, tmp_path / "cache"))[0].endswith("b/1.png")
+    root = tmp_path / "tree"
+    shutil.copytree(digits32, root)
+    dm = PretrainDataModule(str(root), img_size=32, mask_patch_size=8, index_cache=str(tmp_path / "cache"))
+    dm.prepare_data()
+    built = dm.file_index().folder
+    shutil.copy(root / "0" / "0000.png", root / "0" / "extra.png")  # the tree changes between prepare and setup
+    dm.setup("fit")
+    assert dm.train_files.folder == built  # the build prepare_data made, on every rank
+
+
+def test_same_length_names_give_different_fingerprints(tmp_path):
+    (tmp_path / "data").mkdir()
+    one, two = tmp_path / "one.txt", tmp_path / "two.txt"
+    one.write_text("c/0001.png\n")
+    two.write_text("c/0002.png\n")
+    a = index_from_list(tmp_path / "data", one, tmp_path / "cache")
+    b = index_from_list(tmp_path / "data", two, tmp_path / "cache")
+    assert a.fingerprint() != b.fingerprint()
+    assert a.fingerprint() == index_from_list(tmp_path / "data", one, tmp_path / "cache", reindex=True).fingerprint()
+
+
+def test_only_regular_files_are_decoded(tmp_path):
+    from simmim.data.images import UnreadableImageError, decode_image
+
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(UnreadableImageError, match="not a regular file"):
+        decode_image(tmp_path / "pipe.png")  # it would block for ever reading a FIFO
