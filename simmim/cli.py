@@ -259,9 +259,18 @@ class StageCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         """The claim takes the checkpoint the run resumes from (Lightning takes it up only after the callbacks'
-        `setup`); `export` and `bad_images` are the run's, for the summary and for tests."""
+        `setup`)."""
         self.claim.resume_from = self.setting("ckpt_path")
-        self.export, self.bad_images = self.setting("export"), self.setting("bad_images")
+
+    @property
+    def export(self) -> ExportWeights:
+        """The run's weight exports (`--export.*`)."""
+        return self.setting("export")
+
+    @property
+    def bad_images(self) -> BadImageLimit:
+        """The run's bad-image limit (`--bad_images.*`)."""
+        return self.setting("bad_images")
 
     def _checkpoint_callbacks(self) -> List[Tuple[str, ModelCheckpoint]]:
         """(where it was configured, callback) for every ModelCheckpoint of the run: its own, then the user's."""

@@ -213,8 +213,9 @@ class KNNMonitor(PeriodicMonitor):
         filler = per_rank - len(real)  # equal batch counts on every rank (sharded forwards): padded, label -1
         mine = real + [real[-1] if real else 0] * filler
         own_labels = [labels[i] for i in real] + [-1] * filler
-        images, norm = [files[i] for i in mine], (pl_module.mean, pl_module.std)  # as the module's training images
-        loader = eval_loader(images, own_labels, self.img_size, self.batch_size, self.num_workers, trainer, *norm)
+        norm = {"mean": pl_module.mean, "std": pl_module.std}  # the pretraining module's, as its training images
+        images = [files[i] for i in mine]
+        loader = eval_loader(images, own_labels, self.img_size, self.batch_size, self.num_workers, trainer, **norm)
         encoder = pl_module.encoder
         features, own = embed(encoder, loader, pl_module.device, trainer.precision_plugin)
         rows = torch.full((per_rank, encoder.num_features), float("nan"), device=pl_module.device)

@@ -27,18 +27,28 @@ class UnreadableImageError(ValueError):
     """A file that cannot be decoded as an image."""
 
 
+def folder_not_found(root: str | os.PathLike) -> DataFolderError:
+    """The error for a `--data.root` that is not a folder."""
+    return DataFolderError(f"--data.root {root}: image folder not found (set it to a folder of images)")
+
+
+def no_images(root: str | os.PathLike) -> DataFolderError:
+    """The error for a `--data.root` with no image below it."""
+    return DataFolderError(f"--data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+
+
 def list_images(root: str | os.PathLike) -> List[Path]:
     """All image files below `root`, recursively, sorted. A symbolic link that leads nowhere (a missing target, a
     loop) is skipped with a warning naming it. Raises a clear error for a missing or empty folder."""
     root = Path(root)
     if not root.is_dir():
-        raise DataFolderError(f"--data.root {root}: image folder not found (set it to a folder of images)")
+        raise folder_not_found(root)
     candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     files = [p for p in candidates if p.is_file()]
     for link in (p for p in candidates if p.is_symlink() and not p.is_file()):
         warnings.warn(f"skipping {link}: a symbolic link whose target is missing or loops back", stacklevel=2)
     if not files:
-        raise DataFolderError(f"--data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        raise no_images(root)
     return files
 
 
@@ -47,11 +57,11 @@ def require_images(root: str | os.PathLike) -> None:
     image (a start-up check on every rank; the full listing is the file index's, `simmim.data.index`)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataFolderError(f"--data.root {root}: image folder not found (set it to a folder of images)")
+        raise folder_not_found(root)
     for _, _, names in os.walk(root):
         if any(os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS for n in names):
             return
-    raise DataFolderError(f"--data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    raise no_images(root)
 
 
 _UINT8_TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB}

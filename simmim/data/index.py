@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from simmim.data.images import IMAGE_EXTENSIONS
+from simmim.data.images import IMAGE_EXTENSIONS, folder_not_found, no_images
 from simmim.errors import DataFolderError
 
 INDEX_VERSION = 1
@@ -213,7 +213,7 @@ def _current(key: Path) -> Optional[Tuple[Path, Dict]]:
 def _root_folder(root: str | os.PathLike) -> Path:
     root = Path(root).resolve()
     if not root.is_dir():
-        raise DataFolderError(f"--data.root {root}: image folder not found (set it to a folder of images)")
+        raise folder_not_found(root)
     return root
 
 
@@ -234,7 +234,7 @@ def folder_index(
     for message in passed_over:  # an index that passed something over is not reused: the next start looks again
         warnings.warn(message, stacklevel=2)
     if not files:
-        raise DataFolderError(f"--data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        raise no_images(root)
     classes = sorted(name for name, _ in folders if name and "/" not in name)
     meta = {"root": str(root), "source": "walk", "walked_at": walked_at, "complete": not passed_over}
     extra = {"folders.json": {"folders": [n for n, _ in folders], "folder_times": [t for _, t in folders]}}
@@ -276,7 +276,7 @@ def index_from_list(
         raise DataFolderError(f"--data.index {list_file}: file list not found")
     key = Path(cache or default_cache()) / _key(Path(f"{root}\0{list_file}"))
     current = None if reindex else _current(key)
-    signature = [str(list_file), _digest(list_file)]
+    signature = [str(list_file), _file_digest(list_file)]
     if current is not None and current[1].get("root") == str(root) and current[1].get("list") == signature:
         return FileIndex(current[0])
     files, names = [], []
@@ -300,13 +300,28 @@ def index_from_list(
     return _write(key, files, labels, classes, {"root": str(root), "source": "list", "list": signature})
 
 
-def _digest(path: Path) -> str:
+def _file_digest(path: Path) -> str:
     """The SHA-256 of a file's content (a list is recognised by what it says, not by its time)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _chunks(array: np.ndarray) -> Iterator[np.ndarray]:
+    """`array` a bounded piece at a time, contiguous (every check and digest of an index reads it this way, so a
+    process opening a large index makes no array-sized temporary)."""
+    for start in range(0, len(array), CHECK_CHUNK):
+        yield np.ascontiguousarray(array[start : start + CHECK_CHUNK])
+
+
+def _array_digest(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        for chunk in _chunks(array):
+            digest.update(chunk.tobytes())
+    return digest.hexdigest()[:24]
 
 
 def _inside(rel: str) -> bool:
@@ -375,21 +390,13 @@ class FileIndex(Sequence[str]):
 
     def _positions_agree(self, positions: np.ndarray) -> bool:
         """Within the index, and the content its name (a digest) says."""
-        digest = hashlib.sha256()
-        for start in range(0, len(positions), CHECK_CHUNK):
-            chunk = np.ascontiguousarray(positions[start : start + CHECK_CHUNK])
-            if len(chunk) and (chunk.min() < 0 or chunk.max() >= self.count):
-                return False
-            digest.update(chunk.tobytes())
-        return digest.hexdigest()[:24] == self.subset_name
+        if any(len(chunk) and (chunk.min() < 0 or chunk.max() >= self.count) for chunk in _chunks(positions)):
+            return False
+        return _array_digest(positions) == self.subset_name
 
     def fingerprint(self) -> Tuple[int, int, str]:
         """(count, names' size, a digest of the offsets, labels and names): equal for two builds of the same files."""
-        digest = hashlib.sha256()
-        for array in (self.offsets, self.labels, self.names):
-            for start in range(0, len(array), CHECK_CHUNK):
-                digest.update(np.ascontiguousarray(array[start : start + CHECK_CHUNK]).tobytes())
-        return self.count, int(self.offsets[-1]), digest.hexdigest()[:24]
+        return self.count, int(self.offsets[-1]), _array_digest(self.offsets, self.labels, self.names)
 
     def __getstate__(self) -> Dict:
         return {"folder": str(self.folder), "subset": self.subset_name, "root": self.root, "count": self.count,
@@ -426,20 +433,13 @@ class FileIndex(Sequence[str]):
     def label(self, i: int) -> int:
         return int(self.labels[self.position(i)])
 
-    def all_labels(self) -> np.ndarray:
-        """The labels of this view's files, as one array."""
-        return np.asarray(self.labels if self.positions is None else self.labels[self.positions])
-
     def subset(self, positions: np.ndarray) -> FileIndex:
         """A view of the files at `positions` (of this view), kept in the index folder as `subset-<digest>.npy`,
         named by its content: every rank and run that asks for the same subset shares one file."""
         whole = np.ascontiguousarray(positions, dtype=np.int64)
         if self.positions is not None:
             whole = np.ascontiguousarray(np.asarray(self.positions)[whole])
-        digest = hashlib.sha256()
-        for start in range(0, len(whole), CHECK_CHUNK):
-            digest.update(whole[start : start + CHECK_CHUNK].tobytes())
-        name = digest.hexdigest()[:24]
+        name = _array_digest(whole)
         path = self.folder / f"subset-{name}.npy"
         if not path.is_file():
             tmp = path.with_name(f"{path.stem}.{_unique()}.tmp.npy")
