@@ -9,9 +9,9 @@ What every run gets, and where it is declared:
   keeping `last.ckpt` in the run's own folder; `--checkpoint_every_n_steps`, `last.ckpt` every N optimizer steps
   (`StepCheckpoint`); `--bad_images.max_fraction`, the bad-image limit; `--export.files`, the weight files written
   at the end of fit; and the stage's own (`--grid.*`, `--best_checkpoint.*`).
-- Callbacks without a setting are LightningCLI's persistent callbacks (`trainer_defaults`, which its saved config
-  does not list): the claim on the checkpoint folders, the logged wait for data, and the stage's own (the
-  predictions CSV).
+- Callbacks without a setting are the default `--trainer.callbacks` list, so the saved `config.yaml` lists them
+  too: the claim on the checkpoint folders, the logged wait for data, and the stage's own (the predictions CSV). A
+  list given in a config or on the command line that leaves one out gets it back, first in the list.
 - `trainer.plugins` defaults to `SafeCheckpointIO`, which reads checkpoints without running code from them; a run
   whose checkpoints would be read by Lightning's own `TorchCheckpointIO` (which unpickles) is refused.
 - `--ckpt_path last` is the newest `last.ckpt` under the root, resolved when the arguments are parsed; the
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
+from jsonargparse import Namespace
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
@@ -46,6 +47,7 @@ from simmim.errors import ConfigError
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SAFE_IO = "simmim.checkpointing.exports.SafeCheckpointIO"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REQUIRED_CALLBACKS = (ClaimCheckpointFolders, DataWaitTimer)  # every run of either stage (`Stage.required` adds)
 
 # main(args) is how tests and the entry point drive the CLI; the warning about args beside sys.argv is noise.
 warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
@@ -67,7 +69,8 @@ class Stage:
         exports: The default `--export.files` (file name -> layout).
         options: Callbacks with settings, each an option group in the saved config: (key, class, defaults).
         links: `(source, target)` options linked after the groups are added (`parser.link_arguments`).
-        persistent: Callback classes without a setting that every run has (built with no arguments).
+        required: Callback classes without a setting that every run has (built with no arguments; the default
+            `--trainer.callbacks`).
         check: Called with the subcommand's parsed config before any class is built; it may fill values in or
             raise `ConfigError`.
     """
@@ -79,7 +82,7 @@ class Stage:
     exports: Dict[str, str]
     options: Tuple[Tuple[str, type, Dict[str, Any]], ...] = ()
     links: Tuple[Tuple[str, str], ...] = ()
-    persistent: Tuple[type, ...] = ()
+    required: Tuple[type, ...] = ()
     check: Optional[Callable[[Any], None]] = None
 
 
@@ -162,19 +165,17 @@ class StageCLI(LightningCLI):
             "parser_kwargs", {"parser_mode": "omegaconf+", "prog": stage.prog, "description": stage.description}
         )
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        self.claim = ClaimCheckpointFolders()
-        self.persistent = [self.claim, DataWaitTimer(), *(cls() for cls in stage.persistent)]
-        plugins = [{"class_path": SAFE_IO}]  # in the saved config
-        given = dict(kwargs.pop("trainer_defaults", None) or {})  # a caller's defaults add to these
-        callbacks = [*self.persistent, *_as_list(given.pop("callbacks", None))]
-        kwargs["trainer_defaults"] = {"plugins": plugins, **given, "callbacks": callbacks}
+        self.required = [f"{c.__module__}.{c.__qualname__}" for c in (*REQUIRED_CALLBACKS, *stage.required)]
+        kwargs.setdefault("trainer_defaults", {})
+        kwargs["trainer_defaults"] = {"plugins": [{"class_path": SAFE_IO}], **kwargs["trainer_defaults"]}
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
 
-    def persistent_callback(self, cls: type) -> Any:
-        """The run's persistent callback of class `cls` (`Stage.persistent`)."""
-        return next(c for c in self.persistent if isinstance(c, cls))
+    def callback(self, cls: type) -> Any:
+        """The run's callback of class `cls` (the first, where there are several)."""
+        return next(c for c in self.trainer.callbacks if isinstance(c, cls))
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"trainer.callbacks": [{"class_path": path} for path in self.required]})
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(StepCheckpoint, "step_checkpoint")
@@ -242,12 +243,13 @@ class StageCLI(LightningCLI):
         or stops calling it."""
 
     def before_instantiate_classes(self) -> None:
-        """The stage's check of the config (`Stage.check`); then a run resumed from
-        `<save_dir>/<name>/<version>/checkpoints/*.ckpt` logs and writes into that version folder again (the
-        logger's `version` is set to it), so one run keeps one folder across resumes."""
+        """The stage's check of the config (`Stage.check`), the callbacks every run has (`_require_callbacks`); then
+        a run resumed from `<save_dir>/<name>/<version>/checkpoints/*.ckpt` logs and writes into that version folder
+        again (the logger's `version` is set to it), so one run keeps one folder across resumes."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.stage.check is not None:
             self.stage.check(config)
+        self._require_callbacks(config.trainer)
         ckpt, logger = config.get("ckpt_path"), config.trainer.get("logger")
         init = logger.get("init_args") if hasattr(logger, "get") else None
         if self.subcommand != "fit" or not is_checkpoint(ckpt) or init is None:
@@ -257,10 +259,22 @@ class StageCLI(LightningCLI):
             if run.parent == (Path(init.save_dir) / (init.get("name") or "")).resolve():
                 init.version = run.name
 
+    def _require_callbacks(self, trainer) -> None:
+        """A `--trainer.callbacks` list (from a config or the command line) that leaves out a callback every run
+        has (`REQUIRED_CALLBACKS`, `Stage.required`) gets it back, first in the list, where it is listed in the
+        saved config as well."""
+        given = _as_list(trainer.get("callbacks"))
+        paths = {c.get("class_path") for c in given if hasattr(c, "get")}
+        missing = [Namespace(class_path=path) for path in self.required if path not in paths]
+        if missing:
+            trainer.callbacks = [*missing, *given]
+
     def after_instantiate_classes(self) -> None:
         """The claim takes the checkpoint the run resumes from (Lightning takes it up only after the callbacks'
         `setup`)."""
-        self.claim.resume_from = self.setting("ckpt_path")
+        for claim in _as_list(self.setting("trainer.callbacks")):
+            if isinstance(claim, ClaimCheckpointFolders):
+                claim.resume_from = self.setting("ckpt_path")
 
     @property
     def export(self) -> ExportWeights:

@@ -139,15 +139,13 @@ def claim_folder(folder: Path, resuming_here: bool) -> Optional[str]:
 class ClaimCheckpointFolders(pl.Callback):
     """Before anything is written (the first `setup` hook, ahead of the saved config and the checkpoint callbacks'
     own setup), rank zero claims every checkpoint callback's folder (`claim_folder`) and all ranks stop together
-    with the reason when it cannot; the claim is released when fit ends, normally or not.
-
-    Args:
-        resume_from: The checkpoint the run resumes from (`--ckpt_path`; Lightning has not taken it up yet when
-            `setup` runs).
+    with the reason when it cannot; the claim is released when fit ends, normally or not. A setting-free callback
+    (the command line lists it in `--trainer.callbacks`); `resume_from`, the checkpoint the run resumes from, is set
+    by the command line from `--ckpt_path`, which Lightning has not taken up yet when `setup` runs.
     """
 
-    def __init__(self, resume_from: Optional[str] = None) -> None:
-        self.resume_from = resume_from
+    def __init__(self) -> None:
+        self.resume_from: Optional[str] = None
         self.claimed: List[Path] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -62,7 +62,7 @@ FINETUNE = Stage(
         ("model.std", "data.std"),
         ("checkpoint.dirpath", "best_checkpoint.dirpath"),
     ),
-    persistent=(PredictionCSV,),
+    required=(PredictionCSV,),
     check=num_classes_from_data,
 )
 
@@ -91,7 +91,7 @@ def main(args: Optional[List[str]] = None) -> StageCLI:
     if cli.subcommand == "validate":
         print(f"val/acc1: {cli.trainer.callback_metrics['val/acc1'].item():.2f}")
     elif cli.subcommand == "predict":
-        print(f"predictions: {cli.persistent_callback(PredictionCSV).path}")
+        print(f"predictions: {cli.callback(PredictionCSV).path}")
     elif cli.subcommand == "fit" and cli.trainer.is_global_zero:
         print(f"\ncheckpoints: {cli.trainer.checkpoint_callback.dirpath}; exports: {cli.export.paths}")
         if "val/acc1" in cli.trainer.callback_metrics:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import image_folder, run_ddp_on_cpu
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
@@ -82,7 +83,7 @@ def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits32, pret
     pred = main(["predict", *_args(tmp_path, digits32, "--model.window_size", "8", "--ckpt_path", last)])
     from simmim.finetune.callbacks import PredictionCSV
 
-    with open(pred.persistent_callback(PredictionCSV).path) as f:
+    with open(pred.callback(PredictionCSV).path) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(pred.datamodule.val_files) and rows[0]["pred"] in [str(d) for d in range(10)]
 
@@ -209,8 +210,12 @@ def test_ddp_predict_writes_every_file_once_in_order(tmp_path, digits32):
     assert rows[3]["pred"] == "" and all(r["pred"] in [str(d) for d in range(10)] for r in rows if r is not rows[3])
 
 
-def test_every_finetune_config_parses(tmp_path):
+def test_every_finetune_config_parses(tmp_path, capsys):
+    """Every recipe parses, and its config lists the callbacks every fine-tuning run has."""
+    required = ["ClaimCheckpointFolders", "DataWaitTimer", "PredictionCSV"]
     for config in sorted((Path(__file__).parents[3] / "configs" / "finetune").glob("*.yaml")):
         with pytest.raises(SystemExit) as done:
             main(["fit", "--config", str(config), "--model.pretrained", "null", "--print_config"])
         assert done.value.code == 0, config
+        callbacks = OmegaConf.create(capsys.readouterr().out).trainer.callbacks
+        assert [c.class_path.rsplit(".", 1)[1] for c in callbacks] == required, config

@@ -240,19 +240,31 @@ def test_ddp_ranks_pool_what_they_found_and_stop_together(tmp_path):
     assert out.stderr.count("2 of the 16 training images could not be decoded") >= 1, out.stderr[-2000:]
 
 
-def test_configured_callbacks_join_the_stages_own(tmp_path, digits):
+def test_configured_callbacks_join_the_stages_own_and_the_saved_config_lists_every_one(tmp_path, digits):
     """A callback named on the command line (or in a config) reaches the trainer beside the stage's callbacks, and
-    checkpoints are still read through the safe reader."""
+    checkpoints are still read through the safe reader. The callbacks without a setting are the default
+    `--trainer.callbacks`: the saved config.yaml lists them, a list that replaces the default gets them back, and a
+    run from the saved config has each once."""
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from simmim.checkpointing.exports import ExportWeights, SafeCheckpointIO
-    from simmim.data.watch import BadImageLimit
+    from simmim.checkpointing.runs import ClaimCheckpointFolders
+    from simmim.data.watch import BadImageLimit, DataWaitTimer
 
-    args = ["--data.root", digits, "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_val_batches", "1"]
-    cli = main(["validate", *args, "--trainer.callbacks+=pytorch_lightning.callbacks.LearningRateMonitor", *FAST])
-    kinds = {type(c) for c in cli.trainer.callbacks}
-    assert {LearningRateMonitor, ModelCheckpoint, BadImageLimit, ExportWeights} <= kinds
-    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
+    lr_monitor = "pytorch_lightning.callbacks.LearningRateMonitor"
+    required = ["simmim.checkpointing.runs.ClaimCheckpointFolders", "simmim.data.watch.DataWaitTimer"]
+    for i, how in enumerate([f"--trainer.callbacks+={lr_monitor}", f"--trainer.callbacks=[{lr_monitor}]"]):
+        root = tmp_path / str(i)
+        args = ["--data.root", digits, "--trainer.default_root_dir", str(root), "--trainer.limit_val_batches", "1"]
+        cli = main(["validate", *args, how, *FAST])
+        kinds = [type(c) for c in cli.trainer.callbacks]
+        assert {LearningRateMonitor, ModelCheckpoint, BadImageLimit, ExportWeights} <= set(kinds)
+        assert kinds.count(ClaimCheckpointFolders) == kinds.count(DataWaitTimer) == 1
+        assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
+        saved = next(root.rglob("config.yaml"))
+        assert [c["class_path"] for c in OmegaConf.load(saved).trainer.callbacks] == [*required, lr_monitor]
+        again = main(["validate", "--config", str(saved), "--trainer.default_root_dir", str(tmp_path / "again")])
+        assert [type(c) for c in again.trainer.callbacks] == kinds
 
 
 def test_the_runs_checkpoints_and_grids_are_options_in_the_saved_config(tmp_path, digits):
