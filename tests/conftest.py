@@ -1,9 +1,11 @@
-"""Shared test helpers: tiny SwinV2 configurations and weight randomisation."""
+"""Shared test helpers: tiny SwinV2 configurations, weight randomisation, and what is made once per session and
+shared read-only (the built-in digits at 64 and 32 px, a tiny pretraining run with its export)."""
 
 import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise calls the network at import
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="simmim-test-cache-")  # file indexes: not the user's cache
@@ -54,6 +56,38 @@ def digits32(tmp_path_factory) -> str:
     from simmim.data.builtin import prepare_digits
 
     return str(prepare_digits(tmp_path_factory.mktemp("digits32"), size=32))
+
+
+RUN_MEAN, RUN_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # the shared run's normalisation (not ImageNet's)
+
+
+@pytest.fixture(scope="session")
+def pretraining_run(digits32, tmp_path_factory):
+    """A tiny pretraining run through the command line, made once per session and shared (read-only: tests that
+    resume, claim or attack a run folder make their own): TINY's encoder at 32 px, window 4, mask ratio 0.5 of 8 px
+    patches, the run's own mean and std (`RUN_MEAN`, `RUN_STD`), 3 steps. Its fields: `cli` (the finished
+    `StageCLI`), `folder` (the version folder: `config.yaml`, `encoder.safetensors`, `checkpoints/last.ckpt`),
+    `checkpoint` and `export`."""
+    from types import SimpleNamespace
+
+    from simmim.pretrain import main
+
+    root = tmp_path_factory.mktemp("pretraining_run")
+    encoder = {
+        k: list(TINY[k]) if isinstance(TINY[k], tuple) else TINY[k] for k in ("embed_dim", "depths", "num_heads")
+    }
+    cli = main(
+        [
+            "--data.root", digits32, "--data.img_size", "32", "--data.mask_patch_size", "8", "--data.mask_ratio", "0.5",
+            "--data.batch_size", "16", "--data.num_workers", "0", "--model.encoder_kwargs", str(encoder),
+            "--model.window_size", "4", "--model.mean", str(list(RUN_MEAN)), "--model.std", str(list(RUN_STD)),
+            "--model.knn_every_n_epochs", "0", "--model.finetune_every_n_epochs", "0", "--trainer.max_steps", "3",
+            "--trainer.limit_val_batches", "1", "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(root),
+        ]
+    )  # fmt: skip
+    checkpoint = Path(cli.trainer.checkpoint_callback.last_model_path)
+    return SimpleNamespace(cli=cli, folder=checkpoint.parent.parent, checkpoint=checkpoint, export=cli.export.path)
 
 
 def image_folder(folder, names, size: int, broken=()):

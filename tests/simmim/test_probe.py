@@ -23,8 +23,9 @@ def _classes(root, colour_coded: bool, per_class: int = 12):
 
 
 @pytest.fixture(scope="module")
-def encoder_file(tmp_path_factory):
-    return swinv2.save_weights(tmp_path_factory.mktemp("enc") / "encoder.safetensors", swinv2.SwinTransformerV2(**TINY))
+def encoder_file(pretraining_run):
+    """The session's pretraining export (32 px, window 4, two stages)."""
+    return str(pretraining_run.export)
 
 
 def test_separable_classes_are_separated_at_every_stage(tmp_path, encoder_file, capsys):

@@ -23,10 +23,9 @@ SMALL = ["--model.arch", "swinv2_tiny", "--model.encoder_kwargs", "{embed_dim: 2
 
 
 @pytest.fixture(scope="module")
-def pretrained_w4(tmp_path_factory):
-    """A 'pretraining' export at 32 px, window 4, with the architecture record our exporter writes."""
-    enc = swinv2.create_model("swinv2_tiny", img_size=32, window_size=4, num_classes=0, mask_token=True, **ENC)
-    return swinv2.save_weights(tmp_path_factory.mktemp("pre") / "encoder.safetensors", enc)
+def pretrained_w4(pretraining_run):
+    """The session's pretraining export: 32 px, window 4, ENC's encoder, with the architecture record it writes."""
+    return str(pretraining_run.export)
 
 
 def _args(tmp_path, digits32, *extra):

@@ -2,29 +2,19 @@
 
 import pytest
 import torch
-from conftest import image_folder
+from conftest import RUN_MEAN, RUN_STD, image_folder
 
-import swinv2
-from simmim.pretrain.module import SimMIMPretrainer
 from simmim.reconstruct import main
 
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # the run's own normalisation, not ImageNet's
+MEAN, STD = RUN_MEAN, RUN_STD  # the run's own normalisation, not ImageNet's
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run folder as pretraining leaves it: checkpoints/last.ckpt and config.yaml with the data settings."""
-    folder = tmp_path_factory.mktemp("run")
-    module = SimMIMPretrainer(
-        "swinv2_tiny", img_size=32, window_size=4, norm_target_patch_size=None, mean=MEAN, std=STD,
-        encoder_kwargs={"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]},
-    )  # fmt: skip
-    (folder / "checkpoints").mkdir()
-    hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in module.hparams.items()}
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hp}, folder / "checkpoints" / "last.ckpt")
-    (folder / "config.yaml").write_text("data:\n  img_size: 32\n  mask_patch_size: 8\n  mask_ratio: 0.5\n")
-    swinv2.save_weights(folder / "encoder.safetensors", module.encoder)
-    return folder
+def run(pretraining_run):
+    """The session's pretraining run folder: checkpoints/last.ckpt, encoder.safetensors and config.yaml with the
+    data settings (mask ratio 0.5, not the default 0.6)."""
+    assert (pretraining_run.folder / "encoder.safetensors").is_file()
+    return pretraining_run.folder
 
 
 def test_a_grid_of_every_image_in_four_columns(run, tmp_path, monkeypatch):
