@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,17 @@ def precision_for_this_cpu(precision, accelerator) -> str:
     return "32-true"
 
 
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _class_named(path: Any) -> Optional[type]:
+    """The class a parsed `class_path` names (the parser has imported it already); None for anything else."""
+    module, _, name = str(path).rpartition(".")
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
+
+
 def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -165,9 +177,8 @@ class StageCLI(LightningCLI):
             "parser_kwargs", {"parser_mode": "omegaconf+", "prog": stage.prog, "description": stage.description}
         )
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        self.required = [f"{c.__module__}.{c.__qualname__}" for c in (*REQUIRED_CALLBACKS, *stage.required)]
-        kwargs.setdefault("trainer_defaults", {})
-        kwargs["trainer_defaults"] = {"plugins": [{"class_path": SAFE_IO}], **kwargs["trainer_defaults"]}
+        self.required = (*REQUIRED_CALLBACKS, *stage.required)
+        kwargs["trainer_defaults"] = {"plugins": [{"class_path": SAFE_IO}], **(kwargs.get("trainer_defaults") or {})}
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
 
     def callback(self, cls: type) -> Any:
@@ -175,7 +186,7 @@ class StageCLI(LightningCLI):
         return next(c for c in self.trainer.callbacks if isinstance(c, cls))
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"trainer.callbacks": [{"class_path": path} for path in self.required]})
+        parser.set_defaults({"trainer.callbacks": [{"class_path": _class_path(c)} for c in self.required]})
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(StepCheckpoint, "step_checkpoint")
@@ -261,18 +272,18 @@ class StageCLI(LightningCLI):
 
     def _require_callbacks(self, trainer) -> None:
         """A `--trainer.callbacks` list (from a config or the command line) that leaves out a callback every run
-        has (`REQUIRED_CALLBACKS`, `Stage.required`) gets it back, first in the list, where it is listed in the
-        saved config as well."""
+        has (`REQUIRED_CALLBACKS`, `Stage.required`; a subclass of one counts as it) gets it back, first in the list,
+        where it is listed in the saved config as well."""
         given = _as_list(trainer.get("callbacks"))
-        paths = {c.get("class_path") for c in given if hasattr(c, "get")}
-        missing = [Namespace(class_path=path) for path in self.required if path not in paths]
+        classes = [_class_named(c.get("class_path")) for c in given if hasattr(c, "get")]
+        missing = [cls for cls in self.required if not any(issubclass(c, cls) for c in classes if c is not None)]
         if missing:
-            trainer.callbacks = [*missing, *given]
+            trainer.callbacks = [*(Namespace(class_path=_class_path(cls)) for cls in missing), *given]
 
     def after_instantiate_classes(self) -> None:
         """The claim takes the checkpoint the run resumes from (Lightning takes it up only after the callbacks'
         `setup`)."""
-        for claim in _as_list(self.setting("trainer.callbacks")):
+        for claim in self.trainer.callbacks:
             if isinstance(claim, ClaimCheckpointFolders):
                 claim.resume_from = self.setting("ckpt_path")
 

@@ -137,11 +137,12 @@ def claim_folder(folder: Path, resuming_here: bool) -> Optional[str]:
 
 
 class ClaimCheckpointFolders(pl.Callback):
-    """Before anything is written (the first `setup` hook, ahead of the saved config and the checkpoint callbacks'
-    own setup), rank zero claims every checkpoint callback's folder (`claim_folder`) and all ranks stop together
-    with the reason when it cannot; the claim is released when fit ends, normally or not. A setting-free callback
-    (the command line lists it in `--trainer.callbacks`); `resume_from`, the checkpoint the run resumes from, is set
-    by the command line from `--ckpt_path`, which Lightning has not taken up yet when `setup` runs.
+    """Before the run writes its config.yaml or a checkpoint (in the callbacks' `setup`, ahead of the config saver
+    and the checkpoint callbacks; Lightning has made the loggers' folders by then), rank zero claims every checkpoint
+    callback's folder (`claim_folder`) and all ranks stop together with the reason when it cannot; the claim is
+    released when fit ends, normally or not. A setting-free callback (the command line lists it in
+    `--trainer.callbacks`); `resume_from`, the checkpoint the run resumes from, is set by the command line from
+    `--ckpt_path`, which Lightning has not taken up yet when `setup` runs.
     """
 
     def __init__(self) -> None:

@@ -98,7 +98,10 @@ def test_every_long_recipe_parses_and_checkpoints_every_500_steps(recipe, capsys
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(CONFIGS / recipe), *extra, "--print_config"])
     assert done.value.code in (0, None)
-    assert OmegaConf.create(capsys.readouterr().out).checkpoint_every_n_steps == 500
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert printed.checkpoint_every_n_steps == 500
+    required = ["ClaimCheckpointFolders", "DataWaitTimer", *(["PredictionCSV"] if stage == "finetune" else [])]
+    assert [c.class_path.rsplit(".", 1)[1] for c in printed.trainer.callbacks] == required  # the default list
 
 
 @pytest.mark.parametrize("native", [False, True])

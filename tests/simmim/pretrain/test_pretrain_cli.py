@@ -253,16 +253,19 @@ def test_configured_callbacks_join_the_stages_own_and_the_saved_config_lists_eve
 
     lr_monitor = "pytorch_lightning.callbacks.LearningRateMonitor"
     required = ["simmim.checkpointing.runs.ClaimCheckpointFolders", "simmim.data.watch.DataWaitTimer"]
-    for i, how in enumerate([f"--trainer.callbacks+={lr_monitor}", f"--trainer.callbacks=[{lr_monitor}]"]):
+    for i, how in enumerate([[], [f"--trainer.callbacks+={lr_monitor}"], [f"--trainer.callbacks=[{lr_monitor}]"]]):
         root = tmp_path / str(i)
         args = ["--data.root", digits, "--trainer.default_root_dir", str(root), "--trainer.limit_val_batches", "1"]
-        cli = main(["validate", *args, how, *FAST])
+        cli = main(["validate", *args, *how, *FAST])
         kinds = [type(c) for c in cli.trainer.callbacks]
-        assert {LearningRateMonitor, ModelCheckpoint, BadImageLimit, ExportWeights} <= set(kinds)
+        assert {ModelCheckpoint, BadImageLimit, ExportWeights} <= set(kinds) and (LearningRateMonitor in kinds) == bool(
+            how
+        )
         assert kinds.count(ClaimCheckpointFolders) == kinds.count(DataWaitTimer) == 1
         assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
         saved = next(root.rglob("config.yaml"))
-        assert [c["class_path"] for c in OmegaConf.load(saved).trainer.callbacks] == [*required, lr_monitor]
+        listed = [c["class_path"] for c in OmegaConf.load(saved).trainer.callbacks]
+        assert listed == [*required, *([lr_monitor] if how else [])]
         again = main(["validate", "--config", str(saved), "--trainer.default_root_dir", str(tmp_path / "again")])
         assert [type(c) for c in again.trainer.callbacks] == kinds
 
