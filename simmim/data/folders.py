@@ -3,15 +3,17 @@ and the dataset of (image, label) samples with a seeded transform."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT
-from simmim.data.images import list_images, read_sample_image
+from simmim.data.images import read_sample_image
+from simmim.data.index import FileIndex, Labels, folder_index
 from simmim.errors import DataFolderError
 from simmim.seeding import SampleKey, sample_seed, seeded_globals
 
@@ -19,33 +21,60 @@ DIGIT_CLASSES = [str(d) for d in range(10)]  # the built-in digits' class folder
 
 
 def class_folders(root: Path, option: str = "--data.root") -> List[str]:
-    """The sorted class-folder names of an ImageFolder tree `root/<class>/...` (errors name `option`)."""
+    """The sorted class-folder names of an ImageFolder tree `root/<class>/...` (errors name `option`). A class
+    folder behind a symbolic link is passed over with a warning, as the file index passes it over (it could lead
+    anywhere)."""
     if not root.is_dir():
         raise DataFolderError(f"{option}: image folder not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = []
+    for d in sorted(root.iterdir()):
+        if d.is_symlink() and d.is_dir():
+            warnings.warn(
+                f"{option}: skipping the class folder {d}: a symbolic link, which is not followed", stacklevel=2
+            )
+        elif d.is_dir():
+            classes.append(d.name)
     if not classes:
         raise DataFolderError(f"{option}: no class folders under {root}: expected <root>/<class_name>/<images>")
     return classes
 
 
-def class_names(root: Optional[str]) -> List[str]:
+def _split_folders(root: Path) -> bool:
+    """Whether `root` has train/ and val/ folders (each then holds the class folders)."""
+    return (root / "train").is_dir() and (root / "val").is_dir()
+
+
+def _same_classes(root: Path, train: List[str], val: List[str], option: str) -> None:
+    if val != train:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise DataFolderError(
+            f"{option}: class folders differ between {root / 'train'} and {root / 'val'}: "
+            f"only in train {only_train}, only in val {only_val}. Both splits need the same class folders."
+        )
+
+
+def class_names(root: Optional[str], option: str = "--data.root") -> List[str]:
     """The classes a `ClassificationDataModule(root=root)` will have, from the folder names alone (no image is
-    listed or read): `root/train/<class>` when `root` has train/ and val/, else `root/<class>`; the digits for None."""
+    listed or read): `root/train/<class>` when `root` has train/ and val/ (whose class folders must be the same),
+    else `root/<class>`; the digits for None."""
     if root is None:
         return DIGIT_CLASSES
     root = Path(root)
-    return class_folders(root / "train" if (root / "train").is_dir() and (root / "val").is_dir() else root)
+    if not _split_folders(root):
+        return class_folders(root, option)
+    train = class_folders(root / "train", option)
+    _same_classes(root, train, class_folders(root / "val", option), option)
+    return train
 
 
-def image_folder(root: Path, option: str = "--data.root") -> Tuple[List[Path], List[int], List[str]]:
-    """ImageFolder layout `root/<class>/**/<image>`: files, labels, sorted class names."""
-    classes = class_folders(root, option)
-    files, labels = [], []
-    for idx, name in enumerate(classes):
-        class_files = list_images(root / name)
-        files += class_files
-        labels += [idx] * len(class_files)
-    return files, labels, classes
+def _labelled(index: FileIndex, folder: Path, option: str) -> FileIndex:
+    """The files of `index` that are in a class folder (a file directly in `folder` has no class and is left out)."""
+    if not index.classes:
+        raise DataFolderError(f"{option}: no class folders under {folder}: expected <root>/<class_name>/<images>")
+    labelled = index.labelled()
+    if not len(labelled):
+        raise DataFolderError(f"{option}: no images in the class folders under {folder}")
+    return labelled
 
 
 class LabelledImageDataset(Dataset):
@@ -89,42 +118,41 @@ def stratified_pick(labels: List[int], num_classes: int, fraction: float, seed: 
 
 
 class LabelledSplit(NamedTuple):
-    """A labelled folder's fixed split: files and class indices of both sides, and the class names."""
+    """A labelled folder's fixed split: the files of both sides (file-index views) with their classes (`Labels`
+    views of the same), and the class names."""
 
-    train_files: List[Path]
-    train_labels: List[int]
-    val_files: List[Path]
-    val_labels: List[int]
+    train_files: FileIndex
+    train_labels: Labels
+    val_files: FileIndex
+    val_labels: Labels
     classes: List[str]
 
 
 def labelled_split(
-    root: Optional[str], val_fraction: float, label_fraction: float = 1.0, option: str = "--data.root"
+    root: Optional[str],
+    val_fraction: float,
+    label_fraction: float = 1.0,
+    option: str = "--data.root",
+    index_of: Optional[Callable[[Path], FileIndex]] = None,
 ) -> LabelledSplit:
-    """The `LabelledSplit` of `root`: `root/train/<class>` and
-    `root/val/<class>` when both exist, else `root/<class>` split by `val_fraction` (stratified, the same draw every
-    time); None: the built-in digits. `label_fraction` < 1 keeps that fraction of each class's training labels.
+    """The `LabelledSplit` of `root`: `root/train/<class>` and `root/val/<class>` when both exist, else
+    `root/<class>` split by `val_fraction` (stratified, the same draw every time); None: the built-in digits.
+    `label_fraction` < 1 keeps that fraction of each class's training labels. The folders are read through their
+    file indexes (`index_of(folder)`; default: `folder_index`, the cached index while the folder is unchanged).
     Errors name `option`, the setting that gave `root`."""
+    index_of = index_of or folder_index
     root = Path(root) if root is not None else DEFAULT_DIGITS_ROOT
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        tf, tl, classes = image_folder(root / "train", option)
-        vf, vl, val_classes = image_folder(root / "val", option)
-        if val_classes != classes:
-            only_train = sorted(set(classes) - set(val_classes))
-            only_val = sorted(set(val_classes) - set(classes))
-            raise DataFolderError(
-                f"{option}: class folders differ between {root / 'train'} and {root / 'val'}: "
-                f"only in train {only_train}, only in val {only_val}. Both splits need the same class folders."
-            )
+    if _split_folders(root):
+        train = _labelled(index_of(root / "train"), root / "train", option)
+        val = _labelled(index_of(root / "val"), root / "val", option)
+        classes = train.classes
+        _same_classes(root, classes, val.classes, option)
     else:
-        files, labels, classes = image_folder(root, option)
-        is_val = stratified_pick(labels, len(classes), val_fraction, seed=0, at_least_one=False)
-        tf = [f for f, v in zip(files, is_val) if not v]
-        tl = [lab for lab, v in zip(labels, is_val) if not v]
-        vf = [f for f, v in zip(files, is_val) if v]
-        vl = [lab for lab, v in zip(labels, is_val) if v]
+        whole = _labelled(index_of(root), root, option)
+        classes = whole.classes
+        is_val = stratified_pick(whole.label_array(), len(classes), val_fraction, seed=0, at_least_one=False)
+        train, val = whole.subset(np.flatnonzero(~is_val)), whole.subset(np.flatnonzero(is_val))
     if label_fraction < 1.0:
-        keep = stratified_pick(tl, len(classes), label_fraction, seed=1, at_least_one=True)
-        tf = [f for f, k in zip(tf, keep) if k]
-        tl = [lab for lab, k in zip(tl, keep) if k]
-    return LabelledSplit(tf, tl, vf, vl, classes)
+        keep = stratified_pick(train.label_array(), len(classes), label_fraction, seed=1, at_least_one=True)
+        train = train.subset(np.flatnonzero(keep))
+    return LabelledSplit(train, Labels(train), val, Labels(val), classes)

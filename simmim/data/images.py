@@ -38,8 +38,10 @@ def no_images(root: str | os.PathLike) -> DataFolderError:
 
 
 def list_images(root: str | os.PathLike) -> List[Path]:
-    """All image files below `root`, recursively, sorted. A symbolic link that leads nowhere (a missing target, a
-    loop) is skipped with a warning naming it. Raises a clear error for a missing or empty folder."""
+    """All image files below `root`, recursively, sorted, as a Python list: the plain listing that the file index
+    (`simmim.data.index`, which every command reads through) is measured and tested against. A symbolic link that
+    leads nowhere (a missing target, a loop) is skipped with a warning naming it. Raises a clear error for a missing
+    or empty folder."""
     root = Path(root)
     if not root.is_dir():
         raise folder_not_found(root)

@@ -25,7 +25,7 @@ import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -143,7 +143,7 @@ def _write(
     except OSError as e:
         raise DataFolderError(
             f"cannot write the file index under {key}: {e.strerror or e}; give a writable folder with "
-            "--data.index_cache"
+            "--data.index_cache (the training commands) or the XDG_CACHE_HOME variable (every command)"
         ) from None
     return FileIndex(key / build)
 
@@ -433,6 +433,15 @@ class FileIndex(Sequence[str]):
     def label(self, i: int) -> int:
         return int(self.labels[self.position(i)])
 
+    def label_array(self) -> np.ndarray:
+        """The classes of this view's files, in order, as one array (a temporary: 4 bytes a file)."""
+        return np.asarray(self.labels if self.positions is None else self.labels[np.asarray(self.positions)])
+
+    def labelled(self) -> FileIndex:
+        """The view of the files that have a class (those in a class folder, or given one by a list)."""
+        labels = self.label_array()
+        return self if bool(np.all(labels >= 0)) else self.subset(np.flatnonzero(labels >= 0))
+
     def subset(self, positions: np.ndarray) -> FileIndex:
         """A view of the files at `positions` (of this view), kept in the index folder as `subset-<digest>.npy`,
         named by its content: every rank and run that asks for the same subset shares one file."""
@@ -449,3 +458,44 @@ class FileIndex(Sequence[str]):
             except OSError as e:
                 raise self._fail(f"cannot write a split: {e.strerror or e}") from None
         return FileIndex(self.folder, name)
+
+
+class Labels(Sequence[int]):
+    """The classes of a `FileIndex` view's files, in its order, read from the mapped labels (nothing per file in
+    Python, and nothing a forked worker copies): what a labelled dataset indexes beside its files."""
+
+    def __init__(self, files: FileIndex) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.files.label(int(i))
+
+
+def agreed_index(trainer: Any, open_index: Callable[[], FileIndex], root: Any) -> FileIndex:
+    """`open_index()` on every rank of `trainer` (duck-typed: `world_size`, `global_rank`, `strategy`), which must
+    find the same files: every node's rank 0 built its own index in `prepare_data`, so a tree that changed while the
+    nodes walked it, or nodes that see different trees, would otherwise train on different files. Ranks that
+    disagree, or one that cannot open its index, stop every rank together with the reason."""
+    if trainer is None or trainer.world_size == 1:
+        return open_index()
+    files, problem = None, None
+    try:
+        files = open_index()
+    except DataFolderError as e:
+        problem = e
+    mine = files.fingerprint() if files is not None else None
+    theirs = trainer.strategy.broadcast(mine, src=0)  # every rank takes part, whatever it found
+    same = problem is None and theirs == mine
+    if not trainer.strategy.reduce_boolean_decision(same, all=True):
+        raise problem or DataFolderError(
+            f"the ranks indexed different files under {root} (rank {trainer.global_rank} or another could not open "
+            "its index, or found other files): the folder changed while the nodes listed it, or they see different "
+            "folders; start again once it is complete, or give every node the same --data.index list"
+        )
+    assert files is not None
+    return files

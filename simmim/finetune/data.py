@@ -10,10 +10,11 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
-from simmim.data.folders import LabelledImageDataset, labelled_split
-from simmim.data.images import list_images
+from simmim.data.folders import LabelledImageDataset, class_names, labelled_split
+from simmim.data.images import require_images
+from simmim.data.index import FileIndex, agreed_index, folder_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
-from simmim.errors import check_loader, require
+from simmim.errors import DataFolderError, check_loader, require
 from simmim.finetune.augment import RECIPES, classification_transform
 from simmim.seeding import SeedState
 
@@ -34,6 +35,11 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
             small shift, rotation and scale, no flip; evaluation resizes: for the built-in digits).
         erase_prob: Random erasing probability (official: 0.25; the official pipeline only).
         mean, std: The normalisation the loaders apply (the command line takes them from `--model.mean`, `--model.std`).
+        index_cache: Where file indexes are kept (default: `$XDG_CACHE_HOME/simmim/index`, `~/.cache/simmim/index`).
+        reindex: Walk the folders again even when their cached indexes look current.
+
+    The folders are read through their file indexes (`simmim.data.index`), as in pretraining: walked once by rank 0
+    of each node in `prepare_data`, memory-mapped by every rank and worker, reused while the folders are unchanged.
     """
 
     def __init__(
@@ -49,6 +55,8 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         erase_prob: float = 0.25,
         mean: Tuple[float, float, float] = IMAGENET_MEAN,
         std: Tuple[float, float, float] = IMAGENET_STD,
+        index_cache: Optional[str] = None,
+        reindex: bool = False,
     ) -> None:
         super().__init__()
         check_loader(batch_size, num_workers, val_fraction)
@@ -59,23 +67,42 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         self.root, self.img_size, self.batch_size, self.num_workers = root, img_size, batch_size, num_workers
         self.val_fraction, self.label_fraction, self.predict_root = val_fraction, label_fraction, predict_root
         self.augment, self.erase_prob, self.mean, self.std = augment, erase_prob, tuple(mean), tuple(std)
-        self.classes: Optional[List[str]] = None
-        if root is not None:
-            self._scan()  # a user's folder fails at start-up, not mid-run; the digits are written in prepare_data
+        self.index_cache, self.reindex = index_cache, reindex
+        # A user's folder without class folders fails at start-up, from the folder names alone; the images are
+        # listed by prepare_data, and the digits written there.
+        self.classes: Optional[List[str]] = class_names(root) if root is not None else None
+        if predict_root is not None:
+            require_images(predict_root)
+
+    def _index(self, folder, fresh: bool) -> FileIndex:
+        return folder_index(folder, self.index_cache, self.reindex and fresh, fresh=fresh)
 
     def prepare_data(self) -> None:
+        """The built-in digits on first use; every folder's index, walked or found current in the cache."""
         if self.root is None:
             prepare_digits()
+        labelled_split(self.root, self.val_fraction, index_of=lambda folder: self._index(folder, fresh=True))
+        if self.predict_root is not None:
+            self._index(self.predict_root, fresh=True)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.classes is None:
-            self._scan()
-        skip_empty_validation(self, "no validation images (--data.val_fraction 0 and no val/ folder): no val/acc1")
+        """The split, from the indexes `prepare_data` left, the same on every rank (`agreed_index`)."""
+        trainer = getattr(self, "trainer", None)
 
-    def _scan(self) -> None:
-        split = labelled_split(self.root, self.val_fraction, self.label_fraction)
+        def index_of(folder) -> FileIndex:
+            return agreed_index(trainer, lambda: self._index(folder, fresh=False), folder)
+
+        split = labelled_split(self.root, self.val_fraction, self.label_fraction, index_of=index_of)
+        if self.classes is not None and split.classes != self.classes:
+            raise DataFolderError(
+                f"--data.root {self.root}: its class folders changed while the run started ({len(self.classes)} "
+                f"then {len(split.classes)}): start again once the folder is complete"
+            )
         self.train_files, self.train_labels, self.classes = split.train_files, split.train_labels, split.classes
         self.val_files, self.val_labels = split.val_files, split.val_labels
+        if self.predict_root is not None:
+            self.predict_files = index_of(self.predict_root)
+        skip_empty_validation(self, "no validation images (--data.val_fraction 0 and no val/ folder): no val/acc1")
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -105,7 +132,6 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         if self.predict_root is None:
             self.predict_files = self.val_files
             return self._loader(self.val_files, self.val_labels, train=False)
-        self.predict_files = list_images(self.predict_root)
         return self._loader(self.predict_files, [-1] * len(self.predict_files), train=False)
 
     def describe(self) -> str:

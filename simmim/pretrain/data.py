@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.data.images import read_sample_image, require_images
-from simmim.data.index import FileIndex, folder_index, index_from_list
+from simmim.data.index import FileIndex, agreed_index, folder_index, index_from_list
 from simmim.data.loaders import collate_readable, make_loader, skip_empty_validation
-from simmim.errors import DataFolderError, check_loader, require
+from simmim.errors import check_loader, require
 from simmim.pretrain.augment import PretrainTransform
 from simmim.pretrain.masking import MaskGenerator
 from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
@@ -141,25 +141,7 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         return folder_index(root, self.index_cache, reindex, fresh=fresh)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.world_size == 1:
-            files = self.file_index()  # prepare_data has built it
-        else:  # every node's rank 0 built its own: every rank opens, then all agree or all stop together
-            files, problem = None, None
-            try:
-                files = self.file_index()
-            except DataFolderError as e:
-                problem = e
-            mine = files.fingerprint() if files is not None else None
-            theirs = trainer.strategy.broadcast(mine, src=0)  # every rank takes part, whatever it found
-            same = problem is None and theirs == mine
-            if not trainer.strategy.reduce_boolean_decision(same, all=True):
-                raise problem or DataFolderError(
-                    f"the ranks indexed different files under {self.root} (rank {trainer.global_rank} or another "
-                    "could not open its index, or found other files): the folder changed while the nodes listed it, "
-                    "or they see different folders; start again once it is complete, or give every node the same "
-                    "--data.index list"
-                )
+        files = agreed_index(getattr(self, "trainer", None), self.file_index, self.root)  # prepare_data built it
         order = np.random.default_rng(0).permutation(len(files))  # fixed split, independent of the run seed
         n_val = int(round(len(files) * self.val_fraction))
         self.val_files = files.subset(np.sort(order[:n_val]))

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 from torchvision.utils import save_image
 
 from simmim.checkpointing.untrusted import checked_hyperparameters, read_run_config
-from simmim.data.images import decode_image, list_images
+from simmim.data.images import decode_image
+from simmim.data.index import folder_index
 from simmim.errors import ConfigError
 from simmim.monitors import ResizeCenterCrop
 from simmim.pretrain.callbacks import reconstruction_grid
@@ -54,7 +55,7 @@ def load_pretrainer(checkpoint: Path) -> SimMIMPretrainer:
     return module.eval()
 
 
-def spread(files: List[Path], n: int) -> List[Path]:
+def spread(files: Sequence[str], n: int) -> Sequence[str]:
     """`n` files spread evenly over the sorted list (class folders all get a turn), or all of them."""
     if len(files) <= n:
         return files
@@ -91,7 +92,7 @@ def main(args: Optional[List[str]] = None) -> torch.Tensor:
         )
     except ValueError as e:  # from the options or the run's config.yaml
         raise ConfigError(f"the mask settings do not fit: {e}") from None
-    files = spread(list_images(opts.images), opts.num_images)
+    files = spread(folder_index(opts.images), opts.num_images)
     if not files:
         raise ConfigError(f"--images {opts.images}: no images found")
     resize = ResizeCenterCrop(img_size, mean, std)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,7 +242,13 @@ def test_a_worker_touching_every_entry_adds_no_memory_per_file(tmp_path):
         start(pickle.dumps(index.subset(np.arange(n)[::-1])).hex()),  # a split, as training reads it
         start("list", str(n)),
     ]
-    (small, _), (large, total), (from_list, list_total) = map(copied, processes)
+    try:
+        (small, _), (large, total), (from_list, list_total) = map(copied, processes)
+    finally:
+        for process in processes:  # a failure above leaves nothing running
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     assert total == list_total + n * (len(str(tmp_path / "data")) + 1)  # every path was read, root included
     assert abs(large - small) < 1024, (small, large)  # KiB: nothing per file
     assert from_list - large > 40 * n / 1024, (from_list, large)  # the list: over 40 bytes a file
@@ -349,3 +356,99 @@ def test_only_regular_files_are_decoded(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     with pytest.raises(UnreadableImageError, match="not a regular file"):
         decode_image(tmp_path / "pipe.png")  # it would block for ever reading a FIFO
+
+
+def _listed_split(root, val_fraction, label_fraction):
+    """Fine-tuning's split as it was made before the index: each class folder listed, then the same draws."""
+    from simmim.data.folders import stratified_pick
+
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.is_symlink())
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        found = [str(f) for f in list_images(root / name)]
+        files, labels = files + found, labels + [c] * len(found)
+    is_val = stratified_pick(labels, len(classes), val_fraction, seed=0, at_least_one=False)
+    train = [(f, lab) for f, lab, v in zip(files, labels, is_val) if not v]
+    val = [(f, lab) for f, lab, v in zip(files, labels, is_val) if v]
+    keep = stratified_pick([lab for _, lab in train], len(classes), label_fraction, seed=1, at_least_one=True)
+    return [t for t, k in zip(train, keep) if k], val
+
+
+def test_fine_tuning_splits_its_folder_through_the_index_as_the_listing_did(tmp_path, digits32, monkeypatch):
+    """The same files, labels and split as listing each class folder gave; `prepare_data` walks once, `setup` and
+    a second run's start not at all; what a worker is sent stays small whatever the folder's size."""
+    import simmim.data.index as index_module
+    from simmim.finetune.data import ClassificationDataModule
+
+    walks, real_walk = [], index_module.walk
+    monkeypatch.setattr(index_module, "walk", lambda *args: walks.append(args) or real_walk(*args))
+    options = dict(img_size=32, val_fraction=0.2, label_fraction=0.3, index_cache=str(tmp_path / "cache"))
+    dm = ClassificationDataModule(digits32, **options)
+    dm.prepare_data()
+    assert len(walks) == 1
+    dm.setup("fit")
+    train, val = _listed_split(Path(digits32), 0.2, 0.3)
+    assert list(zip(dm.train_files, dm.train_labels)) == train and list(zip(dm.val_files, dm.val_labels)) == val
+    assert isinstance(dm.train_files, FileIndex) and dm.classes == [str(d) for d in range(10)]
+    for sent in (dm.train_files, dm.train_labels, dm.val_labels):
+        assert len(pickle.dumps(sent)) < 1000  # the build's folder and a digest, not the files
+    again = ClassificationDataModule(digits32, **options)
+    again.prepare_data(), again.setup("fit")
+    assert len(walks) == 1 and list(again.train_files) == list(dm.train_files)
+
+
+def test_train_and_val_folders_through_the_index_leave_out_loose_files_and_linked_classes(tmp_path):
+    """`root/train` and `root/val` each have an index; a file outside the class folders has no class and is left
+    out; a class folder behind a link is passed over with a warning, by the start-up check and the index alike."""
+    from simmim.finetune.data import ClassificationDataModule
+
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            image_folder(tmp_path / "data" / split / c, [f"{i}.png" for i in range(3)], 8)
+    shutil.copy(tmp_path / "data" / "train" / "cat" / "0.png", tmp_path / "data" / "train" / "loose.png")
+    image_folder(tmp_path / "elsewhere" / "emu", ["0.png"], 8)
+    (tmp_path / "data" / "train" / "emu").symlink_to(tmp_path / "elsewhere" / "emu")
+    (tmp_path / "data" / "val" / "emu").symlink_to(tmp_path / "elsewhere" / "emu")
+    with pytest.warns(UserWarning, match=r"skipping the class folder .*emu: a symbolic link"):
+        dm = ClassificationDataModule(str(tmp_path / "data"), img_size=8, index_cache=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.classes == ["cat", "dog"] and len(dm.train_files) == len(dm.val_files) == 6
+    assert list(dm.train_labels) == [0, 0, 0, 1, 1, 1] and not any("loose" in f for f in dm.train_files)
+
+
+class _Ranks:
+    """What `agreed_index` needs of a trainer, for one rank of two: rank 0's fingerprint as broadcast, and the
+    other rank's vote."""
+
+    def __init__(self, rank, theirs, their_vote=True):
+        self.world_size, self.global_rank, self.strategy, self.calls = 2, rank, self, []
+        self.theirs, self.their_vote = theirs, their_vote
+
+    def broadcast(self, mine, src=0):
+        self.calls.append("broadcast")
+        return mine if self.global_rank == 0 else self.theirs
+
+    def reduce_boolean_decision(self, decision, all=True):
+        self.calls.append("reduce")
+        return decision and self.their_vote
+
+
+def test_ranks_that_index_different_files_or_cannot_open_theirs_all_stop(tmp_path):
+    from simmim.data.index import agreed_index
+
+    root = image_folder(tmp_path / "imgs", ["0.png", "1.png"], 8)
+    index = folder_index(root, tmp_path / "cache")
+    assert agreed_index(_Ranks(1, index.fingerprint()), lambda: index, root) is index
+    with pytest.raises(DataFolderError, match="the ranks indexed different files under"):
+        agreed_index(_Ranks(1, (3, 0, "other")), lambda: index, root)  # this rank found other files
+    with pytest.raises(DataFolderError, match="the ranks indexed different files under"):
+        agreed_index(_Ranks(0, None, their_vote=False), lambda: index, root)  # the other rank did
+
+    def unreadable():
+        raise DataFolderError("file index X: unreadable")
+
+    ranks = _Ranks(1, index.fingerprint())
+    with pytest.raises(DataFolderError, match="unreadable"):
+        agreed_index(ranks, unreadable, root)
+    assert ranks.calls == ["broadcast", "reduce"]  # it took part before stopping: no rank waits for it

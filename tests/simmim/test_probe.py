@@ -28,12 +28,20 @@ def encoder_file(pretraining_run):
     return str(pretraining_run.export)
 
 
-def test_separable_classes_are_separated_at_every_stage(tmp_path, encoder_file, capsys):
+def test_separable_classes_are_separated_at_every_stage(tmp_path, encoder_file, capsys, monkeypatch):
+    """... and the folder is read through its file index: walked by the first run, found in the cache after."""
+    import simmim.data.index as index_module
+
+    monkeypatch.setattr(index_module, "RACY_NS", 0)  # written just now: otherwise walked until 2 s have passed
+    walks, real_walk = [], index_module.walk
+    monkeypatch.setattr(index_module, "walk", lambda *args: walks.append(args) or real_walk(*args))
     root = str(_classes(tmp_path / "coded", colour_coded=True))
     assert main(["--checkpoint", encoder_file, "--data.root", root, "--epochs", "30"]) == 100.0
+    assert len(walks) == 1
     assert "last stage, after the final norm" in capsys.readouterr().out
     assert main(["--checkpoint", encoder_file, "--data.root", root, "--epochs", "30", "--stage", "0"]) == 100.0
     assert main(["--checkpoint", encoder_file, "--data.root", root, "--random_init", "--no_final_norm"]) == 100.0
+    assert len(walks) == 1
 
 
 def test_classes_the_features_cannot_tell_apart_stay_near_chance(tmp_path, encoder_file):

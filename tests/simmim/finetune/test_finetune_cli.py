@@ -87,6 +87,28 @@ def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits32, pret
     assert len(rows) == len(pred.datamodule.val_files) and rows[0]["pred"] in [str(d) for d in range(10)]
 
 
+def test_a_callback_list_of_your_own_keeps_the_runs_callbacks_once(tmp_path, digits32, pretrained_w4):
+    """A `--trainer.callbacks` list that leaves out the callbacks every fine-tuning run has gets them back (a
+    subclass of one stands in for it); the saved config.yaml lists what ran, and a run from it has each once."""
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    from simmim.checkpointing.runs import ClaimCheckpointFolders
+    from simmim.data.watch import DataWaitTimer
+    from simmim.finetune.callbacks import PredictionCSV
+
+    own = "[pytorch_lightning.callbacks.LearningRateMonitor, recording.QuietDataWaitTimer]"
+    args = _args(tmp_path / "a", digits32, "--model.pretrained", pretrained_w4, "--trainer.limit_val_batches", "1")
+    cli = main(["validate", *args, f"--trainer.callbacks={own}"])
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert [kinds.count(k) for k in (ClaimCheckpointFolders, PredictionCSV, LearningRateMonitor)] == [1, 1, 1]
+    assert sum(issubclass(k, DataWaitTimer) for k in kinds) == 1
+    saved = next((tmp_path / "a").rglob("config.yaml"))
+    listed = [c["class_path"].rsplit(".", 1)[1] for c in OmegaConf.load(saved).trainer.callbacks]
+    assert listed == ["ClaimCheckpointFolders", "PredictionCSV", "LearningRateMonitor", "QuietDataWaitTimer"]
+    again = main(["validate", "--config", str(saved), "--trainer.default_root_dir", str(tmp_path / "b")])
+    assert [type(c) for c in again.trainer.callbacks] == kinds
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path, digits32):
     other = swinv2.create_model(
         "swinv2_tiny", img_size=32, window_size=4, num_classes=0, embed_dim=32, depths=(2, 2), num_heads=(2, 4)
@@ -146,7 +168,8 @@ def test_class_folders_must_agree_between_train_and_val(tmp_path):
 def test_label_fraction_keeps_every_class(digits32):
     full = ClassificationDataModule(root=digits32, img_size=32, val_fraction=0.2)
     tenth = ClassificationDataModule(root=digits32, img_size=32, val_fraction=0.2, label_fraction=0.1)
-    assert tenth.val_files == full.val_files
+    full.setup("fit"), tenth.setup("fit")
+    assert list(tenth.val_files) == list(full.val_files)
     assert abs(len(tenth.train_files) - 0.1 * len(full.train_files)) <= 10
     assert set(tenth.train_labels) == set(range(10))
 
@@ -159,6 +182,7 @@ def test_missing_pretraining_export_says_what_to_do(tmp_path, monkeypatch):
 
 def test_train_and_eval_transforms(digits32):
     dm = ClassificationDataModule(root=digits32, img_size=32, batch_size=4, num_workers=0)
+    dm.setup("fit")
     x, y, idx, skipped = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and y.dtype == torch.long and skipped == ()
     x, *_ = next(iter(dm.val_dataloader()))
