@@ -1,7 +1,8 @@
 """Which library to stream pretraining shards with: litdata (maintained by Lightning) and webdataset, measured on the
 same images, to choose by numbers (docs/data.md has the figures and the choice).
 
-    PYTHONPATH=DIR python benchmarks/shard_formats.py --n 2000 --out benchmarks/results/shard_formats_cpu.json
+    PYTHONPATH=DIR python benchmarks/shard_formats.py --n 2000 --out benchmarks/results/shard_formats_cpu.json \
+        [--libraries webdataset litdata] [--label NAME]
 
 (DIR holds litdata and webdataset, which the project does not install: `pip install --target DIR litdata
 webdataset`.) The images are `dataloader.py`'s photo-like JPEGs (500x375 and 375x500, about 85 KB), in 10 class
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -142,12 +144,13 @@ def _epoch(loader) -> List[int]:
 
 
 def _shut(loader) -> None:
-    """Stops a loader's persistent workers now: left running, they would take the cores from what is measured next."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-    del loader
-    gc.collect()
+    """Stops a loader's persistent workers now (webdataset's loader wraps a DataLoader in its pipeline): left
+    running, they would take the cores from what is measured next."""
+    for part in [loader, *getattr(loader, "pipeline", [])]:
+        iterator = getattr(part, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            part._iterator = None
 
 
 def read_rate(make_loader, shards: Path, workers: int) -> float:
@@ -157,6 +160,8 @@ def read_rate(make_loader, shards: Path, workers: int) -> float:
     n = len(_epoch(loader))
     rate = n / (time.perf_counter() - start)
     _shut(loader)
+    del loader
+    gc.collect()
     return rate
 
 
@@ -215,7 +220,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=list(LIBRARIES), help="in this order")
     p.add_argument("--shard_mb", type=int, default=16, help="shard size (about 10 shards for the default --n)")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=Path, help="a JSON file; each run is added under --label")
+    p.add_argument("--label", default="run", help="this run's name in --out")
     opts = p.parse_args()
     SHARD_BYTES[0] = opts.shard_mb << 20
     torch.set_num_threads(1)
@@ -225,6 +231,8 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "n": opts.n,
+        "versions": {m: importlib.metadata.version(m) for m in ("litdata", "webdataset", "torch", "opencv-python-headless")},
+        "order": opts.libraries,
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -245,7 +253,9 @@ def main() -> None:
             results[name] = row
             print(name, json.dumps(row), flush=True)
     if opts.out:
-        opts.out.write_text(json.dumps(results, indent=1) + "\n")
+        runs = json.loads(opts.out.read_text()) if opts.out.exists() else {}
+        runs[opts.label] = results
+        opts.out.write_text(json.dumps(runs, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import copy
 import math
 from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
 
 import cv2
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from simmim.data.folders import LabelledImageDataset, labelled_split
+from simmim.data.index import FileIndex, agreed_index, folder_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
 from simmim.distributed import is_sharded
 from simmim.errors import DataFolderError
@@ -192,7 +194,7 @@ class KNNMonitor(PeriodicMonitor):
         """Lists the images once they exist (the data module writes the built-in digits in `prepare_data`)."""
         if self.classes is not None:
             return
-        split = labelled_split(self.root, self.val_fraction, option=self.option)
+        split = labelled_split(self.root, self.val_fraction, option=self.option, index_of=agreed_on(trainer))
         self.train_files, self.train_labels, self.classes = split.train_files, split.train_labels, split.classes
         self.val_files, self.val_labels = split.val_files, split.val_labels
         if not self.train_files or not self.val_files:
@@ -368,7 +370,7 @@ class QuickFinetuneMonitor(PeriodicMonitor):
         """Reads the images once they exist (the data module writes the built-in digits in `prepare_data`)."""
         if self.data is not None:
             return
-        split = labelled_split(self.root, self.val_fraction, self.label_fraction, self.option)
+        split = labelled_split(self.root, self.val_fraction, self.label_fraction, self.option, agreed_on(trainer))
         tf, tl, vf, vl = (_spread(v, self.max_images) for v in split[:4])
         classes = split.classes
         if not tf or not vf:
@@ -399,6 +401,12 @@ class QuickFinetuneMonitor(PeriodicMonitor):
             generator=monitor_generator(),
             autocast=precision.forward_context,
         )
+
+
+def agreed_on(trainer: pl.Trainer) -> Callable[[Path], FileIndex]:
+    """A monitor's folders through their file indexes (the default cache), the same on every rank of `trainer`
+    (`agreed_index`): a monitor's numbers are gathered or compared across ranks."""
+    return lambda folder: agreed_index(trainer, lambda: folder_index(folder), folder)
 
 
 def _spread(items: List, limit: int) -> List:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,13 +68,41 @@ def class_names(root: Optional[str], option: str = "--data.root") -> List[str]:
 
 
 def _labelled(index: FileIndex, folder: Path, option: str) -> FileIndex:
-    """The files of `index` that are in a class folder (a file directly in `folder` has no class and is left out)."""
-    if not index.classes:
-        raise DataFolderError(f"{option}: no class folders under {folder}: expected <root>/<class_name>/<images>")
+    """The files of `index` that are in a class folder (a file directly in `folder` has no class and is left out).
+    The class folders are those `class_folders` finds (a linked one is warned about and left out, as the walk leaves
+    it out); one without images is refused, as a listing of it was."""
+    classes = class_folders(folder, option)
+    if classes != index.classes:
+        raise DataFolderError(
+            f"{option}: the class folders under {folder} changed while the run started (its index has "
+            f"{len(index.classes)}, the folder {len(classes)}): start again once the folder is complete"
+        )
     labelled = index.labelled()
-    if not len(labelled):
-        raise DataFolderError(f"{option}: no images in the class folders under {folder}")
+    counts = np.bincount(labelled.label_array(), minlength=len(classes))
+    empty = [name for name, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise DataFolderError(
+            f"{option}: no images in the class folder(s) {', '.join(repr(e) for e in empty[:5])} under {folder}: "
+            "each folder under the root is a class; remove the empty ones or move them out"
+        )
     return labelled
+
+
+class NoLabels(Sequence[int]):
+    """`n` samples without a class (-1 each), without a list of them: `predict` on a folder of any size."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [-1] * len(range(*i.indices(self.n)))
+        if not -self.n <= i < self.n:
+            raise IndexError(f"sample {i} of {self.n}")
+        return -1
 
 
 class LabelledImageDataset(Dataset):

@@ -27,7 +27,7 @@ def loader(
 ) -> torch.utils.data.DataLoader:
     """(images (B, 3, size, size), labels (B,), ...) batches of `files`, shuffled by a generator seeded with `seed`;
     unreadable files are left out of their batch. Workers, if any, start safely for OpenCV (`WorkerLoader`)."""
-    dataset = LabelledImageDataset(list(files), list(labels), ResizeCenterCrop(size))
+    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(size))
     generator = torch.Generator().manual_seed(seed)
     return WorkerLoader(
         dataset,

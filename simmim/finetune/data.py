@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
-from simmim.data.folders import LabelledImageDataset, class_names, labelled_split
+from simmim.data.folders import LabelledImageDataset, NoLabels, class_names, labelled_split
 from simmim.data.images import require_images
 from simmim.data.index import FileIndex, agreed_index, folder_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
@@ -86,17 +86,21 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
             self._index(self.predict_root, fresh=True)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """The split, from the indexes `prepare_data` left, the same on every rank (`agreed_index`)."""
+        """The split, from the indexes `prepare_data` left (a Trainer calls it first; without it, the cached
+        index is used as it is, or the folder walked if there is none), the same on every rank (`agreed_index`)."""
         trainer = getattr(self, "trainer", None)
 
         def index_of(folder) -> FileIndex:
             return agreed_index(trainer, lambda: self._index(folder, fresh=False), folder)
 
         split = labelled_split(self.root, self.val_fraction, self.label_fraction, index_of=index_of)
-        if self.classes is not None and split.classes != self.classes:
+        same = self.classes is None or split.classes == self.classes
+        if trainer is not None and trainer.world_size > 1:  # every rank stops, or none
+            same = trainer.strategy.reduce_boolean_decision(same, all=True)
+        if not same:
             raise DataFolderError(
-                f"--data.root {self.root}: its class folders changed while the run started ({len(self.classes)} "
-                f"then {len(split.classes)}): start again once the folder is complete"
+                f"--data.root {self.root}: its class folders changed while the run started (on this rank or another): "
+                "start again once the folder is complete"
             )
         self.train_files, self.train_labels, self.classes = split.train_files, split.train_labels, split.classes
         self.val_files, self.val_labels = split.val_files, split.val_labels
@@ -132,7 +136,7 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         if self.predict_root is None:
             self.predict_files = self.val_files
             return self._loader(self.val_files, self.val_labels, train=False)
-        return self._loader(self.predict_files, [-1] * len(self.predict_files), train=False)
+        return self._loader(self.predict_files, NoLabels(len(self.predict_files)), train=False)
 
     def describe(self) -> str:
         return (

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import image_folder
 
+from simmim.data.folders import labelled_split
 from simmim.data.images import list_images
 from simmim.data.index import FileIndex, folder_index, index_from_list
 from simmim.errors import ConfigError, DataFolderError
@@ -378,8 +379,10 @@ def test_fine_tuning_splits_its_folder_through_the_index_as_the_listing_did(tmp_
     """The same files, labels and split as listing each class folder gave; `prepare_data` walks once, `setup` and
     a second run's start not at all; what a worker is sent stays small whatever the folder's size."""
     import simmim.data.index as index_module
+    from simmim.data.index import Labels
     from simmim.finetune.data import ClassificationDataModule
 
+    monkeypatch.setattr(index_module, "RACY_NS", 0)  # the digits may have been written just now
     walks, real_walk = [], index_module.walk
     monkeypatch.setattr(index_module, "walk", lambda *args: walks.append(args) or real_walk(*args))
     options = dict(img_size=32, val_fraction=0.2, label_fraction=0.3, index_cache=str(tmp_path / "cache"))
@@ -389,7 +392,8 @@ def test_fine_tuning_splits_its_folder_through_the_index_as_the_listing_did(tmp_
     dm.setup("fit")
     train, val = _listed_split(Path(digits32), 0.2, 0.3)
     assert list(zip(dm.train_files, dm.train_labels)) == train and list(zip(dm.val_files, dm.val_labels)) == val
-    assert isinstance(dm.train_files, FileIndex) and dm.classes == [str(d) for d in range(10)]
+    assert isinstance(dm.train_files, FileIndex) and isinstance(dm.train_labels, Labels)
+    assert dm.classes == [str(d) for d in range(10)]
     for sent in (dm.train_files, dm.train_labels, dm.val_labels):
         assert len(pickle.dumps(sent)) < 1000  # the build's folder and a digest, not the files
     again = ClassificationDataModule(digits32, **options)
@@ -415,6 +419,23 @@ def test_train_and_val_folders_through_the_index_leave_out_loose_files_and_linke
     dm.setup("fit")
     assert dm.classes == ["cat", "dog"] and len(dm.train_files) == len(dm.val_files) == 6
     assert list(dm.train_labels) == [0, 0, 0, 1, 1, 1] and not any("loose" in f for f in dm.train_files)
+    with pytest.warns(UserWarning, match=r"skipping the class folder .*emu: a symbolic link"):
+        assert labelled_split(str(tmp_path / "data"), 0.2).classes == ["cat", "dog"]  # the tools' path too
+    (tmp_path / "data" / "train" / "empty").mkdir()  # a class folder without images, as a listing refused it
+    (tmp_path / "data" / "val" / "empty").mkdir()
+    with pytest.raises(DataFolderError, match=r"no images in the class folder\(s\) 'empty' under"):
+        labelled_split(str(tmp_path / "data"), 0.2, index_of=lambda f: folder_index(f, tmp_path / "cache"))
+
+
+def test_fine_tuning_ranks_that_index_different_files_all_stop(tmp_path, digits32):
+    """The data module's `setup` opens its folders through `agreed_index`: a rank whose index differs stops."""
+    from simmim.finetune.data import ClassificationDataModule
+
+    dm = ClassificationDataModule(digits32, img_size=32, index_cache=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.trainer = _Ranks(1, (3, 0, "another rank's files"))
+    with pytest.raises(DataFolderError, match="the ranks indexed different files under"):
+        dm.setup("fit")
 
 
 class _Ranks:
