@@ -50,6 +50,7 @@ except ImportError as e:
     raise SystemExit(f"{e}: install litdata and webdataset (see this file's docstring)") from None
 
 CLASSES = 10
+OPENCV = "opencv-python-headless"  # the distribution requirements.txt installs
 SHARD_BYTES = [16 << 20]  # --shard_mb
 
 
@@ -231,7 +232,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "n": opts.n,
-        "versions": {m: importlib.metadata.version(m) for m in ("litdata", "webdataset", "torch", "opencv-python-headless")},
+        "versions": {m: importlib.metadata.version(m) for m in ("litdata", "webdataset", "torch", OPENCV)},
         "order": opts.libraries,
     }
     with tempfile.TemporaryDirectory() as tmp:
