@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT
 from simmim.data.images import read_sample_image
-from simmim.data.index import FileIndex, Labels, folder_index
+from simmim.data.index import FileIndex, Labels, folder_index, index_from_list
 from simmim.errors import DataFolderError
 from simmim.seeding import SampleKey, sample_seed, seeded_globals
 
@@ -53,10 +53,14 @@ def _same_classes(root: Path, train: List[str], val: List[str], option: str) -> 
         )
 
 
-def class_names(root: Optional[str], option: str = "--data.root") -> List[str]:
-    """The classes a `ClassificationDataModule(root=root)` will have, from the folder names alone (no image is
-    listed or read): `root/train/<class>` when `root` has train/ and val/ (whose class folders must be the same),
-    else `root/<class>`; the digits for None."""
+def class_names(
+    root: Optional[str], option: str = "--data.root", index: Optional[str] = None, index_cache: Optional[str] = None
+) -> List[str]:
+    """The classes a `ClassificationDataModule(root=root, index=index)` will have, from the folder names alone (no
+    image is listed or read): `root/train/<class>` when `root` has train/ and val/ (whose class folders must be the
+    same), else `root/<class>`; the digits for None. With a labelled file list `index`, the classes it names."""
+    if index is not None:
+        return listed_classes(index_from_list(root, index, index_cache), index)
     if root is None:
         return DIGIT_CLASSES
     root = Path(root)
@@ -86,6 +90,16 @@ def _labelled(index: FileIndex, folder: Path, option: str) -> FileIndex:
             "each folder under the root is a class; remove the empty ones or move them out"
         )
     return labelled
+
+
+def listed_classes(index: FileIndex, list_file: str) -> List[str]:
+    """The classes of a labelled file list's index; a list without them is refused (fine-tuning needs them)."""
+    if not index.classes:
+        raise DataFolderError(
+            f"--data.index {list_file}: the list names no classes; fine-tuning needs a class on every line "
+            "(`path<TAB>class`)"
+        )
+    return index.classes
 
 
 class NoLabels(Sequence[int]):
@@ -162,22 +176,24 @@ def labelled_split(
     label_fraction: float = 1.0,
     option: str = "--data.root",
     index_of: Optional[Callable[[Path], FileIndex]] = None,
+    listed: Optional[str] = None,
 ) -> LabelledSplit:
     """The `LabelledSplit` of `root`: `root/train/<class>` and `root/val/<class>` when both exist, else
     `root/<class>` split by `val_fraction` (stratified, the same draw every time); None: the built-in digits.
     `label_fraction` < 1 keeps that fraction of each class's training labels. The folders are read through their
     file indexes (`index_of(folder)`; default: `folder_index`, the cached index while the folder is unchanged).
-    Errors name `option`, the setting that gave `root`."""
+    With `listed` (a labelled file list, `--data.index`), `index_of(root)` is the list's index, split as
+    `root/<class>` would be. Errors name `option`, the setting that gave `root`."""
     index_of = index_of or folder_index
     root = Path(root) if root is not None else DEFAULT_DIGITS_ROOT
-    if _split_folders(root):
+    if listed is None and _split_folders(root):
         train = _labelled(index_of(root / "train"), root / "train", option)
         val = _labelled(index_of(root / "val"), root / "val", option)
         classes = train.classes
         _same_classes(root, classes, val.classes, option)
     else:
-        whole = _labelled(index_of(root), root, option)
-        classes = whole.classes
+        whole = index_of(root) if listed is not None else _labelled(index_of(root), root, option)
+        classes = listed_classes(whole, listed) if listed is not None else whole.classes
         is_val = stratified_pick(whole.label_array(), len(classes), val_fraction, seed=0, at_least_one=False)
         train, val = whole.subset(np.flatnonzero(~is_val)), whole.subset(np.flatnonzero(is_val))
     if label_fraction < 1.0:

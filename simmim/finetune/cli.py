@@ -24,9 +24,12 @@ DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safeten
 
 
 def num_classes_from_data(config) -> None:
-    """`--model.num_classes` unset: the number of class folders of `--data.root`; set: it must agree."""
-    found = len(class_names(config.data.root))
-    data = f"{found} class folders under {config.data.root or 'the built-in digits'}"
+    """`--model.num_classes` unset: the number of class folders of `--data.root` (or classes in `--data.index`);
+    set: it must agree."""
+    root, index = config.data.root, config.data.get("index")
+    found = len(class_names(root, index=index, index_cache=config.data.get("index_cache")))
+    where = f"classes in --data.index {index}" if index else f"class folders under {root or 'the built-in digits'}"
+    data = f"{found} {where}"
     given, ckpt = config.model.num_classes, config.get("ckpt_path")
     if given is None:
         config.model.num_classes = found

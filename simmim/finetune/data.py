@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.data.folders import LabelledImageDataset, NoLabels, class_names, labelled_split
 from simmim.data.images import require_images
-from simmim.data.index import FileIndex, agreed_index, folder_index
+from simmim.data.index import FileIndex, agreed_index, folder_index, index_from_list
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
 from simmim.errors import DataFolderError, check_loader, require
 from simmim.finetune.augment import RECIPES, classification_transform
@@ -35,6 +35,8 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
             small shift, rotation and scale, no flip; evaluation resizes: for the built-in digits).
         erase_prob: Random erasing probability (official: 0.25; the official pipeline only).
         mean, std: The normalisation the loaders apply (the command line takes them from `--model.mean`, `--model.std`).
+        index: A labelled file list to read instead of walking `root`: one `path<TAB>class` per line, relative to
+            `root`, split by `val_fraction` (stratified).
         index_cache: Where file indexes are kept (default: `$XDG_CACHE_HOME/simmim/index`, `~/.cache/simmim/index`).
         reindex: Walk the folders again even when their cached indexes look current.
 
@@ -55,6 +57,7 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         erase_prob: float = 0.25,
         mean: Tuple[float, float, float] = IMAGENET_MEAN,
         std: Tuple[float, float, float] = IMAGENET_STD,
+        index: Optional[str] = None,
         index_cache: Optional[str] = None,
         reindex: bool = False,
     ) -> None:
@@ -67,21 +70,28 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         self.root, self.img_size, self.batch_size, self.num_workers = root, img_size, batch_size, num_workers
         self.val_fraction, self.label_fraction, self.predict_root = val_fraction, label_fraction, predict_root
         self.augment, self.erase_prob, self.mean, self.std = augment, erase_prob, tuple(mean), tuple(std)
-        self.index_cache, self.reindex = index_cache, reindex
-        # A user's folder without class folders fails at start-up, from the folder names alone; the images are
-        # listed by prepare_data, and the digits written there.
-        self.classes: Optional[List[str]] = class_names(root) if root is not None else None
+        require(index is None or root is not None, "--data.index", index, "needs --data.root, the folder it lists")
+        self.index, self.index_cache, self.reindex = index, index_cache, reindex
+        # A user's folder without class folders (or list without classes) fails at start-up, from the folder names
+        # alone (the list is read into its index); the images are listed by prepare_data, the digits written there.
+        self.classes: Optional[List[str]] = (
+            class_names(root, index=index, index_cache=index_cache) if root is not None else None
+        )
         if predict_root is not None:
             require_images(predict_root)
 
-    def _index(self, folder, fresh: bool) -> FileIndex:
+    def _index(self, folder, fresh: bool, listed: bool = False) -> FileIndex:
+        """`folder`'s index, or with `listed` the `--data.index` list's (rebuilt when the list changes)."""
+        if listed:
+            return index_from_list(self.root, self.index, self.index_cache, self.reindex and fresh)
         return folder_index(folder, self.index_cache, self.reindex and fresh, fresh=fresh)
 
     def prepare_data(self) -> None:
         """The built-in digits on first use; every folder's index, walked or found current in the cache."""
         if self.root is None:
             prepare_digits()
-        labelled_split(self.root, self.val_fraction, index_of=lambda folder: self._index(folder, fresh=True))
+        listed = self.index is not None
+        labelled_split(self.root, self.val_fraction, index_of=lambda f: self._index(f, True, listed), listed=self.index)
         if self.predict_root is not None:
             self._index(self.predict_root, fresh=True)
 
@@ -90,10 +100,16 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         index is used as it is, or the folder walked if there is none), the same on every rank (`agreed_index`)."""
         trainer = getattr(self, "trainer", None)
 
-        def index_of(folder) -> FileIndex:
-            return agreed_index(trainer, lambda: self._index(folder, fresh=False), folder)
+        def index_of(folder, listed: bool = False) -> FileIndex:
+            return agreed_index(trainer, lambda: self._index(folder, False, listed), folder)
 
-        split = labelled_split(self.root, self.val_fraction, self.label_fraction, index_of=index_of)
+        split = labelled_split(
+            self.root,
+            self.val_fraction,
+            self.label_fraction,
+            index_of=lambda f: index_of(f, self.index is not None),
+            listed=self.index,
+        )
         same = self.classes is None or split.classes == self.classes
         if trainer is not None and trainer.world_size > 1:  # every rank stops, or none
             same = trainer.strategy.reduce_boolean_decision(same, all=True)

@@ -473,3 +473,36 @@ def test_ranks_that_index_different_files_or_cannot_open_theirs_all_stop(tmp_pat
     with pytest.raises(DataFolderError, match="unreadable"):
         agreed_index(ranks, unreadable, root)
     assert ranks.calls == ["broadcast", "reduce"]  # it took part before stopping: no rank waits for it
+
+
+def test_fine_tuning_reads_a_labelled_list_without_walking_and_refuses_one_without_classes(
+    tmp_path, digits32, pretraining_run, monkeypatch
+):
+    """`--data.index FILE` in fine-tuning: the classes are those the list names (sorted), its files split by
+    `--data.val_fraction` with the same draws as class folders; the tree is never walked; the command line reads
+    the number of classes from the list; a list without classes is refused in one line."""
+    import simmim.data.index as index_module
+    from simmim.finetune import main
+    from simmim.finetune.data import ClassificationDataModule
+
+    monkeypatch.setattr(index_module, "walk", lambda *args: pytest.fail("walked the tree"))
+    first = {d: [f"{d}/{name}" for name in sorted(os.listdir(os.path.join(digits32, str(d))))[:10]] for d in (1, 2, 3)}
+    names = {"odd": first[1] + first[3], "even": first[2]}
+    listed = tmp_path / "labelled.txt"
+    listed.write_text("".join(f"{p}\t{c}\n" for c, paths in names.items() for p in paths))
+    cache = str(tmp_path / "cache")
+    dm = ClassificationDataModule(digits32, img_size=32, val_fraction=0.2, index=str(listed), index_cache=cache)
+    dm.prepare_data(), dm.setup("fit")
+    assert dm.classes == ["even", "odd"] and len(dm.train_files) + len(dm.val_files) == 30
+    assert [list(dm.val_labels).count(c) for c in (0, 1)] == [2, 4]  # a stratified fifth of each class
+    expected = {os.path.join(digits32, p): c for c, paths in enumerate(names.values()) for p in paths}
+    assert all(expected[f] == ["odd", "even"].index(dm.classes[y]) for f, y in zip(dm.train_files, dm.train_labels))
+    args = ["--data.root", digits32, "--data.index", str(listed), "--data.index_cache", cache, "--data.img_size", "32"]
+    args += ["--model.pretrained", str(pretraining_run.export), "--model.window_size", "4", "--trainer.logger", "false"]
+    args += ["--model.encoder_kwargs", "{embed_dim: 24, depths: [2, 2], num_heads: [2, 4]}", "--data.num_workers", "0"]
+    cli = main(["validate", *args, "--trainer.default_root_dir", str(tmp_path / "run"), "--data.val_fraction", "0.2"])
+    assert cli.model.hparams.num_classes == 2 and len(cli.datamodule.val_files) == 6
+    plain = tmp_path / "plain.txt"
+    plain.write_text("1/0000.png\n")
+    with pytest.raises(DataFolderError, match=r"--data.index .*plain.txt: the list names no classes"):
+        ClassificationDataModule(digits32, index=str(plain), index_cache=cache)
