@@ -60,6 +60,8 @@ def class_names(
     image is listed or read): `root/train/<class>` when `root` has train/ and val/ (whose class folders must be the
     same), else `root/<class>`; the digits for None. With a labelled file list `index`, the classes it names."""
     if index is not None:
+        if root is None:
+            raise DataFolderError(f"--data.index {index} needs --data.root, the folder its paths are relative to")
         return listed_classes(index_from_list(root, index, index_cache), index)
     if root is None:
         return DIGIT_CLASSES

@@ -261,6 +261,8 @@ def _list_entries(path: Path) -> Iterator[Tuple[int, str, Optional[str]]]:
                     f"--data.index {path}, line {number}: {len(fields)} tab-separated fields; a line is a path, or a "
                     "path, a tab and a class name"
                 )
+            if len(fields) == 2 and not fields[1].strip():
+                raise DataFolderError(f"--data.index {path}, line {number}: a tab with no class after it")
             yield number, fields[0], fields[1] if len(fields) == 2 else None
 
 
@@ -269,7 +271,7 @@ def index_from_list(
     reindex: bool = False,
 ) -> FileIndex:  # fmt: skip
     """The index of the files `list_file` names (one per line, relative to `root`; `path<TAB>class` labels it),
-    without walking the tree: rebuilt when the list's size or modification time changes. A path that is absolute
+    without walking the tree: rebuilt when the list's content (its SHA-256) changes. A path that is absolute
     or leaves `root` (`..`) is refused with its line number; whether the files exist is found as they are read."""
     root, list_file = _root_folder(root), Path(list_file).resolve()
     if not list_file.is_file():

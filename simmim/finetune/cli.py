@@ -35,8 +35,8 @@ def num_classes_from_data(config) -> None:
         config.model.num_classes = found
     elif given != found and is_checkpoint(ckpt):
         raise ConfigError(
-            f"--ckpt_path {ckpt} was trained with {given} classes, but --data.root has {data}: "
-            "pass the training data's --data.root (or its --config), so that classes keep their names"
+            f"--ckpt_path {ckpt} was trained with {given} classes, but the data has {data}: pass the training "
+            "data's --data.root and --data.index (or its --config), so that classes keep their names"
         )
     elif given != found:
         raise ConfigError(

@@ -27,7 +27,7 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         root: Folder as above. None: the built-in digits (labels 0-9), split by `val_fraction`.
         img_size: Training crop / evaluation size.
         batch_size, num_workers: DataLoader settings.
-        val_fraction: Held-out fraction when there is no `val/` folder.
+        val_fraction: Held-out fraction when there is no `val/` folder, or with `index`.
         label_fraction: Keep only this fraction of the training labels (per class), for low-label studies.
         predict_root: Folder of images to classify with `predict` (default: the validation images).
         augment: "official" (the official SwinV2 fine-tuning pipeline: timm's RandAugment rand-m9-mstd0.5-inc1,
@@ -72,13 +72,17 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         self.augment, self.erase_prob, self.mean, self.std = augment, erase_prob, tuple(mean), tuple(std)
         require(index is None or root is not None, "--data.index", index, "needs --data.root, the folder it lists")
         self.index, self.index_cache, self.reindex = index, index_cache, reindex
-        # A user's folder without class folders (or list without classes) fails at start-up, from the folder names
-        # alone (the list is read into its index); the images are listed by prepare_data, the digits written there.
+        # A user's folder without class folders fails at start-up, from the folder names alone (the images are
+        # listed by prepare_data, the digits written there); a list is read into its index here, on every rank.
         self.classes: Optional[List[str]] = (
             class_names(root, index=index, index_cache=index_cache) if root is not None else None
         )
         if predict_root is not None:
             require_images(predict_root)
+
+    @property
+    def _source(self) -> str:
+        return f"--data.index {self.index}" if self.index is not None else f"--data.root {self.root}"
 
     def _index(self, folder, fresh: bool, listed: bool = False) -> FileIndex:
         """`folder`'s index, or with `listed` the `--data.index` list's (rebuilt when the list changes)."""
@@ -115,8 +119,8 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
             same = trainer.strategy.reduce_boolean_decision(same, all=True)
         if not same:
             raise DataFolderError(
-                f"--data.root {self.root}: its class folders changed while the run started (on this rank or another): "
-                "start again once the folder is complete"
+                f"{self._source}: its classes changed while the run started (on this rank or another): start again "
+                "once it is complete"
             )
         self.train_files, self.train_labels, self.classes = split.train_files, split.train_labels, split.classes
         self.val_files, self.val_labels = split.val_files, split.val_labels

@@ -78,7 +78,7 @@ def test_a_checkpoint_trained_on_other_classes_names_the_checkpoint(tmp_path, mo
     torch.save({"hyper_parameters": {"num_classes": 3}}, tmp_path / "run.ckpt")
     main = importlib.import_module("simmim.finetune").main
     with pytest.raises(
-        SystemExit, match=r"^error: --ckpt_path .*run\.ckpt was trained with 3 classes, but --data.root"
+        SystemExit, match=r"^error: --ckpt_path .*run\.ckpt was trained with 3 classes, but the data has 10 class "
     ):
         main(["validate", "--ckpt_path", str(tmp_path / "run.ckpt"), "--trainer.default_root_dir", str(tmp_path)])
 

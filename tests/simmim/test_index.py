@@ -506,3 +506,10 @@ def test_fine_tuning_reads_a_labelled_list_without_walking_and_refuses_one_witho
     plain.write_text("1/0000.png\n")
     with pytest.raises(DataFolderError, match=r"--data.index .*plain.txt: the list names no classes"):
         ClassificationDataModule(digits32, index=str(plain), index_cache=cache)
+    with pytest.raises(SystemExit, match=r"^error: --data.index .*plain.txt: the list names no classes"):
+        main(["validate", *args[2:], "--data.root", digits32, "--data.index", str(plain)])  # the command line too
+    with pytest.raises(SystemExit, match=r"^error: --data.index .*labelled.txt needs --data.root, the folder"):
+        main(["validate", *args[2:]])  # no --data.root: the default config's is null
+    (tmp_path / "tab.txt").write_text("1/0000.png\todd\n2/0000.png\t\n")
+    with pytest.raises(DataFolderError, match=r"tab.txt, line 2: a tab with no class after it"):
+        ClassificationDataModule(digits32, index=str(tmp_path / "tab.txt"), index_cache=cache)
