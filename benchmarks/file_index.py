@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 
@@ -47,7 +48,8 @@ def make_tree(root: Path, n: int) -> None:
 
 
 def private_dirty_kib() -> int:
-    """Private dirty memory outside mapped files (heap, anonymous)."""
+    """Private dirty memory outside mapped files (heap, anonymous): what copying on write costs a process. A mapped
+    file's pages count as private dirty too while the page cache has not written them back: left out."""
     total, anonymous = 0, True
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -59,19 +61,20 @@ def private_dirty_kib() -> int:
     return total
 
 
-def worker_copies(files) -> float:
-    """MiB a forked process copies while it reads every entry of `files` (as a data-loader worker over an epoch)."""
+def worker_copies(files) -> Tuple[int, int]:
+    """(KiB a forked process copies while it reads every entry of `files`, as a data-loader worker does over an
+    epoch; the characters it read). `tests/simmim/test_index.py` measures with it too."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         start = private_dirty_kib()
-        sum(len(str(files[i])) for i in range(len(files)))
-        os.write(write, str(private_dirty_kib() - start).encode())
+        chars = sum(len(str(files[i])) for i in range(len(files)))
+        os.write(write, f"{private_dirty_kib() - start} {chars}".encode())
         os._exit(0)
     os.close(write)
-    kib = int(os.read(read, 64))
+    kib, chars = map(int, os.read(read, 64).split())
     os.waitpid(pid, 0)
-    return kib / 1024
+    return kib, chars
 
 
 def index_bytes(folder: Path) -> int:
@@ -83,7 +86,7 @@ def measure(root: Path, n: int, cache: Path) -> dict:
     t = time.perf_counter()
     listed = list_images(root)
     list_s = time.perf_counter() - t
-    list_copy = worker_copies(listed)
+    list_copy = worker_copies(listed)[0] / 1024
     del listed
     shutil.rmtree(cache, ignore_errors=True)
     t = time.perf_counter()
@@ -102,7 +105,7 @@ def measure(root: Path, n: int, cache: Path) -> dict:
         "index_cached_start_s": round(cached_s, 3),
         "index_bytes_per_file": round(index_bytes(index.folder) / len(index), 1),
         "split_bytes_per_file": 8.0,
-        "index_worker_copies_mib": round(worker_copies(split), 1),
+        "index_worker_copies_mib": round(worker_copies(split)[0] / 1024, 1),
     }
 
 

@@ -90,6 +90,19 @@ def pretraining_run(digits32, tmp_path_factory):
     return SimpleNamespace(cli=cli, folder=checkpoint.parent.parent, checkpoint=checkpoint, export=cli.export.path)
 
 
+def counted_walks(monkeypatch, trust_recent: bool = True) -> list:
+    """Records every walk of the file index (`simmim.data.index.walk`) in the list it returns. With `trust_recent`,
+    a folder written just now is trusted (the 2-second rule has a test of its own), so counts do not depend on how
+    recently a test wrote its folder."""
+    import simmim.data.index as index_module
+
+    if trust_recent:
+        monkeypatch.setattr(index_module, "RACY_NS", 0)
+    walks, real_walk = [], index_module.walk
+    monkeypatch.setattr(index_module, "walk", lambda *args: walks.append(args) or real_walk(*args))
+    return walks
+
+
 def image_folder(folder, names, size: int, broken=()):
     """Random-noise PNGs named `names` in `folder`; those also in `broken` hold bytes that are not an image."""
     import cv2

@@ -83,15 +83,22 @@ def _labelled(index: FileIndex, folder: Path, option: str) -> FileIndex:
             f"{option}: the class folders under {folder} changed while the run started (its index has "
             f"{len(index.classes)}, the folder {len(classes)}): start again once the folder is complete"
         )
-    labelled = index.labelled()
-    counts = np.bincount(labelled.label_array(), minlength=len(classes))
+    labels = index.label_array()
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes))
     empty = [name for name, n in zip(classes, counts) if n == 0]
     if empty:
         raise DataFolderError(
             f"{option}: no images in the class folder(s) {', '.join(repr(e) for e in empty[:5])} under {folder}: "
             "each folder under the root is a class; remove the empty ones or move them out"
         )
-    return labelled
+    return index if bool(np.all(labels >= 0)) else index.subset(np.flatnonzero(labels >= 0))
+
+
+def labelled_folders(root: Optional[str], listed: Optional[str] = None) -> List[Path]:
+    """The folders whose indexes `labelled_split(root, ..., listed=listed)` reads: `root/train` and `root/val`, or
+    `root` (with a list: `root`, where its paths are; None: the built-in digits)."""
+    root = Path(root) if root is not None else DEFAULT_DIGITS_ROOT
+    return [root / "train", root / "val"] if listed is None and _split_folders(root) else [root]
 
 
 def listed_classes(index: FileIndex, list_file: str) -> List[str]:
@@ -187,14 +194,14 @@ def labelled_split(
     With `listed` (a labelled file list, `--data.index`), `index_of(root)` is the list's index, split as
     `root/<class>` would be. Errors name `option`, the setting that gave `root`."""
     index_of = index_of or folder_index
-    root = Path(root) if root is not None else DEFAULT_DIGITS_ROOT
-    if listed is None and _split_folders(root):
-        train = _labelled(index_of(root / "train"), root / "train", option)
-        val = _labelled(index_of(root / "val"), root / "val", option)
+    folders = labelled_folders(root, listed)
+    if len(folders) == 2:
+        train, val = (_labelled(index_of(folder), folder, option) for folder in folders)
         classes = train.classes
-        _same_classes(root, classes, val.classes, option)
+        _same_classes(folders[0].parent, classes, val.classes, option)
     else:
-        whole = index_of(root) if listed is not None else _labelled(index_of(root), root, option)
+        (folder,) = folders
+        whole = index_of(folder) if listed is not None else _labelled(index_of(folder), folder, option)
         classes = listed_classes(whole, listed) if listed is not None else whole.classes
         is_val = stratified_pick(whole.label_array(), len(classes), val_fraction, seed=0, at_least_one=False)
         train, val = whole.subset(np.flatnonzero(~is_val)), whole.subset(np.flatnonzero(is_val))

@@ -241,6 +241,20 @@ def folder_index(
     return _write(key, files, _labels(files, classes), classes, meta, extra)
 
 
+def open_index(
+    root: str | os.PathLike,
+    list_file: Optional[str | os.PathLike] = None,
+    cache: Optional[str | os.PathLike] = None,
+    reindex: bool = False,
+    fresh: bool = True,
+) -> FileIndex:
+    """The index the data modules read: of the file list `list_file` (`--data.index`, `index_from_list`) when
+    given, else of the tree `root` (`folder_index`)."""
+    if list_file is not None:
+        return index_from_list(root, list_file, cache, reindex)
+    return folder_index(root, cache, reindex, fresh=fresh)
+
+
 def _list_entries(path: Path) -> Iterator[Tuple[int, str, Optional[str]]]:
     """(line number, path, class name or None) of each line of a file list: `path` or `path<TAB>class`."""
     with open(path, "rb") as f:
@@ -438,11 +452,6 @@ class FileIndex(Sequence[str]):
     def label_array(self) -> np.ndarray:
         """The classes of this view's files, in order, as one array (a temporary: 4 bytes a file)."""
         return np.asarray(self.labels if self.positions is None else self.labels[np.asarray(self.positions)])
-
-    def labelled(self) -> FileIndex:
-        """The view of the files that have a class (those in a class folder, or given one by a list)."""
-        labels = self.label_array()
-        return self if bool(np.all(labels >= 0)) else self.subset(np.flatnonzero(labels >= 0))
 
     def subset(self, positions: np.ndarray) -> FileIndex:
         """A view of the files at `positions` (of this view), kept in the index folder as `subset-<digest>.npy`,

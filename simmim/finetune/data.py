@@ -10,9 +10,9 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
-from simmim.data.folders import LabelledImageDataset, NoLabels, class_names, labelled_split
+from simmim.data.folders import LabelledImageDataset, NoLabels, class_names, labelled_folders, labelled_split
 from simmim.data.images import require_images
-from simmim.data.index import FileIndex, agreed_index, folder_index, index_from_list
+from simmim.data.index import FileIndex, agreed_index, open_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
 from simmim.errors import DataFolderError, check_loader, require
 from simmim.finetune.augment import RECIPES, classification_transform
@@ -86,16 +86,15 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
 
     def _index(self, folder, fresh: bool, listed: bool = False) -> FileIndex:
         """`folder`'s index, or with `listed` the `--data.index` list's (rebuilt when the list changes)."""
-        if listed:
-            return index_from_list(self.root, self.index, self.index_cache, self.reindex and fresh)
-        return folder_index(folder, self.index_cache, self.reindex and fresh, fresh=fresh)
+        return open_index(folder, self.index if listed else None, self.index_cache, self.reindex and fresh, fresh)
 
     def prepare_data(self) -> None:
-        """The built-in digits on first use; every folder's index, walked or found current in the cache."""
+        """The built-in digits on first use; every folder's index, walked or found current in the cache (the split
+        is drawn in `setup`)."""
         if self.root is None:
             prepare_digits()
-        listed = self.index is not None
-        labelled_split(self.root, self.val_fraction, index_of=lambda f: self._index(f, True, listed), listed=self.index)
+        for folder in labelled_folders(self.root, self.index):
+            self._index(folder, True, self.index is not None)
         if self.predict_root is not None:
             self._index(self.predict_root, fresh=True)
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.data.images import read_sample_image, require_images
-from simmim.data.index import FileIndex, agreed_index, folder_index, index_from_list
+from simmim.data.index import FileIndex, agreed_index, open_index
 from simmim.data.loaders import collate_readable, make_loader, skip_empty_validation
 from simmim.errors import check_loader, require
 from simmim.pretrain.augment import PretrainTransform
@@ -136,9 +136,7 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         without it, the build `prepare_data` left, so that a tree changing during start-up cannot give two ranks
         two indexes)."""
         root = self.root if self.root is not None else DEFAULT_DIGITS_ROOT
-        if self.index is not None:
-            return index_from_list(root, self.index, self.index_cache, reindex)
-        return folder_index(root, self.index_cache, reindex, fresh=fresh)
+        return open_index(root, self.index, self.index_cache, reindex, fresh)
 
     def setup(self, stage: Optional[str] = None) -> None:
         files = agreed_index(getattr(self, "trainer", None), self.file_index, self.root)  # prepare_data built it

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import image_folder
+from conftest import counted_walks, image_folder
 
 from simmim.data.folders import labelled_split
 from simmim.data.images import list_images
@@ -53,15 +53,12 @@ def test_the_index_lists_what_a_listing_finds_in_its_order_with_classes(tmp_path
 
 
 def test_the_cached_index_is_reused_until_a_folder_changes(tmp_path, monkeypatch):
-    import simmim.data.index as index_module
-
-    monkeypatch.setattr(index_module, "RACY_NS", 0)  # the clock-tick rule has a test of its own
     root = _tree(tmp_path / "tree")
     (root / "b" / "gone.png").unlink()
     (root / "b" / "loop.png").unlink()
+    walks = counted_walks(monkeypatch)
     first = folder_index(root, tmp_path / "cache")
-    walks, real_walk = [], index_module.walk
-    monkeypatch.setattr(index_module, "walk", lambda *args: walks.append(args) or real_walk(*args))
+    walks.clear()
     again = folder_index(root, tmp_path / "cache")
     assert walks == [] and list(again) == list(first)  # reused: nothing walked
     time.sleep(0.01)
@@ -81,12 +78,9 @@ def test_the_cached_index_is_reused_until_a_folder_changes(tmp_path, monkeypatch
 def test_a_folder_changed_in_the_clock_tick_of_its_walk_is_walked_again(tmp_path, monkeypatch):
     """A file added in the same tick as the walk would leave the folder's time unchanged: folders changed within
     RACY_NS of the walk are not trusted, so the next start walks again (and then trusts the older times)."""
-    import simmim.data.index as index_module
-
     root = tmp_path / "tree"
     image_folder(root / "a", ["1.png"], 8)
-    walks, real_walk = [], index_module.walk
-    monkeypatch.setattr(index_module, "walk", lambda *args: walks.append(args) or real_walk(*args))
+    walks = counted_walks(monkeypatch, trust_recent=False)
     folder_index(root, tmp_path / "cache")
     folder_index(root, tmp_path / "cache")
     assert len(walks) == 2  # the folder was written just before the first walk
@@ -189,32 +183,14 @@ def _edit_meta(folder, **changes):
     (folder / "meta.json").write_text(json.dumps({**meta, **changes}))
 
 
+BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
 WORKER = r"""
-import os, pickle, sys
-from simmim.data.index import FileIndex
-
-def private_kib():
-    # private dirty memory outside mapped files (heap, anonymous): what copying on write costs a process; a mapped
-    # file's pages count as private dirty too while the page cache has not written them back: left out
-    total, anonymous = 0, True
-    for line in open("/proc/self/smaps"):
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header: address range, ..., [path]
-            anonymous = len(fields) == 5 or fields[5].startswith("[")
-        elif fields[0] == "Private_Dirty:" and anonymous:
-            total += int(fields[1])
-    return total
-
-files = pickle.loads(bytes.fromhex(sys.argv[1])) if sys.argv[1] != "list" else [f"class{i % 1000}/{i:09d}.JPEG"
-                                                                                   for i in range(int(sys.argv[2]))]
-before = private_kib()
-pid = os.fork()
-if pid == 0:  # a data-loader worker: forked, then it touches every entry over an epoch
-    start = private_kib()
-    total = sum(len(files[i]) for i in range(len(files)))
-    print(private_kib() - start, total, flush=True)
-    os._exit(0)
-os.waitpid(pid, 0)
+import pickle, sys
+sys.path.insert(0, sys.argv[1])
+from file_index import worker_copies  # benchmarks/file_index.py: a forked process reads every entry
+files = pickle.loads(bytes.fromhex(sys.argv[2])) if sys.argv[2] != "list" else [f"class{i % 1000}/{i:09d}.JPEG"
+                                                                                   for i in range(int(sys.argv[3]))]
+print(*worker_copies(files), flush=True)
 """
 
 
@@ -229,8 +205,8 @@ def test_a_worker_touching_every_entry_adds_no_memory_per_file(tmp_path):
     index = index_from_list(tmp_path / "data", listed, tmp_path / "cache")
 
     def start(*args):  # the three measurements run side by side: each in its own process, on its own pages
-        return subprocess.Popen([sys.executable, "-c", WORKER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)  # fmt: skip
+        command = [sys.executable, "-c", WORKER, BENCHMARKS, *args]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def copied(process):
         stdout, stderr = process.communicate(timeout=300)
@@ -378,13 +354,10 @@ def _listed_split(root, val_fraction, label_fraction):
 def test_fine_tuning_splits_its_folder_through_the_index_as_the_listing_did(tmp_path, digits32, monkeypatch):
     """The same files, labels and split as listing each class folder gave; `prepare_data` walks once, `setup` and
     a second run's start not at all; what a worker is sent stays small whatever the folder's size."""
-    import simmim.data.index as index_module
     from simmim.data.index import Labels
     from simmim.finetune.data import ClassificationDataModule
 
-    monkeypatch.setattr(index_module, "RACY_NS", 0)  # the digits may have been written just now
-    walks, real_walk = [], index_module.walk
-    monkeypatch.setattr(index_module, "walk", lambda *args: walks.append(args) or real_walk(*args))
+    walks = counted_walks(monkeypatch)  # the digits may have been written just now
     options = dict(img_size=32, val_fraction=0.2, label_fraction=0.3, index_cache=str(tmp_path / "cache"))
     dm = ClassificationDataModule(digits32, **options)
     dm.prepare_data()

@@ -3,7 +3,7 @@
 import cv2
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, counted_walks
 
 import swinv2
 from simmim.probe import main
@@ -30,11 +30,7 @@ def encoder_file(pretraining_run):
 
 def test_separable_classes_are_separated_at_every_stage(tmp_path, encoder_file, capsys, monkeypatch):
     """... and the folder is read through its file index: walked by the first run, found in the cache after."""
-    import simmim.data.index as index_module
-
-    monkeypatch.setattr(index_module, "RACY_NS", 0)  # written just now: otherwise walked until 2 s have passed
-    walks, real_walk = [], index_module.walk
-    monkeypatch.setattr(index_module, "walk", lambda *args: walks.append(args) or real_walk(*args))
+    walks = counted_walks(monkeypatch)
     root = str(_classes(tmp_path / "coded", colour_coded=True))
     assert main(["--checkpoint", encoder_file, "--data.root", root, "--epochs", "30"]) == 100.0
     assert len(walks) == 1
