@@ -5,6 +5,7 @@ worker without touching a thread pool that a fork copied), and the resumable tra
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 import weakref
@@ -79,18 +80,44 @@ class _WorkerStart:
     each starting a thread per core would oversubscribe the CPU), then the user's own function. A forked worker
     already has one thread (`WorkerLoader` saw to it) and is left alone: reconfiguring the thread pool a fork copied
     can block forever, its condition variables still counting the parent's threads as waiters. Spawned and
-    forkserver workers start afresh, with no pool yet, and set it here."""
+    forkserver workers start afresh, with no pool yet, and set it here.
+
+    A worker whose parent is not the process that made the loader (a forkserver's child, under DDP) also watches
+    that process and exits when it is gone: PyTorch's own check watches the parent, and a forkserver outlives a rank
+    killed with SIGKILL, which left its workers running, holding their memory, after the run had died."""
 
     def __init__(self, then: Optional[Callable[[int], None]] = None) -> None:
         while isinstance(then, _WorkerStart):  # Lightning rebuilds loaders from their attributes
             then = then.then
-        self.then = then
+        self.then, self.owner = then, os.getpid()
 
     def __call__(self, worker_id: int) -> None:
         if cv2.getNumThreads() != 1:
             cv2.setNumThreads(1)
+        if os.getppid() != self.owner:
+            threading.Thread(target=_exit_without, args=(self.owner,), daemon=True, name="owner-watch").start()
         if self.then is not None:
             self.then(worker_id)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (not ended, not a zombie waiting to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or another user's process under a reused number
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc: the signal test alone
+        return True
+
+
+def _exit_without(owner: int, every_s: float = 1.0) -> None:
+    """In a data-loader worker: end the process once `owner` (the process that made the loader) has ended."""
+    while _alive(owner):
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _forks(loader: DataLoader) -> bool:

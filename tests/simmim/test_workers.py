@@ -96,3 +96,55 @@ def test_pytorch_still_starts_workers_through_the_hook_the_loader_overrides():
 
     assert inspect.getsource(DataLoader.__iter__).count("self._get_iterator()") == 2
     assert WorkerLoader._get_iterator is not DataLoader._get_iterator
+
+
+PIDS_DATASET = """
+import os
+import torch
+
+class Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, i):
+        return os.getpid()
+"""
+
+OWNER = """
+import sys, time
+from pids_dataset import Pids
+from simmim.data.loaders import WorkerLoader
+
+loader = WorkerLoader(
+    Pids(), batch_size=1, num_workers=2, persistent_workers=True, multiprocessing_context="forkserver"
+)
+pids = {int(b) for b, _ in zip(loader, range(20))}
+print(" ".join(map(str, sorted(pids))), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_forkserver_workers_end_when_the_process_that_made_the_loader_is_killed(tmp_path):
+    """A rank under DDP starts its workers from a forkserver, which outlives the rank: killed with SIGKILL, its
+    workers must still end (they watch it), not run on holding their memory."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from simmim.data.loaders import _alive
+
+    (tmp_path / "pids_dataset.py").write_text(PIDS_DATASET)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        workers = [int(p) for p in owner.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)
