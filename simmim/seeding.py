@@ -14,7 +14,8 @@ Every draw is seeded from it here and nowhere else:
 - **Per training batch** (drop-path, dropout, mixup/cutmix): `seed_step` reseeds torch (every device), NumPy's and
   Python's global generators from (run seed, rank, epoch, batch index) before each batch, so ranks differ and a
   resumed run repeats the interrupted run's draws.
-- **Shuffling**: the epoch's order is a permutation drawn from (run seed, epoch).
+- **Shuffling**: the epoch's order is a permutation drawn from (run seed, epoch); a shard set's (`ShardSampler`)
+  is its chunks in an order drawn from (run seed, epoch), shuffled window by window from (run seed, epoch, window).
 - **The quick fine-tune monitor** (`simmim.monitors`): its head and batch order from (run seed) alone, the
   same at every epoch and on every rank, so two checkpoints are compared under the same draws.
 
@@ -154,6 +155,56 @@ class SeededSampler(DistributedSampler):
         return self.num_samples
 
 
+class ShardSampler(SeededSampler):
+    """The training order of a shard set (`simmim.data.shards.ShardSet`): each epoch its chunks in a new random
+    order, the samples shuffled within windows of `window` consecutive chunks of that order (the shuffle holds one
+    window's indices, whatever the set's size), and the epoch's order cut into one contiguous block per rank, so
+    that a rank reads its own chunks. The last `size % num_replicas` positions of the order are left out: no sample
+    is read twice in an epoch (different ones each epoch). Keys and their seeds follow `SeededSampler`'s rule:
+    `(index, seed(run seed, epoch, position in the epoch's order))`, so workers, ranks and a resume draw as in a
+    folder; `pin(epoch, start)` takes the same global start (samples read on all ranks).
+
+    Args:
+        chunk_sizes: Samples per chunk, in the set's order.
+        seed: The run seed.
+        window: Chunks shuffled together.
+        num_replicas, rank: DDP world size and this process's rank.
+    """
+
+    def __init__(
+        self, chunk_sizes: np.ndarray, seed: int, window: int = 4, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        self.chunk_sizes = np.asarray(chunk_sizes, dtype=np.int64)
+        super().__init__(int(self.chunk_sizes.sum()), seed, True, num_replicas, rank)
+        self.window = window
+        self.starts = np.concatenate([[0], np.cumsum(self.chunk_sizes)])
+        self.num_samples = self.size // num_replicas
+        self.total_size = self.num_samples * num_replicas
+
+    def _from(self, epoch: int, first: int) -> Iterator[int]:
+        """The dataset indices at the epoch's positions `first`, `first + 1`, ..., made a window at a time."""
+        chunks = np.random.default_rng(derive_seed(self.seed, _SHUFFLE, epoch)).permutation(len(self.chunk_sizes))
+        groups = [chunks[w : w + self.window] for w in range(0, len(chunks), self.window)]
+        ends = np.cumsum([self.chunk_sizes[g].sum() for g in groups])
+        start = int(np.searchsorted(ends, first, side="right"))
+        skip = first - (int(ends[start - 1]) if start else 0)
+        for w in range(start, len(groups)):
+            members = np.concatenate([np.arange(self.starts[c], self.starts[c + 1]) for c in groups[w]])
+            yield from np.random.default_rng(derive_seed(self.seed, _SHUFFLE, epoch, w)).permutation(members)[skip:]
+            skip = 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.fromiter(self._from(epoch, 0), dtype=np.int64, count=self.size)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch, start = self._pinned or (self.epoch, 0)
+        self._pinned = None
+        done = start // self.num_replicas  # samples this rank read before `start`
+        first = self.rank * self.num_samples
+        for p, index in zip(range(first + done, first + self.num_samples), self._from(epoch, first + done)):
+            yield int(index), derive_seed(self.seed, _SAMPLE, epoch, p)
+
+
 class SeedState:
     """For a `LightningDataModule`: the run seed goes into every checkpoint, and a resumed run takes it back, so
     that `--seed_everything true` (a seed drawn per command) still resumes with the interrupted run's draws."""
@@ -172,7 +223,11 @@ class SeedState:
             os.environ[SEED_ENV] = str(state["seed"])
 
 
-def make_train_sampler(size: int, trainer=None) -> SeededSampler:
-    """The training sampler for `trainer`'s rank and world size (one process when None)."""
+def make_train_sampler(files, trainer=None) -> SeededSampler:
+    """The training sampler of `files` (a folder's files, a dataset, or a shard set with `chunk_sizes`) for
+    `trainer`'s rank and world size (one process when None)."""
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    return SeededSampler(size, run_seed(), shuffle=True, num_replicas=world, rank=rank)
+    chunk_sizes = getattr(files, "chunk_sizes", None)
+    if chunk_sizes is not None:
+        return ShardSampler(chunk_sizes, run_seed(), num_replicas=world, rank=rank)
+    return SeededSampler(len(files), run_seed(), shuffle=True, num_replicas=world, rank=rank)

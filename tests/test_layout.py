@@ -26,7 +26,7 @@ LAYERS = {
     "simmim.monitors": 6,
     "simmim.cli": 7,
 }
-ENTRY_POINTS = ("activations.py", "probe.py", "reconstruct.py", "transfer.py")
+ENTRY_POINTS = ("activations.py", "probe.py", "reconstruct.py", "shard.py", "transfer.py")
 
 
 def imported_modules(path: Path, root: Path = ROOT) -> set:
@@ -148,7 +148,7 @@ def _is_entry_point(path: Path) -> bool:
     body = ast.parse(path.read_text()).body
     if len(body) != 4 or not isinstance(body[0], ast.Expr) or not isinstance(body[3], ast.If):
         return False
-    errors, imp = body[1], body[2]
+    errors, imp = sorted(body[1:3], key=lambda node: getattr(node, "module", "") != "simmim.errors")  # either order
     one_line = isinstance(errors, ast.ImportFrom) and errors.module == "simmim.errors"
     one_line = one_line and [a.name for a in errors.names] == ["user_errors_as_messages"]
     main = isinstance(imp, ast.ImportFrom) and [a.name for a in imp.names] == ["main"] and imp.module.count(".") == 2

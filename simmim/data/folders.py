@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT
 from simmim.data.images import read_sample_image
 from simmim.data.index import FileIndex, Labels, folder_index, index_from_list
+from simmim.data.shards import ShardLabels, is_shard_root, labelled_shards
 from simmim.errors import DataFolderError
 from simmim.seeding import SampleKey, sample_seed, seeded_globals
 
@@ -58,13 +59,16 @@ def class_names(
 ) -> List[str]:
     """The classes a `ClassificationDataModule(root=root, index=index)` will have, from the folder names alone (no
     image is listed or read): `root/train/<class>` when `root` has train/ and val/ (whose class folders must be the
-    same), else `root/<class>`; the digits for None. With a labelled file list `index`, the classes it names."""
+    same), else `root/<class>`; the digits for None. With a labelled file list `index`, the classes it names; for
+    shards, those their record names."""
     if index is not None:
         if root is None:
             raise DataFolderError(f"--data.index {index} needs --data.root, the folder its paths are relative to")
         return listed_classes(index_from_list(root, index, index_cache), index)
     if root is None:
         return DIGIT_CLASSES
+    if is_shard_root(root):
+        return labelled_shards(root, 0.0, option=option)[2]
     root = Path(root)
     if not _split_folders(root):
         return class_folders(root, option)
@@ -192,7 +196,11 @@ def labelled_split(
     `label_fraction` < 1 keeps that fraction of each class's training labels. The folders are read through their
     file indexes (`index_of(folder)`; default: `folder_index`, the cached index while the folder is unchanged).
     With `listed` (a labelled file list, `--data.index`), `index_of(root)` is the list's index, split as
-    `root/<class>` would be. Errors name `option`, the setting that gave `root`."""
+    `root/<class>` would be. Shards (`simmim.data.shards.labelled_shards`) are split in whole chunks. Errors name
+    `option`, the setting that gave `root`."""
+    if root is not None and is_shard_root(root):
+        train, val, classes = labelled_shards(root, val_fraction, label_fraction, option)
+        return LabelledSplit(train, ShardLabels(train), val, ShardLabels(val), classes)
     index_of = index_of or folder_index
     folders = labelled_folders(root, listed)
     if len(folders) == 2:

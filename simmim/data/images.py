@@ -12,7 +12,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -99,20 +99,43 @@ def to_uint8_rgb(img: np.ndarray) -> np.ndarray:
 def decode_image(path: str | os.PathLike) -> np.ndarray:
     """Read any supported image file as uint8 (H, W, 3) RGB. Only a regular file is read (a FIFO or a device named
     by a file list would block or never end)."""
+    return decode_bytes(read_image_file(path), path)
+
+
+def read_image_file(path: str | os.PathLike) -> np.ndarray:
+    """The bytes of an image file (uint8 array), undecoded. Only a regular file is read."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise UnreadableImageError(f"cannot read {path}: not a regular file")
-        data = np.fromfile(path, dtype=np.uint8)
+        return np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise UnreadableImageError(f"cannot read {path}: {e}") from e
+
+
+def decode_bytes(data: np.ndarray, name: str | os.PathLike) -> np.ndarray:
+    """An encoded image file's bytes (uint8 array) as uint8 (H, W, 3) RGB; `name` says where they came from."""
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None or img.size == 0:
-        raise UnreadableImageError(f"cannot decode {path} as an image (corrupt or not an image file)")
+        raise UnreadableImageError(f"cannot decode {name} as an image (corrupt or not an image file)")
     return to_uint8_rgb(img)
 
 
+def decode_item(item: Any) -> np.ndarray:
+    """An image given by its path, or by an item that decodes itself (a shard set's `ShardItem`)."""
+    decode = getattr(item, "decode", None)
+    return decode() if decode is not None else decode_image(item)
+
+
+def decode_sample(files: Sequence, i: int) -> np.ndarray:
+    """Image `i` of `files`: a sequence of paths or items (`decode_item`), or a set that decodes its own samples (a
+    `ShardSet`)."""
+    decode = getattr(files, "decode", None)
+    return decode(i) if decode is not None else decode_item(files[i])
+
+
 def read_sample_image(files: Sequence, i: int, refill: bool) -> Tuple[Optional[np.ndarray], int, Tuple[int, ...]]:
-    """Decode `files[i]` for a dataset sample; an unreadable file is warned about by name.
+    """Decode image `i` of `files` (`decode_sample`) for a dataset sample; an unreadable file is warned about by
+    name.
 
     Without `refill` (validation, prediction) the sample is then dropped: (None, i, (i,)). With `refill` (training)
     the next readable file in the list takes its place, so a batch never shrinks or empties, even at batch size 1.
@@ -128,7 +151,7 @@ def read_sample_image(files: Sequence, i: int, refill: bool) -> Tuple[Optional[n
     for step in range(n if refill else 1):
         j = (i + step) % n
         try:
-            return decode_image(files[j]), j, tuple(passed)
+            return decode_sample(files, j), j, tuple(passed)
         except UnreadableImageError as e:
             warnings.warn(f"skipping unreadable image: {e}", stacklevel=3)
             passed.append(j)

@@ -157,7 +157,7 @@ def _labels(files: Sequence[str], classes: List[str]) -> np.ndarray:
 def _folders_unchanged(root: Path, folder: Path, meta: Dict) -> bool:
     """Whether every folder the index walked still has the modification time it had, and none had changed so
     close to the walk that a change in the same clock tick could have gone unseen (then the next start walks)."""
-    folders = _read_json(folder / "folders.json", MAX_FOLDERS_BYTES)
+    folders = read_json(folder / "folders.json", MAX_FOLDERS_BYTES)
     if not isinstance(folders, dict) or meta.get("complete") is not True:
         return False  # something was passed over: walked again, and warned about again
     names, times, walked = folders.get("folders"), folders.get("folder_times"), meta.get("walked_at")
@@ -187,7 +187,8 @@ def _read_small(path: Path, limit: int) -> Optional[bytes]:
     return data if len(data) <= limit else None
 
 
-def _read_json(path: Path, limit: int) -> Any:
+def read_json(path: Path, limit: int) -> Any:
+    """The JSON value of a regular file of at most `limit` bytes, else None (unreadable, too large, malformed)."""
     data = _read_small(path, limit)
     try:
         return None if data is None else json.loads(data)
@@ -196,7 +197,7 @@ def _read_json(path: Path, limit: int) -> Any:
 
 
 def _read_meta(folder: Path) -> Optional[Dict]:
-    meta = _read_json(folder / "meta.json", MAX_META_BYTES)
+    meta = read_json(folder / "meta.json", MAX_META_BYTES)
     return meta if isinstance(meta, dict) and meta.get("version") == INDEX_VERSION else None
 
 

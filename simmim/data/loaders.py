@@ -41,9 +41,10 @@ def collate_readable(batch: List, num_fields: int) -> Tuple:
 def make_loader(
     dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn, trainer=None
 ) -> DataLoader:
-    """Training: a `ResumableLoader` over a `SeededSampler` for `trainer`'s rank (the seeded, resumable order;
-    a last partial batch is dropped). Otherwise a plain in-order loader (Lightning shares it out under DDP).
-    Batches are pinned when `trainer` trains on a GPU, so that Lightning's copies to it do not block."""
+    """Training: a `ResumableLoader` over a `SeededSampler` for `trainer`'s rank (the seeded, resumable order of
+    `dataset.files`, a folder's or a shard set's; a last partial batch is dropped). Otherwise a plain in-order
+    loader (Lightning shares it out under DDP). Batches are pinned when `trainer` trains on a GPU, so that
+    Lightning's copies to it do not block."""
     kwargs = dict(
         batch_size=batch_size,
         num_workers=num_workers,
@@ -54,7 +55,7 @@ def make_loader(
     )
     if not train:
         return WorkerLoader(dataset, shuffle=False, **kwargs)
-    sampler = make_train_sampler(len(dataset), trainer)
+    sampler = make_train_sampler(getattr(dataset, "files", dataset), trainer)
     return ResumableLoader(dataset, sampler, trainer, drop_last=len(sampler) >= batch_size, **kwargs)
 
 
@@ -267,7 +268,8 @@ class ResumableLoader(WorkerLoader):
                 f"resumed on {sampler.num_replicas} processes, the checkpoint was written on {state['world_size']}: "
                 "the rest of the interrupted epoch is shared out anew from where training stopped, but Lightning "
                 "counts that epoch's remaining batches per process, so some of its samples may be skipped or read "
-                "twice; later epochs are exact"
+                "twice (from shards, whose ranks read contiguous blocks, up to about half of that rest); later "
+                "epochs are exact"
             )
         sampler.set_epoch(state["epoch"])
         self._resume = (state["epoch"], min(state["position"], sampler.size))

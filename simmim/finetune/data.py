@@ -14,6 +14,7 @@ from simmim.data.folders import LabelledImageDataset, NoLabels, class_names, lab
 from simmim.data.images import require_images
 from simmim.data.index import FileIndex, agreed_index, open_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
+from simmim.data.shards import is_shard_root, open_shard_split
 from simmim.errors import DataFolderError, check_loader, require
 from simmim.finetune.augment import RECIPES, classification_transform
 from simmim.seeding import SeedState
@@ -93,6 +94,8 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         is drawn in `setup`)."""
         if self.root is None:
             prepare_digits()
+        if is_shard_root(self.root):
+            return  # shards have no index to build
         for folder in labelled_folders(self.root, self.index):
             self._index(folder, True, self.index is not None)
         if self.predict_root is not None:
@@ -105,6 +108,9 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
 
         def index_of(folder, listed: bool = False) -> FileIndex:
             return agreed_index(trainer, lambda: self._index(folder, False, listed), folder)
+
+        if is_shard_root(self.root):  # the ranks opened the same shards, or all stop with the reason
+            agreed_index(trainer, lambda: open_shard_split(self.root), self.root)
 
         split = labelled_split(
             self.root,

@@ -16,6 +16,7 @@ from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.data.images import read_sample_image, require_images
 from simmim.data.index import FileIndex, agreed_index, open_index
 from simmim.data.loaders import collate_readable, make_loader, skip_empty_validation
+from simmim.data.shards import ShardSplit, is_shard_root, open_shard_split
 from simmim.errors import check_loader, require
 from simmim.pretrain.augment import PretrainTransform
 from simmim.pretrain.masking import MaskGenerator
@@ -77,6 +78,10 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         index: A file list to read instead of walking `root` (one path per line, relative to `root`).
         index_cache: Where indexes are kept (default: `$XDG_CACHE_HOME/simmim/index`, `~/.cache/simmim/index`).
         reindex: Walk the folder (or read the list) again even when the cached index looks current.
+
+    `root` may also be a shard set (`python -m simmim.shard`; a folder or an `s3://`-style URL,
+    `simmim.data.shards`): read sample by sample in the order of `simmim.seeding.ShardSampler`, with whole chunks
+    held out for validation (or its val/ set, when the converter wrote train/ and val/ sets).
     """
 
     def __init__(
@@ -96,6 +101,8 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         super().__init__()
         check_loader(batch_size, num_workers, val_fraction)
         require(index is None or root is not None, "--data.index", index, "needs --data.root, the folder it lists")
+        self.sharded = is_shard_root(root)
+        require(index is None or not self.sharded, "--data.index", index, "lists files of a folder, not of shards")
         require(0.0 < mask_ratio < 1.0, "--data.mask_ratio", mask_ratio, "must be in (0, 1) (official: 0.6)")
         require(
             mask_patch_size % model_patch_size == 0,
@@ -114,7 +121,9 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         self.num_workers, self.val_fraction = num_workers, val_fraction
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
         self.index, self.index_cache, self.reindex = index, index_cache, reindex
-        if root is not None and index is None:
+        if self.sharded:
+            pass  # opened on every rank in `setup` (a remote set is read only there)
+        elif root is not None and index is None:
             require_images(root)  # a missing or empty folder fails at start-up, on every rank
         elif index is not None:
             require(os.path.isdir(root), "--data.root", root, "is not a folder: the paths of --data.index are in it")
@@ -129,7 +138,8 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.root is None:
             prepare_digits()
-        self.file_index(self.reindex, fresh=True)
+        if not self.sharded:
+            self.file_index(self.reindex, fresh=True)
 
     def file_index(self, reindex: bool = False, fresh: bool = False) -> FileIndex:
         """The index of the images: built, or read back from the cache (`fresh`: only while the tree is unchanged;
@@ -138,8 +148,18 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         root = self.root if self.root is not None else DEFAULT_DIGITS_ROOT
         return open_index(root, self.index, self.index_cache, reindex, fresh)
 
+    def shards(self) -> ShardSplit:
+        """The shards under `root`: one set, or train/ and val/ sets."""
+        return open_shard_split(self.root)
+
     def setup(self, stage: Optional[str] = None) -> None:
-        files = agreed_index(getattr(self, "trainer", None), self.file_index, self.root)  # prepare_data built it
+        trainer = getattr(self, "trainer", None)
+        if self.sharded:  # one set is split in whole chunks; train/ and val/ sets are used as they are
+            train, val = agreed_index(trainer, self.shards, self.root)
+            self.train_files, self.val_files = train.val_split(self.val_fraction) if val is None else (train, val)
+            skip_empty_validation(self, "no validation chunks (--data.val_fraction too small for the shards' chunks)")
+            return
+        files = agreed_index(trainer, self.file_index, self.root)  # prepare_data built it
         order = np.random.default_rng(0).permutation(len(files))  # fixed split, independent of the run seed
         n_val = int(round(len(files) * self.val_fraction))
         self.val_files = files.subset(np.sort(order[:n_val]))

@@ -18,8 +18,8 @@ import torch
 from torchvision.utils import save_image
 
 from simmim.checkpointing.untrusted import checked_hyperparameters, read_run_config
-from simmim.data.images import decode_image
-from simmim.data.index import folder_index
+from simmim.data.images import decode_item
+from simmim.data.shards import open_images
 from simmim.errors import ConfigError
 from simmim.monitors import ResizeCenterCrop
 from simmim.pretrain.callbacks import reconstruction_grid
@@ -65,7 +65,7 @@ def spread(files: Sequence[str], n: int) -> Sequence[str]:
 def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m simmim.reconstruct", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint (.ckpt)")
-    p.add_argument("--images", required=True, help="a folder of images (searched recursively)")
+    p.add_argument("--images", required=True, help="a folder of images (searched recursively), or shards")
     p.add_argument("--out", default="reconstructions.png", help="the PNG grid to write")
     p.add_argument("--num_images", type=int, default=8)
     p.add_argument("--mask_ratio", type=float, help="default: the run's")
@@ -92,11 +92,11 @@ def main(args: Optional[List[str]] = None) -> torch.Tensor:
         )
     except ValueError as e:  # from the options or the run's config.yaml
         raise ConfigError(f"the mask settings do not fit: {e}") from None
-    files = spread(folder_index(opts.images), opts.num_images)
+    files = spread(open_images(opts.images), opts.num_images)
     if not files:
         raise ConfigError(f"--images {opts.images}: no images found")
     resize = ResizeCenterCrop(img_size, mean, std)
-    x = torch.stack([resize(decode_image(f)) for f in files])
+    x = torch.stack([resize(decode_item(f)) for f in files])
     rng = np.random.default_rng(opts.seed)
     mask = torch.from_numpy(np.stack([masks(rng) for _ in files]))
     grid = reconstruction_grid(module.model, x, mask, mean, std)
