@@ -1,7 +1,6 @@
 """Sharded image sets: the images of a folder tree packed by `python -m simmim.shard` into litdata's chunk format
 (`chunk-*.bin` files and litdata's `index.json`) plus our record (`shards.json`: the format, the sample count, the
-class names, the images left out), in a local folder or in object storage (`s3://`, `gs://`, Azure, or any store
-litdata reads).
+class names, the images left out), in a local folder or in object storage (`s3://`, `gs://`, `azure://`, `r2://`).
 
 A sample is `{"key": its path in the source tree, "label": its class (-1: none), "image": the file's bytes}`: the
 encoded file as it was (no re-encoding), decoded in the data-loader workers as a folder's files are.
@@ -11,8 +10,9 @@ its chunk, local or remote), so the training order, its seeds and its exact resu
 (`simmim.seeding.ShardSampler`): nothing about the order comes from litdata.
 
 Everything read back is untrusted: `shards.json` and `index.json` are read with a size bound and checked field by
-field before litdata sees them, and again as litdata loaded them in every process, before any sample is read
-(litdata's formats include a pickle serializer, which would run code; chunk names could point outside the folder).
+field before litdata sees them (litdata's formats include a pickle serializer, which would run code; chunk names
+could point outside the folder). litdata is handed a remote set's checked index instead of fetching it, and reads a
+local set's own, which every process checks again as litdata loaded it, before any sample is read.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def _checked_record(root: str, record: Any) -> Tuple[int, List[str], int]:
     """(sample count, class names, samples without a class) of a `shards.json`, checked."""
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
         raise _fail(root, f"its {SHARDS_FILE} is not a version-{VERSION} record of this project")
-    count, classes = record.get("count"), record.get("classes")
-    if not isinstance(count, int) or isinstance(count, bool) or not 0 < count <= MAX_CHUNK_SAMPLES << 16:
+    count, classes = _count(record.get("count"), MAX_CHUNK_SAMPLES << 16), record.get("classes")
+    if count is None:
         raise _fail(root, f"its {SHARDS_FILE} gives no valid sample count")
     if (
         not isinstance(classes, list)
@@ -149,8 +149,8 @@ def _checked_record(root: str, record: Any) -> Tuple[int, List[str], int]:
         or len(set(classes)) != len(classes)
     ):
         raise _fail(root, f"its {SHARDS_FILE} has a malformed class list")
-    unlabelled = record.get("unlabelled")
-    if not isinstance(unlabelled, int) or isinstance(unlabelled, bool) or not 0 <= unlabelled <= count:
+    unlabelled = _count(record.get("unlabelled"), count, zero=True)
+    if unlabelled is None:
         raise _fail(root, f"its {SHARDS_FILE} gives no valid count of samples without a class")
     return count, classes, unlabelled
 
@@ -185,7 +185,7 @@ def checked_index(root: str, config: Any, chunks: Any, spec: str) -> Tuple[List[
         clean.append({"chunk_bytes": size_bytes, "chunk_size": size, "dim": None, "filename": name})
     if len(set(names)) != len(names):
         raise _fail(root, f"its {INDEX_FILE} lists a chunk twice")
-    return names, np.asarray(sizes, dtype=np.int64), {"chunks": clean, "config": {f: config[f] for f in config}}
+    return names, np.asarray(sizes, dtype=np.int64), {"chunks": clean, "config": dict(config)}
 
 
 def _count(value: Any, limit: int, zero: bool = False) -> Optional[int]:
@@ -202,8 +202,7 @@ class ShardSet(Sequence[str]):
 
     Args:
         root: A folder written by `python -m simmim.shard`, or its URL in object storage.
-        cache: Where litdata keeps what it downloads of a remote set (its `index.json`); default
-            `$XDG_CACHE_HOME/simmim/shards`.
+        cache: Where a remote set's checked index is kept for litdata; default `$XDG_CACHE_HOME/simmim/shards`.
         storage_options: Passed to litdata's readers (for example `{"endpoint_url": ...}` for an S3-compatible
             store; `AWS_ENDPOINT_URL` and the other `AWS_*` variables work too).
     """
@@ -251,7 +250,7 @@ class ShardSet(Sequence[str]):
         view.__dict__.update(self.__dict__)
         view.chunks = np.sort(np.asarray(chunks, dtype=np.int64))
         view._bounds = np.concatenate([[0], np.cumsum(self.sizes[view.chunks])])
-        view._reader, view._last = None, None
+        view._reader, view._reader_pid, view._last = None, None, None
         return view
 
     @property
@@ -307,7 +306,7 @@ class ShardSet(Sequence[str]):
         return decode_bytes(np.frombuffer(image, dtype=np.uint8), self.name(key, chunk))
 
     def __getitem__(self, i):  # type: ignore[override]
-        """Sample `i` as a `ShardItem`: a name (`<root>#<position>`) that decodes itself, without reading it."""
+        """Sample `i` as a `ShardItem`: a name that decodes itself, without reading it."""
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
@@ -336,16 +335,13 @@ class ShardSet(Sequence[str]):
         val, train = self.pick_chunks(fraction, seed=0)
         return train, val
 
-    def describe(self) -> str:
-        return f"{len(self)} images in {len(self.chunks)} chunks of {self.root}"
-
 
 class ShardItem(str):
-    """One sample of a shard set, as a name (`<root>#<position in the view>`) that decodes itself (`decode()`):
-    what a list of files holds where a shard set stands in for a folder (the evaluation tools' lists)."""
+    """Sample `i` of a shard set (or view), as a name (`<root>#<position in the whole set>`) that decodes itself
+    (`decode()`): what a list of files holds where a shard set stands in for a folder (the evaluation tools' lists)."""
 
     def __new__(cls, shards: ShardSet, i: int) -> ShardItem:
-        item = super().__new__(cls, f"{shards.root}#{i}")
+        item = super().__new__(cls, f"{shards.root}#{shards._locate(i)[1]}")
         item.shards, item.i = shards, i
         return item
 
@@ -439,18 +435,18 @@ def _local_index(cache: str, index: Dict[str, Any]) -> str:
     digest = hashlib.sha256(body.encode()).hexdigest()[:20]
     folder = Path(cache) / "checked"
     path = folder / f"{digest}.{INDEX_FILE}"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{digest}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({**index, "updated_at": digest}))
-        os.replace(tmp, path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{digest}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({**index, "updated_at": digest}))  # written anew: nothing in the cache is trusted
+    os.replace(tmp, path)
     return os.fspath(path)
 
 
 def default_shard_cache() -> Path:
-    """Where litdata keeps what it downloads of remote shard sets unless told: `$XDG_CACHE_HOME/simmim/shards`."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "simmim" / "shards"
+    """Where the checked indexes of remote shard sets are kept unless told: `$XDG_CACHE_HOME/simmim/shards`."""
+    from simmim.data.index import default_cache
+
+    return default_cache().parent / "shards"
 
 
 def _open_reader(shards: ShardSet):

@@ -121,9 +121,7 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         self.num_workers, self.val_fraction = num_workers, val_fraction
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
         self.index, self.index_cache, self.reindex = index, index_cache, reindex
-        if self.sharded:
-            pass  # opened on every rank in `setup` (a remote set is read only there)
-        elif root is not None and index is None:
+        if root is not None and index is None and not self.sharded:  # shards are opened in `setup`
             require_images(root)  # a missing or empty folder fails at start-up, on every rank
         elif index is not None:
             require(os.path.isdir(root), "--data.root", root, "is not a folder: the paths of --data.index are in it")
