@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import io
 import json
 import multiprocessing
@@ -26,7 +27,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from simmim.data.shards import FORMAT, INDEX_FILE, SHARDS_FILE, VERSION, ShardSe
 from simmim.errors import ConfigError
 
 MANIFEST = ".convert.json"
+LOCK = ".convert.lock"
 RANK_ENV = "DATA_OPTIMIZER_GLOBAL_RANK"  # litdata's writer takes its rank from it
 MAX_RECORD_BYTES = 256 << 20
 
@@ -130,11 +132,28 @@ def _manifest(src: Path, index: FileIndex, a: argparse.Namespace) -> Dict[str, A
     }
 
 
-def _prepare_out(out: Path, manifest: Dict[str, Any]) -> bool:
-    """Make `out` ready for `manifest`'s conversion; True when that conversion is already complete."""
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """`out` (made if missing) held by this conversion alone: a second one into it is refused while this one runs
+    (an exclusive lock on `out/.convert.lock`, released when the process ends, however it ends)."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ConfigError(f"OUT {out}: not a folder (a link is not followed); give a new or empty folder")
-    if out.is_dir() and any(out.iterdir()):
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"OUT {out}: another conversion is writing it; wait for it to end") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare_out(out: Path, manifest: Dict[str, Any]) -> bool:
+    """Make `out` (locked, `_locked`) ready for `manifest`'s conversion; True when that conversion is already
+    complete."""
+    if any(p.name != LOCK for p in out.iterdir()):
         found = _read_json(out / MANIFEST)
         if found is None:
             raise ConfigError(f"OUT {out}: not empty and not a conversion by this command; give a new or empty folder")
@@ -146,7 +165,6 @@ def _prepare_out(out: Path, manifest: Dict[str, Any]) -> bool:
             )
         _tidy(out)
         return (out / INDEX_FILE).is_file()
-    out.mkdir(parents=True, exist_ok=True)
     _write_json(out / MANIFEST, manifest)
     return False
 
@@ -211,9 +229,14 @@ def convert(a: argparse.Namespace) -> int:
 
 def convert_tree(src: Path, out: Path, a: argparse.Namespace) -> int:
     """One folder tree `src` into the shard set `out`; returns the number of images written."""
+    index = open_index(src, None, a.index_cache, a.reindex, fresh=True)
+    with _locked(out):
+        return _convert_locked(src, out, index, a)
+
+
+def _convert_locked(src: Path, out: Path, index: FileIndex, a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    index = open_index(src, None, a.index_cache, a.reindex, fresh=True)
     manifest = _manifest(src, index, a)
     if _prepare_out(out, manifest):
         print(f"{out}: already complete ({SHARDS_FILE} names what it holds)", file=sys.stderr)

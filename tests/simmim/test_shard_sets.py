@@ -85,6 +85,12 @@ def test_an_interrupted_conversion_redoes_only_its_unfinished_parts_and_ends_as_
     assert "already complete" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="another source, with other settings"):
         convert.main([str(src), str(tmp_path / "cut"), *SMALL, "--seed", "1"])
+    import fcntl
+
+    with open(tmp_path / "cut" / ".convert.lock") as held:  # as a conversion still running into it holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another conversion is writing it"):
+            convert.main([str(src), str(tmp_path / "cut"), *SMALL])
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty and not a conversion"):
@@ -118,6 +124,7 @@ def test_a_conversion_killed_mid_part_with_its_workers_finishes_as_an_uninterrup
     assert finished.chunk_names == whole.chunk_names and _samples(finished) == _samples(whole)
     assert sorted(p.name for p in cut.iterdir() if not p.name.startswith("chunk-")) == [
         ".convert.json",
+        ".convert.lock",
         "index.json",
         "shards.json",
     ]  # nothing left of the parts
