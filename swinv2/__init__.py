@@ -2,6 +2,7 @@
 
 from swinv2.checkpoint import (
     LoadReport,
+    adapt_in_chans,
     add_record,
     architecture,
     checkpoint_windows,
@@ -18,6 +19,7 @@ __all__ = [
     "create_model",
     "VARIANTS",
     "load_pretrained",
+    "adapt_in_chans",
     "create_model_from_checkpoint",
     "save_weights",
     "architecture",

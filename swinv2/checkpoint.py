@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+import torch
 from safetensors.torch import save_file
 
 from swinv2.convert import (
@@ -56,6 +57,7 @@ class LoadReport:
         dropped_keys: Checkpoint entries dropped on purpose (window buffers, decoder, a head or mask token the
             model does not use), with the reason.
         resized_keys: Entries interpolated to the model's shape (Swin V1 bias tables on a new window).
+        adapted_keys: Entries adapted to another number of input channels (`adapt_channels`), with what was done.
         windows: The windows the file's position bias was trained for, per stage, where the file tells.
     """
 
@@ -65,6 +67,7 @@ class LoadReport:
     unexpected_keys: List[str] = field(default_factory=list)
     dropped_keys: Dict[str, str] = field(default_factory=dict)
     resized_keys: List[str] = field(default_factory=list)
+    adapted_keys: Dict[str, str] = field(default_factory=dict)
     windows: Optional[Windows] = None
 
     def __str__(self) -> str:
@@ -73,6 +76,7 @@ class LoadReport:
             keys = getattr(self, name)
             lines.append(f"{name} ({len(keys)}): {keys[:20]}{' ...' if len(keys) > 20 else ''}")
         lines.append(f"dropped_keys: {len(self.dropped_keys)}")
+        lines += [f"adapted: {k}: {how}" for k, how in self.adapted_keys.items()]
         return "\n".join(lines)
 
 
@@ -174,7 +178,7 @@ def _mismatch_hint(key: str) -> str:
     return "a different variant (embed_dim, num_heads or mlp_ratio)"
 
 
-def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
+def load_pretrained(model: SwinTransformerV2, source: Source, adapt_channels: bool = False) -> LoadReport:
     """Load SwinV2 weights of any supported layout into `model`.
 
     Window-dependent buffers are dropped from the source and recomputed for the model's own windows, so a
@@ -186,6 +190,8 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
         model: A `swinv2.SwinTransformerV2`.
         source: A checkpoint path (`.pth`/`.ckpt`/`.safetensors`, a transformers folder) or an already read
             checkpoint or state dict.
+        adapt_channels: Load weights trained for another number of input channels (RGB weights into a 13-band
+            model, say) by adapting the patch embedding (`adapt_in_chans`); without it that is refused.
 
     Returns:
         A `LoadReport` with the detected format and the missing, unexpected and dropped keys.
@@ -230,6 +236,15 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
             elif k.endswith("relative_position_bias_table"):
                 to_load[k] = resize_bias_table(v, target[k].shape).to(target[k].dtype)
                 report.resized_keys.append(k)
+            elif k == ANCHOR and _other_channels(v, target[k]):
+                if not adapt_channels:
+                    raise CheckpointMismatchError(
+                        f"{name} was trained on {v.shape[1]}-channel images and the model takes {target[k].shape[1]} "
+                        "channels: load it with adapt_channels=True to adapt its patch embedding (adapt_in_chans), or "
+                        f"build the model with in_chans={v.shape[1]}"
+                    )
+                to_load[k] = adapt_in_chans(v, target[k].shape[1]).to(target[k].dtype)
+                report.adapted_keys[k] = f"{v.shape[1]} -> {target[k].shape[1]} input channels (adapt_in_chans)"
             else:
                 raise CheckpointMismatchError(
                     f"checkpoint key '{prefix}{k}' has shape {tuple(v.shape)} but the model expects "
@@ -241,6 +256,36 @@ def load_pretrained(model: SwinTransformerV2, source: Source) -> LoadReport:
     report.missing_keys = sorted(k for k in target if k not in to_load and k not in window_buffers)
     model.load_state_dict(to_load, strict=False)
     return report
+
+
+def _other_channels(weight: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether two patch-embedding weights differ in their input channels alone."""
+    return weight.dim() == 4 and weight.shape[1] != target.shape[1] and weight.shape[::2] == target.shape[::2]
+
+
+def adapt_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A patch embedding's weight (E, C, p, p) for `in_chans` input channels, such that an image whose channels
+    repeat the checkpoint's channels cyclically (channel k is channel k mod C of a C-channel image) embeds exactly
+    as that C-channel image did:
+
+    - more channels (N > C): channel k takes the weights of channel k mod C, divided by the number of channels that
+      share them;
+    - fewer (N < C): channel k takes the sum of the weights of the channels c with c mod N = k (N = 1: all of them,
+      so a gray image embeds as its RGB copy).
+
+    timm's `adapt_input_conv` sums for one channel, as here, and otherwise repeats the weights and scales them all
+    by C / N: the same when N is a multiple of C, but for 13 bands from RGB its first channel's weights are shared
+    by five bands and the others' by four, so a repeated image does not embed as the RGB one did."""
+    out_dim, channels = weight.shape[:2]
+    adapted = weight.new_zeros(out_dim, in_chans, *weight.shape[2:])
+    if in_chans >= channels:
+        shared = [len(range(c, in_chans, channels)) for c in range(channels)]
+        for k in range(in_chans):
+            adapted[:, k] = weight[:, k % channels] / shared[k % channels]
+    else:
+        for c in range(channels):
+            adapted[:, c % in_chans] += weight[:, c]
+    return adapted
 
 
 def _heads(sd: StateDict, prefix: str) -> int:
