@@ -260,22 +260,26 @@ def load_pretrained(model: SwinTransformerV2, source: Source, adapt_channels: bo
 
 def _other_channels(weight: torch.Tensor, target: torch.Tensor) -> bool:
     """Whether two patch-embedding weights differ in their input channels alone."""
-    return weight.dim() == 4 and weight.shape[1] != target.shape[1] and weight.shape[::2] == target.shape[::2]
+    same_otherwise = weight.shape[:1] + weight.shape[2:] == target.shape[:1] + target.shape[2:]
+    return weight.dim() == target.dim() == 4 and weight.shape[1] != target.shape[1] and same_otherwise
 
 
 def adapt_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """A patch embedding's weight (E, C, p, p) for `in_chans` input channels, such that an image whose channels
-    repeat the checkpoint's channels cyclically (channel k is channel k mod C of a C-channel image) embeds exactly
-    as that C-channel image did:
+    """A patch embedding's weight (E, C, p, p) for N = `in_chans` input channels, exact where the two images are
+    copies of each other by cyclic repetition:
 
-    - more channels (N > C): channel k takes the weights of channel k mod C, divided by the number of channels that
-      share them;
-    - fewer (N < C): channel k takes the sum of the weights of the channels c with c mod N = k (N = 1: all of them,
-      so a gray image embeds as its RGB copy).
+    - more channels (N > C): an N-channel image whose channel k is channel k mod C of a C-channel image embeds as
+      that image did. Channel k takes the weights of channel k mod C, divided by the number of channels sharing
+      them.
+    - fewer (N < C): an N-channel image embeds as the C-channel image whose channel c is its channel c mod N. Channel
+      k takes the sum of the weights of the channels c with c mod N = k (N = 1: all of them, so a gray image embeds
+      as its RGB copy).
 
     timm's `adapt_input_conv` sums for one channel, as here, and otherwise repeats the weights and scales them all
     by C / N: the same when N is a multiple of C, but for 13 bands from RGB its first channel's weights are shared
     by five bands and the others' by four, so a repeated image does not embed as the RGB one did."""
+    if weight.dim() != 4 or in_chans < 1:
+        raise ValueError(f"adapt_in_chans takes a (E, C, p, p) weight and in_chans >= 1, got {tuple(weight.shape)}")
     out_dim, channels = weight.shape[:2]
     adapted = weight.new_zeros(out_dim, in_chans, *weight.shape[2:])
     if in_chans >= channels:

@@ -83,6 +83,13 @@ def _convert_part(job: Tuple[FileIndex, np.ndarray, int, str, int]) -> Dict[str,
     cv2.setNumThreads(1)
     index, positions, part, out, chunk_bytes = job
     out_dir = Path(out)
+    with _shared_lock(out_dir):
+        return _write_locked_part(index, positions, part, out_dir, chunk_bytes)
+
+
+def _write_locked_part(
+    index: FileIndex, positions: np.ndarray, part: int, out_dir: Path, chunk_bytes: int
+) -> Dict[str, Any]:
     for leftover in [*out_dir.glob(f"chunk-{part}-*.bin"), out_dir / f"{part}.{INDEX_FILE}"]:
         leftover.unlink(missing_ok=True)  # an interrupted attempt at this part
     os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
@@ -92,7 +99,7 @@ def _convert_part(job: Tuple[FileIndex, np.ndarray, int, str, int]) -> Dict[str,
     before = os.environ.get(RANK_ENV)
     os.environ[RANK_ENV] = str(part)  # litdata's writer names its chunks after it
     try:
-        writer = BinaryWriter(out, chunk_bytes=chunk_bytes)
+        writer = BinaryWriter(os.fspath(out_dir), chunk_bytes=chunk_bytes)
         with contextlib.redirect_stdout(io.StringIO()):  # the writer prints the format it infers
             _write_part(writer, index, positions, record)
     finally:
@@ -132,41 +139,53 @@ def _manifest(src: Path, index: FileIndex, a: argparse.Namespace) -> Dict[str, A
     }
 
 
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """`out` (made if missing) held by this conversion alone: a second one into it is refused while this one runs
-    (an exclusive lock on `out/.convert.lock`, released when the process ends, however it ends)."""
+def _found(out: Path, manifest: Dict[str, Any]) -> str:
+    """What `out` holds for `manifest`'s conversion: "new" (missing or empty), "partial" or "complete"; anything
+    else is refused. Reads only."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ConfigError(f"OUT {out}: not a folder (a link is not followed); give a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    if not out.exists() or all(p.name == LOCK for p in out.iterdir()):
+        return "new"
+    found = _read_json(out / MANIFEST)
+    if found is None:
+        raise ConfigError(f"OUT {out}: not empty and not a conversion by this command; give a new or empty folder")
+    if found != manifest:
+        raise ConfigError(
+            f"OUT {out}: holds a conversion of another source, with other settings, or of the source before it "
+            f"changed ({found.get('source') if isinstance(found, dict) else '?'}); give a new folder, or delete "
+            "this one"
+        )
+    return "complete" if (out / INDEX_FILE).is_file() else "partial"
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """`out` (made if missing) held by this conversion: a second one into it is refused while this one, or any of
+    its workers, runs. The lock (`out/.convert.lock`) is taken exclusively to start, then held shared, as each
+    worker holds it while it writes a part (`_shared_lock`), so that a worker left running by a killed conversion
+    still keeps a new one out. The kernel releases it when a process ends, however it ends."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ConfigError(f"OUT {out}: cannot write its lock ({e.strerror or e})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConfigError(f"OUT {out}: another conversion is writing it; wait for it to end") from None
+        fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)
 
 
-def _prepare_out(out: Path, manifest: Dict[str, Any]) -> bool:
-    """Make `out` (locked, `_locked`) ready for `manifest`'s conversion; True when that conversion is already
-    complete."""
-    if any(p.name != LOCK for p in out.iterdir()):
-        found = _read_json(out / MANIFEST)
-        if found is None:
-            raise ConfigError(f"OUT {out}: not empty and not a conversion by this command; give a new or empty folder")
-        if found != manifest:
-            raise ConfigError(
-                f"OUT {out}: holds a conversion of another source, with other settings, or of the source before it "
-                f"changed ({found.get('source') if isinstance(found, dict) else '?'}); give a new folder, or delete "
-                "this one"
-            )
-        _tidy(out)
-        return (out / INDEX_FILE).is_file()
-    _write_json(out / MANIFEST, manifest)
-    return False
+@contextlib.contextmanager
+def _shared_lock(out: Path) -> Iterator[None]:
+    """In a worker: the conversion's lock on `out`, held shared while it writes."""
+    with open(out / LOCK, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        yield
 
 
 def _part_records(out: Path, parts: int) -> Dict[int, Dict[str, Any]]:
@@ -230,17 +249,26 @@ def convert(a: argparse.Namespace) -> int:
 def convert_tree(src: Path, out: Path, a: argparse.Namespace) -> int:
     """One folder tree `src` into the shard set `out`; returns the number of images written."""
     index = open_index(src, None, a.index_cache, a.reindex, fresh=True)
-    with _locked(out):
-        return _convert_locked(src, out, index, a)
+    manifest = _manifest(src, index, a)
+    if _found(out, manifest) != "complete":  # refusals and a finished set need no lock (nor a writable OUT)
+        with _locked(out):
+            found = _found(out, manifest)  # again, now that no other conversion can change it
+            if found == "new":
+                _write_json(out / MANIFEST, manifest)
+            _tidy(out)
+            if found != "complete":
+                return _convert_locked(src, out, index, manifest, a)
+    else:
+        with contextlib.suppress(OSError):  # a finished set on a read-only mount stays as it is
+            _tidy(out)
+    print(f"{out}: already complete ({SHARDS_FILE} names what it holds)", file=sys.stderr)
+    return len(ShardSet(out))
 
 
-def _convert_locked(src: Path, out: Path, index: FileIndex, a: argparse.Namespace) -> int:
+def _convert_locked(src: Path, out: Path, index: FileIndex, manifest: Dict[str, Any], a: argparse.Namespace) -> int:
+    """Write the unfinished parts of `out` (locked, `_locked`), then finish the set."""
     from tqdm import tqdm
 
-    manifest = _manifest(src, index, a)
-    if _prepare_out(out, manifest):
-        print(f"{out}: already complete ({SHARDS_FILE} names what it holds)", file=sys.stderr)
-        return len(ShardSet(out))
     order = np.random.default_rng(a.seed).permutation(len(index))
     parts = -(-len(index) // a.part_size)
     records = _part_records(out, parts)

@@ -162,7 +162,7 @@ def checked_index(root: str, config: Any, chunks: Any, spec: str) -> Tuple[List[
     if not isinstance(config, dict):
         raise _fail(root, f"its {INDEX_FILE} has no config")
     expected = {**CONFIG, "data_format": DATA_FORMAT, "data_spec": spec}
-    for field in ("data_format", "data_spec", *config):
+    for field in ("data_format", "data_spec", *expected, "chunk_bytes", *config):  # all it writes, nothing else
         value = config.get(field)
         if field == "chunk_bytes" and _count(value, 1 << 40, zero=True) is None:
             raise _fail(root, f"its {INDEX_FILE} gives the chunk size {str(value)[:40]}")
@@ -230,7 +230,7 @@ class ShardSet(Sequence[str]):
         )
         if int(self.sizes.sum()) != count:
             raise _fail(root, f"its {INDEX_FILE} holds {int(self.sizes.sum())} samples, its {SHARDS_FILE} {count}")
-        self.index_path = None if scheme is None else _local_index(self.cache, checked)
+        self.index_folder = None if scheme is None else _local_index(self.cache, checked)
         for name in self.chunk_names if scheme is None else ():  # a link could lead anywhere
             try:
                 regular = stat.S_ISREG(os.lstat(os.path.join(root, name)).st_mode)
@@ -428,18 +428,17 @@ def open_images(root: str | os.PathLike) -> Sequence:
 
 
 def _local_index(cache: str, index: Dict[str, Any]) -> str:
-    """The checked index of a remote set, written into `cache` under a name of its content, for litdata to read
-    instead of fetching the remote one (which it would trust: its `updated_at` becomes a folder name). Returns the
-    file's path."""
+    """The checked index of a remote set, written as `index.json` into a folder of `cache` named after its content,
+    where litdata reads it instead of fetching the remote one (which it would trust: its `updated_at` becomes a
+    folder name, and it is parsed whatever its size). Returns the folder."""
     body = json.dumps(index, sort_keys=True)
     digest = hashlib.sha256(body.encode()).hexdigest()[:20]
-    folder = Path(cache) / "checked"
-    path = folder / f"{digest}.{INDEX_FILE}"
+    folder = Path(cache) / "checked" / digest
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{digest}.{os.getpid()}.tmp"
+    tmp = folder / f".{INDEX_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({**index, "updated_at": digest}))  # written anew: nothing in the cache is trusted
-    os.replace(tmp, path)
-    return os.fspath(path)
+    os.replace(tmp, folder / INDEX_FILE)
+    return os.fspath(folder)
 
 
 def default_shard_cache() -> Path:
@@ -468,11 +467,13 @@ def _open_reader(shards: ShardSet):
                 raise _fail(shards.root, f"its {INDEX_FILE} changed while the run read it")
             return cache
 
-    os.makedirs(shards.cache, exist_ok=True)
+    from litdata.streaming.resolver import Dir
+
+    # A remote set: litdata's local folder is the one holding the checked index, so it never fetches the remote
+    # index (it reads the samples from the URL).
+    source = shards.root if shards.index_folder is None else Dir(path=shards.index_folder, url=shards.root)
     dataset = CheckedDataset(
-        shards.root,
-        cache_dir=shards.cache if _scheme(shards.root) else None,
-        index_path=shards.index_path,  # a remote set's index as checked: litdata never fetches it itself
+        source,
         storage_options=shards.storage_options,
         batch_decode=0,  # one item per read: its batched decoding reads a window of items per random access
     )

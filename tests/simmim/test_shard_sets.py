@@ -87,14 +87,16 @@ def test_an_interrupted_conversion_redoes_only_its_unfinished_parts_and_ends_as_
         convert.main([str(src), str(tmp_path / "cut"), *SMALL, "--seed", "1"])
     import fcntl
 
-    with open(tmp_path / "cut" / ".convert.lock") as held:  # as a conversion still running into it holds it
-        fcntl.flock(held, fcntl.LOCK_EX)
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / ".convert.lock", "w") as held:  # as a conversion running into it holds it
+        fcntl.flock(held, fcntl.LOCK_SH)
         with pytest.raises(ConfigError, match="another conversion is writing it"):
-            convert.main([str(src), str(tmp_path / "cut"), *SMALL])
+            convert.main([str(src), str(tmp_path / "busy"), *SMALL])
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty and not a conversion"):
         convert.main([str(src), str(tmp_path / "other"), *SMALL])
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]  # a refused folder is not touched
 
 
 @pytest.mark.slow
@@ -207,6 +209,7 @@ def test_a_crafted_shard_set_is_refused_before_any_sample_is_unpickled_or_read_o
         ("linked", link_chunk, "chunk-0-0.bin is not a regular file"),
         ("miscounted", miscount, "holds 3 samples, its shards.json 4"),
         ("no record", lambda f: (f / "shards.json").unlink(), "cannot read its shards.json"),
+        ("no chunk", lambda f: (f / "chunk-0-0.bin").unlink(), "cannot read its chunk chunk-0-0.bin"),
     ]:
         with pytest.raises(DataFolderError, match=message):
             ShardSet(tampered(name, change))
@@ -424,8 +427,20 @@ def test_a_shard_set_in_object_storage_reads_as_the_local_one(tmp_path, s3, monk
     assert _samples(remote) == _samples(ShardSet(tmp_path / "out"))
     with pytest.raises(DataFolderError, match="cannot read its shards.json"):
         ShardSet("s3://local-copy/sets/none", cache=str(tmp_path / "cache"))
-    with pytest.raises(DataFolderError, match="ftp:// is not a store litdata reads"):
-        ShardSet("ftp://example/set")
+    for scheme in ("ftp", "hf", "local"):  # hf: litdata would crawl a Hugging Face dataset before any check
+        with pytest.raises(DataFolderError, match=f"{scheme}:// is not a store litdata reads"):
+            ShardSet(f"{scheme}://example/set")
+    # the remote index replaced after opening by one that litdata, reading it, would turn into a folder outside
+    # its cache: litdata reads the checked copy, never the remote file
+    import boto3
+
+    opened = ShardSet(url, cache=str(tmp_path / "cache"))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    boto3.client("s3").put_object(
+        Bucket="local-copy", Key="sets/tree/index.json", Body=json.dumps({**index, "updated_at": "../../escaped"})
+    )
+    assert _samples(opened) == _samples(ShardSet(tmp_path / "out"))
+    assert not list(tmp_path.rglob("escaped"))
 
 
 def _uniform_images(folder: Path, n: int) -> Path:

@@ -231,34 +231,39 @@ def test_not_a_checkpoint(tmp_path):
         swinv2.load_pretrained(swinv2.SwinTransformerV2(**TINY), {"conv1.weight": torch.zeros(1)})
 
 
-@pytest.mark.parametrize("bands", [13, 1])
-def test_rgb_weights_adapted_to_other_channels_embed_a_repeated_image_as_the_rgb_model(bands):
-    """An official-layout 3-channel checkpoint into a 13-band (or gray) model with `adapt_channels`: an image whose
-    bands repeat its RGB channels (band k = channel k mod 3; gray: one band, its RGB copy) gives the RGB model's
-    features. Without `adapt_channels` the load is refused in one line."""
+@pytest.mark.parametrize("bands", [13, 6, 3, 2, 1])
+def test_rgb_weights_adapted_to_other_channels_embed_repeated_images_as_the_rgb_model(bands):
+    """An official-layout 3-channel checkpoint into a model of `bands` channels with `adapt_channels`. More bands: an
+    image whose band k is RGB channel k mod 3 gives the RGB model's features on the RGB image. Fewer: a `bands`-band
+    image gives the RGB model's features on the RGB image whose channel c is its band c mod `bands` (one band: gray).
+    Without `adapt_channels` another channel count is refused in one line."""
     sd = official_layout()
-    rgb = swinv2.SwinTransformerV2(**TINY)
+    rgb = swinv2.SwinTransformerV2(**TINY).eval()
     swinv2.load_pretrained(rgb, sd)
-    model = swinv2.SwinTransformerV2(**{**TINY, "in_chans": bands})
-    with pytest.raises(CheckpointMismatchError, match=f"3-channel images and the model takes {bands} channels"):
-        swinv2.load_pretrained(model, sd)
+    model = swinv2.SwinTransformerV2(**{**TINY, "in_chans": bands}).eval()
+    if bands != 3:
+        with pytest.raises(CheckpointMismatchError, match=f"3-channel images and the model takes {bands} channels"):
+            swinv2.load_pretrained(model, sd)
     report = swinv2.load_pretrained(model, sd, adapt_channels=True)
-    assert report.adapted_keys == {"patch_embed.proj.weight": f"3 -> {bands} input channels (adapt_in_chans)"}
-    assert report.missing_keys == [] and report.unexpected_keys == []
-    x = torch.randn(2, 3, 32, 32)
-    if bands == 1:
-        x = x[:, :1].expand(2, 3, 32, 32)  # a gray image as RGB
-        banded = x[:, :1]
+    expected = {} if bands == 3 else {"patch_embed.proj.weight": f"3 -> {bands} input channels (adapt_in_chans)"}
+    assert report.adapted_keys == expected and report.missing_keys == [] and report.unexpected_keys == []
+    if bands >= 3:
+        x_rgb = torch.randn(2, 3, 32, 32)
+        x_banded = x_rgb[:, [k % 3 for k in range(bands)]]
     else:
-        banded = x[:, [k % 3 for k in range(bands)]]
-    rgb.eval(), model.eval()
+        x_banded = torch.randn(2, bands, 32, 32)
+        x_rgb = x_banded[:, [c % bands for c in range(3)]]
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(banded), rgb.forward_features(x), atol=1e-5, rtol=1e-5)
-    # timm's rule (repeat, scale by 3/13) embeds the repeated image differently: the first channel's weights are
-    # shared by five bands, the others' by four
-    if bands == 13:
+        torch.testing.assert_close(model.forward_features(x_banded), rgb.forward_features(x_rgb), atol=1e-5, rtol=1e-5)
+    if bands == 13:  # timm's rule (repeat, scale by 3/13) embeds it otherwise: five bands share channel 0's weights
         timm_rule = sd["patch_embed.proj.weight"].repeat(1, 5, 1, 1)[:, :13] * 3 / 13
-        with torch.no_grad():
-            ours = torch.nn.functional.conv2d(banded, swinv2.adapt_in_chans(sd["patch_embed.proj.weight"], 13))
-            theirs = torch.nn.functional.conv2d(banded, timm_rule)
-        assert (ours - theirs).abs().max() > 1e-3
+        ours = swinv2.adapt_in_chans(sd["patch_embed.proj.weight"], 13)
+        conv = torch.nn.functional.conv2d
+        assert (conv(x_banded, ours) - conv(x_banded, timm_rule)).abs().max() > 1e-3
+
+
+def test_only_the_input_channels_are_adapted():
+    """A patch embedding that differs in more than its channels (another patch size) is a mismatch, adapted or not."""
+    sd = {**official_layout(), "patch_embed.proj.weight": torch.randn(EMBED, 3, 8, 8)}
+    with pytest.raises(CheckpointMismatchError, match="patch_size"):
+        swinv2.load_pretrained(swinv2.SwinTransformerV2(**{**TINY, "in_chans": 13}), sd, adapt_channels=True)
