@@ -412,8 +412,11 @@ class FileIndex(Sequence[str]):
         return _array_digest(positions) == self.subset_name
 
     def fingerprint(self) -> Tuple[int, int, str]:
-        """(count, names' size, a digest of the offsets, labels and names): equal for two builds of the same files."""
-        return self.count, int(self.offsets[-1]), _array_digest(self.offsets, self.labels, self.names)
+        """(count, names' size, a digest of the offsets, labels and names): equal for two builds of the same files.
+        Worked out once per object (a pass over the whole index)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self.count, int(self.offsets[-1]), _array_digest(self.offsets, self.labels, self.names)
+        return self._fingerprint
 
     def __getstate__(self) -> Dict:
         return {"folder": str(self.folder), "subset": self.subset_name, "root": self.root, "count": self.count,

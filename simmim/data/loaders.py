@@ -18,7 +18,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from simmim.checkpointing.untrusted import checked_counts
+from simmim.checkpointing.untrusted import MalformedRecordError, checked_counts
 from simmim.seeding import SeededSampler, make_train_sampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,6 +66,13 @@ def skip_empty_validation(datamodule, message: str) -> None:
     if not datamodule.val_files and trainer is not None and trainer.limit_val_batches != 0:
         rank_zero_info(message)
         trainer.limit_val_batches = 0
+
+
+def _files_fingerprint(dataset) -> Optional[str]:
+    """What identifies the files a dataset reads (its `files`' fingerprint: a folder's index, a shard set), as a
+    short string for the loader's state; None for a dataset without one."""
+    fingerprint = getattr(getattr(dataset, "files", None), "fingerprint", None)
+    return None if fingerprint is None else "-".join(str(x) for x in fingerprint())
 
 
 def worker_context(num_workers: int) -> Optional[str]:
@@ -246,22 +253,32 @@ class ResumableLoader(WorkerLoader):
             batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             if batches >= trainer.num_training_batches:  # the epoch is over: the next one starts afresh
                 epoch, batches = epoch + 1, 0
-        return {
+        state = {
             "epoch": epoch,
             "position": batches * self.batch_size * sampler.num_replicas,
             "size": sampler.size,
             "world_size": sampler.num_replicas,
         }
+        files = _files_fingerprint(self.dataset)
+        return state if files is None else {**state, "files": files}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         sampler = self.sampler
         if not state or not isinstance(sampler, SeededSampler):
             return
-        state = checked_counts(state, ("epoch", "position", "size", "world_size"), "the training loader")
+        loaded, state = state, checked_counts(state, ("epoch", "position", "size", "world_size"), "the training loader")
+        files = loaded.get("files")
+        if files is not None and (not isinstance(files, str) or len(files) > 200):
+            raise MalformedRecordError(f"the training loader: the checkpoint's files={str(files)[:40]!r} is malformed")
         if state["size"] != sampler.size:
             rank_zero_warn(
                 f"the training set had {state['size']} files when the checkpoint was written and has {sampler.size} "
                 "now: the resumed epoch's order is not the interrupted one's"
+            )
+        elif files is not None and files != _files_fingerprint(self.dataset):
+            rank_zero_warn(
+                f"the training set has as many files as when the checkpoint was written ({sampler.size}) but not the "
+                "same ones (or not in the same order): the resumed epoch's order is not the interrupted one's"
             )
         if state["world_size"] != sampler.num_replicas:
             rank_zero_warn(

@@ -230,6 +230,8 @@ class ShardSet(Sequence[str]):
         )
         if int(self.sizes.sum()) != count:
             raise _fail(root, f"its {INDEX_FILE} holds {int(self.sizes.sum())} samples, its {SHARDS_FILE} {count}")
+        # what identifies the set: its checked index (chunk names, sample counts, byte sizes) and its classes
+        self.digest = hashlib.sha256(json.dumps([checked, self.classes], sort_keys=True).encode()).hexdigest()[:20]
         self.index_folder = None if scheme is None else _local_index(self.cache, checked)
         for name in self.chunk_names if scheme is None else ():  # a link could lead anywhere
             try:
@@ -317,9 +319,8 @@ class ShardSet(Sequence[str]):
         return self.read(i)[1]
 
     def fingerprint(self) -> Tuple[int, int, str]:
-        """(samples, chunks, a digest of the chunk names and sizes): equal on ranks that opened the same set."""
-        digest = hashlib.sha256(json.dumps([self.chunk_names, self.sizes.tolist(), self.classes]).encode())
-        return len(self), len(self.chunks), digest.hexdigest()[:20]
+        """(samples and chunks of this view, the whole set's `digest`): equal on ranks that opened the same set."""
+        return len(self), len(self.chunks), self.digest
 
     def pick_chunks(self, fraction: float, seed: int, at_least_one: bool = False) -> Tuple[ShardSet, ShardSet]:
         """(picked, rest) views: `round(fraction * chunks)` whole chunks drawn with `seed` (a fixed draw), and the

@@ -363,6 +363,40 @@ def test_the_evaluation_tools_read_shards(digit_shards, pretraining_run, tmp_pat
     assert 0 <= float(cli.trainer.callback_metrics["val/knn_acc1"]) <= 100
 
 
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_a_resume_on_other_files_of_the_same_count_warns(tmp_path, kind):
+    """The training loader's state names its files (a folder index's or a shard set's fingerprint): resuming it on
+    another set of as many files warns that the order differs; on the same set it does not; a malformed entry is
+    refused."""
+    import warnings
+
+    from simmim.checkpointing.untrusted import MalformedRecordError
+
+    roots = []
+    for name, size in (("a", 24), ("b", 26)):  # as many files, other names, other images
+        folder = image_folder(tmp_path / name, [f"{name}{i}.png" for i in range(12)], size=size)
+        if kind == "shards":
+            convert.main([str(folder), str(tmp_path / f"{name}-shards"), *SMALL])
+            folder = tmp_path / f"{name}-shards"
+        roots.append(str(folder))
+
+    def loader(root):
+        dm = PretrainDataModule(root, img_size=16, mask_patch_size=8, batch_size=2, num_workers=0, val_fraction=0)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    state = loader(roots[0]).state_dict()
+    assert isinstance(state["files"], str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader(roots[0]).load_state_dict(state)  # the same files: no warning
+    with pytest.warns(UserWarning, match="as many files as when the checkpoint was written .* but not the same"):
+        loader(roots[1]).load_state_dict(state)
+    with pytest.raises(MalformedRecordError, match="files="):
+        loader(roots[0]).load_state_dict({**state, "files": ["not", "a", "string"]})
+
+
 # --- an S3-compatible store on the loopback interface, two processes, killed and resumed -------------------------
 
 
