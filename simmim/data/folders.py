@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT
 from simmim.data.images import read_sample_image
 from simmim.data.index import FileIndex, Labels, folder_index, index_from_list
-from simmim.data.shards import ShardLabels, is_shard_root, labelled_shards
+from simmim.data.shards import ShardSet, ShardSplit, is_shard_root, labelled_shards
 from simmim.errors import DataFolderError
 from simmim.seeding import SampleKey, sample_seed, seeded_globals
 
@@ -173,12 +173,12 @@ def stratified_pick(labels: List[int], num_classes: int, fraction: float, seed: 
 
 
 class LabelledSplit(NamedTuple):
-    """A labelled folder's fixed split: the files of both sides (file-index views) with their classes (`Labels`
-    views of the same), and the class names."""
+    """A labelled folder's fixed split: the files of both sides (file-index views, or shard-set views) with their
+    classes (`Labels` views of the same), and the class names."""
 
-    train_files: FileIndex
+    train_files: FileIndex | ShardSet
     train_labels: Labels
-    val_files: FileIndex
+    val_files: FileIndex | ShardSet
     val_labels: Labels
     classes: List[str]
 
@@ -190,17 +190,18 @@ def labelled_split(
     option: str = "--data.root",
     index_of: Optional[Callable[[Path], FileIndex]] = None,
     listed: Optional[str] = None,
+    shards_of: Optional[Callable[[str], ShardSplit]] = None,
 ) -> LabelledSplit:
     """The `LabelledSplit` of `root`: `root/train/<class>` and `root/val/<class>` when both exist, else
     `root/<class>` split by `val_fraction` (stratified, the same draw every time); None: the built-in digits.
     `label_fraction` < 1 keeps that fraction of each class's training labels. The folders are read through their
     file indexes (`index_of(folder)`; default: `folder_index`, the cached index while the folder is unchanged).
     With `listed` (a labelled file list, `--data.index`), `index_of(root)` is the list's index, split as
-    `root/<class>` would be. Shards (`simmim.data.shards.labelled_shards`) are split in whole chunks. Errors name
-    `option`, the setting that gave `root`."""
+    `root/<class>` would be. Shards (`simmim.data.shards.labelled_shards`, opened by `shards_of(root)`) are split
+    in whole chunks. Errors name `option`, the setting that gave `root`."""
     if root is not None and is_shard_root(root):
-        train, val, classes = labelled_shards(root, val_fraction, label_fraction, option)
-        return LabelledSplit(train, ShardLabels(train), val, ShardLabels(val), classes)
+        train, val, classes = labelled_shards(root, val_fraction, label_fraction, option, shards_of)
+        return LabelledSplit(train, Labels(train), val, Labels(val), classes)
     index_of = index_of or folder_index
     folders = labelled_folders(root, listed)
     if len(folders) == 2:

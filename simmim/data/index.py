@@ -476,10 +476,11 @@ class FileIndex(Sequence[str]):
 
 
 class Labels(Sequence[int]):
-    """The classes of a `FileIndex` view's files, in its order, read from the mapped labels (nothing per file in
-    Python, and nothing a forked worker copies): what a labelled dataset indexes beside its files."""
+    """The classes of a set's files, in its order, through its `label(i)`: a `FileIndex` view's from the mapped
+    labels (nothing per file in Python, and nothing a forked worker copies), a shard set's from its samples (read
+    with the image, once). What a labelled dataset indexes beside its files."""
 
-    def __init__(self, files: FileIndex) -> None:
+    def __init__(self, files: Any) -> None:
         self.files = files
 
     def __len__(self) -> int:

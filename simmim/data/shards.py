@@ -24,7 +24,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -353,21 +353,6 @@ class ShardItem(str):
         return self.shards.decode(self.i)
 
 
-class ShardLabels(Sequence[int]):
-    """The classes of a shard set's samples, read with them (a sample's image and class are read once together)."""
-
-    def __init__(self, shards: ShardSet) -> None:
-        self.shards = shards
-
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return self.shards.label(int(i))
-
-
 class ShardSplit(NamedTuple):
     """The shards under a root: one set (`val` None), or the two sets `root/train` and `root/val`."""
 
@@ -394,12 +379,17 @@ def open_shard_split(
 
 
 def labelled_shards(
-    root: str, val_fraction: float, label_fraction: float = 1.0, option: str = "--data.root"
+    root: str,
+    val_fraction: float,
+    label_fraction: float = 1.0,
+    option: str = "--data.root",
+    shards_of: Optional[Callable[[str], ShardSplit]] = None,
 ) -> Tuple[ShardSet, ShardSet, List[str]]:
     """(train, val, classes) of labelled shards, as `simmim.data.folders.labelled_split` gives them for a folder:
     `root/train` and `root/val`, or one set split by `val_fraction` in whole chunks (`ShardSet.val_split`);
-    `label_fraction` < 1 keeps that fraction of the training chunks. Every sample needs a class."""
-    train, val = open_shard_split(root)
+    `label_fraction` < 1 keeps that fraction of the training chunks. Every sample needs a class. The sets are
+    opened by `shards_of(root)` (default: `open_shard_split`)."""
+    train, val = (shards_of or open_shard_split)(root)
     for shards in (train, val):
         if shards is not None and not shards.classes:
             raise DataFolderError(

@@ -109,15 +109,13 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         def index_of(folder, listed: bool = False) -> FileIndex:
             return agreed_index(trainer, lambda: self._index(folder, False, listed), folder)
 
-        if is_shard_root(self.root):  # the ranks opened the same shards, or all stop with the reason
-            agreed_index(trainer, lambda: open_shard_split(self.root), self.root)
-
         split = labelled_split(
             self.root,
             self.val_fraction,
             self.label_fraction,
             index_of=lambda f: index_of(f, self.index is not None),
             listed=self.index,
+            shards_of=lambda root: agreed_index(trainer, lambda: open_shard_split(root), root),
         )
         same = self.classes is None or split.classes == self.classes
         if trainer is not None and trainer.world_size > 1:  # every rank stops, or none

@@ -16,7 +16,7 @@ from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.data.images import read_sample_image, require_images
 from simmim.data.index import FileIndex, agreed_index, open_index
 from simmim.data.loaders import collate_readable, make_loader, skip_empty_validation
-from simmim.data.shards import ShardSplit, is_shard_root, open_shard_split
+from simmim.data.shards import is_shard_root, open_shard_split
 from simmim.errors import check_loader, require
 from simmim.pretrain.augment import PretrainTransform
 from simmim.pretrain.masking import MaskGenerator
@@ -146,14 +146,10 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         root = self.root if self.root is not None else DEFAULT_DIGITS_ROOT
         return open_index(root, self.index, self.index_cache, reindex, fresh)
 
-    def shards(self) -> ShardSplit:
-        """The shards under `root`: one set, or train/ and val/ sets."""
-        return open_shard_split(self.root)
-
     def setup(self, stage: Optional[str] = None) -> None:
         trainer = getattr(self, "trainer", None)
         if self.sharded:  # one set is split in whole chunks; train/ and val/ sets are used as they are
-            train, val = agreed_index(trainer, self.shards, self.root)
+            train, val = agreed_index(trainer, lambda: open_shard_split(self.root), self.root)
             self.train_files, self.val_files = train.val_split(self.val_fraction) if val is None else (train, val)
             skip_empty_validation(self, "no validation chunks (--data.val_fraction too small for the shards' chunks)")
             return
