@@ -1,6 +1,7 @@
 """Sharded image sets: the images of a folder tree packed by `python -m simmim.shard` into litdata's chunk format
 (`chunk-*.bin` files and litdata's `index.json`) plus our record (`shards.json`: the format, the sample count, the
-class names, the images left out), in a local folder or in object storage (`s3://`, `gs://`, `azure://`, `r2://`).
+class names, the images left out), in a local folder, in object storage (`s3://`, `gs://`, `azure://`, `r2://`) or
+on any filesystem fsspec reads (`https://`, `sftp://`, ...: `simmim.data.stores`).
 
 A sample is `{"key": its path in the source tree, "label": its class (-1: none), "image": the file's bytes}`: the
 encoded file as it was (no re-encoding), decoded in the data-loader workers as a folder's files are.
@@ -18,7 +19,6 @@ local set's own, which every process checks again as litdata loaded it, before a
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 
+from simmim.data import stores
 from simmim.errors import DataFolderError
 
 SHARDS_FILE = "shards.json"  # our record, beside litdata's index
@@ -49,7 +50,6 @@ CONFIG = {
     "item_loader": ITEM_LOADER,
     "types": {"image": "bytes", "key": "str", "label": "int"},
 }
-REMOTE_SCHEMES = ("s3", "gs", "azure", "r2")  # object stores (litdata also crawls hf:// datasets: not taken)
 MAX_INDEX_BYTES = 64 << 20  # index.json: about 100 bytes per chunk
 MAX_SHARDS_BYTES = 256 << 20  # shards.json: class names and the images left out
 MAX_CHUNK_SAMPLES = 1 << 24
@@ -64,31 +64,19 @@ def data_spec() -> str:
     return treespec_dumps(tree_flatten({"key": "", "label": 0, "image": b""})[1])
 
 
-def _scheme(root: str) -> Optional[str]:
-    match = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", root)
-    return match.group(1).lower() if match else None
-
-
-def remote_schemes() -> List[str]:
-    """The URL schemes of the object stores shards are read from (those of `REMOTE_SCHEMES` litdata reads)."""
-    from litdata.streaming.downloader import _DOWNLOADERS
-
-    return sorted({_scheme(k) for k in _DOWNLOADERS} & set(REMOTE_SCHEMES))
-
-
 def is_shard_root(root: Optional[str | os.PathLike]) -> bool:
     """Whether `--data.root` names shards: a URL (`s3://...`), or a folder holding `shards.json` (a set) or
     `train/shards.json` (the two sets the converter writes for a tree with train/ and val/)."""
     if root is None:
         return False
     root = os.fspath(root)
-    return _scheme(root) is not None or any(
+    return stores.scheme(root) is not None or any(
         os.path.lexists(os.path.join(root, *parts, SHARDS_FILE)) for parts in ((), ("train",))
     )
 
 
 def _join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}" if _scheme(root) else os.path.join(root, name)
+    return f"{root.rstrip('/')}/{name}" if stores.scheme(root) else os.path.join(root, name)
 
 
 def _fail(root: str, what: str) -> DataFolderError:
@@ -98,23 +86,10 @@ def _fail(root: str, what: str) -> DataFolderError:
     )
 
 
-class _Bounded(io.BytesIO):
-    """An in-memory file that refuses to grow past `limit` bytes (a download of a file whose size is untrusted)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def write(self, data) -> int:  # type: ignore[override]
-        if self.tell() + len(data) > self.limit:
-            raise ValueError(f"larger than {self.limit} bytes")
-        return super().write(data)
-
-
 def _read_record(root: str, name: str, limit: int, storage_options: Optional[Dict]) -> Any:
     """The JSON file `name` of a shard set, at most `limit` bytes, read without following a link."""
     try:
-        if _scheme(root) is None:
+        if stores.scheme(root) is None:
             path = os.path.join(root, name)
             with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW | os.O_NONBLOCK)) as f:
                 if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
@@ -123,11 +98,7 @@ def _read_record(root: str, name: str, limit: int, storage_options: Optional[Dic
             if len(data) > limit:
                 raise ValueError(f"larger than {limit} bytes")
         else:
-            from litdata.streaming.downloader import get_downloader
-
-            buffer = _Bounded(limit)
-            get_downloader(root, "", [], storage_options).download_fileobj(f"{root.rstrip('/')}/{name}", buffer)
-            data = buffer.getvalue()
+            data = stores.read_bounded(_join(root, name), limit, storage_options)
         return json.loads(data)
     except (OSError, ValueError, RecursionError) as e:
         raise _fail(root, f"cannot read its {name} ({getattr(e, 'strerror', None) or e})") from None
@@ -211,9 +182,9 @@ class ShardSet(Sequence[str]):
         self, root: str | os.PathLike, cache: Optional[str] = None, storage_options: Optional[Dict] = None
     ) -> None:
         root = os.fspath(root)
-        scheme = _scheme(root)
-        if scheme is not None and scheme not in remote_schemes():
-            raise _fail(root, f"{scheme}:// is not a store litdata reads ({', '.join(remote_schemes())})")
+        scheme = stores.scheme(root)
+        if scheme is not None and stores.unusable(scheme):
+            raise _fail(root, stores.unusable(scheme))
         if scheme is None:
             if not os.path.isdir(root):
                 raise _fail(root, "not a folder")
@@ -460,6 +431,8 @@ def _open_reader(shards: ShardSet):
 
     from litdata.streaming.resolver import Dir
 
+    if shards.index_folder is not None:
+        stores.use_store(stores.scheme(shards.root))  # in this process: litdata's registry is per process
     # A remote set: litdata's local folder is the one holding the checked index, so it never fetches the remote
     # index (it reads the samples from the URL).
     source = shards.root if shards.index_folder is None else Dir(path=shards.index_folder, url=shards.root)

@@ -1,13 +1,20 @@
 """Shard sets: the converter (`python -m simmim.shard`), the reader (`simmim.data.shards.ShardSet`), its training
-order (`simmim.seeding.ShardSampler`), crafted sets, and pretraining from shards in a folder and in an S3-compatible
-store (moto's server on the loopback interface) with two processes, killed and resumed."""
+order (`simmim.seeding.ShardSampler`), crafted sets, pretraining from shards in a folder and in an S3-compatible
+store (moto's server on the loopback interface) with two processes under DDP, `zero1` (killed and resumed) and
+`fsdp2`, and fine-tuning under DDP from an fsspec filesystem (an HTTP server on the loopback interface)."""
 
+import contextlib
+import functools
+import http.server
+import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +25,7 @@ import pytest
 import torch
 from conftest import image_folder, recorded_command
 
+import swinv2
 from simmim.data import convert
 from simmim.data.shards import ShardSet
 from simmim.errors import ConfigError, DataFolderError
@@ -468,9 +476,6 @@ def test_a_shard_set_in_object_storage_reads_as_the_local_one(tmp_path, s3, monk
     assert _samples(remote) == _samples(ShardSet(tmp_path / "out"))
     with pytest.raises(DataFolderError, match="cannot read its shards.json"):
         ShardSet("s3://local-copy/sets/none", cache=str(tmp_path / "cache"))
-    for scheme in ("ftp", "hf", "local"):  # hf: litdata would crawl a Hugging Face dataset before any check
-        with pytest.raises(DataFolderError, match=f"{scheme}:// is not a store litdata reads"):
-            ShardSet(f"{scheme}://example/set")
     # the remote index replaced after opening by one that litdata, reading it, would turn into a folder outside
     # its cache: litdata reads the checked copy, never the remote file
     import boto3
@@ -507,8 +512,8 @@ S3_RUN = [
 def test_two_processes_pretrain_from_object_storage_once_per_epoch_and_resume_exactly_after_sigkill(tmp_path, s3):
     """32 one-colour images in shards in the S3 store, 2 gloo ranks x 2 workers, batch 4: every epoch reads each
     image exactly once across the ranks; a run under `zero1` killed (SIGKILL) in its second epoch and resumed from
-    its last checkpoint reads what an uninterrupted DDP run reads, step by step on each rank, crops and masks
-    alike, with its losses."""
+    its last checkpoint, and a run under `fsdp2`, read what an uninterrupted DDP run reads, step by step on each
+    rank, crops and masks alike, with its losses."""
     from recording import read_log
 
     _, env = s3
@@ -518,14 +523,16 @@ def test_two_processes_pretrain_from_object_storage_once_per_epoch_and_resume_ex
     common = ["--data.root", url, *S3_RUN]
     procs = {}
     cut_args = ["--checkpoint_every_n_steps", "1", "--trainer.strategy", "zero1"]  # a sharded strategy
-    for name, extra, kill in (("whole", [], None), ("cut", cut_args, 6)):
+    runs = (("whole", [], None), ("cut", cut_args, 6), ("fsdp2", ["--trainer.strategy", "fsdp2"], None))
+    for name, extra, kill in runs:
         cmd, cmd_env = recorded_command(
             [*common, *extra, "--trainer.default_root_dir", str(tmp_path / name)], tmp_path / f"{name}.jsonl", kill
         )
         out = open(tmp_path / f"{name}.out", "w")
         procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**cmd_env, **env})
-    codes = {name: proc.wait(timeout=600) for name, proc in procs.items()}
-    assert codes["whole"] == 0, (tmp_path / "whole.out").read_text()[-3000:]
+    codes = {name: proc.wait(timeout=900) for name, proc in procs.items()}
+    for name in ("whole", "fsdp2"):
+        assert codes[name] == 0, (tmp_path / f"{name}.out").read_text()[-3000:]
     assert codes["cut"] != 0 and len(read_log(tmp_path / "cut.jsonl")) == 12  # both ranks killed after step 6
     cmd, cmd_env = recorded_command(
         [*common, *cut_args, "--trainer.default_root_dir", str(tmp_path / "cut"), "--ckpt_path", "last"],
@@ -541,10 +548,127 @@ def test_two_processes_pretrain_from_object_storage_once_per_epoch_and_resume_ex
         return steps
 
     whole, cut = by_step(tmp_path / "whole.jsonl"), by_step(tmp_path / "cut.jsonl")
-    assert sorted(whole) == sorted(cut) == [(rank, step) for rank in (0, 1) for step in range(1, 9)]
+    fsdp2 = by_step(tmp_path / "fsdp2.jsonl")
+    assert sorted(whole) == sorted(cut) == sorted(fsdp2) == [(rank, step) for rank in (0, 1) for step in range(1, 9)]
     for epoch_steps in (range(1, 5), range(5, 9)):  # 4 steps an epoch
         images = [im for rank in (0, 1) for step in epoch_steps for im in whole[(rank, step)]["images"]]
         assert len(images) == len(set(images)) == 32  # every image once, none twice, none left out
     for key, row in whole.items():
-        assert (cut[key]["images"], cut[key]["masks"]) == (row["images"], row["masks"]), key
-        assert cut[key]["loss"] == pytest.approx(row["loss"], rel=1e-4)  # zero1's sums in another order
+        for run in (cut, fsdp2):
+            assert (run[key]["images"], run[key]["masks"]) == (row["images"], row["masks"]), key
+            assert run[key]["loss"] == pytest.approx(row["loss"], rel=1e-4)  # sharded sums in another order
+
+
+# --- any filesystem fsspec reads: an HTTP server on the loopback interface ----------------------------------------
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that answers `Range: bytes=a-b` (a CDN, or a bucket's public HTTPS endpoint, does) and
+    counts what it served: `requests` holds (path, range header or None) per GET. `ranges=False`: it ignores
+    ranges, sending whole files, as the standard library's server does."""
+
+    requests: list = []
+    ranges = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_head(self):
+        if self.command == "GET":
+            type(self).requests.append((self.path, self.headers.get("Range")))
+        path, wanted = self.translate_path(self.path), self.headers.get("Range")
+        if wanted is None or not self.ranges or not os.path.isfile(path):
+            return super().send_head()
+        first, last = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted).groups()
+        size = os.path.getsize(path)
+        first, last = int(first), min(int(last or size - 1), size - 1)
+        with open(path, "rb") as f:
+            f.seek(first)
+            body = f.read(last - first + 1)
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
+
+
+@contextlib.contextmanager
+def _http_server(folder: Path, ranges: bool = True):
+    """An HTTP server of `folder` on 127.0.0.1, in a thread of this process; yields (its URL, its handler class)."""
+    handler = type("Handler", (_RangeHandler,), {"requests": [], "ranges": ranges})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_shard_set_on_an_fsspec_filesystem_reads_as_the_local_one_by_byte_ranges(tmp_path):
+    """`http://` is no store of litdata's: fsspec's HTTP filesystem reads it, through our downloader."""
+    src = _tree(tmp_path)
+    convert.main([str(src), str(tmp_path / "out"), *SMALL])
+    local = ShardSet(tmp_path / "out")
+    with _http_server(tmp_path) as (url, served):
+        remote = ShardSet(f"{url}/out", cache=str(tmp_path / "cache"))
+        assert remote.fingerprint() == local.fingerprint() and remote.classes == local.classes
+        assert _samples(remote) == _samples(local)
+        chunk_reads = [wanted for path, wanted in served.requests if "/chunk-" in path]
+        assert len(chunk_reads) == 2 * len(local)  # a sample's offsets, then its bytes
+        assert all(wanted is not None for wanted in chunk_reads)  # no chunk read whole
+        assert not list((tmp_path / "cache").rglob("chunk-*"))  # nor kept
+        assert np.array_equal(remote[3].decode(), local[3].decode())
+        with pytest.raises(DataFolderError, match="cannot read its shards.json"):
+            ShardSet(f"{url}/none", cache=str(tmp_path / "cache"))
+    with _http_server(tmp_path, ranges=False) as (url, _):  # a server that ignores ranges: refused, not misread
+        with pytest.raises(OSError, match="bytes read at 4, 8 expected"):
+            ShardSet(f"{url}/out", cache=str(tmp_path / "cache")).read(0)
+    reasons = {
+        "nosuch": "neither litdata .* nor fsspec reads nosuch://",
+        "hf": "litdata reads hf:// as a Hugging Face dataset",  # litdata would crawl it before any check
+        "local": "give the folder's path",
+        "file": "give the folder's path without file://",
+        "memory": "private to one process",
+        "sftp": 'fsspec reads sftp:// through a package that is not installed .*"paramiko"',
+    }
+    for scheme, reason in reasons.items():
+        with pytest.raises(DataFolderError, match=f"--data.root {scheme}://example/set: .*{reason}"):
+            ShardSet(f"{scheme}://example/set")
+
+
+FINE_RUN = [
+    "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "2", "--data.augment", "digits",
+    "--model.arch", "swinv2_tiny", "--model.encoder_kwargs", '{"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}',
+    "--model.pretrained", "null", "--model.window_size", "4", "--trainer.max_epochs", "2", "--trainer.precision", "32",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_from_an_fsspec_filesystem_reading_each_image_once_per_epoch(tmp_path):
+    """32 classes of one image each, converted with train/ and val/ and served over HTTP; fine-tuning from the URL
+    with 2 gloo ranks x 2 workers, batch 4, 2 epochs: the labels of each epoch's batches, across the ranks, are
+    every class once; the classifier export holds the 32 classes."""
+    from recording import fingerprint, read_log
+
+    for split in ("train", "val"):
+        for i in range(32):
+            (tmp_path / "src" / split / f"c{i:02d}").mkdir(parents=True)
+            cv2.imwrite(str(tmp_path / "src" / split / f"c{i:02d}" / "0.png"), np.full((40, 40, 3), 7 * i, np.uint8))
+    convert.main([str(tmp_path / "src"), str(tmp_path / "out"), "--chunk_mb", "0.001", "--workers", "1"])
+    with _http_server(tmp_path) as (url, _):
+        args = ["--data.root", f"{url}/out", *FINE_RUN, "--trainer.default_root_dir", str(tmp_path / "fine")]
+        cmd, env = recorded_command(args, tmp_path / "fine.jsonl", module="simmim.finetune")
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = read_log(tmp_path / "fine.jsonl")
+    labels = {fingerprint(torch.tensor(i)) for i in range(32)}
+    for epoch in (0, 1):
+        seen = [y for row in rows if row["epoch"] == epoch for y in row["masks"]]  # the batch's labels
+        assert len(seen) == 32 and set(seen) == labels, epoch
+    exported = tmp_path / "fine" / "logs" / "version_0" / "classifier.safetensors"
+    assert swinv2.create_model_from_checkpoint(exported).num_classes == 32

@@ -1,0 +1,53 @@
+"""litdata's downloader for any filesystem fsspec knows (`simmim.data.stores.use_store` registers it for a scheme
+litdata has no downloader of its own for)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+from litdata.streaming.downloader import Downloader
+
+
+class FsspecDownloader(Downloader):
+    """litdata's downloader for a filesystem fsspec knows: byte ranges by `cat_file`, whole files by `get_file`
+    (published under a temporary name, then renamed). One filesystem object per process."""
+
+    BLOCK = 1 << 20
+
+    def _fs(self):
+        if getattr(self, "_fs_pid", None) != os.getpid():
+            from fsspec.core import url_to_fs
+
+            self._filesystem = url_to_fs(self._remote_dir, **self._storage_options)[0]
+            self._fs_pid = os.getpid()
+        return self._filesystem
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_filesystem", None)
+        state.pop("_fs_pid", None)
+        return state
+
+    def download_fileobj(self, remote_filepath: str, fileobj: Any) -> None:
+        with self._fs().open(remote_filepath, "rb") as f:
+            while block := f.read(self.BLOCK):
+                fileobj.write(block)
+
+    def download_bytes(self, remote_filepath: str, offset: int, length: int, local_chunkpath: str) -> bytes:
+        data = self._fs().cat_file(remote_filepath, start=offset, end=offset + length) if length else b""
+        if len(data) != length:  # a store that ignored the range, or a file shorter than its index says
+            raise OSError(f"{remote_filepath}: {len(data)} bytes read at {offset}, {length} expected")
+        return data
+
+    def download_file(self, remote_filepath: str, local_filepath: str) -> None:
+        if not os.path.exists(local_filepath):
+            os.makedirs(os.path.dirname(local_filepath) or ".", exist_ok=True)
+            tmp = self._temp_download_path(local_filepath)
+            try:
+                self._fs().get_file(remote_filepath, tmp)
+                self._atomic_replace(tmp, local_filepath)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        self._notify_published(local_filepath)
