@@ -33,7 +33,16 @@ import numpy as np
 
 from simmim.data.images import UnreadableImageError, decode_bytes, read_image_file
 from simmim.data.index import FileIndex, open_index, read_json
-from simmim.data.shards import FORMAT, INDEX_FILE, SHARDS_FILE, VERSION, ShardSet, checked_index, data_spec
+from simmim.data.shards import (
+    FORMAT,
+    INDEX_FILE,
+    MAX_SAMPLE_BYTES,
+    SHARDS_FILE,
+    VERSION,
+    ShardSet,
+    checked_index,
+    data_spec,
+)
 from simmim.errors import ConfigError
 
 MANIFEST = ".convert.json"
@@ -115,9 +124,11 @@ def _write_part(writer, index: FileIndex, positions: np.ndarray, record: Dict[st
     for i in positions:
         path, rel, label = index[int(i)], index.relative(int(i)), int(index.label(int(i)))
         try:
+            if os.path.getsize(path) > MAX_SAMPLE_BYTES:  # what a reader takes from a chunk, at most
+                raise UnreadableImageError(f"{path} is larger than {MAX_SAMPLE_BYTES} bytes")
             data = read_image_file(path)
             decode_bytes(data, path)
-        except UnreadableImageError as e:
+        except (UnreadableImageError, OSError) as e:
             record["skipped"].append([_key(rel), str(e)])
             continue
         writer[record["written"]] = {"key": _key(rel), "label": label, "image": data.tobytes()}

@@ -4,30 +4,21 @@ litdata has no downloader of its own for)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any
 
 from litdata.streaming.downloader import Downloader
 
 
 class FsspecDownloader(Downloader):
-    """litdata's downloader for a filesystem fsspec knows: byte ranges by `cat_file`, whole files by `get_file`
-    (published under a temporary name, then renamed). One filesystem object per process."""
+    """litdata's downloader for a filesystem fsspec knows: byte ranges, whole files by `get_file` (published under a
+    temporary name, then renamed). fsspec keeps one filesystem object per process and thread."""
 
     BLOCK = 1 << 20
 
     def _fs(self):
-        if getattr(self, "_fs_pid", None) != os.getpid():
-            from fsspec.core import url_to_fs
+        from fsspec.core import url_to_fs
 
-            self._filesystem = url_to_fs(self._remote_dir, **self._storage_options)[0]
-            self._fs_pid = os.getpid()
-        return self._filesystem
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_filesystem", None)
-        state.pop("_fs_pid", None)
-        return state
+        return url_to_fs(self._remote_dir, **self._storage_options)[0]
 
     def download_fileobj(self, remote_filepath: str, fileobj: Any) -> None:
         with self._fs().open(remote_filepath, "rb") as f:
@@ -35,7 +26,21 @@ class FsspecDownloader(Downloader):
                 fileobj.write(block)
 
     def download_bytes(self, remote_filepath: str, offset: int, length: int, local_chunkpath: str) -> bytes:
-        data = self._fs().cat_file(remote_filepath, start=offset, end=offset + length) if length else b""
+        if not length:
+            return b""
+        fs = self._fs()
+        if fs.protocol[0] in ("http", "https"):
+            # read as a file of the chunk's size: fsspec then refuses an answer that is not the range instead of
+            # reading a whole object (or an endless stream) into memory
+            size = next(c["chunk_bytes"] for c in self._chunks if c["filename"] == os.path.basename(remote_filepath))
+            try:
+                with fs.open(remote_filepath, "rb", size=size, block_size=length, cache_type="none") as f:
+                    f.seek(offset)
+                    data = f.read(length)
+            except ValueError as e:
+                raise OSError(f"{remote_filepath}: {e}") from None
+        else:
+            data = fs.cat_file(remote_filepath, start=offset, end=offset + length)
         if len(data) != length:  # a store that ignored the range, or a file shorter than its index says
             raise OSError(f"{remote_filepath}: {len(data)} bytes read at {offset}, {length} expected")
         return data

@@ -54,6 +54,7 @@ MAX_INDEX_BYTES = 64 << 20  # index.json: about 100 bytes per chunk
 MAX_SHARDS_BYTES = 256 << 20  # shards.json: class names and the images left out
 MAX_CHUNK_SAMPLES = 1 << 24
 MAX_KEY_CHARS = 4096
+MAX_SAMPLE_BYTES = 1 << 30  # one encoded image file
 MAX_CLASSES = 1 << 20
 
 
@@ -183,8 +184,10 @@ class ShardSet(Sequence[str]):
     ) -> None:
         root = os.fspath(root)
         scheme = stores.scheme(root)
-        if scheme is not None and stores.unusable(scheme):
-            raise _fail(root, stores.unusable(scheme))
+        if scheme is not None:
+            root = scheme + root[len(scheme) :]  # litdata matches stores by lower-case prefix
+            if stores.unusable(root):
+                raise _fail(root, stores.unusable(root))
         if scheme is None:
             if not os.path.isdir(root):
                 raise _fail(root, "not a folder")
@@ -211,6 +214,7 @@ class ShardSet(Sequence[str]):
                 raise _fail(root, f"cannot read its chunk {name} ({e.strerror or e})") from None
             if not regular:
                 raise _fail(root, f"its chunk {name} is not a regular file")
+        self.chunk_bytes = np.asarray([c["chunk_bytes"] for c in checked["chunks"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
         self.chunks = np.arange(len(self.sizes))  # the chunks of this view
         self._bounds = self.starts
@@ -427,6 +431,21 @@ def _open_reader(shards: ShardSet):
             names, sizes, _ = checked_index(shards.root, loaded, config._chunks, data_spec())
             if names != shards.chunk_names or not np.array_equal(sizes, shards.sizes):
                 raise _fail(shards.root, f"its {INDEX_FILE} changed while the run read it")
+            read_range = config.download_chunk_bytes_from_index  # a remote read of part of a chunk
+
+            def bounded(chunk: int, offset: int, length: int) -> bytes:
+                """A range within the chunk, and at most one image file's bound: the offsets come from the chunk."""
+                if not (
+                    0 <= offset and 0 <= length <= MAX_SAMPLE_BYTES and offset + length <= shards.chunk_bytes[chunk]
+                ):
+                    raise _fail(
+                        shards.root,
+                        f"its chunk {shards.chunk_names[chunk]} gives a sample {length} bytes at {offset}, outside its "
+                        f"{shards.chunk_bytes[chunk]} bytes or over {MAX_SAMPLE_BYTES} (a damaged or crafted chunk)",
+                    )
+                return read_range(chunk, offset, length)
+
+            config.download_chunk_bytes_from_index = bounded
             return cache
 
     from litdata.streaming.resolver import Dir

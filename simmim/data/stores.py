@@ -15,34 +15,49 @@ import re
 from typing import Dict, Optional
 
 LITDATA_STORES = ("s3", "gs", "azure", "r2")  # read by litdata's own downloaders
-REFUSED = {
+# fsspec's filesystems of network stores. Not its filesystems that read through other files or URLs named in what
+# they read (reference://, zip://, tar://, the caches, ...): a crafted set could send the reads anywhere.
+FSSPEC_STORES = (
+    "http", "https", "ftp", "sftp", "ssh", "hdfs", "webhdfs", "webdav", "gcs", "abfs", "abfss", "az", "adl", "oci",
+    "oss",
+)  # fmt: skip
+HINTS = {
     "hf": "litdata reads hf:// as a Hugging Face dataset of its own kind, before anything could check it",
     "local": "litdata takes local: for a cached local folder: give the folder's path",
     "file": "give the folder's path without file://",
-    "memory": "fsspec's memory filesystem is private to one process, and data-loader workers are processes",
 }
 
 
 def scheme(root: str) -> Optional[str]:
-    """The URL scheme of `root` (lower case), or None for a path."""
-    match = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", root)
+    """The URL scheme of `root` (lower case; the first of a chained fsspec URL, `a::b://`), or None for a path."""
+    match = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)(://|::)", root)
     return match.group(1).lower() if match else None
 
 
-def unusable(name: str) -> Optional[str]:
-    """Why shards cannot be read from `name://` (None: they can)."""
-    if name in REFUSED:
-        return REFUSED[name]
-    if name in LITDATA_STORES:
-        return None
-    import fsspec
+def unusable(url: str) -> Optional[str]:
+    """Why shards cannot be read from the URL `url` (None: they can)."""
+    name = scheme(url) or ""
+    if name in HINTS:
+        return HINTS[name]
+    if name not in LITDATA_STORES + FSSPEC_STORES:
+        return (
+            f"{name}:// is not a store shards are read from (litdata's: {', '.join(LITDATA_STORES)}; fsspec's "
+            f"network filesystems: {', '.join(FSSPEC_STORES)})"
+        )
+    if "::" in url:
+        return "chained fsspec URLs (a::b://) are not taken: name the store itself"
+    if re.search(r"[?#]", url) or "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        return (
+            "a URL with credentials, a query or a fragment is not taken (it would be printed and saved with the "
+            "run): give credentials through the store's environment or fsspec's configuration"
+        )
+    if name in FSSPEC_STORES:
+        import fsspec
 
-    try:
-        fsspec.get_filesystem_class(name)
-    except ImportError as e:  # fsspec knows it, through a package that is not installed
-        return f"fsspec reads {name}:// through a package that is not installed ({e})"
-    except ValueError:
-        return f"neither litdata ({', '.join(LITDATA_STORES)}) nor fsspec reads {name}://"
+        try:
+            fsspec.get_filesystem_class(name)
+        except ImportError as e:  # fsspec reads it through a package that is not installed
+            return f"fsspec reads {name}:// through a package that is not installed ({e})"
     return None
 
 

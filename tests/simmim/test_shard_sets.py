@@ -6,6 +6,7 @@ store (moto's server on the loopback interface) with two processes under DDP, `z
 import contextlib
 import functools
 import http.server
+import importlib.util
 import io
 import json
 import os
@@ -624,19 +625,42 @@ def test_a_shard_set_on_an_fsspec_filesystem_reads_as_the_local_one_by_byte_rang
         with pytest.raises(DataFolderError, match="cannot read its shards.json"):
             ShardSet(f"{url}/none", cache=str(tmp_path / "cache"))
     with _http_server(tmp_path, ranges=False) as (url, _):  # a server that ignores ranges: refused, not misread
-        with pytest.raises(OSError, match="bytes read at 4, 8 expected"):
+        with pytest.raises(OSError, match="support range requests"):
             ShardSet(f"{url}/out", cache=str(tmp_path / "cache")).read(0)
     reasons = {
-        "nosuch": "neither litdata .* nor fsspec reads nosuch://",
-        "hf": "litdata reads hf:// as a Hugging Face dataset",  # litdata would crawl it before any check
-        "local": "give the folder's path",
-        "file": "give the folder's path without file://",
-        "memory": "private to one process",
-        "sftp": 'fsspec reads sftp:// through a package that is not installed .*"paramiko"',
+        "nosuch://example/set": "nosuch:// is not a store shards are read from",
+        "hf://example/set": "litdata reads hf:// as a Hugging Face dataset",  # it would crawl it before any check
+        "local://example/set": "give the folder's path",
+        "file:///example/set": "give the folder's path without file://",
+        "memory://example/set": "memory:// is not a store",  # private to one process
+        "reference://example/set": "reference:// is not a store",  # its reads go where the file it reads says
+        "simplecache::https://example/set": "simplecache:// is not a store",
+        "https://user:token@example/set": "a URL with credentials",
+        "https://example/set?token=1": "a URL with credentials, a query",
     }
-    for scheme, reason in reasons.items():
-        with pytest.raises(DataFolderError, match=f"--data.root {scheme}://example/set: .*{reason}"):
-            ShardSet(f"{scheme}://example/set")
+    if importlib.util.find_spec("paramiko") is None:
+        reasons["sftp://example/set"] = 'fsspec reads sftp:// through a package that is not installed .*"paramiko"'
+    for root, reason in reasons.items():
+        with pytest.raises(DataFolderError, match=f"--data.root {re.escape(root)}: .*{reason}"):
+            ShardSet(root)
+
+
+def test_a_remote_sample_range_outside_its_chunk_is_refused_before_it_is_read(tmp_path):
+    """A chunk's offset table is part of the untrusted set: a sample whose end lies before its start (a range of
+    about 4 GiB once read as unsigned) is refused by name before any byte of it is requested."""
+    src = _tree(tmp_path)
+    convert.main([str(src), str(tmp_path / "out"), *SMALL])
+    chunk = tmp_path / "out" / ShardSet(tmp_path / "out").chunk_names[0]
+    data = bytearray(chunk.read_bytes())
+    data[8:12] = (0).to_bytes(4, "little")  # the first sample's end offset
+    chunk.write_bytes(bytes(data))
+    with _http_server(tmp_path) as (url, served):
+        remote = ShardSet(f"HTTP{url[4:]}/out", cache=str(tmp_path / "cache"))  # a scheme in capitals reads too
+        assert remote.read(1)[0] == ShardSet(tmp_path / "out").read(1)[0]
+        served.requests.clear()
+        with pytest.raises(DataFolderError, match=r"its chunk chunk-0-0.bin gives a sample 429496\d+ bytes at"):
+            remote.read(0)
+        assert len(served.requests) == 1  # the offsets only
 
 
 FINE_RUN = [
