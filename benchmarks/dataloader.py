@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate  # noqa: E402
 
 from simmim.data.images import list_images, normalize_images  # noqa: E402
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader  # noqa: E402
+from simmim.data.pixels import RGB8  # noqa: E402
 from simmim.finetune.augment import classification_transform  # noqa: E402
 from simmim.finetune.data import LabelledImageDataset  # noqa: E402
 from simmim.pretrain.augment import PretrainTransform  # noqa: E402
@@ -173,7 +174,7 @@ def pipelines(files: List[Path], stage: str) -> Dict[str, Dataset]:
     if stage == "pretrain":
         masks = MaskGenerator(192, 32, 4, 0.6)
         return {
-            "ours": MaskedImageDataset(files, PretrainTransform(192, True), masks, True),
+            "ours": MaskedImageDataset(files, PretrainTransform(192, True), masks, True, fmt=RGB8),
             "ours before (float decode, albumentations)": PreviousPretrain(files, 192, masks),
             "torchvision v2": TorchvisionPretrain(files, 192, masks, antialias=True),
             "torchvision v2, antialias=False": TorchvisionPretrain(files, 192, masks, antialias=False),

@@ -69,7 +69,8 @@ class Stage:
         default_config: The config put first when the arguments name none.
         exports: The default `--export.files` (file name -> layout).
         options: Callbacks with settings, each an option group in the saved config: (key, class, defaults).
-        links: `(source, target)` options linked after the groups are added (`parser.link_arguments`).
+        links: `(source, target)` options linked after the groups are added (`parser.link_arguments`), or
+            `(source, target, "instantiate")`: an attribute of the built source (the data module) given to the target.
         required: Callback classes without a setting that every run has (built with no arguments; the default
             `--trainer.callbacks`).
         check: Called with the subcommand's parsed config before any class is built; it may fill values in or
@@ -82,7 +83,7 @@ class Stage:
     default_config: Path
     exports: Dict[str, str]
     options: Tuple[Tuple[str, type, Dict[str, Any]], ...] = ()
-    links: Tuple[Tuple[str, str], ...] = ()
+    links: Tuple[Tuple[str, ...], ...] = ()
     required: Tuple[type, ...] = ()
     check: Optional[Callable[[Any], None]] = None
 
@@ -204,8 +205,8 @@ class StageCLI(LightningCLI):
         for key, cls, defaults in self.stage.options:
             parser.add_lightning_class_args(cls, key)
             parser.set_defaults({f"{key}.{name}": value for name, value in defaults.items()})
-        for source, target in self.stage.links:
-            parser.link_arguments(source, target)
+        for source, target, *when in self.stage.links:
+            parser.link_arguments(source, target, apply_on=when[0] if when else "parse")
         parser.add_argument(
             "--collective_timeout_s",
             type=Optional[float],

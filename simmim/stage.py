@@ -16,7 +16,7 @@ normalisation.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -28,6 +28,7 @@ from simmim.distributed import is_sharded
 from simmim.errors import ConfigError, require
 from simmim.optim import drop_nonfinite_grads
 from simmim.seeding import seed_step
+from swinv2.checkpoint import INPUTS_KEY
 
 _TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
@@ -41,21 +42,41 @@ class StageModule(pl.LightningModule):
 
     Args:
         img_size: The input size (square), for `blank_images`.
-        mean, std: The normalisation of the input images (per channel, as fractions of the pixel range).
+        mean, std: The normalisation of the input images (per channel, as fractions of the pixel range); None or
+            "auto": the data module's, taken in `setup` (it works them out) and recorded in the hyper-parameters
+            (until then, None is ImageNet's for 3 channels).
+        channels: Channels per input image.
     """
 
     SHARDED_FORWARD_METHODS: Sequence[str] = ()
 
     def __init__(
-        self, img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+        self,
+        img_size: int,
+        mean: Optional[Union[Sequence[float], str]] = IMAGENET_MEAN,
+        std: Optional[Union[Sequence[float], str]] = IMAGENET_STD,
+        channels: int = 3,
     ) -> None:
         super().__init__()
-        require(len(mean) == 3, "--model.mean", list(mean), "must hold one value per channel (3)")
-        require(len(std) == 3 and all(s > 0 for s in std), "--model.std", list(std), "must be 3 positive values")
-        self.input_size = img_size
-        self.mean: Tuple[float, ...] = tuple(float(m) for m in mean)
-        self.std: Tuple[float, ...] = tuple(float(s) for s in std)
+        self.input_size, self.channels = img_size, channels
+        self.from_data = {"mean": mean is None or mean == "auto", "std": std is None or std == "auto"}
+        imagenet = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD} if channels == 3 else {}
+        self.mean = self._per_channel("mean", imagenet.get("mean") if mean is None else mean)
+        self.std = self._per_channel("std", imagenet.get("std") if std is None else std)
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, in this process's run
+
+    def _per_channel(self, name: str, values: Any) -> Optional[Tuple[float, ...]]:
+        """The mean or std `values` as one float per channel, or None where they come from the data."""
+        if values is None or isinstance(values, str):
+            require(values in (None, "auto"), f"--model.{name}", values, "must be values per channel or auto")
+            return None
+        require(
+            len(values) == self.channels and (name == "mean" or all(v > 0 for v in values)),
+            f"--model.{name}",
+            list(values),
+            f"must hold one {'' if name == 'mean' else 'positive '}value per channel ({self.channels})",
+        )
+        return tuple(float(v) for v in values)
 
     @property
     def swin(self) -> swinv2.SwinTransformerV2:
@@ -66,7 +87,7 @@ class StageModule(pl.LightningModule):
         """`x` as every step takes it: uint8 images (what pretraining's loaders deliver) normalised with the module's
         `mean` and `std` on their device, in float32 (in the weights' dtype under a `-true` precision); float images
         are taken as normalised already (fine-tuning's loaders normalise before random erasing)."""
-        if x.dtype != torch.uint8:
+        if x.dtype not in (torch.uint8, torch.uint16):
             return x
         precision = str(self._trainer.precision) if self._trainer is not None else ""
         return normalize_images(x, self.mean, self.std, _TRUE_PRECISION.get(precision, torch.float32))
@@ -88,7 +109,12 @@ class StageModule(pl.LightningModule):
         data = self.trainer.datamodule
         for name in ("mean", "std"):
             theirs, ours = getattr(data, name, None), getattr(self, name)
-            if theirs is not None and tuple(float(v) for v in theirs) != ours:
+            if self.from_data[name] and theirs is not None:  # the data's, as it worked them out
+                setattr(self, name, self._per_channel(name, theirs))
+                self.hparams[name] = list(getattr(self, name))  # what the checkpoints and exports record
+            elif ours is None:
+                raise ConfigError(f"--model.{name} auto: the data module gives no {name} (give values)")
+            elif theirs is not None and tuple(float(v) for v in theirs) != ours:
                 raise ConfigError(
                     f"the data module normalises with {name} {list(theirs)}, the module with {list(ours)}: give "
                     f"both the same values (on the command line, --model.{name} sets both)"
@@ -108,6 +134,15 @@ class StageModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         swinv2.add_record(checkpoint, self.swin)
+        if self.mean is not None and self.std is not None:
+            checkpoint[INPUTS_KEY] = self.input_record()
+
+    def input_record(self) -> Dict[str, Any]:
+        """What the model's inputs are: the pixels' type (the data module's) and the normalisation, which every
+        weights file written from this module records (`swinv2.read_inputs`)."""
+        pixels = getattr(self._trainer and self.trainer.datamodule, "pixels", None)
+        depth = pixels.depth if pixels is not None else "uint8"
+        return {"depth": depth, "mean": list(self.mean or ()), "std": list(self.std or ())}
 
     def configure_model(self) -> None:
         shard = getattr(self.trainer.strategy, "shard", None)  # the strategies of simmim.distributed
@@ -124,4 +159,5 @@ class StageModule(pl.LightningModule):
 
     def blank_images(self) -> torch.Tensor:
         """One black image of the module's input size, (1, 3, S, S), on its device, normalised as a batch is."""
-        return self.images(torch.zeros(1, 3, self.input_size, self.input_size, dtype=torch.uint8, device=self.device))
+        shape = (1, self.channels, self.input_size, self.input_size)
+        return self.images(torch.zeros(shape, dtype=torch.uint8, device=self.device))

@@ -8,6 +8,7 @@ from swinv2.checkpoint import (
     checkpoint_windows,
     create_model_from_checkpoint,
     load_pretrained,
+    read_inputs,
     save_weights,
 )
 from swinv2.convert import CheckpointMismatchError, to_timm_state_dict, transformers_config_kwargs
@@ -25,6 +26,7 @@ __all__ = [
     "architecture",
     "add_record",
     "checkpoint_windows",
+    "read_inputs",
     "read_checkpoint",
     "to_timm_state_dict",
     "LoadReport",

@@ -37,11 +37,14 @@ from swinv2.reading import (
     check_architecture,
     parse_record,
     read_checkpoint,
+    read_json_record,
 )
 from swinv2.windows import Windows, check_windows, implied_windows, reference_windows, spacing
 
 ARCH_KEY = "swinv2_architecture"  # safetensors metadata entry / Lightning checkpoint entry: JSON of the record
 LAYOUT_KEY = "format"  # safetensors metadata entry: "swinv2-official" or "timm"
+INPUTS_KEY = "inputs"  # safetensors metadata entry / Lightning checkpoint entry: JSON of the input record
+PIXEL_DEPTHS = ("uint8", "uint16", "float32")
 Source = Union[str, os.PathLike, Mapping]
 
 
@@ -107,12 +110,19 @@ def add_record(checkpoint: Dict[str, Any], model: SwinTransformerV2) -> Dict[str
     return checkpoint
 
 
-def save_weights(path: Union[str, os.PathLike], model: SwinTransformerV2, layout: str = "official") -> str:
+def save_weights(
+    path: Union[str, os.PathLike],
+    model: SwinTransformerV2,
+    layout: str = "official",
+    inputs: Optional[Mapping[str, Any]] = None,
+) -> str:
     """Write `model`'s weights as safetensors with its architecture record; returns `path`.
 
     Args:
         layout: "official" (this project's and microsoft/Swin-Transformer's keys, mask token included) or "timm"
             (`to_timm_state_dict`, which timm's `SwinTransformerV2` loads with `strict=True`).
+        inputs: The input record (`check_inputs`): the pixels' type and the normalisation the weights were
+            trained with, so that whoever reads them normalises the same way.
     """
     if layout not in ("official", "timm"):
         raise ValueError(f"layout must be 'official' or 'timm', got {layout!r}")
@@ -123,6 +133,8 @@ def save_weights(path: Union[str, os.PathLike], model: SwinTransformerV2, layout
         ARCH_KEY: json.dumps(architecture(model)),
         LAYOUT_KEY: "timm" if layout == "timm" else "swinv2-official",
     }
+    if inputs is not None:
+        metadata[INPUTS_KEY] = json.dumps(check_inputs(inputs, model.in_chans, path))
     save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, path, metadata=metadata)
     return path
 
@@ -140,6 +152,36 @@ def read_architecture(raw: Mapping, name: str = "the checkpoint") -> Optional[Di
     if isinstance(record, (str, bytes)):
         return parse_record(record, name)
     return check_architecture(record, name)
+
+
+def check_inputs(record: Any, channels: int, where: Any) -> Dict[str, Any]:
+    """An input record, checked: `{"depth": one of PIXEL_DEPTHS, "mean": [...], "std": [...]}`, one finite value
+    per channel each (std positive; as fractions of the full range for integer pixels)."""
+    if not isinstance(record, Mapping) or set(record) != {"depth", "mean", "std"}:
+        raise MalformedRecordError(f"{where}: the input record is not {{depth, mean, std}}")
+    if record["depth"] not in PIXEL_DEPTHS:
+        raise MalformedRecordError(f"{where}: the input record's depth {str(record['depth'])[:40]!r} is unknown")
+    out: Dict[str, Any] = {"depth": record["depth"]}
+    for key in ("mean", "std"):
+        values = record[key]
+        ok = isinstance(values, (list, tuple)) and len(values) == channels
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not ok or (key == "std" and min(values) <= 0):
+            raise MalformedRecordError(f"{where}: the input record's {key} is not {channels} finite values")
+        out[key] = [float(v) for v in values]
+    return out
+
+
+def read_inputs(raw: Mapping, name: str = "the checkpoint") -> Optional[Dict[str, Any]]:
+    """The input record of a read checkpoint (safetensors header or Lightning checkpoint), checked against its
+    architecture's channels, or None when it has none."""
+    record = raw.get(INPUTS_KEY) if isinstance(raw, Mapping) else None
+    if record is None:
+        return None
+    arch = read_architecture(raw, name)
+    if isinstance(record, (str, bytes)):
+        record = read_json_record(record, name)
+    return check_inputs(record, (arch or {}).get("in_chans", 3), name)
 
 
 def checkpoint_windows(raw: Mapping, name: str = "the checkpoint") -> Optional[Windows]:

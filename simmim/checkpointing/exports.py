@@ -68,7 +68,10 @@ class ExportWeights(pl.Callback):
             return
         # safetensors replaces a symbolic link by the file, never follows it (a logger's folder may go unchecked at
         # start-up): tests/simmim/test_untrusted.py fails if a version of it changes that
-        self.paths = [swinv2.save_weights(os.path.join(folder, n), model, layout) for n, layout in self.files.items()]
+        inputs = pl_module.input_record() if hasattr(pl_module, "input_record") else None
+        self.paths = [
+            swinv2.save_weights(os.path.join(folder, n), model, layout, inputs) for n, layout in self.files.items()
+        ]
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -12,7 +12,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 
 from simmim.errors import DataFolderError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".npy")
 
 
 class UnreadableImageError(ValueError):
@@ -64,6 +64,18 @@ def require_images(root: str | os.PathLike) -> None:
         if any(os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS for n in names):
             return
     raise no_images(root)
+
+
+def first_images(root: str | os.PathLike, index: Optional[str | os.PathLike] = None) -> Iterator[Path]:
+    """The images under `root` in sorted order (walking only as far as they are taken), or the paths of the file
+    list `index` (relative to `root`): where a run's pixel format is read from."""
+    if index is not None:
+        with open(index, encoding="utf-8", errors="replace") as f:
+            yield from (Path(root) / line.rstrip("\n").split("\t")[0] for line in f if line.strip())
+        return
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        yield from (Path(folder) / n for n in sorted(names) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
 
 
 _UINT8_TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB}
@@ -112,28 +124,36 @@ def read_image_file(path: str | os.PathLike) -> np.ndarray:
         raise UnreadableImageError(f"cannot read {path}: {e}") from e
 
 
-def decode_bytes(data: np.ndarray, name: str | os.PathLike) -> np.ndarray:
-    """An encoded image file's bytes (uint8 array) as uint8 (H, W, 3) RGB; `name` says where they came from."""
+def decode_bytes(data: np.ndarray, name: str | os.PathLike, fmt: Optional[Any] = None) -> np.ndarray:
+    """An encoded image file's bytes (uint8 array) as uint8 (H, W, 3) RGB; `name` says where they came from. With a
+    run's `simmim.data.pixels.PixelFormat` `fmt`: as that format's pixels, at their own precision, any reader."""
+    if fmt is not None:
+        from simmim.data.pixels import decode_pixels
+
+        return decode_pixels(data, name, fmt)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None or img.size == 0:
         raise UnreadableImageError(f"cannot decode {name} as an image (corrupt or not an image file)")
     return to_uint8_rgb(img)
 
 
-def decode_item(item: Any) -> np.ndarray:
-    """An image given by its path, or by an item that decodes itself (a shard set's `ShardItem`)."""
+def decode_item(item: Any, fmt: Optional[Any] = None) -> np.ndarray:
+    """An image given by its path, or by an item that decodes itself (a shard set's `ShardItem`); `fmt` as in
+    `decode_bytes`."""
     decode = getattr(item, "decode", None)
-    return decode() if decode is not None else decode_image(item)
+    return decode(fmt) if decode is not None else decode_bytes(read_image_file(item), item, fmt)
 
 
-def decode_sample(files: Sequence, i: int) -> np.ndarray:
+def decode_sample(files: Sequence, i: int, fmt: Optional[Any] = None) -> np.ndarray:
     """Image `i` of `files`: a sequence of paths or items (`decode_item`), or a set that decodes its own samples (a
-    `ShardSet`)."""
+    `ShardSet`); `fmt` as in `decode_bytes`."""
     decode = getattr(files, "decode", None)
-    return decode(i) if decode is not None else decode_item(files[i])
+    return decode(i, fmt) if decode is not None else decode_item(files[i], fmt)
 
 
-def read_sample_image(files: Sequence, i: int, refill: bool) -> Tuple[Optional[np.ndarray], int, Tuple[int, ...]]:
+def read_sample_image(
+    files: Sequence, i: int, refill: bool, fmt: Optional[Any] = None
+) -> Tuple[Optional[np.ndarray], int, Tuple[int, ...]]:
     """Decode image `i` of `files` (`decode_sample`) for a dataset sample; an unreadable file is warned about by
     name.
 
@@ -151,7 +171,7 @@ def read_sample_image(files: Sequence, i: int, refill: bool) -> Tuple[Optional[n
     for step in range(n if refill else 1):
         j = (i + step) % n
         try:
-            return decode_sample(files, j), j, tuple(passed)
+            return decode_sample(files, j, fmt), j, tuple(passed)
         except UnreadableImageError as e:
             warnings.warn(f"skipping unreadable image: {e}", stacklevel=3)
             passed.append(j)
@@ -160,22 +180,27 @@ def read_sample_image(files: Sequence, i: int, refill: bool) -> Tuple[Optional[n
     raise UnreadableImageError(f"none of the {n} images could be decoded; the warnings name them")
 
 
+FULL_RANGE = {torch.uint8: 255.0, torch.uint16: 65535.0}  # integer pixels: the value of full scale
+
+
 @functools.lru_cache(maxsize=16)
-def _channel_constants(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device):
-    """255 x mean and 255 x std as (1, C, 1, 1) float32 tensors on `device`, made once per device: building them per
-    batch would be a host-to-device copy, which makes the host wait for the GPU's queued work."""
-    mean_255 = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    std_255 = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    return mean_255.to(device), std_255.to(device)
+def _channel_constants(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device, full: float = 255.0):
+    """full x mean and full x std as (1, C, 1, 1) float32 tensors on `device`, made once per device: building them
+    per batch would be a host-to-device copy, which makes the host wait for the GPU's queued work."""
+    mean_full = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * full
+    std_full = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * full
+    return mean_full.to(device), std_full.to(device)
 
 
 def normalize_images(
     x: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """uint8 images (B, 3, H, W), on any device -> `(x / 255 - mean) / std` per channel in float32 on that device,
-    then cast to `dtype` (the weights' dtype under a "-true" precision)."""
-    if x.dtype != torch.uint8:
-        raise TypeError(f"normalize_images takes uint8 images, got {x.dtype}")
-    mean_255, std_255 = _channel_constants(tuple(mean), tuple(std), x.device)
-    out = x.to(torch.float32).sub_(mean_255).div_(std_255)  # in place: far cheaper on CPU than new tensors
+    """uint8 or uint16 images (B, C, H, W), on any device -> `(x / full - mean) / std` per channel in float32 on that
+    device (full: 255 or 65535), then cast to `dtype` (the weights' dtype under a "-true" precision)."""
+    if x.dtype not in FULL_RANGE:
+        raise TypeError(f"normalize_images takes uint8 or uint16 images, got {x.dtype}")
+    if x.shape[1] != len(mean):
+        raise ValueError(f"images with {x.shape[1]} channel(s), a normalisation of {len(mean)}")
+    mean_full, std_full = _channel_constants(tuple(mean), tuple(std), x.device, FULL_RANGE[x.dtype])
+    out = x.to(torch.float32).sub_(mean_full).div_(std_full)  # in place: far cheaper on CPU than new tensors
     return out if dtype == torch.float32 else out.to(dtype)

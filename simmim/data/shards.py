@@ -275,12 +275,13 @@ class ShardSet(Sequence[str]):
     def name(self, key: str, chunk: str) -> str:
         return f"{self.root} key {key!r} (in {chunk})"
 
-    def decode(self, i: int) -> np.ndarray:
-        """Sample `i` decoded as uint8 (H, W, 3) RGB; `UnreadableImageError` names its set, key and chunk."""
+    def decode(self, i: int, fmt=None) -> np.ndarray:
+        """Sample `i` decoded as uint8 (H, W, 3) RGB, or as the pixels of a `PixelFormat` `fmt`
+        (`simmim.data.images.decode_bytes`); `UnreadableImageError` names its set, key and chunk."""
         from simmim.data.images import decode_bytes
 
         key, _, image, chunk = self.read(i)
-        return decode_bytes(np.frombuffer(image, dtype=np.uint8), self.name(key, chunk))
+        return decode_bytes(np.frombuffer(image, dtype=np.uint8), self.name(key, chunk), fmt)
 
     def __getitem__(self, i):  # type: ignore[override]
         """Sample `i` as a `ShardItem`: a name that decodes itself, without reading it."""
@@ -324,8 +325,8 @@ class ShardItem(str):
     def __reduce__(self):
         return ShardItem, (self.shards, self.i)
 
-    def decode(self) -> np.ndarray:
-        return self.shards.decode(self.i)
+    def decode(self, fmt=None) -> np.ndarray:
+        return self.shards.decode(self.i, fmt)
 
 
 class ShardSplit(NamedTuple):

@@ -6,7 +6,7 @@ memory, the pinned buffers and the host-to-device copy, and no float pass over t
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -21,14 +21,18 @@ class PretrainTransform:
     fallback), horizontal flip with probability 0.5. Evaluation: the whole image resized. Resizing is OpenCV's
     bilinear (`INTER_LINEAR`).
 
-    Called with a uint8 (H, W, 3) RGB image and the sample's generator; returns a contiguous uint8 (3, S, S) tensor,
-    the layout a batch is stacked in (a permuted view would make the collate gather it element by element).
+    Called with an (H, W, C) image of a run's `simmim.data.pixels.PixelFormat` (uint8 RGB for most runs; any channel
+    count, uint16 or float32) and the sample's generator; returns a contiguous (C, S, S) tensor of the same type, the
+    layout a batch is stacked in (a permuted view would make the collate gather it element by element). Integer
+    pixels are normalised on the training device; float pixels, already floats, are normalised here with
+    `normalize` (mean, std per channel).
 
     Args:
         img_size: Output side S.
         train: Random crop and flip (else a plain resize).
         scale: Crop area range, as fractions of the image.
         ratio: Crop aspect-ratio range (width / height).
+        normalize: (mean, std) per channel, applied to float pixels.
     """
 
     def __init__(
@@ -37,10 +41,14 @@ class PretrainTransform:
         train: bool,
         scale: Tuple[float, float] = (0.67, 1.0),
         ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+        normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
     ) -> None:
         if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
             raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]: {scale}, {ratio}")
         self.img_size, self.train, self.scale, self.ratio = img_size, train, scale, ratio
+        self.normalize = None
+        if normalize is not None:
+            self.normalize = tuple(np.asarray(v, dtype=np.float32).reshape(1, 1, -1) for v in normalize)
 
     def crop_box(self, height: int, width: int, rng: np.random.Generator) -> Box:
         """torchvision's `RandomResizedCrop.get_params`: up to 10 tries of a random area and log-uniform aspect
@@ -70,4 +78,10 @@ class PretrainTransform:
         out = cv2.resize(img[top : top + h, left : left + w], size, interpolation=cv2.INTER_LINEAR)
         if self.train and rng.random() < 0.5:
             out = cv2.flip(out, 1)
+        if out.ndim == 2:  # OpenCV drops a single channel's axis
+            out = out[:, :, None]
+        if out.dtype == np.float32:
+            if self.normalize is None:
+                raise ValueError("float pixels need the normalisation (mean, std) to be given to the transform")
+            out = (out - self.normalize[0]) / self.normalize[1]
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchvision.utils import make_grid, save_image
 
 from simmim.checkpointing.exports import run_dir
+from simmim.data.pixels import RGB8
 from simmim.distributed import is_sharded
 from simmim.errors import require
 from simmim.pretrain.model import local_stats
@@ -23,9 +24,16 @@ class ReconstructionGrid(pl.Callback):
 
     Columns: original, masked input, reconstruction, reconstruction pasted into the visible pixels.
     Files: `<run>/reconstructions/epoch_XXX.png` (and `final.png`); also logged to TensorBoard when active.
+    Images of other than 8-bit RGB show `bands` (`display_bands`) with a per-band percentile stretch.
+
+    Args:
+        every_n_epochs: The period in epochs.
+        num_images: Rows of the grid.
+        bands: The channels shown as red, green, blue (or one, as gray), numbered from 1; None: the first three
+            (or the first, for fewer than three).
     """
 
-    def __init__(self, every_n_epochs: int = 1, num_images: int = 8) -> None:
+    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, bands: Optional[List[int]] = None) -> None:
         require(
             every_n_epochs >= 1,
             "--grid.every_n_epochs",
@@ -35,6 +43,7 @@ class ReconstructionGrid(pl.Callback):
         require(num_images >= 1, "--grid.num_images", num_images, "must be at least 1")
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
+        self.bands = bands
         self.last_path: Optional[str] = None
         self.seen = 0  # readable validation images in the current validation epoch
         self.stride = 1  # take every stride-th of them
@@ -52,7 +61,9 @@ class ReconstructionGrid(pl.Callback):
         pl_module.eval()
         try:
             x, mask = x[: self.num_images], mask[: self.num_images]
-            return reconstruction_grid(pl_module.model, x, mask, pl_module.mean, pl_module.std)
+            pixels = getattr(pl_module.trainer.datamodule, "pixels", RGB8) if pl_module._trainer else RGB8
+            bands = display_bands(x.shape[1], self.bands, "--grid.bands")
+            return reconstruction_grid(pl_module.model, x, mask, pl_module.mean, pl_module.std, bands, pixels != RGB8)
         finally:
             pl_module.train(was_training)
 
@@ -104,18 +115,48 @@ class ReconstructionGrid(pl.Callback):
         self._save(trainer, pl_module, "final")
 
 
+def display_bands(channels: int, bands: Optional[Sequence[int]], option: str = "--bands") -> List[int]:
+    """The channels (from 0) that show an image of `channels` as RGB, or as gray where one: `bands` (numbered from
+    1, as GDAL and most band lists number them), else the first three, or the first."""
+    if bands is None:
+        return [0, 1, 2] if channels >= 3 else [0]
+    require(
+        len(bands) in (1, 3) and all(isinstance(b, int) and 1 <= b <= channels for b in bands),
+        option,
+        list(bands),
+        f"must be one or three band numbers in 1..{channels} (red, green, blue; or one shown as gray)",
+    )
+    return [b - 1 for b in bands]
+
+
+def percentile_stretch(images: List[torch.Tensor], low: float = 0.02, high: float = 0.98) -> List[torch.Tensor]:
+    """Every tensor of `images` (B, C, H, W) mapped per band so that the `low` and `high` quantiles of the first one
+    become 0 and 1: the display of 16-bit, float and multi-band pixels, which seldom fill their range."""
+    flat = images[0].transpose(0, 1).flatten(1).float()
+    lo, hi = (torch.quantile(flat, q, dim=1).view(1, -1, 1, 1) for q in (low, high))
+    scale = (hi - lo).clamp(min=1e-12)
+    return [(im - lo) / scale for im in images]
+
+
 @torch.no_grad()
-def reconstruction_grid(model, x: torch.Tensor, mask: torch.Tensor, mean, std) -> torch.Tensor:
+def reconstruction_grid(
+    model, x: torch.Tensor, mask: torch.Tensor, mean, std, bands: Optional[List[int]] = None, stretch: bool = False
+) -> torch.Tensor:
     """A (3, H', W') image grid, one row per image of the normalised batch `x`: the original, the masked input, the
-    reconstruction and the reconstruction pasted into the visible pixels. `model` is a `SimMIM` (eval mode)."""
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    reconstruction and the reconstruction pasted into the visible pixels. `model` is a `SimMIM` (eval mode).
+    `bands` (channels from 0, `display_bands`) are shown; `stretch`: per band, by percentiles (else the pixels as
+    fractions of their range, clipped)."""
+    channels = x.shape[1]
+    mean = torch.tensor(mean, device=x.device).view(1, channels, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, channels, 1, 1)
     rec = model.reconstruct(x, mask).float()
     m = model.pixel_mask(mask)  # (B, 1, H, W)
     if model.norm_target_patch_size:  # the decoder predicts locally normalised pixels
         mean_loc, std_loc = local_stats(x.float(), model.norm_target_patch_size)
         rec = rec * std_loc + mean_loc
     images = [x, x * (1 - m), rec, x * (1 - m) + rec * m]
-    images = [(im * std + mean).clamp(0, 1) for im in images]
+    picked = display_bands(channels, None) if bands is None else bands
+    images = [(im * std + mean)[:, picked] for im in images]
+    images = [im.clamp(0, 1).expand(-1, 3, -1, -1) for im in (percentile_stretch(images) if stretch else images)]
     rows = torch.stack(images, dim=1).flatten(0, 1)  # (B*4, 3, H, W): one row per image
     return make_grid(rows, nrow=4, padding=2, pad_value=1.0)

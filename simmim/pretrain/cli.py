@@ -24,7 +24,13 @@ PRETRAIN = Stage(
     default_config=CONFIG_DIR / "pretrain/default.yaml",
     exports={"encoder.safetensors": "official"},
     options=(("grid", ReconstructionGrid, {}),),  # --grid.every_n_epochs, --grid.num_images
-    links=(("data.img_size", "model.img_size"), ("model.patch_size", "data.model_patch_size")),
+    links=(
+        ("data.img_size", "model.img_size"),
+        ("model.patch_size", "data.model_patch_size"),
+        ("model.mean", "data.mean"),  # values, or auto: the data module works them out
+        ("model.std", "data.std"),
+        ("data.channels", "model.in_chans", "instantiate"),  # given, or read from the first image
+    ),
 )
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
 
 import swinv2
-from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from simmim.errors import require
 from simmim.monitors import KNNMonitor, QuickFinetuneMonitor
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, param_groups_weight_decay
 from simmim.pretrain.data import PretrainDataModule
@@ -47,8 +47,11 @@ class SimMIMPretrainer(StageModule):
         finetune_every_n_epochs: The quick fine-tune monitor's period (`val/finetune_acc1`,
             `simmim.monitors`: what fine-tuning from these weights gives); 0 turns it off.
         finetune_steps: Its fine-tune's length in steps of 32 images.
-        mean, std: The normalisation of the input images, applied on the training device (ImageNet's by default);
-            the loss compares normalised pixels, and the monitors normalise their images the same way.
+        mean, std: The normalisation of the input images, applied on the training device; None: ImageNet's for
+            8-bit RGB, else "auto" (the data module works them out from the training images; the checkpoint
+            records the values). The loss compares normalised pixels, and the monitors normalise their images the
+            same way.
+        in_chans: Channels per image (on the command line: the data's, `--data.channels` or its first image's).
     """
 
     SHARDED_FORWARD_METHODS = ("reconstruct",)  # the reconstruction grid's forward
@@ -80,10 +83,11 @@ class SimMIMPretrainer(StageModule):
         knn_k: int = 20,
         finetune_every_n_epochs: int = 0,
         finetune_steps: int = 100,
-        mean: Tuple[float, float, float] = IMAGENET_MEAN,
-        std: Tuple[float, float, float] = IMAGENET_STD,
+        mean: Optional[Union[List[float], str]] = None,
+        std: Optional[Union[List[float], str]] = None,
+        in_chans: int = 3,
     ) -> None:
-        super().__init__(img_size, mean, std)
+        super().__init__(img_size, mean, std, in_chans)
         self.save_hyperparameters()
         encoder = swinv2.create_model(
             arch,
@@ -94,7 +98,10 @@ class SimMIMPretrainer(StageModule):
             use_checkpoint=use_checkpoint,
             num_classes=0,
             mask_token=True,
-            **(encoder_kwargs or {}),
+            **{"in_chans": in_chans, **(encoder_kwargs or {})},
+        )
+        require(
+            encoder.in_chans == in_chans, "--model.encoder_kwargs", encoder_kwargs, f"in_chans: the data has {in_chans}"
         )
         if compile_attention:
             encoder.compile_attention()

@@ -1,0 +1,225 @@
+"""Images of any channel count and bit depth (`simmim.data.pixels`): the readers (multi-band tiled and compressed
+GeoTIFF, `.npy`, 16-bit PNG), a run's pixel format and what it refuses, crafted files, the per-channel statistics of
+`--model.mean auto`, the crop and flip of any channel count, and pretraining through the command line on 13-band
+16-bit GeoTIFF tiles, 16-bit grayscale PNGs and float `.npy` arrays."""
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+import swinv2
+from simmim.data.images import UnreadableImageError, decode_image, normalize_images, read_image_file
+from simmim.data.pixels import (
+    RGB8,
+    PixelFormat,
+    PixelFormatError,
+    channel_statistics,
+    decode_pixels,
+    infer_format,
+    read_array,
+)
+from simmim.pretrain.augment import PretrainTransform
+
+BAND_MEAN = np.linspace(2000, 14000, 13)  # uint16 values per band
+BAND_STD = np.linspace(300, 1500, 13)
+
+
+def _bands(rng, size=40, mean=BAND_MEAN, std=BAND_STD):
+    """(bands, size, size) uint16, each band normal(mean, std)."""
+    return rng.normal(mean[:, None, None], std[:, None, None], (len(mean), size, size)).round().astype(np.uint16)
+
+
+def _geotiffs(folder, n, size=40, seed=0):
+    """n 13-band 16-bit tiles as Sentinel-2 tiles are stored: bands planar, tiled, deflate-compressed."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        tifffile.imwrite(folder / f"tile_{i:02d}.tif", _bands(rng, size), photometric="minisblack",
+                         planarconfig="separate", tile=(16, 16), compression="zlib")  # fmt: skip
+    return folder
+
+
+def _tiff_bytes(array, **kwargs) -> bytes:
+    out = io.BytesIO()
+    tifffile.imwrite(out, array, **kwargs)
+    return out.getvalue()
+
+
+def _read(path):
+    return read_array(read_image_file(path), path)
+
+
+def test_a_multi_band_16_bit_geotiff_reads_band_for_band_at_its_precision(tmp_path):
+    bands = _bands(np.random.default_rng(1))
+    tifffile.imwrite(tmp_path / "planar.tif", bands, planarconfig="separate", tile=(16, 16), compression="zlib")
+    tifffile.imwrite(tmp_path / "contig.tif", bands.transpose(1, 2, 0), planarconfig="contig", photometric="minisblack")
+    for name in ("planar.tif", "contig.tif"):
+        img, bgr = _read(tmp_path / name)
+        assert not bgr and img.dtype == np.uint16 and img.shape == (40, 40, 13)
+        np.testing.assert_array_equal(img, bands.transpose(1, 2, 0))
+        assert infer_format(img, bgr) == PixelFormat(13, "uint16")
+        np.testing.assert_array_equal(decode_pixels(read_image_file(tmp_path / name), name, PixelFormat(13, "uint16")),
+                                      bands.transpose(1, 2, 0))  # fmt: skip
+
+
+def test_npy_arrays_and_16_bit_grayscale_pngs_keep_their_values(tmp_path):
+    rng = np.random.default_rng(2)
+    plane = rng.normal(0.0, 3.0, (20, 24)).astype(np.float32)  # raw float values, negative ones too
+    np.save(tmp_path / "plane.npy", plane)
+    cube = rng.integers(0, 60000, (20, 24, 5), dtype=np.uint16)
+    np.save(tmp_path / "cube.npy", cube)
+    gray = rng.integers(0, 65535, (20, 24), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "gray16.png"), gray)
+    img, bgr = _read(tmp_path / "plane.npy")
+    assert infer_format(img, bgr) == PixelFormat(1, "float32")
+    decoded = decode_pixels(read_image_file(tmp_path / "plane.npy"), "p", PixelFormat(1, "float32"))
+    np.testing.assert_array_equal(decoded[:, :, 0], plane)
+    img, bgr = _read(tmp_path / "cube.npy")
+    assert infer_format(img, bgr) == PixelFormat(5, "uint16")
+    np.testing.assert_array_equal(img, cube)
+    img, bgr = _read(tmp_path / "gray16.png")
+    assert infer_format(img, bgr) == PixelFormat(1, "uint16")
+    np.testing.assert_array_equal(img[:, :, 0], gray)
+
+
+def test_8_bit_rgb_reads_as_it_always_did_and_enters_wider_formats_exactly(tmp_path):
+    rgb = np.random.default_rng(3).integers(0, 255, (10, 12, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "c.png"), rgb[:, :, ::-1])
+    data = read_image_file(tmp_path / "c.png")
+    assert infer_format(*read_array(data, "c")) == RGB8
+    np.testing.assert_array_equal(decode_pixels(data, "c", RGB8), decode_image(tmp_path / "c.png"))
+    np.testing.assert_array_equal(decode_pixels(data, "c", RGB8), rgb)
+    wide = decode_pixels(data, "c", PixelFormat(3, "uint16"))
+    assert wide.dtype == np.uint16 and (wide == rgb.astype(np.uint16) * 257).all()  # the same fraction of the range
+    np.testing.assert_allclose(decode_pixels(data, "c", PixelFormat(3, "float32")), rgb / 255.0, atol=1e-7)
+    gray = decode_pixels(data, "c", PixelFormat(3, "uint8"))
+    assert gray.shape == (10, 12, 3)
+
+
+def test_a_file_the_run_cannot_carry_without_loss_is_refused_by_name_with_the_fix(tmp_path):
+    rng = np.random.default_rng(4)
+    cv2.imwrite(str(tmp_path / "deep.png"), rng.integers(0, 65535, (8, 8), dtype=np.uint16))
+    np.save(tmp_path / "float.npy", rng.random((8, 8, 13), dtype=np.float32))
+    tifffile.imwrite(tmp_path / "four.tif", rng.integers(0, 9, (4, 8, 8), dtype=np.uint16), planarconfig="separate")
+    cases = [
+        ("deep.png", RGB8, "holds 16-bit pixels, this run 8-bit ones: set --data.depth uint16"),
+        ("float.npy", PixelFormat(13, "uint16"), "holds float32 pixels, this run uint16: set --data.depth float32"),
+        ("four.tif", PixelFormat(13, "uint16"), "has 4 channel.s., this run 13: set --data.channels"),
+    ]
+    for name, fmt, message in cases:
+        with pytest.raises(PixelFormatError, match=f"{name} {message}"):
+            decode_pixels(read_image_file(tmp_path / name), tmp_path / name, fmt)
+    assert issubclass(PixelFormatError, UnreadableImageError)  # passed over and counted as any unreadable image
+
+
+def test_crafted_arrays_and_tiffs_are_refused_before_they_run_code_or_allocate(tmp_path):
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)  # an object array: a pickle inside
+    huge = io.BytesIO()
+    np.lib.format.write_array_header_1_0(huge, {"descr": "<f4", "fortran_order": False, "shape": (200000, 200000)})
+    lying = bytearray(_tiff_bytes(np.zeros((4, 4), np.uint16)))  # a 4 x 4 image whose tags claim 65535 x 65535
+    with tifffile.TiffFile(io.BytesIO(bytes(lying))) as tif:
+        offsets = [tif.pages[0].tags[name].valueoffset for name in ("ImageWidth", "ImageLength")]
+    for offset in offsets:
+        lying[offset : offset + 4] = (65535).to_bytes(4, "little")
+    cases = ((buffer.getvalue(), "not object"), (huge.getvalue(), "more than"), (bytes(lying), "more than|cannot"))
+    for data, message in cases:
+        with pytest.raises(UnreadableImageError, match=message):
+            decode_pixels(np.frombuffer(data, np.uint8), "crafted", PixelFormat(1, "float32"))
+
+
+def test_the_statistics_of_a_set_with_known_band_means_and_stds_come_within_one_percent(tmp_path):
+    files = sorted(_geotiffs(tmp_path / "tiles", 12, size=64).iterdir())
+    mean, std = channel_statistics(files, PixelFormat(13, "uint16"), count=12)
+    np.testing.assert_allclose(np.array(mean) * 65535, BAND_MEAN, rtol=0.01)
+    np.testing.assert_allclose(np.array(std) * 65535, BAND_STD, rtol=0.01)
+    with pytest.raises(ValueError, match=r"channel\(s\) \[0\] hold one value"):
+        np.save(tmp_path / "flat.npy", np.ones((8, 8), np.float32))
+        channel_statistics([tmp_path / "flat.npy"], PixelFormat(1, "float32"))
+
+
+def test_the_crop_and_flip_of_any_channel_count_are_the_rgb_ones_band_for_band():
+    """A 13-band image and its 3-band slices, with the same generator: the same crop, resize and flip."""
+    bands = _bands(np.random.default_rng(5), size=48).transpose(1, 2, 0).copy()  # (48, 48, 13) uint16
+    transform = PretrainTransform(32, train=True)
+    for seed in range(4):
+        out = transform(bands, np.random.default_rng(seed))
+        assert out.dtype == torch.uint16 and out.shape == (13, 32, 32)
+        for first in (0, 3, 6, 9):
+            rgb = transform(np.ascontiguousarray(bands[:, :, first : first + 3]), np.random.default_rng(seed))
+            # OpenCV's vector paths for 3 and 13 channels may round a pixel apart: 1 of 65535 at most
+            assert (out[first : first + 3].int() - rgb.int()).abs().max() <= 1, (seed, first)
+        one = transform(np.ascontiguousarray(bands[:, :, :1]), np.random.default_rng(seed))
+        assert one.shape == (1, 32, 32) and (one.int() - out[:1].int()).abs().max() <= 1
+    plane = np.random.default_rng(6).normal(5.0, 2.0, (40, 40, 1)).astype(np.float32)
+    normed = PretrainTransform(32, train=False, normalize=([5.0], [2.0]))(plane, np.random.default_rng(0))
+    expected = (cv2.resize(plane, (32, 32), interpolation=cv2.INTER_LINEAR) - 5.0) / 2.0  # float pixels: here
+    assert normed.dtype == torch.float32 and torch.allclose(normed[0], torch.from_numpy(expected), atol=1e-6)
+
+
+def test_16_bit_batches_are_normalised_on_the_device_as_fractions_of_their_range():
+    x = torch.randint(0, 65535, (2, 13, 8, 8)).to(torch.uint16)
+    mean, std = torch.linspace(0.1, 0.3, 13), torch.linspace(0.05, 0.1, 13)
+    out = normalize_images(x, mean.tolist(), std.tolist())
+    expected = (x.float() / 65535 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="13 channel.s., a normalisation of 3"):
+        normalize_images(x, [0.5] * 3, [0.2] * 3)
+
+
+TINY = [
+    "--data.img_size", "32", "--data.mask_patch_size", "8", "--data.batch_size", "4", "--data.num_workers", "0",
+    "--data.val_fraction", "0.25", "--model.encoder_kwargs", '{"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}',
+    "--model.window_size", "4", "--model.knn_every_n_epochs", "0", "--trainer.max_epochs", "1",
+    "--trainer.precision", "32", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+def _pretrain(root, tmp_path, *extra):
+    from simmim.pretrain import main as pretrain
+
+    cli = pretrain(["--data.root", str(root), *TINY, "--data.index_cache", str(tmp_path / "cache"),
+                    "--trainer.default_root_dir", str(tmp_path / "run"), *extra])  # fmt: skip
+    version = tmp_path / "run" / "logs" / "version_0"
+    raw = swinv2.read_checkpoint(version / "encoder.safetensors")
+    return cli, swinv2.create_model_from_checkpoint(version / "encoder.safetensors"), swinv2.read_inputs(raw), version
+
+
+def test_13_band_16_bit_geotiff_tiles_pretrain_through_the_command_line(tmp_path, capsys):
+    """No channel or normalisation option: the channels and the depth come from the first tile, the mean and std
+    from the training tiles (within 1% of the bands' own); the export records them; the grid shows bands 4, 3, 2."""
+    root = _geotiffs(tmp_path / "tiles", 16, size=64)
+    cli, model, inputs, version = _pretrain(root, tmp_path, "--grid.bands", "[4, 3, 2]")
+    assert cli.datamodule.pixels == PixelFormat(13, "uint16") and model.in_chans == 13
+    assert inputs["depth"] == "uint16"
+    np.testing.assert_allclose(np.array(inputs["mean"]) * 65535, BAND_MEAN, rtol=0.01)
+    np.testing.assert_allclose(np.array(inputs["std"]) * 65535, BAND_STD, rtol=0.01)
+    assert inputs["mean"] == list(cli.model.mean) == cli.model.hparams.mean
+    assert np.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    grid = cv2.imread(str(version / "reconstructions" / "final.png"))
+    assert grid is not None and grid.std() > 5  # stretched, not a flat field
+    assert "data statistics (12 training images)" in capsys.readouterr().out
+    # a second run reads them back from the cache, beside the index
+    _, _, second, _ = _pretrain(root, tmp_path / "again", "--data.index_cache", str(tmp_path / "cache"))
+    assert second == inputs and "data statistics" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["png16", "npy"])
+def test_one_channel_16_bit_pngs_and_float_arrays_pretrain_through_the_command_line(tmp_path, kind):
+    rng = np.random.default_rng(7)
+    (tmp_path / "data").mkdir()
+    for i in range(12):
+        if kind == "png16":
+            cv2.imwrite(str(tmp_path / "data" / f"{i}.png"), rng.integers(1000, 30000, (40, 40), dtype=np.uint16))
+        else:
+            np.save(tmp_path / "data" / f"{i}.npy", rng.normal(-3.0, 0.5, (40, 40)).astype(np.float32))
+    cli, model, inputs, _ = _pretrain(tmp_path / "data", tmp_path)
+    depth = "uint16" if kind == "png16" else "float32"
+    assert model.in_chans == 1 and inputs["depth"] == depth and cli.datamodule.pixels == PixelFormat(1, depth)
+    if kind == "npy":  # raw float values: their own mean and std
+        assert inputs["mean"][0] == pytest.approx(-3.0, abs=0.05) and inputs["std"][0] == pytest.approx(0.5, rel=0.05)
+    assert np.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
