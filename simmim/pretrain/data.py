@@ -3,14 +3,9 @@ normalises the images on the training device)."""
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
-import math
 import os
 from functools import partial
-from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
@@ -19,25 +14,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
 from simmim.data.images import (
-    UnreadableImageError,
-    first_images,
-    read_image_file,
     read_sample_image,
     require_images,
 )
 from simmim.data.index import FileIndex, agreed_index, open_index
 from simmim.data.loaders import collate_readable, make_loader, skip_empty_validation
+from simmim.data.pixel_source import PixelSource
 from simmim.data.pixels import (
-    DEPTHS,
-    MAX_CHANNELS,
-    RGB8,
     PixelFormat,
-    channel_statistics,
-    infer_format,
-    read_array,
 )
 from simmim.data.shards import is_shard_root, open_shard_split
-from simmim.errors import DataFolderError, check_loader, require
+from simmim.errors import check_loader, require
 from simmim.pretrain.augment import PretrainTransform
 from simmim.pretrain.masking import MaskGenerator
 from simmim.seeding import SampleKey, SeedState, sample_generators, sample_seed
@@ -87,17 +74,7 @@ class MaskedImageDataset(Dataset):
         return self.transform(img, augment_rng), torch.from_numpy(self.mask_generator(mask_rng)), bad
 
 
-FORMAT_CANDIDATES = 100  # images tried, in order, for the pixel format
-
-
-def _statistics_shape(mean: Any, std: Any, channels: int) -> bool:
-    """Whether a cached record holds `channels` finite numbers each (std positive)."""
-    ok = [isinstance(v, list) and len(v) == channels and all(isinstance(x, float) and math.isfinite(x) for x in v)
-          for v in (mean, std)]  # fmt: skip
-    return all(ok) and all(x > 0 for x in std)
-
-
-class PretrainDataModule(SeedState, pl.LightningDataModule):
+class PretrainDataModule(PixelSource, SeedState, pl.LightningDataModule):
     """A folder of images (recursive; ImageFolder class folders allowed, labels unused), split into train/val.
 
     The folder is read through its file index (`simmim.data.index`): listed once, by rank 0 of each node in
@@ -176,45 +153,7 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
         elif index is not None:
             require(os.path.isdir(root), "--data.root", root, "is not a folder: the paths of --data.index are in it")
             require(os.path.isfile(index), "--data.index", index, "is not a file: give a list of paths, one a line")
-        require(stats_images > 0, "--data.stats_images", stats_images, "must be positive")
-        self.pixels = self._pixel_format(channels, depth)
-        self.channels = self.pixels.channels  # the model's input channels (linked)
-        self.norm_args, self.stats_images = (mean, std), stats_images
-        self.mean: Optional[Tuple[float, ...]] = None  # resolved in `setup`
-        self.std: Optional[Tuple[float, ...]] = None
-
-    def _pixel_format(self, channels: Optional[int], depth: Optional[str]) -> PixelFormat:
-        """The given channels and depth, each taken from the first image where not given."""
-        require(depth is None or depth in DEPTHS, "--data.depth", depth, f"must be one of {', '.join(DEPTHS)}")
-        require(channels is None or 1 <= channels <= MAX_CHANNELS, "--data.channels", channels, "is out of range")
-        if channels is not None and depth is not None:
-            return PixelFormat(channels, depth)
-        found = RGB8 if self.root is None else None  # the built-in digits
-        for data, name in itertools.islice(self._first_images(), FORMAT_CANDIDATES) if found is None else ():
-            try:
-                found = infer_format(*read_array(data, name))
-                break
-            except UnreadableImageError:
-                continue  # warned about where training reads it
-        if found is None:
-            raise DataFolderError(
-                f"--data.root {self.root}: none of its first {FORMAT_CANDIDATES} images decodes, so their channels "
-                "and bit depth are unknown: fix them, or set --data.channels and --data.depth"
-            )
-        return PixelFormat(channels or found.channels, depth or found.depth)
-
-    def _first_images(self) -> Iterator[Tuple[np.ndarray, str]]:
-        """(the encoded bytes, the name) of the first images, in order, for their format."""
-        if self.sharded:
-            shards = open_shard_split(self.root).train
-            for i in range(len(shards)):
-                key, _, data, chunk = shards.read(i)
-                yield np.frombuffer(data, dtype=np.uint8), shards.name(key, chunk)
-        for path in () if self.sharded else first_images(self.root, self.index):
-            try:
-                yield read_image_file(path), str(path)
-            except UnreadableImageError:
-                continue
+        self.init_pixels(channels, depth, mean, std, stats_images)
 
     @property
     def labels(self) -> Optional[str]:
@@ -250,55 +189,7 @@ class PretrainDataModule(SeedState, pl.LightningDataModule):
             skip_empty_validation(
                 self, "no validation images (--data.val_fraction 0): no val/loss, no reconstruction grid"
             )
-        self.mean, self.std = self._normalisation(trainer)
-
-    def _normalisation(self, trainer: Any) -> Tuple[Optional[Tuple[float, ...]], Optional[Tuple[float, ...]]]:
-        """(mean, std) per channel: as given, or the training images' own ("auto", and the default for any format
-        but 8-bit RGB): worked out on rank 0 (or read back from the cache, beside the index) and sent to every rank.
-        8-bit RGB without values: (None, None), the module's own (ImageNet's by default)."""
-        if self.pixels == RGB8 and self.norm_args == (None, None):
-            return None, None
-        given = [("auto" if v is None else v) for v in self.norm_args]
-        if "auto" in given:
-            stats = self._statistics() if trainer is None or trainer.is_global_zero else None
-            if trainer is not None and trainer.world_size > 1:
-                stats = trainer.strategy.broadcast(stats, src=0)
-            given = [stats[k] if v == "auto" else v for k, v in enumerate(given)]
-        for name, values in zip(("mean", "std"), given):
-            require(
-                not isinstance(values, str) and len(values) == self.pixels.channels,
-                f"--model.{name}",
-                values,
-                f"must hold one value per channel ({self.pixels.channels}), or be auto",
-            )
-        return tuple(float(v) for v in given[0]), tuple(float(v) for v in given[1])
-
-    def _statistics(self) -> Tuple[List[float], List[float]]:
-        """`channel_statistics` of the training images, cached under the index cache by what identifies them."""
-        from simmim.data.index import default_cache
-
-        key = json.dumps([repr(self.train_files.fingerprint()), len(self.train_files), self.pixels.describe(),
-                          self.stats_images])  # fmt: skip
-        path = (
-            Path(self.index_cache or default_cache())
-            / "stats"
-            / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
-        )
-        try:
-            record = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < 1 << 20 else None
-            if record["key"] == key and _statistics_shape(record["mean"], record["std"], self.pixels.channels):
-                return record["mean"], record["std"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # absent or unusable: worked out again
-        mean, std = channel_statistics(self.train_files, self.pixels, self.stats_images)
-        print(
-            f"data statistics ({min(self.stats_images, len(self.train_files))} training images): mean {mean}, std {std}"
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "mean": mean, "std": std}))
-        os.replace(tmp, path)
-        return mean, std
+        self.resolve_normalisation(trainer, self.train_files)
 
     def _loader(self, files: List, train: bool) -> DataLoader:
         ds = MaskedImageDataset(

@@ -1,0 +1,130 @@
+"""A data module's pixels: the format of its images (`simmim.data.pixels.PixelFormat`), given or read from its
+first decodable images, and the normalisation they are trained with, given or worked out from its training images
+(`--model.mean auto`) on rank 0, cached beside the file index and sent to every rank. Both stages' data modules
+take it as a mixin (`PixelSource`)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from simmim.data.images import UnreadableImageError, first_images, read_image_file
+from simmim.data.pixels import DEPTHS, MAX_CHANNELS, RGB8, PixelFormat, channel_statistics, infer_format, read_array
+from simmim.errors import DataFolderError, require
+
+FORMAT_CANDIDATES = 100  # images tried, in order, for the pixel format
+Normalisation = Optional[Union[List[float], str]]
+
+
+class PixelSource:
+    """The pixels of a data module with `root` (None: the built-in digits, 8-bit RGB), `index`, `index_cache` and
+    `sharded`: `pixels` (the format), `channels` (what the model's `in_chans` is linked to), and after
+    `resolve_normalisation`, `mean` and `std` (None for 8-bit RGB given none: the model's own, ImageNet's by
+    default)."""
+
+    root: Optional[str]
+    index: Optional[str]
+    index_cache: Optional[str]
+    sharded: bool
+
+    def init_pixels(
+        self, channels: Optional[int], depth: Optional[str], mean: Normalisation, std: Normalisation, stats: int
+    ) -> None:
+        require(depth is None or depth in DEPTHS, "--data.depth", depth, f"must be one of {', '.join(DEPTHS)}")
+        require(channels is None or 1 <= channels <= MAX_CHANNELS, "--data.channels", channels, "is out of range")
+        require(stats > 0, "--data.stats_images", stats, "must be positive")
+        self.pixels = self._pixel_format(channels, depth)
+        self.channels = self.pixels.channels
+        self.norm_args, self.stats_images = (mean, std), stats
+        self.mean: Optional[Tuple[float, ...]] = None
+        self.std: Optional[Tuple[float, ...]] = None
+
+    def _pixel_format(self, channels: Optional[int], depth: Optional[str]) -> PixelFormat:
+        """The given channels and depth, each taken from the first decodable image where not given."""
+        if channels is not None and depth is not None:
+            return PixelFormat(channels, depth)
+        found = RGB8 if self.root is None else None  # the built-in digits
+        for data, name in itertools.islice(self._first_images(), FORMAT_CANDIDATES) if found is None else ():
+            try:
+                found = infer_format(*read_array(data, name))
+                break
+            except UnreadableImageError:
+                continue  # warned about where training reads it
+        if found is None:
+            raise DataFolderError(
+                f"--data.root {self.root}: none of its first {FORMAT_CANDIDATES} images decodes, so their channels "
+                "and bit depth are unknown: fix them, or set --data.channels and --data.depth"
+            )
+        return PixelFormat(channels or found.channels, depth or found.depth)
+
+    def _first_images(self) -> Iterator[Tuple[np.ndarray, str]]:
+        """(the encoded bytes, the name) of the first images, in order."""
+        if self.sharded:
+            from simmim.data.shards import open_shard_split
+
+            shards = open_shard_split(self.root).train
+            for i in range(len(shards)):
+                key, _, data, chunk = shards.read(i)
+                yield np.frombuffer(data, dtype=np.uint8), shards.name(key, chunk)
+            return
+        for path in first_images(self.root, self.index):
+            try:
+                yield read_image_file(path), str(path)
+            except UnreadableImageError:
+                continue
+
+    def resolve_normalisation(self, trainer: Any, train_files: Sequence) -> None:
+        """`mean` and `std` per channel: as given, or the training images' own ("auto", and the default for any
+        format but 8-bit RGB), worked out on rank 0 (or read back from the cache) and sent to every rank."""
+        if self.pixels == RGB8 and self.norm_args == (None, None):
+            self.mean = self.std = None
+            return
+        given = [("auto" if v is None else v) for v in self.norm_args]
+        if "auto" in given:
+            stats = self._statistics(train_files) if trainer is None or trainer.is_global_zero else None
+            if trainer is not None and trainer.world_size > 1:
+                stats = trainer.strategy.broadcast(stats, src=0)
+            given = [stats[k] if v == "auto" else v for k, v in enumerate(given)]
+        for name, values in zip(("mean", "std"), given):
+            require(
+                not isinstance(values, str) and len(values) == self.pixels.channels,
+                f"--model.{name}",
+                values,
+                f"must hold one value per channel ({self.pixels.channels}), or be auto",
+            )
+        self.mean, self.std = tuple(float(v) for v in given[0]), tuple(float(v) for v in given[1])
+
+    def _statistics(self, files: Sequence) -> Tuple[List[float], List[float]]:
+        """`channel_statistics` of `files`, cached under the index cache by what identifies them."""
+        from simmim.data.index import default_cache
+
+        key = json.dumps([repr(files.fingerprint()), len(files), self.pixels.describe(), self.stats_images])
+        name = f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+        path = Path(self.index_cache or default_cache()) / "stats" / name
+        try:
+            record = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < 1 << 20 else None
+            if record["key"] == key and _statistics_shape(record["mean"], record["std"], self.pixels.channels):
+                return record["mean"], record["std"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # absent or unusable: worked out again
+        mean, std = channel_statistics(files, self.pixels, self.stats_images)
+        print(f"data statistics ({min(self.stats_images, len(files))} training images): mean {mean}, std {std}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "mean": mean, "std": std}))
+        os.replace(tmp, path)
+        return mean, std
+
+
+def _statistics_shape(mean: Any, std: Any, channels: int) -> bool:
+    """Whether a cached record holds `channels` finite numbers each (std positive)."""
+    ok = [isinstance(v, list) and len(v) == channels and all(isinstance(x, float) and math.isfinite(x) for x in v)
+          for v in (mean, std)]  # fmt: skip
+    return all(ok) and all(x > 0 for x in std)
