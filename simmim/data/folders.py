@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -144,15 +144,16 @@ class LabelledImageDataset(Dataset):
         labels: List[int],
         transform: Callable[[np.ndarray], torch.Tensor],
         refill: bool = False,
+        fmt: Optional[Any] = None,
     ) -> None:
-        self.files, self.labels, self.transform, self.refill = files, labels, transform, refill
+        self.files, self.labels, self.transform, self.refill, self.fmt = files, labels, transform, refill, fmt
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, key: SampleKey):
         i, seed = sample_seed(key)
-        img, j, bad = read_sample_image(self.files, i, self.refill)
+        img, j, bad = read_sample_image(self.files, i, self.refill, self.fmt)
         if img is None:
             return None, bad  # dropped by the collate, its file counted
         with seeded_globals(seed):  # timm's and torchvision's transforms draw from the global generators

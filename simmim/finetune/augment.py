@@ -3,14 +3,18 @@ settings, as the official code builds it) and a light one for the built-in 64 px
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
 from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
+
+from simmim.data.pixels import RGB8, PixelFormat
 
 RECIPES = ("official", "digits")
 
@@ -80,9 +84,18 @@ def digits_transform(img_size: int, train: bool, mean: Sequence[float], std: Seq
 
 
 def classification_transform(
-    recipe: str, img_size: int, train: bool, mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.25
+    recipe: str,
+    img_size: int,
+    train: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+    erase_prob: float = 0.25,
+    fmt: Optional[PixelFormat] = None,
 ) -> Callable[[np.ndarray], torch.Tensor]:
-    """uint8 RGB (H, W, 3) -> normalised float (3, img_size, img_size) by `recipe` ("official" or "digits")."""
+    """uint8 RGB (H, W, 3) -> normalised float (3, img_size, img_size) by `recipe` ("official" or "digits"). Pixels
+    of any other format `fmt` -> (C, img_size, img_size) by `GeometricTransform`, whatever the recipe."""
+    if fmt is not None and fmt != RGB8:
+        return GeometricTransform(img_size, train, mean, std, fmt.full_range, erase_prob)
     if recipe == "official":
         tfm = official_transform(img_size, train, mean, std, erase_prob)
     else:
@@ -98,3 +111,51 @@ class FromArray:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.transform(Image.fromarray(image))
+
+
+class GeometricTransform:
+    """The official recipe's geometry without its colour operations, for pixels that are not 8-bit RGB (RandAugment
+    and colour jitter are defined on 8-bit RGB): (H, W, C) uint8, uint16 or float32 -> normalised float (C, S, S).
+
+    Training: RandomResizedCrop (area 0.08-1, ratio 3/4-4/3, torchvision's sampling), horizontal flip, bicubic
+    resize, then random erasing with probability `erase_prob` in pixel mode (timm's, any channel count). Evaluation:
+    the short side resized to S x 256/224 (bicubic), the centre crop. Integer pixels are taken as fractions of
+    `full_range`, then `(x - mean) / std` per channel. It draws from the global generators, which the dataset seeds
+    per sample (`simmim.seeding.seeded_globals`).
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        full_range: float,
+        erase_prob: float = 0.25,
+    ) -> None:
+        from simmim.pretrain.augment import PretrainTransform
+
+        self.img_size, self.train, self.full_range = img_size, train, full_range
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
+        self.crop = PretrainTransform(img_size, train, scale=(0.08, 1.0), interpolation=cv2.INTER_CUBIC)
+        self.erase = RandomErasing(erase_prob, mode="pixel", device="cpu") if train and erase_prob > 0 else None
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if self.train:
+            rng = np.random.default_rng(np.random.randint(2**31))  # from the seeded global generator
+            out = self.crop.geometry(image, rng)
+        else:
+            h, w = image.shape[:2]
+            short = int(256 / 224 * self.img_size)
+            scale = short / min(h, w)
+            out = cv2.resize(image, (max(short, round(w * scale)), max(short, round(h * scale))),
+                             interpolation=cv2.INTER_CUBIC)  # fmt: skip
+            out = out[:, :, None] if out.ndim == 2 else out
+            top, left = (out.shape[0] - self.img_size) // 2, (out.shape[1] - self.img_size) // 2
+            out = out[top : top + self.img_size, left : left + self.img_size]
+        x = out.astype(np.float32)
+        if out.dtype != np.float32:
+            x /= np.float32(self.full_range)
+        x = torch.from_numpy(np.ascontiguousarray(((x - self.mean) / self.std).transpose(2, 0, 1)))
+        return self.erase(x) if self.erase is not None else x

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+import swinv2
 from simmim.checkpointing.runs import is_checkpoint
 from simmim.cli import CONFIG_DIR, Stage, StageCLI, has_config, with_default_subcommand
 from simmim.data.folders import class_names
@@ -19,6 +20,7 @@ from simmim.errors import ConfigError, user_errors_as_messages
 from simmim.finetune.callbacks import PredictionCSV
 from simmim.finetune.data import ClassificationDataModule
 from simmim.finetune.module import SwinV2Classifier
+from swinv2.checkpoint import read_architecture
 
 DEFAULT_PRETRAIN_EXPORTS = "runs/pretrain_default/logs/version_*/encoder.safetensors"
 
@@ -45,6 +47,32 @@ def num_classes_from_data(config) -> None:
         )
 
 
+def inputs_from_pretrained(config) -> None:
+    """What `--model.pretrained`'s input record says (`swinv2.read_inputs`: a file this project wrote) fills what
+    is not given: the data's channels and depth, and the normalisation (the module's and the loaders'). Not with
+    `--model.adapt_channels`, whose data has channels of its own."""
+    path = config.model.get("pretrained")
+    if path is None or config.model.get("adapt_channels"):
+        return
+    raw = swinv2.read_checkpoint(path)  # the module reads it again: a few seconds for the largest models
+    record = swinv2.read_inputs(raw, path)
+    if record is None:
+        return
+    arch = read_architecture(raw, path) or {}
+    if config.data.get("channels") is None:
+        config.data.channels = arch.get("in_chans", 3)
+    if config.data.get("depth") is None:
+        config.data.depth = record["depth"]
+    for name in ("mean", "std"):
+        if config.model.get(name) is None:
+            config.model[name] = config.data[name] = record[name]
+
+
+def finetune_check(config) -> None:
+    num_classes_from_data(config)
+    inputs_from_pretrained(config)
+
+
 BEST_CHECKPOINT = {  # in the run's folder, beside last.ckpt
     "filename": "best-{epoch:03d}",
     "monitor": "val/acc1",
@@ -64,9 +92,10 @@ FINETUNE = Stage(
         ("model.mean", "data.mean"),  # the loaders normalise (random erasing needs it)
         ("model.std", "data.std"),
         ("checkpoint.dirpath", "best_checkpoint.dirpath"),
+        ("data.channels", "model.in_chans", "instantiate"),  # given, from the pretrained file, or the first image's
     ),
     required=(PredictionCSV,),
-    check=num_classes_from_data,
+    check=finetune_check,
 )
 
 

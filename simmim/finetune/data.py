@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from simmim.data.builtin import DEFAULT_DIGITS_ROOT, prepare_digits
@@ -14,13 +15,15 @@ from simmim.data.folders import LabelledImageDataset, NoLabels, class_names, lab
 from simmim.data.images import require_images
 from simmim.data.index import FileIndex, agreed_index, open_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
+from simmim.data.pixel_source import Normalisation, PixelSource
+from simmim.data.pixels import RGB8
 from simmim.data.shards import is_shard_root, open_shard_split
 from simmim.errors import DataFolderError, check_loader, require
 from simmim.finetune.augment import RECIPES, classification_transform
 from simmim.seeding import SeedState
 
 
-class ClassificationDataModule(SeedState, pl.LightningDataModule):
+class ClassificationDataModule(PixelSource, SeedState, pl.LightningDataModule):
     """A labelled image folder: `root/train/<class>/...` and `root/val/<class>/...`, or `root/<class>/...`
     split by `val_fraction` (stratified, fixed).
 
@@ -35,7 +38,11 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
             bicubic, random erasing in pixel mode; evaluation resizes by 256/224 and center-crops) or "digits" (a
             small shift, rotation and scale, no flip; evaluation resizes: for the built-in digits).
         erase_prob: Random erasing probability (official: 0.25; the official pipeline only).
-        mean, std: The normalisation the loaders apply (the command line takes them from `--model.mean`, `--model.std`).
+        mean, std: The normalisation the loaders apply (the command line takes them from `--model.mean`, `--model.std`,
+            and those from the pretrained file's record when not given): values per channel, "auto" (worked out
+            from the training images, `simmim.data.pixel_source`), or None: ImageNet's for 8-bit RGB, else "auto".
+        channels, depth, stats_images: The pixel format and the statistics' sample, as in pretraining
+            (`simmim.data.pixels`); images that are not 8-bit RGB take `GeometricTransform`, whatever `augment`.
         index: A labelled file list to read instead of walking `root`: one `path<TAB>class` per line, relative to
             `root`, split by `val_fraction` (stratified).
         index_cache: Where file indexes are kept (default: `$XDG_CACHE_HOME/simmim/index`, `~/.cache/simmim/index`).
@@ -56,11 +63,14 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         predict_root: Optional[str] = None,
         augment: str = "official",
         erase_prob: float = 0.25,
-        mean: Tuple[float, float, float] = IMAGENET_MEAN,
-        std: Tuple[float, float, float] = IMAGENET_STD,
+        mean: Normalisation = None,
+        std: Normalisation = None,
         index: Optional[str] = None,
         index_cache: Optional[str] = None,
         reindex: bool = False,
+        channels: Optional[int] = None,
+        depth: Optional[str] = None,
+        stats_images: int = 1000,
     ) -> None:
         super().__init__()
         check_loader(batch_size, num_workers, val_fraction)
@@ -70,9 +80,10 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         require(augment in RECIPES, "--data.augment", augment, f"must be one of {', '.join(RECIPES)}")
         self.root, self.img_size, self.batch_size, self.num_workers = root, img_size, batch_size, num_workers
         self.val_fraction, self.label_fraction, self.predict_root = val_fraction, label_fraction, predict_root
-        self.augment, self.erase_prob, self.mean, self.std = augment, erase_prob, tuple(mean), tuple(std)
+        self.augment, self.erase_prob = augment, erase_prob
         require(index is None or root is not None, "--data.index", index, "needs --data.root, the folder it lists")
         self.index, self.index_cache, self.reindex = index, index_cache, reindex
+        self.sharded = is_shard_root(root)
         # A user's folder without class folders fails at start-up, from the folder names alone (the images are
         # listed by prepare_data, the digits written there); a list is read into its index here, on every rank.
         self.classes: Optional[List[str]] = (
@@ -80,6 +91,13 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         )
         if predict_root is not None:
             require_images(predict_root)
+        self.init_pixels(channels, depth, mean, std, stats_images)
+        if self.pixels != RGB8:
+            rank_zero_info(
+                f"--data.augment {augment} works on 8-bit RGB (the official recipe's RandAugment and colour jitter); "
+                f"these images ({self.pixels.describe()}) take the geometric augmentation instead: random resized "
+                "crop, flip, random erasing"
+            )
 
     @property
     def _source(self) -> str:
@@ -130,6 +148,9 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         if self.predict_root is not None:
             self.predict_files = index_of(self.predict_root)
         skip_empty_validation(self, "no validation images (--data.val_fraction 0 and no val/ folder): no val/acc1")
+        self.resolve_normalisation(trainer, self.train_files)
+        if self.mean is None:  # 8-bit RGB, none given: the loaders normalise with ImageNet's, as the module does
+            self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -137,9 +158,11 @@ class ClassificationDataModule(SeedState, pl.LightningDataModule):
         return None if self.classes is None else len(self.classes)
 
     def _loader(self, files, labels, train: bool) -> DataLoader:
-        tfm = classification_transform(self.augment, self.img_size, train, self.mean, self.std, self.erase_prob)
+        tfm = classification_transform(
+            self.augment, self.img_size, train, self.mean, self.std, self.erase_prob, self.pixels
+        )
         return make_loader(
-            LabelledImageDataset(files, labels, tfm, refill=train),
+            LabelledImageDataset(files, labels, tfm, refill=train, fmt=self.pixels),
             self.batch_size,
             self.num_workers,
             train,

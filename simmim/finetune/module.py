@@ -11,7 +11,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 import swinv2
-from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from simmim.data.pixel_source import Normalisation
 from simmim.errors import require
 from simmim.optim import (
     SCHEDULE_KEYS,
@@ -53,9 +53,13 @@ class SwinV2Classifier(StageModule):
         scratch_layer_decay: The layer decay of a run from scratch (`pretrained` None): 1.0, none, as supervised
             training from scratch uses; None: the pretrained recipe's.
         mixup, cutmix, mix_prob, switch_prob, label_smoothing: timm Mixup settings (official: 0.8, 1.0, 1, 0.5, 0.1).
-        mean, std: The normalisation of the input images (ImageNet's by default). On the command line the data
+        mean, std: The normalisation of the input images; None: ImageNet's for 8-bit RGB, else "auto" (the data
+            module works them out); on the command line, the pretrained file's record when it has one. The data
             module takes them from here: its loaders normalise before random erasing, which works on normalised
-            pixels; uint8 images given to the module directly are normalised with them on the device.
+            pixels; integer images given to the module directly are normalised with them on the device.
+        in_chans: Channels per image (on the command line: the data's).
+        adapt_channels: Load a `pretrained` file trained for another number of input channels (RGB weights into a
+            13-band model: `swinv2.adapt_in_chans`); without it such a file is refused.
     """
 
     def __init__(
@@ -86,10 +90,12 @@ class SwinV2Classifier(StageModule):
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
-        mean: Tuple[float, float, float] = IMAGENET_MEAN,
-        std: Tuple[float, float, float] = IMAGENET_STD,
+        mean: Normalisation = None,
+        std: Normalisation = None,
+        in_chans: int = 3,
+        adapt_channels: bool = False,
     ) -> None:
-        super().__init__(img_size, mean, std)
+        super().__init__(img_size, mean, std, in_chans)
         if num_classes is None:
             raise ValueError("num_classes is required (the fine-tuning command line reads it from --data.root)")
         patch = (encoder_kwargs or {}).get("patch_size", 4)
@@ -107,13 +113,13 @@ class SwinV2Classifier(StageModule):
             num_classes=num_classes,
             drop_path_rate=drop_path_rate,
             use_checkpoint=use_checkpoint,
-            **(encoder_kwargs or {}),
+            **{"in_chans": in_chans, **(encoder_kwargs or {})},
         )
         if compile_attention:
             self.model.compile_attention()
         self.load_report = None
         if pretrained is not None:
-            self.load_report = swinv2.load_pretrained(self.model, raw)
+            self.load_report = swinv2.load_pretrained(self.model, raw, adapt_channels=adapt_channels)
             log.info("loaded %s:\n%s", pretrained, self.load_report)
         self.mixup = (
             Mixup(

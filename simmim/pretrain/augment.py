@@ -33,6 +33,7 @@ class PretrainTransform:
         scale: Crop area range, as fractions of the image.
         ratio: Crop aspect-ratio range (width / height).
         normalize: (mean, std) per channel, applied to float pixels.
+        interpolation: OpenCV's resize interpolation (bilinear, as the official SimMIM pipeline).
     """
 
     def __init__(
@@ -42,10 +43,12 @@ class PretrainTransform:
         scale: Tuple[float, float] = (0.67, 1.0),
         ratio: Tuple[float, float] = (3 / 4, 4 / 3),
         normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+        interpolation: int = cv2.INTER_LINEAR,
     ) -> None:
         if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
             raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]: {scale}, {ratio}")
         self.img_size, self.train, self.scale, self.ratio = img_size, train, scale, ratio
+        self.interpolation = interpolation
         self.normalize = None
         if normalize is not None:
             self.normalize = tuple(np.asarray(v, dtype=np.float32).reshape(1, 1, -1) for v in normalize)
@@ -72,16 +75,19 @@ class PretrainTransform:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        height, width = img.shape[:2]
-        top, left, h, w = self.crop_box(height, width, rng) if self.train else (0, 0, height, width)
-        size = (self.img_size, self.img_size)
-        out = cv2.resize(img[top : top + h, left : left + w], size, interpolation=cv2.INTER_LINEAR)
-        if self.train and rng.random() < 0.5:
-            out = cv2.flip(out, 1)
-        if out.ndim == 2:  # OpenCV drops a single channel's axis
-            out = out[:, :, None]
+        out = self.geometry(img, rng)
         if out.dtype == np.float32:
             if self.normalize is None:
                 raise ValueError("float pixels need the normalisation (mean, std) to be given to the transform")
             out = (out - self.normalize[0]) / self.normalize[1]
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+    def geometry(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The crop, resize and flip of `img` (H, W, C): (S, S, C) of the same type."""
+        height, width = img.shape[:2]
+        top, left, h, w = self.crop_box(height, width, rng) if self.train else (0, 0, height, width)
+        size = (self.img_size, self.img_size)
+        out = cv2.resize(img[top : top + h, left : left + w], size, interpolation=self.interpolation)
+        if self.train and rng.random() < 0.5:
+            out = cv2.flip(out, 1)
+        return out[:, :, None] if out.ndim == 2 else out  # OpenCV drops a single channel's axis

@@ -223,3 +223,56 @@ def test_one_channel_16_bit_pngs_and_float_arrays_pretrain_through_the_command_l
     if kind == "npy":  # raw float values: their own mean and std
         assert inputs["mean"][0] == pytest.approx(-3.0, abs=0.05) and inputs["std"][0] == pytest.approx(0.5, rel=0.05)
     assert np.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+FINE = [
+    "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0", "--data.val_fraction", "0.25",
+    "--model.arch", "swinv2_tiny", "--model.encoder_kwargs", '{"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}',
+    "--model.window_size", "4", "--trainer.max_epochs", "1", "--trainer.precision", "32",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--trainer.check_val_every_n_epoch", "1", "--trainer.val_check_interval", "1.0",
+]  # fmt: skip
+
+
+def _labelled_geotiffs(root):
+    """Two classes of 8 tiles each, class b's bands brighter."""
+    for cls, shift in (("a", 0), ("b", 3000)):
+        _geotiffs(root / cls, 8, size=40, seed=shift)
+        for path in (root / cls).iterdir():
+            tifffile.imwrite(path, tifffile.imread(path) + np.uint16(shift), planarconfig="separate")
+    return root
+
+
+def _finetune(root, tmp_path, *extra):
+    from simmim.finetune import main as finetune
+
+    cli = finetune(["--data.root", str(root), *FINE, "--data.index_cache", str(tmp_path / "cache"),
+                    "--trainer.default_root_dir", str(tmp_path / "fine"), *extra])  # fmt: skip
+    exported = tmp_path / "fine" / "logs" / "version_0" / "classifier.safetensors"
+    return cli, exported
+
+
+def test_fine_tuning_takes_a_13_band_export_with_its_format_and_normalisation_and_no_channel_option(tmp_path, caplog):
+    root = _labelled_geotiffs(tmp_path / "tiles")
+    _, _, inputs, version = _pretrain(root, tmp_path / "pre")
+    cli, exported = _finetune(root, tmp_path, "--model.pretrained", str(version / "encoder.safetensors"))
+    assert cli.datamodule.pixels == PixelFormat(13, "uint16") and cli.model.model.in_chans == 13
+    assert list(cli.model.mean) == inputs["mean"] and list(cli.datamodule.std) == inputs["std"]  # the record's
+    assert "take the geometric augmentation instead: random resized crop, flip, random erasing" in caplog.text
+    raw = swinv2.read_checkpoint(exported)
+    assert swinv2.create_model_from_checkpoint(exported).in_chans == 13 and swinv2.read_inputs(raw) == inputs
+    assert "val/acc1" in cli.trainer.callback_metrics
+
+
+def test_rgb_weights_go_into_a_13_band_model_only_when_adaptation_is_asked_for(tmp_path):
+    root = _labelled_geotiffs(tmp_path / "tiles")
+    rgb = swinv2.create_model("swinv2_tiny", img_size=32, window_size=4, embed_dim=24, depths=[2, 2], num_heads=[2, 4])
+    swinv2.save_weights(tmp_path / "rgb.safetensors", rgb)  # an RGB file without an input record (as timm's)
+    with pytest.raises(SystemExit, match="in_chans|channel"):
+        _finetune(root, tmp_path / "refused", "--model.pretrained", str(tmp_path / "rgb.safetensors"))
+    cli, exported = _finetune(root, tmp_path, "--model.pretrained", str(tmp_path / "rgb.safetensors"),
+                              "--model.adapt_channels", "true")  # fmt: skip
+    assert cli.model.model.in_chans == 13 and cli.model.hparams.adapt_channels  # opt-in, and recorded
+    stem = cli.model.model.patch_embed.proj.weight.detach()
+    assert stem.shape[1] == 13  # the RGB stem spread over 13 bands (swinv2.adapt_in_chans)
+    assert swinv2.read_inputs(swinv2.read_checkpoint(exported))["depth"] == "uint16"
