@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from simmim.data.crops import resize
 from simmim.data.folders import LabelledImageDataset, labelled_split
 from simmim.data.index import FileIndex, agreed_index, folder_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
@@ -58,21 +59,30 @@ def knn_top1(
 
 
 class ResizeCenterCrop:
-    """uint8 RGB (H, W, 3) -> normalised float (3, size, size): the short side resized to `size` (area
-    interpolation when shrinking, bicubic when enlarging), then the center square."""
+    """(H, W, C) pixels (uint8 RGB, or any `simmim.data.pixels` format) -> normalised float (C, size, size): the
+    short side resized to `size` (area interpolation when shrinking, bicubic when enlarging), then the center
+    square; `(x / full_range - mean) / std` per channel (`full_range`: 255 for 8-bit, 65535 for 16-bit, 1 for
+    float pixels)."""
 
-    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        full_range: float = 255.0,
+    ):
         self.size = size
-        self.mean = torch.tensor(mean).view(3, 1, 1) * 255
-        self.std = torch.tensor(std).view(3, 1, 1) * 255
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * full_range
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * full_range
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         h, w = image.shape[:2]
         scale = self.size / min(h, w)
         nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
         if (nh, nw) != (h, w):
-            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+            image = resize(image, (nw, nh), cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
         top, left = (nh - self.size) // 2, (nw - self.size) // 2
+        image = image[:, :, None] if image.ndim == 2 else image  # a gray image given as (H, W)
         crop = np.ascontiguousarray(image[top : top + self.size, left : left + self.size])
         return (torch.from_numpy(crop).permute(2, 0, 1).float() - self.mean) / self.std
 

@@ -137,6 +137,27 @@ class StageModule(pl.LightningModule):
         if self.mean is not None and self.std is not None:
             checkpoint[INPUTS_KEY] = self.input_record()
 
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """A checkpoint trained on other inputs than this run's (another pixel type, another normalisation: a
+        resume whose "auto" statistics came out otherwise, on other data or with another sample) is refused before
+        a step: the weights would see pixels they were not trained on."""
+        record = checkpoint.get(INPUTS_KEY)
+        if not isinstance(record, dict) or self.mean is None or self.std is None:
+            return
+        ours = self.input_record()
+        same = record.get("depth") == ours["depth"] and all(
+            isinstance(record.get(k), list)
+            and len(record[k]) == len(ours[k])
+            and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(record[k], ours[k]))
+            for k in ("mean", "std")
+        )
+        if not same:
+            raise ConfigError(
+                f"the checkpoint was trained on {record.get('depth')} pixels normalised with mean {record.get('mean')} "
+                f"and std {record.get('std')}; this run gives {ours['depth']} pixels, mean {ours['mean']}, std "
+                f"{ours['std']}: pass the checkpoint's --model.mean and --model.std (and the same data)"
+            )
+
     def input_record(self) -> Dict[str, Any]:
         """What the model's inputs are: the pixels' type (the data module's) and the normalisation, which every
         weights file written from this module records (`swinv2.read_inputs`)."""

@@ -152,7 +152,8 @@ def encoder_architecture(hparams: Mapping[str, Any], where: str) -> Dict[str, An
     arch = hparams.get("arch", "swinv2_base")
     if arch not in VARIANTS:
         raise MalformedRecordError(f"{where}: arch={arch!r} is none of {', '.join(sorted(VARIANTS))}")
-    own = ("img_size", "patch_size", "window_size", "pretrained_window_sizes", "num_classes", "drop_path_rate")
+    own = ("img_size", "patch_size", "window_size", "pretrained_window_sizes", "num_classes", "drop_path_rate",
+           "in_chans")  # fmt: skip
     kwargs = {**VARIANTS[arch], **{k: hparams[k] for k in own if hparams.get(k) is not None}}
     kwargs.update(hparams.get("encoder_kwargs") or {})
     if "pretrained_window_sizes" in kwargs and not kwargs["pretrained_window_sizes"]:

@@ -8,6 +8,7 @@ path, so callers can skip and count them. `normalize_images` turns a batch of th
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import stat
 import warnings
@@ -69,9 +70,12 @@ def require_images(root: str | os.PathLike) -> None:
 def first_images(root: str | os.PathLike, index: Optional[str | os.PathLike] = None) -> Iterator[Path]:
     """The images under `root` in sorted order (walking only as far as they are taken), or the paths of the file
     list `index` (relative to `root`): where a run's pixel format is read from."""
-    if index is not None:
+    if index is not None:  # its first lines, each bounded; a path that leaves the root is passed over
         with open(index, encoding="utf-8", errors="replace") as f:
-            yield from (Path(root) / line.rstrip("\n").split("\t")[0] for line in f if line.strip())
+            for line in itertools.islice(iter(lambda: f.readline(4096), ""), 10000):
+                rel = line.rstrip("\r\n").split("\t")[0]
+                if rel and not os.path.isabs(rel) and ".." not in Path(rel).parts:
+                    yield Path(root) / rel
         return
     for folder, dirs, names in os.walk(root):
         dirs.sort()

@@ -16,7 +16,17 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from simmim.data.images import UnreadableImageError, first_images, read_image_file
-from simmim.data.pixels import DEPTHS, MAX_CHANNELS, RGB8, PixelFormat, channel_statistics, infer_format, read_array
+from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from simmim.data.pixels import (
+    DEPTHS,
+    MAX_CHANNELS,
+    RGB8,
+    PixelFormat,
+    channel_statistics,
+    infer_format,
+    read_array,
+    statistics_sample,
+)
 from simmim.errors import DataFolderError, require
 
 FORMAT_CANDIDATES = 100  # images tried, in order, for the pixel format
@@ -82,15 +92,31 @@ class PixelSource:
 
     def resolve_normalisation(self, trainer: Any, train_files: Sequence) -> None:
         """`mean` and `std` per channel: as given, or the training images' own ("auto", and the default for any
-        format but 8-bit RGB), worked out on rank 0 (or read back from the cache) and sent to every rank."""
+        format but 8-bit RGB, where ImageNet's are), worked out on rank 0 (or read back from the cache) and sent to
+        every rank. The ranks must have read the same pixel format."""
+        distributed = trainer is not None and trainer.world_size > 1
+        if distributed:
+            same = trainer.strategy.broadcast(self.pixels, src=0) == self.pixels
+            if not trainer.strategy.reduce_boolean_decision(same, all=True):
+                raise DataFolderError(
+                    f"--data.root {self.root}: the ranks read different pixel formats from their first images (this "
+                    f"rank: {self.pixels.describe()}): set --data.channels and --data.depth"
+                )
         if self.pixels == RGB8 and self.norm_args == (None, None):
             self.mean = self.std = None
             return
-        given = [("auto" if v is None else v) for v in self.norm_args]
+        default = (IMAGENET_MEAN, IMAGENET_STD) if self.pixels == RGB8 else ("auto", "auto")
+        given = [default[k] if v is None else v for k, v in enumerate(self.norm_args)]
         if "auto" in given:
-            stats = self._statistics(train_files) if trainer is None or trainer.is_global_zero else None
-            if trainer is not None and trainer.world_size > 1:
-                stats = trainer.strategy.broadcast(stats, src=0)
+            stats: Any = None
+            if trainer is None or trainer.is_global_zero:
+                try:
+                    stats = self._statistics(train_files)
+                except (ValueError, UnreadableImageError) as e:  # every rank stops with rank 0's reason
+                    stats = str(e)
+            stats = trainer.strategy.broadcast(stats, src=0) if distributed else stats
+            if isinstance(stats, str):
+                raise DataFolderError(f"--model.mean/--model.std auto: {stats}")
             given = [stats[k] if v == "auto" else v for k, v in enumerate(given)]
         for name, values in zip(("mean", "std"), given):
             require(
@@ -101,11 +127,29 @@ class PixelSource:
             )
         self.mean, self.std = tuple(float(v) for v in given[0]), tuple(float(v) for v in given[1])
 
+    def _sample_identity(self, files: Sequence) -> str:
+        """What identifies the images the statistics read: a shard set's digest of its index (its content), or the
+        path, size and modification time of every drawn file (a file rewritten in place, or another root with the
+        same names, gives other statistics)."""
+        digest = getattr(files, "digest", None)
+        if digest is not None:
+            return f"{getattr(files, 'root', '')}:{digest}"
+        h = hashlib.sha256()
+        for i in statistics_sample(len(files), self.stats_images):
+            path = files[int(i)]
+            try:
+                st = os.stat(path)
+                h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{path}\0missing\n".encode())
+        return h.hexdigest()
+
     def _statistics(self, files: Sequence) -> Tuple[List[float], List[float]]:
         """`channel_statistics` of `files`, cached under the index cache by what identifies them."""
         from simmim.data.index import default_cache
 
-        key = json.dumps([repr(files.fingerprint()), len(files), self.pixels.describe(), self.stats_images])
+        key = json.dumps([repr(files.fingerprint()), len(files), self._sample_identity(files), self.pixels.describe(),
+                          self.stats_images])  # fmt: skip
         name = f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
         path = Path(self.index_cache or default_cache()) / "stats" / name
         try:

@@ -17,9 +17,11 @@ Readers, chosen by the file's first bytes (so a shard's sample reads as its file
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -66,11 +68,9 @@ def read_array(data: np.ndarray, name: object) -> Tuple[np.ndarray, bool]:
     """An encoded file's bytes (uint8 array) -> (its pixels as (H, W, C), whether they are in OpenCV's BGR order)."""
     head = data[:8].tobytes()
     try:
-        if head.startswith(NPY_MAGIC):
-            img, bgr = _read_npy(data), False
-        elif head[:4] in TIFF_MAGIC:
-            img, bgr = _read_tiff(data), False
-        else:
+        img = _read_npy(data) if head.startswith(NPY_MAGIC) else _read_tiff(data) if head[:4] in TIFF_MAGIC else None
+        bgr = img is None
+        if img is None:  # OpenCV's formats, and TIFFs of up to 4 samples per pixel, as they always read
             img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
             if img is None or img.size == 0:
                 raise ValueError("corrupt or not an image file")
@@ -83,6 +83,18 @@ def read_array(data: np.ndarray, name: object) -> Tuple[np.ndarray, bool]:
         img = img[:, :, None]
     if img.ndim != 3 or min(img.shape[:2]) < 1 or not 1 <= img.shape[2] <= MAX_CHANNELS:
         raise UnreadableImageError(f"cannot decode {name}: its pixels have the shape {img.shape}, not (H, W, C)")
+    if img.shape[1] == img.shape[2] != img.shape[0]:  # (C, H, W) of a square tile, as rasterio reads bands
+        raise UnreadableImageError(
+            f"cannot decode {name}: its pixels {img.shape} look band-first, (C, H, W); an image is (H, W, C), bands "
+            "last: save it as np.moveaxis(a, 0, -1)"
+        )
+    if img.dtype.kind not in "ui" + "f" or img.dtype in (np.int32, np.uint32, np.int64, np.uint64):
+        raise UnreadableImageError(
+            f"cannot decode {name}: its pixels are {img.dtype}; images are carried as uint8, uint16 or float32 "
+            "(int8, int16, float16 and float64 convert to float32): save it as one of those"
+        )
+    if img.dtype.kind == "f" and not np.isfinite(img).all():
+        raise UnreadableImageError(f"cannot decode {name}: it holds NaN or infinite pixels")
     return img, bgr
 
 
@@ -103,25 +115,75 @@ def _read_npy(data: np.ndarray) -> np.ndarray:
     return np.load(stream, allow_pickle=False)
 
 
-def _read_tiff(data: np.ndarray) -> np.ndarray:
+def _read_tiff(data: np.ndarray) -> Optional[np.ndarray]:
+    """A multi-band TIFF's first image (photometric MINISBLACK with several samples: bands, such as RGB + NIR or 13
+    Sentinel-2 bands) through tifffile; None for any other TIFF (gray, RGB, RGBA, palette, CMYK, ...), which OpenCV
+    reads as it always did."""
     import tifffile
 
     with tifffile.TiffFile(io.BytesIO(data.tobytes())) as tif:
-        series = tif.series[0]
-        axes, shape = series.axes, series.shape
-        _bounded(shape, np.dtype(series.dtype).itemsize)
-        if "Y" not in axes or "X" not in axes or len(axes) > 3:
-            raise ValueError(f"its first image has the axes {axes} {shape}; an image is (Y, X) plus one band axis")
-        img = series.asarray()
-    band = [i for i, a in enumerate(axes) if a not in "YX"]
-    return np.moveaxis(img, [axes.index("Y"), axes.index("X"), *band], [0, 1, 2][: 2 + len(band)])
+        page = tif.pages[0]
+        bands = page.photometric == tifffile.PHOTOMETRIC.MINISBLACK and page.samplesperpixel > 1
+        if not bands and page.samplesperpixel <= 4:
+            return None
+        if not bands:
+            raise ValueError(f"{page.samplesperpixel} samples of photometric {page.photometric.name}: not bands")
+        if page.compression not in SAFE_TIFF_CODECS and not _imagecodecs():
+            raise ValueError(
+                f"its compression {page.compression.name} needs the imagecodecs package (pip install imagecodecs)"
+            )
+        _bounded(page.shape, np.dtype(page.dtype).itemsize)
+        _bound_tiff_decompression()
+        img = page.asarray(maxworkers=1)  # one thread: a data-loader worker is one of many
+        axes = page.axes
+    if sorted(axes) != ["S", "X", "Y"]:
+        raise ValueError(f"its first image has the axes {axes}; a band image is (Y, X) and samples")
+    return np.moveaxis(img, [axes.index("Y"), axes.index("X"), axes.index("S")], [0, 1, 2])
+
+
+SAFE_TIFF_CODECS = (1, 8, 32946, 50013, 34925)  # none, deflate (three codes), lzma: decoded with a size bound here
+
+
+@functools.lru_cache(maxsize=1)
+def _imagecodecs() -> bool:
+    """Whether imagecodecs is installed: tifffile then decodes every codec with it, into buffers of the image's size."""
+    return importlib.util.find_spec("imagecodecs") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _bound_tiff_decompression() -> None:
+    """tifffile without imagecodecs inflates deflate and lzma segments with no bound on the output (a small file
+    could inflate to gigabytes): its decoders for them are replaced by ones that stop at the segment's size."""
+    import lzma
+    import zlib
+
+    import tifffile
+
+    if _imagecodecs():
+        return
+
+    def bounded(make: Callable[[], Any]) -> Callable[..., bytes]:
+        def decompress(data: bytes, out: Any = None) -> bytes:
+            limit = out if isinstance(out, int) else MAX_DECODED_BYTES
+            inflater = make()
+            result = inflater.decompress(data, limit + 1)
+            if len(result) > limit:
+                raise ValueError(f"a compressed segment inflates past its {limit} bytes")
+            return result
+
+        return decompress
+
+    codecs = tifffile.TIFF.DECOMPRESSORS
+    for code in (8, 32946, 50013):
+        codecs._codecs[code] = bounded(zlib.decompressobj)
+    codecs._codecs[34925] = bounded(lzma.LZMADecompressor)
 
 
 def infer_format(img: np.ndarray, bgr: bool) -> PixelFormat:
     """The format that carries `img` (as `read_array` gives it) without loss. An OpenCV image's second or fourth
     channel is alpha (composited, not carried). 8-bit gray or colour is `RGB8`, as every 8-bit JPEG and PNG always
     read; 16-bit and float images keep their channel count (a 16-bit grayscale PNG is one channel)."""
-    channels = img.shape[2] - (bgr and img.shape[2] in (2, 4))
+    channels = img.shape[2] - (bgr and img.shape[2] in (2, 4) and img.dtype.kind == "u")
     if img.dtype == np.uint8:
         return RGB8 if channels in (1, 3) else PixelFormat(channels, "uint8")
     return PixelFormat(channels, "uint16" if img.dtype == np.uint16 else "float32")
@@ -133,7 +195,7 @@ def to_format(img: np.ndarray, bgr: bool, fmt: PixelFormat, name: object) -> np.
     if fmt == RGB8 and img.dtype == np.uint8 and bgr:
         return to_uint8_rgb(img)  # the 8-bit RGB path, as it always was
     channels = img.shape[2]
-    if img.dtype not in (np.uint8, np.uint16):
+    if img.dtype not in (np.uint8, np.uint16):  # float16/32/64, int8, int16: their values, as float32
         if fmt.depth != "float32":
             raise PixelFormatError(f"{name} holds {img.dtype} pixels, this run {fmt.depth}: set --data.depth float32")
         img = img.astype(np.float32)
@@ -173,13 +235,18 @@ def decode_pixels(data: np.ndarray, name: object, fmt: PixelFormat) -> np.ndarra
     return to_format(img, bgr, fmt, name)
 
 
+def statistics_sample(n: int, count: int) -> np.ndarray:
+    """The positions of the images `channel_statistics` reads: `count` of `n` drawn with seed 0, sorted."""
+    return np.sort(np.random.default_rng(0).choice(n, size=min(count, n), replace=False))
+
+
 def channel_statistics(files: Sequence, fmt: PixelFormat, count: int = 1000) -> Tuple[List[float], List[float]]:
     """Per-channel mean and std over every pixel of up to `count` images of `files` (a fixed draw, seed 0), as
     fractions of the full range for integer pixels and in their own units for float ones: what `--model.mean auto`
     normalises with. An unreadable image is passed over, with the warning every reader gives."""
     from simmim.data.images import read_sample_image
 
-    picks = np.sort(np.random.default_rng(0).choice(len(files), size=min(count, len(files)), replace=False))
+    picks = statistics_sample(len(files), count)
     total, squares, pixels = np.zeros(fmt.channels), np.zeros(fmt.channels), 0
     for i in picks:
         img, _, _ = read_sample_image(files, int(i), refill=False, fmt=fmt)

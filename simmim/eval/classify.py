@@ -6,13 +6,15 @@ the CPU, so a study's numbers depend on nothing but its arguments and seed."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+import swinv2
 from simmim.data.folders import LabelledImageDataset
-from simmim.data.loaders import WorkerLoader, collate_readable
+from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, WorkerLoader, collate_readable
+from simmim.data.pixels import PixelFormat
 from simmim.monitors import ResizeCenterCrop
 
 
@@ -24,10 +26,14 @@ def loader(
     shuffle: bool,
     seed: int,
     num_workers: int = 0,
+    inputs: Optional[Inputs] = None,
 ) -> torch.utils.data.DataLoader:
-    """(images (B, 3, size, size), labels (B,), ...) batches of `files`, shuffled by a generator seeded with `seed`;
-    unreadable files are left out of their batch. Workers, if any, start safely for OpenCV (`WorkerLoader`)."""
-    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(size))
+    """(images (B, C, size, size), labels (B,), ...) batches of `files`, shuffled by a generator seeded with `seed`;
+    unreadable files are left out of their batch. Workers, if any, start safely for OpenCV (`WorkerLoader`).
+    `inputs`: the pixel format and normalisation (`checkpoint_inputs`); None: 8-bit RGB with ImageNet's."""
+    fmt, mean, std = inputs if inputs is not None else (None, IMAGENET_MEAN, IMAGENET_STD)
+    full = fmt.full_range if fmt is not None else 255.0
+    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(size, mean, std, full), fmt=fmt)
     generator = torch.Generator().manual_seed(seed)
     return WorkerLoader(
         dataset,
@@ -37,6 +43,18 @@ def loader(
         num_workers=num_workers,
         collate_fn=partial(collate_readable, num_fields=3),
     )
+
+
+Inputs = Tuple[Optional[PixelFormat], Sequence[float], Sequence[float]]
+
+
+def checkpoint_inputs(path: str, channels: int) -> Optional[Inputs]:
+    """(pixel format, mean, std) from the input record of the weights file `path` (`swinv2.read_inputs`: files this
+    project writes) for an encoder of `channels`; None for a file without one (official, timm: 8-bit RGB)."""
+    record = swinv2.read_inputs(swinv2.read_checkpoint(path), path)
+    if record is None:
+        return None
+    return PixelFormat(channels, record["depth"]), record["mean"], record["std"]
 
 
 def fit(model: nn.Module, batches: torch.utils.data.DataLoader, epochs: int, lr: float) -> float:

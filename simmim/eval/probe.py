@@ -20,7 +20,7 @@ import swinv2
 from simmim.data.builtin import labelled_root
 from simmim.data.folders import labelled_split
 from simmim.errors import ConfigError
-from simmim.eval.classify import loader
+from simmim.eval.classify import Inputs, checkpoint_inputs, loader
 
 
 @torch.no_grad()
@@ -51,10 +51,12 @@ def cached_features(
     final_norm: bool,
     batch_size: int = 128,
     num_workers: int = 0,
+    inputs: Optional[Inputs] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(features, labels) of every readable image (resized, center-cropped to `img_size`)."""
+    """(features, labels) of every readable image (resized, center-cropped to `img_size`; `inputs`: the pixel
+    format and normalisation, `simmim.eval.classify.loader`)."""
     feats, ys = [], []
-    for x, y, *_ in loader(files, labels, img_size, batch_size, False, 0, num_workers):
+    for x, y, *_ in loader(files, labels, img_size, batch_size, False, 0, num_workers, inputs):
         if len(x):
             feats.append(stage_features(encoder, x, stage, final_norm))
             ys.append(y)
@@ -151,7 +153,9 @@ def main(args: Optional[List[str]] = None) -> float:
         )
     start = time.perf_counter()
     common = dict(img_size=img_size, stage=opts.stage, final_norm=not opts.no_final_norm)
-    common.update(batch_size=opts.batch_size, num_workers=opts.num_workers)
+    # the pixel format and normalisation the weights were trained with, as their file records them
+    common.update(batch_size=opts.batch_size, num_workers=opts.num_workers,
+                  inputs=checkpoint_inputs(opts.checkpoint, encoder.in_chans))  # fmt: skip
     train = cached_features(encoder, split.train_files, split.train_labels, **common)
     val = cached_features(encoder, split.val_files, split.val_labels, **common)
     head = train_linear(train, len(split.classes), opts.epochs, opts.lr, seed=opts.seed)

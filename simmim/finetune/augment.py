@@ -14,6 +14,7 @@ from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
+from simmim.data.crops import ResizedCrop
 from simmim.data.pixels import RGB8, PixelFormat
 
 RECIPES = ("official", "digits")
@@ -133,12 +134,10 @@ class GeometricTransform:
         full_range: float,
         erase_prob: float = 0.25,
     ) -> None:
-        from simmim.pretrain.augment import PretrainTransform
-
         self.img_size, self.train, self.full_range = img_size, train, full_range
         self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
         self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
-        self.crop = PretrainTransform(img_size, train, scale=(0.08, 1.0), interpolation=cv2.INTER_CUBIC)
+        self.crop = ResizedCrop(img_size, train, scale=(0.08, 1.0), interpolation=cv2.INTER_CUBIC)
         self.erase = RandomErasing(erase_prob, mode="pixel", device="cpu") if train and erase_prob > 0 else None
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:

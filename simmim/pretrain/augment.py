@@ -5,89 +5,10 @@ memory, the pinned buffers and the host-to-device copy, and no float pass over t
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Tuple
-
-import cv2
-import numpy as np
-import torch
-
-Box = Tuple[int, int, int, int]  # top, left, height, width
+from simmim.data.crops import ResizedCrop
 
 
-class PretrainTransform:
-    """Official SimMIM-SwinV2 augmentation, up to normalisation (`simmim.data.images.normalize_images`). Training:
-    RandomResizedCrop (area 0.67-1 of the image, aspect ratio 3/4-4/3, torchvision's sampling with its centre-crop
-    fallback), horizontal flip with probability 0.5. Evaluation: the whole image resized. Resizing is OpenCV's
-    bilinear (`INTER_LINEAR`).
-
-    Called with an (H, W, C) image of a run's `simmim.data.pixels.PixelFormat` (uint8 RGB for most runs; any channel
-    count, uint16 or float32) and the sample's generator; returns a contiguous (C, S, S) tensor of the same type, the
-    layout a batch is stacked in (a permuted view would make the collate gather it element by element). Integer
-    pixels are normalised on the training device; float pixels, already floats, are normalised here with
-    `normalize` (mean, std per channel).
-
-    Args:
-        img_size: Output side S.
-        train: Random crop and flip (else a plain resize).
-        scale: Crop area range, as fractions of the image.
-        ratio: Crop aspect-ratio range (width / height).
-        normalize: (mean, std) per channel, applied to float pixels.
-        interpolation: OpenCV's resize interpolation (bilinear, as the official SimMIM pipeline).
-    """
-
-    def __init__(
-        self,
-        img_size: int,
-        train: bool,
-        scale: Tuple[float, float] = (0.67, 1.0),
-        ratio: Tuple[float, float] = (3 / 4, 4 / 3),
-        normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
-        interpolation: int = cv2.INTER_LINEAR,
-    ) -> None:
-        if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]: {scale}, {ratio}")
-        self.img_size, self.train, self.scale, self.ratio = img_size, train, scale, ratio
-        self.interpolation = interpolation
-        self.normalize = None
-        if normalize is not None:
-            self.normalize = tuple(np.asarray(v, dtype=np.float32).reshape(1, 1, -1) for v in normalize)
-
-    def crop_box(self, height: int, width: int, rng: np.random.Generator) -> Box:
-        """torchvision's `RandomResizedCrop.get_params`: up to 10 tries of a random area and log-uniform aspect
-        ratio that fit, else the centre crop of the image clamped to the ratio range."""
-        area = height * width
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            target = area * rng.uniform(*self.scale)
-            aspect = math.exp(rng.uniform(*log_ratio))
-            w = int(round(math.sqrt(target * aspect)))
-            h = int(round(math.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-        in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            w, h = width, int(round(width / self.ratio[0]))
-        elif in_ratio > self.ratio[1]:
-            h, w = height, int(round(height * self.ratio[1]))
-        else:
-            h, w = height, width
-        return (height - h) // 2, (width - w) // 2, h, w
-
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        out = self.geometry(img, rng)
-        if out.dtype == np.float32:
-            if self.normalize is None:
-                raise ValueError("float pixels need the normalisation (mean, std) to be given to the transform")
-            out = (out - self.normalize[0]) / self.normalize[1]
-        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
-
-    def geometry(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The crop, resize and flip of `img` (H, W, C): (S, S, C) of the same type."""
-        height, width = img.shape[:2]
-        top, left, h, w = self.crop_box(height, width, rng) if self.train else (0, 0, height, width)
-        size = (self.img_size, self.img_size)
-        out = cv2.resize(img[top : top + h, left : left + w], size, interpolation=self.interpolation)
-        if self.train and rng.random() < 0.5:
-            out = cv2.flip(out, 1)
-        return out[:, :, None] if out.ndim == 2 else out  # OpenCV drops a single channel's axis
+class PretrainTransform(ResizedCrop):
+    """The official SimMIM-SwinV2 pretraining augmentation (`simmim.data.crops.ResizedCrop` with its defaults): a
+    random resized crop of 0.67-1 of the image, aspect ratio 3/4-4/3, bilinear, and a horizontal flip; evaluation
+    resizes the whole image."""

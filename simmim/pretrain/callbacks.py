@@ -50,6 +50,9 @@ class ReconstructionGrid(pl.Callback):
         self.picked: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the images and masks the grid shows
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        display_bands(getattr(pl_module, "channels", 3), self.bands, "--grid.bands")  # refused at the start
+
     def why_none(self, trainer: pl.Trainer) -> str:
         """Why no grid was written (for the end-of-run summary)."""
         if not trainer.num_val_batches or not sum(trainer.num_val_batches):

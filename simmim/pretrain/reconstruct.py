@@ -3,15 +3,16 @@
 Masks images of a folder as pretraining does and writes a grid of original, masked input, reconstruction and the
 reconstruction pasted into the visible pixels, one row per image, from a pretraining checkpoint (the decoder is
 in the `.ckpt`, not in the encoder export). The image size, mask patch size and mask ratio come from the run's
-`config.yaml` beside its `checkpoints/` folder when it is there (flags override them); the normalisation is the
-checkpoint's own (`--model.mean`, `--model.std`).
+`config.yaml` beside its `checkpoints/` folder when it is there (flags override them); the normalisation and the
+pixel format are the checkpoint's own (`--model.mean`, `--model.std`, its input record). Images that are not 8-bit
+RGB show `--bands` (three as red, green, blue, or one as gray; numbered from 1) with a per-band percentile stretch.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,13 +20,15 @@ from torchvision.utils import save_image
 
 from simmim.checkpointing.untrusted import checked_hyperparameters, read_run_config
 from simmim.data.images import decode_item
+from simmim.data.pixels import RGB8, PixelFormat
 from simmim.data.shards import open_images
 from simmim.errors import ConfigError
 from simmim.monitors import ResizeCenterCrop
-from simmim.pretrain.callbacks import reconstruction_grid
+from simmim.pretrain.callbacks import display_bands, reconstruction_grid
 from simmim.pretrain.data import PretrainDataModule
 from simmim.pretrain.masking import MaskGenerator
 from simmim.pretrain.module import SimMIMPretrainer
+from swinv2.checkpoint import read_inputs
 from swinv2.reading import read_checkpoint
 
 
@@ -39,9 +42,10 @@ def run_config(checkpoint: Path) -> dict:
     return {}
 
 
-def load_pretrainer(checkpoint: Path) -> SimMIMPretrainer:
+def load_pretrainer(checkpoint: Path) -> Tuple[SimMIMPretrainer, Optional[PixelFormat]]:
     """The pretraining module of a Lightning checkpoint, read without running pickled code, its hyper-parameters
-    checked (`simmim.checkpointing.untrusted.checked_hyperparameters`) before the module is built from them."""
+    checked (`simmim.checkpointing.untrusted.checked_hyperparameters`) before the module is built from them; and the
+    pixel format its input record names (None: a checkpoint without one, 8-bit RGB)."""
     raw = read_checkpoint(checkpoint)
     if "state_dict" not in raw or "hyper_parameters" not in raw:
         raise ConfigError(
@@ -52,7 +56,8 @@ def load_pretrainer(checkpoint: Path) -> SimMIMPretrainer:
     hp.update(compile_attention=False, knn_every_n_epochs=0, finetune_every_n_epochs=0)
     module = SimMIMPretrainer(**hp)
     module.load_state_dict(raw["state_dict"])
-    return module.eval()
+    record = read_inputs(raw, str(checkpoint))
+    return module.eval(), None if record is None else PixelFormat(module.channels, record["depth"])
 
 
 def spread(files: Sequence[str], n: int) -> Sequence[str]:
@@ -72,6 +77,7 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--mask_patch_size", type=int, help="default: the run's")
     p.add_argument("--img_size", type=int, help="default: the run's")
     p.add_argument("--seed", type=int, default=0, help="draws the masks")
+    p.add_argument("--bands", help="the bands shown, numbered from 1: three as red, green, blue (4,3,2) or one as gray")
     return p.parse_args(args)
 
 
@@ -80,7 +86,12 @@ def main(args: Optional[List[str]] = None) -> torch.Tensor:
     opts = parse(args)
     checkpoint = Path(opts.checkpoint)
     data = run_config(checkpoint)
-    module = load_pretrainer(checkpoint)
+    module, fmt = load_pretrainer(checkpoint)
+    try:
+        bands = None if opts.bands is None else [int(b) for b in opts.bands.split(",")]
+    except ValueError:
+        raise ConfigError(f"--bands {opts.bands}: give band numbers separated by commas (4,3,2)") from None
+    shown = display_bands(module.channels, bands)
     img_size = opts.img_size or data.get("img_size") or module.hparams.img_size
     mean, std = module.mean, module.std
     try:
@@ -95,11 +106,11 @@ def main(args: Optional[List[str]] = None) -> torch.Tensor:
     files = spread(open_images(opts.images), opts.num_images)
     if not files:
         raise ConfigError(f"--images {opts.images}: no images found")
-    resize = ResizeCenterCrop(img_size, mean, std)
-    x = torch.stack([resize(decode_item(f)) for f in files])
+    resize = ResizeCenterCrop(img_size, mean, std, fmt.full_range if fmt is not None else 255.0)
+    x = torch.stack([resize(decode_item(f, fmt)) for f in files])
     rng = np.random.default_rng(opts.seed)
     mask = torch.from_numpy(np.stack([masks(rng) for _ in files]))
-    grid = reconstruction_grid(module.model, x, mask, mean, std)
+    grid = reconstruction_grid(module.model, x, mask, mean, std, shown, fmt is not None and fmt != RGB8)
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, opts.out)
     print(f"reconstructions of {len(files)} images from {opts.images} (mask ratio {masks.num_masked}/"

@@ -4,6 +4,7 @@ GeoTIFF, `.npy`, 16-bit PNG), a run's pixel format and what it refuses, crafted 
 16-bit GeoTIFF tiles, 16-bit grayscale PNGs and float `.npy` arrays."""
 
 import io
+import zlib
 
 import cv2
 import numpy as np
@@ -22,6 +23,7 @@ from simmim.data.pixels import (
     infer_format,
     read_array,
 )
+from simmim.errors import ConfigError
 from simmim.pretrain.augment import PretrainTransform
 
 BAND_MEAN = np.linspace(2000, 14000, 13)  # uint16 values per band
@@ -104,7 +106,8 @@ def test_a_file_the_run_cannot_carry_without_loss_is_refused_by_name_with_the_fi
     rng = np.random.default_rng(4)
     cv2.imwrite(str(tmp_path / "deep.png"), rng.integers(0, 65535, (8, 8), dtype=np.uint16))
     np.save(tmp_path / "float.npy", rng.random((8, 8, 13), dtype=np.float32))
-    tifffile.imwrite(tmp_path / "four.tif", rng.integers(0, 9, (4, 8, 8), dtype=np.uint16), planarconfig="separate")
+    four = rng.integers(0, 9, (4, 8, 8), dtype=np.uint16)  # R, G, B and near infrared: four bands, not RGBA
+    tifffile.imwrite(tmp_path / "four.tif", four, planarconfig="separate", photometric="minisblack")
     cases = [
         ("deep.png", RGB8, "holds 16-bit pixels, this run 8-bit ones: set --data.depth uint16"),
         ("float.npy", PixelFormat(13, "uint16"), "holds float32 pixels, this run uint16: set --data.depth float32"),
@@ -262,6 +265,20 @@ def test_fine_tuning_takes_a_13_band_export_with_its_format_and_normalisation_an
     raw = swinv2.read_checkpoint(exported)
     assert swinv2.create_model_from_checkpoint(exported).in_chans == 13 and swinv2.read_inputs(raw) == inputs
     assert "val/acc1" in cli.trainer.callback_metrics
+    # the probe and the viewer read the same record: no channel or normalisation option either
+    from simmim.eval.classify import checkpoint_inputs
+    from simmim.probe import main as probe
+    from simmim.reconstruct import main as reconstruct
+
+    export = version / "encoder.safetensors"
+    assert checkpoint_inputs(str(export), 13) == (PixelFormat(13, "uint16"), inputs["mean"], inputs["std"])
+    assert 0 <= probe(["--checkpoint", str(export), "--data.root", str(root), "--epochs", "5"]) <= 100
+    grid = reconstruct(["--checkpoint", str(version / "checkpoints" / "last.ckpt"), "--images", str(root),
+                        "--out", str(tmp_path / "grid.png"), "--num_images", "2", "--bands", "4,3,2"])  # fmt: skip
+    assert grid.shape == (3, 2 * 34 + 2, 4 * 34 + 2) and float(grid.std()) > 0.05  # stretched bands
+    with pytest.raises(ConfigError, match="--bands .4, 3.: must be one or three band numbers in 1..13"):
+        reconstruct(["--checkpoint", str(version / "checkpoints" / "last.ckpt"), "--images", str(root),
+                     "--out", str(tmp_path / "grid.png"), "--bands", "4,3"])  # fmt: skip
 
 
 def test_rgb_weights_go_into_a_13_band_model_only_when_adaptation_is_asked_for(tmp_path):
@@ -276,3 +293,128 @@ def test_rgb_weights_go_into_a_13_band_model_only_when_adaptation_is_asked_for(t
     stem = cli.model.model.patch_embed.proj.weight.detach()
     assert stem.shape[1] == 13  # the RGB stem spread over 13 bands (swinv2.adapt_in_chans)
     assert swinv2.read_inputs(swinv2.read_checkpoint(exported))["depth"] == "uint16"
+
+
+def test_tiffs_that_are_not_bands_read_through_opencv_as_they_always_did(tmp_path):
+    """Palette, RGBA and multi-page TIFFs (and LZW, OpenCV's own TIFF output) in an 8-bit RGB run: exactly the old
+    decode; a 4-sample MINISBLACK TIFF is four bands, not RGBA."""
+    rng = np.random.default_rng(8)
+    rgb = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "palette.tif", rng.integers(0, 4, (12, 10), dtype=np.uint8), photometric="palette",
+                     colormap=rng.integers(0, 65535, (3, 256), dtype=np.uint16))  # fmt: skip
+    tifffile.imwrite(tmp_path / "rgba.tif", np.dstack([rgb, rng.integers(0, 255, (12, 10), dtype=np.uint8)]))
+    tifffile.imwrite(
+        tmp_path / "pages.tif", rng.integers(0, 255, (3, 12, 10), dtype=np.uint8), photometric="minisblack"
+    )
+    cv2.imwrite(str(tmp_path / "lzw.tif"), rgb)
+    for name in ("palette.tif", "rgba.tif", "pages.tif", "lzw.tif"):
+        data = read_image_file(tmp_path / name)
+        assert infer_format(*read_array(data, name)) == RGB8, name
+        np.testing.assert_array_equal(decode_pixels(data, name, RGB8), decode_image(tmp_path / name), err_msg=name)
+    four = rng.integers(0, 60000, (12, 10, 4), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "rgbn.tif", four, photometric="minisblack", planarconfig="contig")
+    img, bgr = _read(tmp_path / "rgbn.tif")
+    assert infer_format(img, bgr) == PixelFormat(4, "uint16")
+    np.testing.assert_array_equal(img, four)
+
+
+def test_a_deflate_bomb_in_a_band_tiff_stops_at_the_segment_size(tmp_path):
+    """A 13-band 8 x 8 TIFF whose first strip inflates to 64 MB: refused after inflating its 128 bytes."""
+    data = bytearray(_tiff_bytes(np.zeros((13, 8, 8), np.uint16), planarconfig="separate",
+                                 photometric="minisblack", compression="zlib"))  # fmt: skip
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        tags = tif.pages[0].tags
+        offsets, counts = tags["StripOffsets"], tags["StripByteCounts"]
+        width = {3: 2, 4: 4, 16: 8}[offsets.dtype]
+    bomb = zlib.compress(bytes(64 << 20), 9)
+    start = len(data)
+    data += bomb
+    data[offsets.valueoffset : offsets.valueoffset + width] = start.to_bytes(width, "little")
+    data[counts.valueoffset : counts.valueoffset + width] = len(bomb).to_bytes(width, "little")
+    with pytest.raises(UnreadableImageError, match="inflates past its 128 bytes"):
+        decode_pixels(np.frombuffer(bytes(data), np.uint8), "bomb.tif", PixelFormat(13, "uint16"))
+
+
+def test_arrays_of_other_layouts_and_types_are_refused_or_converted_by_rule(tmp_path):
+    rng = np.random.default_rng(9)
+    cases = {
+        "band_first.npy": (rng.random((13, 16, 16), dtype=np.float32), "look band-first"),
+        "nan.npy": (np.full((8, 8), np.nan, np.float32), "NaN or infinite"),
+        "int32.npy": (np.zeros((8, 8), np.int32), "its pixels are int32"),
+        "complex.npy": (np.zeros((8, 8), np.complex64), "a .npy image is an"),
+    }
+    for name, (array, message) in cases.items():
+        np.save(tmp_path / name, array)
+        with pytest.raises(UnreadableImageError, match=message):
+            decode_pixels(read_image_file(tmp_path / name), name, PixelFormat(1, "float32"))
+    np.save(tmp_path / "dem.npy", np.array([[-400, 8848]], np.int16).repeat(4, 0).repeat(2, 1))
+    dem = decode_pixels(read_image_file(tmp_path / "dem.npy"), "dem", PixelFormat(1, "float32"))
+    assert dem.dtype == np.float32 and dem.min() == -400 and dem.max() == 8848  # signed integers: their values
+
+
+def test_the_statistics_cache_tells_roots_and_rewritten_files_apart(tmp_path, capsys):
+    """Two roots with the same file names and other pixels share an index cache: each gets its own statistics;
+    a tile rewritten in place is read again."""
+    first, second = _geotiffs(tmp_path / "one" / "tiles", 8), _geotiffs(tmp_path / "two" / "tiles", 8, seed=5)
+    for path in second.iterdir():  # brighter bands, the same names
+        tifffile.imwrite(path, tifffile.imread(path) + np.uint16(5000), planarconfig="separate")
+    runs = [_pretrain(root, tmp_path / name, "--data.index_cache", str(tmp_path / "cache"))[2]
+            for name, root in (("a", first), ("b", second))]  # fmt: skip
+    assert runs[0]["mean"] != runs[1]["mean"]
+    assert capsys.readouterr().out.count("data statistics") == 2
+
+
+def test_a_resume_keeps_its_checkpoints_normalisation_and_refuses_other_pixels(tmp_path):
+    """`--ckpt_path last` takes the checkpoint's hyper-parameters (resolved values, not "auto") over the command
+    line's, as LightningCLI does; a resume whose pixels are of another type than the checkpoint's is refused."""
+    from simmim.pretrain import main as pretrain
+
+    root = _geotiffs(tmp_path / "tiles", 8)
+    _, _, inputs, version = _pretrain(root, tmp_path)
+    resume = ["--data.root", str(root), *TINY, "--data.index_cache", str(tmp_path / "cache"), "--trainer.max_epochs",
+              "2", "--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", "last"]  # fmt: skip
+    with pytest.raises(SystemExit, match="the checkpoint was trained on uint16 pixels normalised with mean"):
+        pretrain([*resume, "--data.depth", "float32"])
+    cli = pretrain([*resume, "--model.mean", str([m * 1.1 for m in inputs["mean"]])])
+    assert cli.trainer.current_epoch == 2 and list(cli.model.mean) == inputs["mean"]
+    assert list(cli.datamodule.mean) == inputs["mean"]  # the loaders' too
+
+
+def test_options_that_do_not_fit_the_images_are_refused_at_the_start(tmp_path):
+    root = _geotiffs(tmp_path / "tiles", 8)
+    with pytest.raises(SystemExit, match=r"--grid.bands \[14, 3, 2\]: must be one or three band numbers in 1..13"):
+        _pretrain(root, tmp_path / "bands", "--grid.bands", "[14, 3, 2]")
+    with pytest.raises(SystemExit, match="monitors read 8-bit RGB images; this run's are 13 channel"):
+        _pretrain(root, tmp_path / "knn", "--model.knn_root", str(root), "--model.knn_every_n_epochs", "1")
+
+
+def test_8_bit_rgb_keeps_imagenet_values_for_what_is_not_given_and_reads_no_statistics(tmp_path, capsys):
+    from simmim.data.loaders import IMAGENET_STD
+    from simmim.pretrain.data import PretrainDataModule
+
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(folder / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    dm = PretrainDataModule(str(folder), img_size=32, mask_patch_size=8, mean=[0.5, 0.4, 0.3], num_workers=0,
+                            index_cache=str(tmp_path / "cache"))  # fmt: skip
+    dm.setup("fit")
+    assert dm.pixels == RGB8 and dm.mean == (0.5, 0.4, 0.3) and dm.std == tuple(IMAGENET_STD)
+    assert "data statistics" not in capsys.readouterr().out
+
+
+def test_a_malformed_input_record_is_refused_in_one_line():
+    from swinv2.checkpoint import check_inputs
+    from swinv2.reading import MalformedRecordError
+
+    good = {"depth": "uint16", "mean": [0.1, 0.2], "std": [0.3, 0.4]}
+    assert check_inputs(good, 2, "f") == good
+    for bad, message in (
+        ({**good, "depth": "uint12"}, "depth 'uint12' is unknown"),
+        ({**good, "mean": [0.1]}, "mean is not 2 finite values"),
+        ({**good, "std": [0.3, 0.0]}, "std is not 2 finite values"),
+        ({**good, "std": [0.3, float("nan")]}, "std is not 2 finite values"),
+        ({**good, "extra": 1}, "is not {depth, mean, std}"),
+    ):
+        with pytest.raises(MalformedRecordError, match=message):
+            check_inputs(bad, 2, "f")

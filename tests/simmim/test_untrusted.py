@@ -111,6 +111,8 @@ def test_honest_hyperparameters_pass_and_others_name_the_key():
         checked_hyperparameters({**honest, "base_lr": "fast"}, SimMIMPretrainer, "f")
     with pytest.raises(MalformedRecordError, match=r"depths=1000000000 must be an integer from 1 to 128"):
         checked_hyperparameters({**honest, "encoder_kwargs": {**encoder, "depths": [10**9, 2]}}, SimMIMPretrainer, "f")
+    with pytest.raises(MalformedRecordError, match=r"in_chans=10000000 must be an integer"):
+        checked_hyperparameters({**honest, "in_chans": 10**7}, SimMIMPretrainer, "f")  # a stem of tens of GB
     with pytest.raises(UnsafeCheckpointError, match="hyper-parameter encoder_kwargs.depths names a class"):
         checked_hyperparameters(
             {**honest, "encoder_kwargs": {"depths": {"_target_": "os.system"}}}, SimMIMPretrainer, "f"
