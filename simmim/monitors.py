@@ -29,6 +29,7 @@ from simmim.data.crops import resize
 from simmim.data.folders import LabelledImageDataset, labelled_split
 from simmim.data.index import FileIndex, agreed_index, folder_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
+from simmim.data.pixels import PixelFormat
 from simmim.distributed import is_sharded
 from simmim.errors import DataFolderError
 from simmim.optim import depth_scaled_decay, layer_decay_param_groups
@@ -87,6 +88,16 @@ class ResizeCenterCrop:
         return (torch.from_numpy(crop).permute(2, 0, 1).float() - self.mean) / self.std
 
 
+def training_inputs(pl_module: pl.LightningModule) -> dict:
+    """The pretraining module's normalisation and its data's pixel format: the monitors read their images as the
+    training images are read."""
+    data = getattr(pl_module._trainer, "datamodule", None)
+    # the data module's when it worked them out ("auto": its `setup` runs before any callback's, the module's after)
+    own = getattr(data, "mean", None) is not None
+    mean, std = (data.mean, data.std) if own else (pl_module.mean, pl_module.std)
+    return {"mean": mean, "std": std, "fmt": getattr(data, "pixels", None)}
+
+
 def eval_loader(
     files: List,
     labels: List[int],
@@ -96,10 +107,13 @@ def eval_loader(
     trainer=None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    fmt: Optional[PixelFormat] = None,
 ):
     """In-order (images, labels, index, readable) batches of labelled files, resized and center-cropped to `img_size`
-    and normalised with `mean` and `std`; unreadable files are left out of their batch with a warning."""
-    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(img_size, mean, std))
+    and normalised with `mean` and `std`; unreadable files are left out of their batch with a warning. `fmt`: the
+    pixel format they are read in (`simmim.data.pixels`; None: 8-bit RGB, 16-bit and float files rescaled)."""
+    full = fmt.full_range if fmt is not None else 255.0
+    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(img_size, mean, std, full), fmt=fmt)
     return make_loader(dataset, batch_size, num_workers, False, partial(collate_readable, num_fields=3), trainer)
 
 
@@ -225,7 +239,7 @@ class KNNMonitor(PeriodicMonitor):
         filler = per_rank - len(real)  # equal batch counts on every rank (sharded forwards): padded, label -1
         mine = real + [real[-1] if real else 0] * filler
         own_labels = [labels[i] for i in real] + [-1] * filler
-        norm = {"mean": pl_module.mean, "std": pl_module.std}  # the pretraining module's, as its training images
+        norm = training_inputs(pl_module)
         images = [files[i] for i in mine]
         loader = eval_loader(images, own_labels, self.img_size, self.batch_size, self.num_workers, trainer, **norm)
         encoder = pl_module.encoder
@@ -325,10 +339,11 @@ def load_images(
     num_workers: int = 0,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    fmt: Optional[PixelFormat] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(images, labels) of every readable file, resized and center-cropped to `img_size` and normalised."""
     xs, ys = [], []
-    for x, y, *_ in eval_loader(files, labels, img_size, 256, num_workers, trainer, mean, std):
+    for x, y, *_ in eval_loader(files, labels, img_size, 256, num_workers, trainer, mean, std, fmt):
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
@@ -389,7 +404,7 @@ class QuickFinetuneMonitor(PeriodicMonitor):
                 f"({len(tf)} to train, {len(vf)} to score): add images, or give train/ and val/ folders"
             )
         self.num_classes = len(classes)
-        norm = {"mean": pl_module.mean, "std": pl_module.std}  # the pretraining module's, as its training images
+        norm = training_inputs(pl_module)
         self.data = (
             load_images(tf, tl, self.img_size, trainer, self.num_workers, **norm),
             load_images(vf, vl, self.img_size, trainer, self.num_workers, **norm),

@@ -9,8 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 import swinv2
-from simmim.data.pixels import RGB8
-from simmim.errors import ConfigError, require
+from simmim.errors import require
 from simmim.monitors import KNNMonitor, QuickFinetuneMonitor
 from simmim.optim import SCHEDULE_KEYS, configure_adamw, param_groups_weight_decay
 from simmim.pretrain.data import PretrainDataModule
@@ -125,13 +124,6 @@ class SimMIMPretrainer(StageModule):
         root = hp.knn_root if hp.knn_root is not None else datamodule and datamodule.labels
         if root is None:
             return []
-        pixels = getattr(datamodule, "pixels", None)
-        if pixels is not None and pixels != RGB8:
-            raise ConfigError(
-                f"the kNN and quick fine-tune monitors read 8-bit RGB images; this run's are {pixels.describe()}: "
-                "leave --model.knn_root unset, or set --model.knn_every_n_epochs 0 and "
-                "--model.finetune_every_n_epochs 0"
-            )
         workers = datamodule.num_workers if datamodule is not None else 0
         monitors: List[pl.Callback] = []
         if hp.knn_every_n_epochs > 0:

@@ -384,8 +384,6 @@ def test_options_that_do_not_fit_the_images_are_refused_at_the_start(tmp_path):
     root = _geotiffs(tmp_path / "tiles", 8)
     with pytest.raises(SystemExit, match=r"--grid.bands \[14, 3, 2\]: must be one or three band numbers in 1..13"):
         _pretrain(root, tmp_path / "bands", "--grid.bands", "[14, 3, 2]")
-    with pytest.raises(SystemExit, match="monitors read 8-bit RGB images; this run's are 13 channel"):
-        _pretrain(root, tmp_path / "knn", "--model.knn_root", str(root), "--model.knn_every_n_epochs", "1")
 
 
 def test_8_bit_rgb_keeps_imagenet_values_for_what_is_not_given_and_reads_no_statistics(tmp_path, capsys):
@@ -418,3 +416,19 @@ def test_a_malformed_input_record_is_refused_in_one_line():
     ):
         with pytest.raises(MalformedRecordError, match=message):
             check_inputs(bad, 2, "f")
+
+
+def test_the_monitors_read_the_images_of_a_13_band_run_as_it_trains_on_them(tmp_path):
+    """The kNN and quick fine-tune monitors on labelled 13-band tiles: decoded in the run's format, normalised with
+    its worked-out statistics."""
+    root = _labelled_geotiffs(tmp_path / "tiles")
+    cli, _, inputs, _ = _pretrain(root, tmp_path, "--model.knn_root", str(root), "--model.knn_every_n_epochs", "1",
+                                  "--model.finetune_every_n_epochs", "1", "--model.finetune_steps", "5")  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    assert 0 <= float(metrics["val/knn_acc1"]) <= 100 and 0 <= float(metrics["val/finetune_acc1"]) <= 100
+    from simmim.monitors import QuickFinetuneMonitor, training_inputs
+
+    assert training_inputs(cli.model) == {"mean": tuple(inputs["mean"]), "std": tuple(inputs["std"]),
+                                          "fmt": PixelFormat(13, "uint16")}  # fmt: skip
+    quick = next(c for c in cli.trainer.callbacks if isinstance(c, QuickFinetuneMonitor))
+    assert quick.data[0][0].shape[1:] == (13, 32, 32)
