@@ -52,6 +52,10 @@ class SimMIMPretrainer(StageModule):
             records the values). The loss compares normalised pixels, and the monitors normalise their images the
             same way.
         in_chans: Channels per image (on the command line: the data's, `--data.channels` or its first image's).
+        pretrained: Encoder weights to continue pretraining from (any file `swinv2.load_pretrained` reads: ours,
+            official SimMIM or SwinV2, timm, transformers); the decoder starts afresh. None: from scratch.
+        adapt_channels: Load a `pretrained` file trained for another number of input channels (RGB weights into a
+            13-band encoder: `swinv2.adapt_in_chans`); without it such a file is refused.
     """
 
     SHARDED_FORWARD_METHODS = ("reconstruct",)  # the reconstruction grid's forward
@@ -86,6 +90,8 @@ class SimMIMPretrainer(StageModule):
         mean: Optional[Union[List[float], str]] = None,
         std: Optional[Union[List[float], str]] = None,
         in_chans: int = 3,
+        pretrained: Optional[str] = None,
+        adapt_channels: bool = False,
     ) -> None:
         super().__init__(img_size, mean, std, in_chans)
         self.save_hyperparameters()
@@ -103,6 +109,9 @@ class SimMIMPretrainer(StageModule):
         require(
             encoder.in_chans == in_chans, "--model.encoder_kwargs", encoder_kwargs, f"in_chans: the data has {in_chans}"
         )
+        self.load_report = None
+        if pretrained is not None:  # continued pretraining: the encoder's weights, the decoder afresh
+            self.load_report = swinv2.load_pretrained(encoder, pretrained, adapt_channels=adapt_channels)
         if compile_attention:
             encoder.compile_attention()
         self.model = SimMIM(encoder, encoder.encoder_stride, norm_target_patch_size)
@@ -115,6 +124,10 @@ class SimMIMPretrainer(StageModule):
     @property
     def swin(self) -> swinv2.SwinTransformerV2:
         return self.model.encoder
+
+    def on_fit_start(self) -> None:
+        if self.load_report is not None and self.trainer.is_global_zero:
+            print(f"continued pretraining from {self.hparams.pretrained}:\n{self.load_report}")
 
     def configure_callbacks(self) -> List[pl.Callback]:
         """The monitors, when they have labelled images: `knn_root`, or the labels that come with the data

@@ -53,7 +53,8 @@ def load_pretrainer(checkpoint: Path) -> Tuple[SimMIMPretrainer, Optional[PixelF
             "the decoder, which is in the run's checkpoints/*.ckpt, not in encoder.safetensors"
         )
     hp = checked_hyperparameters(raw["hyper_parameters"], SimMIMPretrainer, str(checkpoint))
-    hp.update(compile_attention=False, knn_every_n_epochs=0, finetune_every_n_epochs=0)
+    # nothing the file names is read: its weights are the checkpoint's own
+    hp.update(compile_attention=False, knn_every_n_epochs=0, finetune_every_n_epochs=0, pretrained=None)
     module = SimMIMPretrainer(**hp)
     module.load_state_dict(raw["state_dict"])
     record = read_inputs(raw, str(checkpoint))

@@ -432,3 +432,25 @@ def test_the_monitors_read_the_images_of_a_13_band_run_as_it_trains_on_them(tmp_
                                           "fmt": PixelFormat(13, "uint16")}  # fmt: skip
     quick = next(c for c in cli.trainer.callbacks if isinstance(c, QuickFinetuneMonitor))
     assert quick.data[0][0].shape[1:] == (13, 32, 32)
+
+
+def test_pretraining_continues_from_rgb_weights_in_a_13_band_encoder_only_when_asked(tmp_path):
+    from simmim.pretrain.module import SimMIMPretrainer
+
+    rgb = swinv2.create_model("swinv2_tiny", img_size=32, window_size=4, embed_dim=24, depths=[2, 2], num_heads=[2, 4],
+                              mask_token=True)  # fmt: skip
+    swinv2.save_weights(tmp_path / "rgb.safetensors", rgb)
+    arch = dict(arch="swinv2_tiny", img_size=32, window_size=4, in_chans=13, knn_every_n_epochs=0,
+                encoder_kwargs={"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]})  # fmt: skip
+    with pytest.raises(swinv2.CheckpointMismatchError, match="trained on 3-channel images and the model takes 13"):
+        SimMIMPretrainer(**arch, pretrained=str(tmp_path / "rgb.safetensors"))
+    module = SimMIMPretrainer(**arch, pretrained=str(tmp_path / "rgb.safetensors"), adapt_channels=True)
+    stem = module.encoder.patch_embed.proj.weight
+    torch.testing.assert_close(stem, swinv2.adapt_in_chans(rgb.patch_embed.proj.weight, 13))
+    torch.testing.assert_close(
+        module.encoder.layers[1].blocks[0].mlp.fc1.weight, rgb.layers[1].blocks[0].mlp.fc1.weight
+    )
+    root = _geotiffs(tmp_path / "tiles", 8)
+    cli, model, _, _ = _pretrain(root, tmp_path, "--model.pretrained", str(tmp_path / "rgb.safetensors"),
+                                 "--model.adapt_channels", "true")  # fmt: skip
+    assert model.in_chans == 13 and cli.model.hparams.adapt_channels and cli.trainer.global_step > 0
