@@ -75,6 +75,8 @@ class Stage:
             `--trainer.callbacks`).
         check: Called with the subcommand's parsed config before any class is built; it may fill values in or
             raise `ConfigError`.
+        resume_ignores: Hyper-parameters a `--ckpt_path` checkpoint does not set (the command line's stand): paths
+            the module would read, whose contents the checkpoint's weights replace anyway.
     """
 
     prog: str
@@ -86,6 +88,7 @@ class Stage:
     links: Tuple[Tuple[str, ...], ...] = ()
     required: Tuple[type, ...] = ()
     check: Optional[Callable[[Any], None]] = None
+    resume_ignores: Tuple[str, ...] = ()
 
 
 def with_default_subcommand(args: Optional[List[str]], stage: Stage) -> List[str]:
@@ -245,6 +248,8 @@ class StageCLI(LightningCLI):
         if os.path.isdir(path):  # a shard folder, whatever strategy will read it
             check_sharded_checkpoint(path)
         hparams = checkpoint_hyperparameters(metadata_file(path), self.model_class)
+        for name in self.stage.resume_ignores:  # a path the file names is never read: the run's is
+            hparams.pop(name, None)
         if hparams:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 

@@ -29,7 +29,7 @@ from simmim.data.crops import resize
 from simmim.data.folders import LabelledImageDataset, labelled_split
 from simmim.data.index import FileIndex, agreed_index, folder_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
-from simmim.data.pixels import PixelFormat
+from simmim.data.pixels import RGB8, PixelFormat
 from simmim.distributed import is_sharded
 from simmim.errors import DataFolderError
 from simmim.optim import depth_scaled_decay, layer_decay_param_groups
@@ -95,7 +95,8 @@ def training_inputs(pl_module: pl.LightningModule) -> dict:
     # the data module's when it worked them out ("auto": its `setup` runs before any callback's, the module's after)
     own = getattr(data, "mean", None) is not None
     mean, std = (data.mean, data.std) if own else (pl_module.mean, pl_module.std)
-    return {"mean": mean, "std": std, "fmt": getattr(data, "pixels", None)}
+    pixels = getattr(data, "pixels", None)  # 8-bit RGB: read as ever (16-bit and float files rescaled)
+    return {"mean": mean, "std": std, "fmt": None if pixels == RGB8 else pixels}
 
 
 def eval_loader(

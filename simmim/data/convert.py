@@ -102,7 +102,13 @@ def _write_locked_part(
     for leftover in [*out_dir.glob(f"chunk-{part}-*.bin"), out_dir / f"{part}.{INDEX_FILE}"]:
         leftover.unlink(missing_ok=True)  # an interrupted attempt at this part
     os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
-    from litdata.streaming.writer import BinaryWriter
+    import litdata.streaming.writer as litdata_writer
+
+    # With pyarrow installed, litdata's writer keeps a sample of strings, an int and bytes only in an Arrow table
+    # appended to the chunk, its offsets all equal: litdata's random access by byte range (remote sets) then reads
+    # empty samples. Our chunks are always litdata's classic layout, one sample after another, whatever is installed.
+    litdata_writer.is_arrow_footer_type = lambda schema: False
+    BinaryWriter = litdata_writer.BinaryWriter
 
     record: Dict[str, Any] = {"part": part, "written": 0, "unlabelled": 0, "skipped": []}
     before = os.environ.get(RANK_ENV)

@@ -66,13 +66,18 @@ def data_spec() -> str:
 
 
 def is_shard_root(root: Optional[str | os.PathLike]) -> bool:
-    """Whether `--data.root` names shards: a URL (`s3://...`), or a folder holding `shards.json` (a set) or
-    `train/shards.json` (the two sets the converter writes for a tree with train/ and val/)."""
+    """Whether `--data.root` names shards: a URL (`s3://...`), a folder holding `shards.json` (a set) or
+    `train/shards.json` (the two sets the converter writes for a tree with train/ and val/), or parquet files
+    (`simmim.data.parquet`, read as shards)."""
     if root is None:
         return False
+    from simmim.data.parquet import is_parquet_root
+
     root = os.fspath(root)
-    return stores.scheme(root) is not None or any(
-        os.path.lexists(os.path.join(root, *parts, SHARDS_FILE)) for parts in ((), ("train",))
+    return (
+        stores.scheme(root) is not None
+        or any(os.path.lexists(os.path.join(root, *parts, SHARDS_FILE)) for parts in ((), ("train",)))
+        or is_parquet_root(root)
     )
 
 
@@ -223,7 +228,7 @@ class ShardSet(Sequence[str]):
 
     def chunk_view(self, chunks: np.ndarray) -> ShardSet:
         """The samples of the chunks `chunks` (sorted ids), in their order."""
-        view = object.__new__(ShardSet)
+        view = object.__new__(type(self))  # a subclass (parquet) reads its own way
         view.__dict__.update(self.__dict__)
         view.chunks = np.sort(np.asarray(chunks, dtype=np.int64))
         view._bounds = np.concatenate([[0], np.cumsum(self.sizes[view.chunks])])
@@ -342,8 +347,13 @@ class ShardSplit(NamedTuple):
 def open_shard_split(
     root: str | os.PathLike, cache: Optional[str] = None, storage_options: Optional[Dict] = None
 ) -> ShardSplit:
-    """The shard set at `root`, or the sets `root/train` and `root/val` when `root` holds those."""
+    """The shard set at `root`, or the sets `root/train` and `root/val` when `root` holds those; parquet files as
+    `simmim.data.parquet.open_parquet_split` reads them."""
+    from simmim.data.parquet import is_parquet_root, open_parquet_split
+
     root = os.fspath(root)
+    if is_parquet_root(root):
+        return open_parquet_split(root)
     try:
         return ShardSplit(ShardSet(root, cache, storage_options), None)
     except DataFolderError as first:
@@ -391,7 +401,7 @@ def open_images(root: str | os.PathLike) -> Sequence:
     or a folder's file index (`simmim.data.index.folder_index`, of paths)."""
     from simmim.data.index import folder_index
 
-    return ShardSet(root) if is_shard_root(root) else folder_index(root)
+    return open_shard_split(root).train if is_shard_root(root) else folder_index(root)
 
 
 def _local_index(cache: str, index: Dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ PRETRAIN = Stage(
         ("model.std", "data.std"),
         ("data.channels", "model.in_chans", "instantiate"),  # given, or read from the first image
     ),
+    resume_ignores=("pretrained",),  # a resume's weights are its checkpoint's
 )
 
 

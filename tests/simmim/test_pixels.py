@@ -454,3 +454,140 @@ def test_pretraining_continues_from_rgb_weights_in_a_13_band_encoder_only_when_a
     cli, model, _, _ = _pretrain(root, tmp_path, "--model.pretrained", str(tmp_path / "rgb.safetensors"),
                                  "--model.adapt_channels", "true")  # fmt: skip
     assert model.in_chans == 13 and cli.model.hparams.adapt_channels and cli.trainer.global_step > 0
+
+
+def _imagenet_parquet(root, classes=("tench", "goldfish"), per_class=8):
+    """A Hugging Face `imagenet-1k`-layout dataset: data/train-0000k-of-00002.parquet and
+    data/validation-00000-of-00001.parquet, an `image` column of {bytes, path} structs (PNG bytes), an int64
+    `label` column, the class names in the files' Hugging Face metadata; row groups of 4 rows."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = {"info": {"features": {"image": {"_type": "Image"},
+                                  "label": {"names": list(classes), "_type": "ClassLabel"}}}}  # fmt: skip
+    rng = np.random.default_rng(11)
+    (root / "data").mkdir(parents=True)
+
+    def write(name, n):
+        rows = []
+        for i in range(n):
+            label = i % len(classes)
+            img = np.full((40, 40, 3), 60 + 120 * label, np.uint8) + rng.integers(0, 40, (40, 40, 3), dtype=np.uint8)
+            rows.append(({"bytes": cv2.imencode(".png", img)[1].tobytes(), "path": f"{name}_{i}.png"}, label))
+        table = pa.table({"image": [r[0] for r in rows], "label": pa.array([r[1] for r in rows], pa.int64())})
+        table = table.replace_schema_metadata({"huggingface": json.dumps(meta)})
+        pq.write_table(table, root / "data" / f"{name}.parquet", row_group_size=4)
+
+    write("train-00000-of-00002", len(classes) * per_class // 2)
+    write("train-00001-of-00002", len(classes) * per_class // 2)
+    write("validation-00000-of-00001", len(classes) * 4)
+    return root
+
+
+def test_a_hugging_face_parquet_dataset_reads_as_a_shard_set_by_row_group(tmp_path):
+    from simmim.data.parquet import ParquetSet
+    from simmim.data.shards import open_shard_split
+
+    root = _imagenet_parquet(tmp_path / "imagenet")
+    train, val = open_shard_split(root)
+    assert isinstance(train, ParquetSet) and len(train) == 16 and len(val) == 8
+    assert train.classes == ["tench", "goldfish"] and train.unlabelled == 0
+    assert list(train.chunk_sizes) == [4, 4, 4, 4]  # row groups are the chunks the sampler shuffles
+    key, label, data, chunk = train.read(5)
+    assert key == "train-00000-of-00002_5.png" and label == 1 and chunk == "train-00000-of-00002.parquet#1"
+    assert train.decode(5).shape == (40, 40, 3) and train.label(5) == 1
+    assert train.decode(5, RGB8).mean() > train.decode(4, RGB8).mean()  # class 1 is the brighter one
+
+
+def test_a_hugging_face_parquet_dataset_pretrains_and_fine_tunes(tmp_path):
+    root = _imagenet_parquet(tmp_path / "imagenet")
+    cli, model, _, version = _pretrain(root, tmp_path / "pre")
+    assert model.in_chans == 3 and cli.datamodule.pixels == RGB8 and cli.trainer.global_step > 0
+    fine, exported = _finetune(root, tmp_path, "--model.pretrained", str(version / "encoder.safetensors"))
+    assert fine.datamodule.classes == ["tench", "goldfish"] and len(fine.datamodule.val_files) == 8
+    assert (
+        swinv2.create_model_from_checkpoint(exported).num_classes == 2 and "val/acc1" in fine.trainer.callback_metrics
+    )
+
+
+def test_parquet_files_of_another_layout_are_refused_in_one_line(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from simmim.data.parquet import ParquetSet
+    from simmim.errors import DataFolderError
+
+    png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    cases = {
+        "no_image": (pa.table({"pixels": [png]}), None, "no image column"),
+        "text_image": (pa.table({"image": ["a path"]}), None, "its image column is string"),
+        "float_label": (pa.table({"image": [png], "label": [0.5]}), None, "is double, not integers"),
+        "label_out": (pa.table({"image": [png], "label": pa.array([3], pa.int64())}), ["a", "b"], "a label is 3"),
+        "bad_names": (pa.table({"image": [png]}), [1, 2], "malformed list of label names"),
+    }
+    for name, (table, names, message) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        if names is not None:
+            meta = {"info": {"features": {"label": {"names": names}}}}
+            table = table.replace_schema_metadata({"huggingface": json.dumps(meta)})
+        pq.write_table(table, folder / "train-00000-of-00001.parquet")
+        with pytest.raises(DataFolderError, match=message):
+            ParquetSet(folder)
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "x.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataFolderError, match="cannot read .*x.parquet"):
+        ParquetSet(tmp_path / "fake")
+
+
+def test_an_epoch_in_the_samplers_order_reads_each_row_group_once(tmp_path):
+    """The sampler shuffles within windows of 4 row groups: a one-group cache would read a group again at almost
+    every sample; the kept groups (two windows) read each once per epoch."""
+    from simmim.data.shards import open_shard_split
+    from simmim.seeding import ShardSampler, sample_seed
+
+    root = _imagenet_parquet(tmp_path / "imagenet", per_class=20)  # 40 training rows: 10 row groups of 4
+    train = open_shard_split(root).train
+    sampler = ShardSampler(train.chunk_sizes, 0)
+    keys = [sample_seed(k)[0] for k in sampler]
+    assert sorted(keys) == list(range(40))
+    for i in keys:
+        train.read(i)
+    assert train.row_groups_read == 10
+
+
+def test_parquet_labels_stay_with_their_rows_across_files_groups_and_splits(tmp_path):
+    """Two files without class metadata, row groups of 3, a null label: every row's label is the one its pixels
+    encode, in the whole set and in its whole-chunk splits (which read as parquet too)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from simmim.data.parquet import ParquetSet
+    from simmim.data.shards import open_shard_split
+
+    (tmp_path / "set").mkdir()
+    for f, labels in enumerate(([0, 1, 2, 1, 0, None, 2], [2, 2, 0, 1, 1])):
+        images = [{"bytes": cv2.imencode(".png", np.full((8, 8, 3), 100 + 40 * (-1 if y is None else y),
+                                                         np.uint8))[1].tobytes(), "path": f"{f}_{i}.png"}
+                  for i, y in enumerate(labels)]  # fmt: skip
+        table = pa.table({"image": images, "label": pa.array(labels, pa.int64())})
+        pq.write_table(table, tmp_path / "set" / f"part-{f}.parquet", row_group_size=3)
+    whole = open_shard_split(tmp_path / "set").train
+    assert len(whole) == 12 and whole.classes == ["0", "1", "2"] and whole.unlabelled == 1
+    assert list(whole.chunk_sizes) == [3, 3, 1, 3, 2]
+
+    def agree(view):
+        for i in range(len(view)):
+            encoded = (int(view.decode(i)[0, 0, 0]) - 100) // 40
+            assert view.label(i) == view.read(i)[1] == encoded, (i, view.read(i)[0])
+
+    agree(whole)
+    train, val = whole.val_split(0.4)
+    assert isinstance(train, ParquetSet) and isinstance(val, ParquetSet) and len(train) + len(val) == 12
+    agree(train)
+    agree(val)
+    agree(whole.pick_chunks(0.5, seed=1)[0])

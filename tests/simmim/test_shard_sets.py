@@ -63,6 +63,13 @@ def test_the_converter_packs_every_decodable_image_unchanged_with_its_class_and_
         assert label == {"a": 0, "b": 1}.get(key.split("/")[0], -1)
     record = json.loads((tmp_path / "out" / "shards.json").read_text())
     assert [k for k, _ in record["skipped"]] == ["b/bad.png"] and record["count"] == 12
+    # litdata's classic layout, whatever is installed (with pyarrow its writer would keep the samples only in an
+    # Arrow table after equal offsets, which its byte-range reads of remote sets read as empty)
+    for chunk in shards.chunk_names:
+        data = (tmp_path / "out" / chunk).read_bytes()
+        n = int(np.frombuffer(data[:4], np.uint32)[0])
+        offsets = np.frombuffer(data[4 : 4 + 4 * (n + 1)], np.uint32)
+        assert (np.diff(offsets) > 0).all() and offsets[-1] == len(data), chunk
 
 
 def test_an_interrupted_conversion_redoes_only_its_unfinished_parts_and_ends_as_an_uninterrupted_one(
