@@ -591,3 +591,27 @@ def test_parquet_labels_stay_with_their_rows_across_files_groups_and_splits(tmp_
     agree(train)
     agree(val)
     agree(whole.pick_chunks(0.5, seed=1)[0])
+
+
+@pytest.mark.parametrize("kind", ["png16", "npy"])
+def test_one_channel_exports_fine_tune_and_probe_with_no_channel_option(tmp_path, kind):
+    """Grayscale 16-bit PNGs and float arrays in two class folders: pretraining's 1-channel export is read by
+    fine-tuning and the probe with its pixel type and normalisation, no option given."""
+    from simmim.probe import main as probe
+
+    rng = np.random.default_rng(12)
+    for cls, level in (("dark", 0), ("bright", 1)):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(8):
+            if kind == "png16":
+                image = rng.integers(1000, 9000, (40, 40)).astype(np.uint16) + np.uint16(20000 * level)
+                cv2.imwrite(str(tmp_path / "data" / cls / f"{i}.png"), image)
+            else:
+                np.save(tmp_path / "data" / cls / f"{i}.npy", rng.normal(3.0 * level, 0.5, (40, 40)).astype(np.float32))
+    _, _, inputs, version = _pretrain(tmp_path / "data", tmp_path / "pre")
+    export = version / "encoder.safetensors"
+    cli, exported = _finetune(tmp_path / "data", tmp_path, "--model.pretrained", str(export))
+    depth = "uint16" if kind == "png16" else "float32"
+    assert cli.datamodule.pixels == PixelFormat(1, depth) and cli.model.model.in_chans == 1
+    assert list(cli.model.mean) == inputs["mean"] and swinv2.read_inputs(swinv2.read_checkpoint(exported)) == inputs
+    assert 0 <= probe(["--checkpoint", str(export), "--data.root", str(tmp_path / "data"), "--epochs", "5"]) <= 100
