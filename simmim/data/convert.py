@@ -222,14 +222,14 @@ def _part_records(out: Path, parts: int) -> Dict[int, Dict[str, Any]]:
 
 def _finish(out: Path, records: Dict[int, Dict[str, Any]], classes: List[str], source: Path) -> int:
     """Merge the parts' litdata indexes into `index.json` (written last) beside `shards.json`; returns the count."""
-    chunks, config = [], None
+    chunks, config, spec = [], None, data_spec()
     for p in sorted(records):
         if not records[p]["written"]:
             continue
         part = _read_json(out / f"{p}.{INDEX_FILE}")
         if not isinstance(part, dict):
             raise ConfigError(f"OUT {out}: the index of part {p} is missing or unreadable: run the command again")
-        checked = checked_index(os.fspath(out), part.get("config"), part.get("chunks"), data_spec())[2]
+        checked = checked_index(os.fspath(out), part.get("config"), part.get("chunks"), spec)[2]
         config = config or checked["config"]
         chunks.extend(checked["chunks"])
     count = sum(int(r["written"]) for r in records.values())

@@ -4,7 +4,7 @@ litdata has no downloader of its own for)."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Dict
 
 from litdata.streaming.downloader import Downloader
 
@@ -20,6 +20,12 @@ class FsspecDownloader(Downloader):
 
         return url_to_fs(self._remote_dir, **self._storage_options)[0]
 
+    def _chunk_sizes(self) -> Dict[str, int]:
+        """File name -> byte size of every chunk, worked out once (not at every sample)."""
+        if getattr(self, "_sizes", None) is None:
+            self._sizes = {c["filename"]: c["chunk_bytes"] for c in self._chunks}
+        return self._sizes
+
     def download_fileobj(self, remote_filepath: str, fileobj: Any) -> None:
         with self._fs().open(remote_filepath, "rb") as f:
             while block := f.read(self.BLOCK):
@@ -32,7 +38,7 @@ class FsspecDownloader(Downloader):
         if fs.protocol[0] in ("http", "https"):
             # read as a file of the chunk's size: fsspec then refuses an answer that is not the range instead of
             # reading a whole object (or an endless stream) into memory
-            size = next(c["chunk_bytes"] for c in self._chunks if c["filename"] == os.path.basename(remote_filepath))
+            size = self._chunk_sizes()[os.path.basename(remote_filepath)]
             try:
                 with fs.open(remote_filepath, "rb", size=size, block_size=length, cache_type="none") as f:
                     f.seek(offset)

@@ -138,7 +138,7 @@ class ParquetSet(ShardSet):
                     names.append(f"{os.path.basename(path)}#{rg}")
                     sizes.append(group.num_rows)
                     record.append((path, rg, group.num_rows, group.total_byte_size))
-            labels.append(self._labels(pq, path, schema))
+            labels.append(self._labels(meta, path))
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self.groups = [(self.paths.index(p), rg) for p, rg, _, _ in record]
         top = int(self.labels.max()) if len(self.labels) else -1
@@ -167,16 +167,17 @@ class ParquetSet(ShardSet):
         self._reader, self._reader_pid, self._last = None, None, None
         self.row_groups_read = 0  # by this process: what the cache saves
 
-    def _labels(self, pq: Any, path: str, schema: Any) -> np.ndarray:
-        """A file's labels (-1 where there is none), from its integer `label` column; all -1 without one."""
+    def _labels(self, meta: Any, path: str) -> np.ndarray:
+        """A file's labels (-1 where there is none), from its integer `label` column; all -1 without one. `meta`:
+        the file, opened."""
         import pyarrow as pa
 
-        rows = pq.ParquetFile(path).metadata.num_rows
+        schema = meta.schema_arrow
         if "label" not in schema.names:
-            return np.full(rows, -1, np.int64)
+            return np.full(meta.metadata.num_rows, -1, np.int64)
         if not pa.types.is_integer(schema.field("label").type):
             raise _fail(self.root, f"the label column of {path} is {schema.field('label').type}, not integers")
-        column = pq.read_table(path, columns=["label"]).column("label")
+        column = meta.read(columns=["label"]).column("label")
         values = column.to_numpy(zero_copy_only=False)
         return np.where(np.asarray(column.is_null()), -1, values).astype(np.int64)
 

@@ -6,7 +6,7 @@ the CPU, so a study's numbers depend on nothing but its arguments and seed."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -48,10 +48,11 @@ def loader(
 Inputs = Tuple[Optional[PixelFormat], Sequence[float], Sequence[float]]
 
 
-def checkpoint_inputs(path: str, channels: int) -> Optional[Inputs]:
+def checkpoint_inputs(path: str, channels: int, raw: Optional[Mapping] = None) -> Optional[Inputs]:
     """(pixel format, mean, std) from the input record of the weights file `path` (`swinv2.read_inputs`: files this
-    project writes) for an encoder of `channels`; None for a file without one (official, timm: 8-bit RGB)."""
-    record = swinv2.read_inputs(swinv2.read_checkpoint(path), path)
+    project writes; `raw`: the file, already read) for an encoder of `channels`; None for a file without one
+    (official, timm: 8-bit RGB)."""
+    record = swinv2.read_inputs(swinv2.read_checkpoint(path) if raw is None else raw, path)
     if record is None:
         return None
     return PixelFormat(channels, record["depth"]), record["mean"], record["std"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -99,11 +99,15 @@ def top1(head: nn.Module, data: Tuple[torch.Tensor, torch.Tensor]) -> float:
     return 100.0 * (head(x).argmax(1) == y).float().mean().item()
 
 
-def load_encoder(checkpoint: str, img_size: Optional[int], random_init: bool) -> swinv2.SwinTransformerV2:
-    """The frozen encoder of `checkpoint` (any file `swinv2.create_model_from_checkpoint` reads), at `img_size` if
-    given; with `random_init` one of the same architecture, randomly initialised (the baseline to compare with)."""
+def load_encoder(
+    checkpoint: str, img_size: Optional[int], random_init: bool, raw: Optional[Mapping] = None
+) -> swinv2.SwinTransformerV2:
+    """The frozen encoder of `checkpoint` (any file `swinv2.create_model_from_checkpoint` reads; `raw`: the file,
+    already read), at `img_size` if given; with `random_init` one of the same architecture, randomly initialised
+    (the baseline to compare with)."""
     size = {} if img_size is None else {"img_size": img_size}
-    encoder = swinv2.create_model_from_checkpoint(checkpoint, strict=False, num_classes=0, **size)
+    source = checkpoint if raw is None else raw
+    encoder = swinv2.create_model_from_checkpoint(source, strict=False, num_classes=0, **size)
     report = encoder.load_report
     missing = [k for k in report.missing_keys if not k.startswith(("head.", "mask_token"))]
     if missing or report.unexpected_keys:
@@ -142,7 +146,8 @@ def main(args: Optional[List[str]] = None) -> float:
         raise SystemExit("error: --checkpoint is required (with --random_init: the shape to initialise randomly)")
     opts.root = labelled_root(opts.root)
     torch.manual_seed(opts.seed)
-    encoder = load_encoder(opts.checkpoint, opts.img_size, opts.random_init)
+    raw = swinv2.read_checkpoint(opts.checkpoint)  # read once: the weights and the input record
+    encoder = load_encoder(opts.checkpoint, opts.img_size, opts.random_init, raw)
     img_size = encoder.img_size[0]
     last = len(encoder.layers) - 1
     split = labelled_split(opts.root, opts.val_fraction)
@@ -155,7 +160,7 @@ def main(args: Optional[List[str]] = None) -> float:
     common = dict(img_size=img_size, stage=opts.stage, final_norm=not opts.no_final_norm)
     # the pixel format and normalisation the weights were trained with, as their file records them
     common.update(batch_size=opts.batch_size, num_workers=opts.num_workers,
-                  inputs=checkpoint_inputs(opts.checkpoint, encoder.in_chans))  # fmt: skip
+                  inputs=checkpoint_inputs(opts.checkpoint, encoder.in_chans, raw))  # fmt: skip
     train = cached_features(encoder, split.train_files, split.train_labels, **common)
     val = cached_features(encoder, split.val_files, split.val_labels, **common)
     head = train_linear(train, len(split.classes), opts.epochs, opts.lr, seed=opts.seed)

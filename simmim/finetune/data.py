@@ -112,7 +112,7 @@ class ClassificationDataModule(PixelSource, SeedState, pl.LightningDataModule):
         is drawn in `setup`)."""
         if self.root is None:
             prepare_digits()
-        if is_shard_root(self.root):
+        if self.sharded:
             return  # shards have no index to build
         for folder in labelled_folders(self.root, self.index):
             self._index(folder, True, self.index is not None)
