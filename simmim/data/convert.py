@@ -31,8 +31,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from simmim.data.images import UnreadableImageError, decode_bytes, read_image_file
+from simmim.data.images import UnreadableImageError, read_image_file
 from simmim.data.index import FileIndex, open_index, read_json
+from simmim.data.pixels import read_array
 from simmim.data.shards import (
     FORMAT,
     INDEX_FILE,
@@ -133,7 +134,7 @@ def _write_part(writer, index: FileIndex, positions: np.ndarray, record: Dict[st
             if os.path.getsize(path) > MAX_SAMPLE_BYTES:  # what a reader takes from a chunk, at most
                 raise UnreadableImageError(f"{path} is larger than {MAX_SAMPLE_BYTES} bytes")
             data = read_image_file(path)
-            decode_bytes(data, path)
+            read_array(data, path)  # decodes as both stages read it: any reader, any channels and depth
         except (UnreadableImageError, OSError) as e:
             record["skipped"].append([_key(rel), str(e)])
             continue
