@@ -615,3 +615,17 @@ def test_one_channel_exports_fine_tune_and_probe_with_no_channel_option(tmp_path
     assert cli.datamodule.pixels == PixelFormat(1, depth) and cli.model.model.in_chans == 1
     assert list(cli.model.mean) == inputs["mean"] and swinv2.read_inputs(swinv2.read_checkpoint(exported)) == inputs
     assert 0 <= probe(["--checkpoint", str(export), "--data.root", str(tmp_path / "data"), "--epochs", "5"]) <= 100
+
+
+def test_the_converter_keeps_band_tiffs_and_arrays_and_their_shards_pretrain(tmp_path):
+    """13-band tiles and float arrays are images to the converter as to the stages (it once checked them with the
+    8-bit decoder, which refuses both)."""
+    from simmim.data import convert
+    from simmim.data.shards import ShardSet
+
+    root = _geotiffs(tmp_path / "src" / "tiles", 6)
+    np.save(root / "plane.npy", np.random.default_rng(0).random((40, 40, 13), dtype=np.float32))
+    assert convert.main([str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1"]) == 7
+    assert ShardSet(tmp_path / "out").unlabelled == 0
+    cli, model, inputs, _ = _pretrain(tmp_path / "out", tmp_path, "--data.depth", "float32")
+    assert model.in_chans == 13 and inputs["depth"] == "float32"
