@@ -67,17 +67,17 @@ def data_spec() -> str:
 
 def is_shard_root(root: Optional[str | os.PathLike]) -> bool:
     """Whether `--data.root` names shards: a URL (`s3://...`), a folder holding `shards.json` (a set) or
-    `train/shards.json` (the two sets the converter writes for a tree with train/ and val/), or parquet files
-    (`simmim.data.parquet`, read as shards)."""
+    `train/shards.json` (the two sets the converter writes for a tree with train/ and val/), or a Hugging Face
+    dataset on disk (`simmim.data.tables`, read as shards)."""
     if root is None:
         return False
-    from simmim.data.parquet import is_parquet_root
+    from simmim.data.tables import is_table_root
 
     root = os.fspath(root)
     return (
         stores.scheme(root) is not None
         or any(os.path.lexists(os.path.join(root, *parts, SHARDS_FILE)) for parts in ((), ("train",)))
-        or is_parquet_root(root)
+        or is_table_root(root)
     )
 
 
@@ -228,7 +228,7 @@ class ShardSet(Sequence[str]):
 
     def chunk_view(self, chunks: np.ndarray) -> ShardSet:
         """The samples of the chunks `chunks` (sorted ids), in their order."""
-        view = object.__new__(type(self))  # a subclass (parquet) reads its own way
+        view = object.__new__(type(self))  # a subclass (tables) reads its own way
         view.__dict__.update(self.__dict__)
         view.chunks = np.sort(np.asarray(chunks, dtype=np.int64))
         view._bounds = np.concatenate([[0], np.cumsum(self.sizes[view.chunks])])
@@ -347,13 +347,13 @@ class ShardSplit(NamedTuple):
 def open_shard_split(
     root: str | os.PathLike, cache: Optional[str] = None, storage_options: Optional[Dict] = None
 ) -> ShardSplit:
-    """The shard set at `root`, or the sets `root/train` and `root/val` when `root` holds those; parquet files as
-    `simmim.data.parquet.open_parquet_split` reads them."""
-    from simmim.data.parquet import is_parquet_root, open_parquet_split
+    """The shard set at `root`, or the sets `root/train` and `root/val` when `root` holds those; a Hugging Face
+    dataset on disk as `simmim.data.tables.open_table_split` reads it."""
+    from simmim.data.tables import is_table_root, open_table_split
 
     root = os.fspath(root)
-    if is_parquet_root(root):
-        return open_parquet_split(root)
+    if is_table_root(root):
+        return open_table_split(root)
     try:
         return ShardSplit(ShardSet(root, cache, storage_options), None)
     except DataFolderError as first:

@@ -456,21 +456,36 @@ def test_pretraining_continues_from_rgb_weights_in_a_13_band_encoder_only_when_a
     assert model.in_chans == 13 and cli.model.hparams.adapt_channels and cli.trainer.global_step > 0
 
 
-def _imagenet_parquet(root, classes=("tench", "goldfish"), per_class=8):
-    """A Hugging Face `imagenet-1k`-layout dataset: data/train-0000k-of-00002.parquet and
-    data/validation-00000-of-00001.parquet, an `image` column of {bytes, path} structs (PNG bytes), an int64
-    `label` column, the class names in the files' Hugging Face metadata; row groups of 4 rows."""
+def _write_table(path, table, chunk_rows):
+    """`table` as a parquet file (row groups of `chunk_rows`) or, for a `.arrow` path, an Arrow stream as `datasets`
+    writes it (record batches of `chunk_rows`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        pq.write_table(table, path, row_group_size=chunk_rows)
+        return
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=chunk_rows):
+            writer.write_batch(batch)
+
+
+def _imagenet_table(root, kind="parquet", classes=("tench", "goldfish"), per_class=8):
+    """A Hugging Face `imagenet-1k`-layout dataset: an `image` column of {bytes, path} structs (PNG bytes), an int64
+    `label` column, the class names in the files' Hugging Face metadata; chunks of 4 rows. Parquet as the Hub lays
+    it out (data/train-0000k-of-00002.parquet, data/validation-00000-of-00001.parquet); Arrow as
+    `DatasetDict.save_to_disk` does (train/data-0000k-of-00002.arrow, validation/data-00000-of-00001.arrow)."""
     import json
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     meta = {"info": {"features": {"image": {"_type": "Image"},
                                   "label": {"names": list(classes), "_type": "ClassLabel"}}}}  # fmt: skip
     rng = np.random.default_rng(11)
-    (root / "data").mkdir(parents=True)
 
-    def write(name, n):
+    def write(split, shard, shards, n):
+        name = f"{split}-{shard:05d}-of-{shards:05d}"
         rows = []
         for i in range(n):
             label = i % len(classes)
@@ -478,31 +493,39 @@ def _imagenet_parquet(root, classes=("tench", "goldfish"), per_class=8):
             rows.append(({"bytes": cv2.imencode(".png", img)[1].tobytes(), "path": f"{name}_{i}.png"}, label))
         table = pa.table({"image": [r[0] for r in rows], "label": pa.array([r[1] for r in rows], pa.int64())})
         table = table.replace_schema_metadata({"huggingface": json.dumps(meta)})
-        pq.write_table(table, root / "data" / f"{name}.parquet", row_group_size=4)
+        path = root / "data" / f"{name}.parquet"
+        if kind == "arrow":
+            path = root / split / f"data-{shard:05d}-of-{shards:05d}.arrow"
+        _write_table(path, table, 4)
 
-    write("train-00000-of-00002", len(classes) * per_class // 2)
-    write("train-00001-of-00002", len(classes) * per_class // 2)
-    write("validation-00000-of-00001", len(classes) * 4)
+    write("train", 0, 2, len(classes) * per_class // 2)
+    write("train", 1, 2, len(classes) * per_class // 2)
+    write("validation", 0, 1, len(classes) * 4)
+    if kind == "arrow":
+        (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
     return root
 
 
-def test_a_hugging_face_parquet_dataset_reads_as_a_shard_set_by_row_group(tmp_path):
-    from simmim.data.parquet import ParquetSet
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_a_hugging_face_dataset_on_disk_reads_as_a_shard_set_by_chunk(tmp_path, kind):
     from simmim.data.shards import open_shard_split
+    from simmim.data.tables import TableSet
 
-    root = _imagenet_parquet(tmp_path / "imagenet")
+    root = _imagenet_table(tmp_path / "imagenet", kind)
     train, val = open_shard_split(root)
-    assert isinstance(train, ParquetSet) and len(train) == 16 and len(val) == 8
+    assert isinstance(train, TableSet) and len(train) == 16 and len(val) == 8
     assert train.classes == ["tench", "goldfish"] and train.unlabelled == 0
-    assert list(train.chunk_sizes) == [4, 4, 4, 4]  # row groups are the chunks the sampler shuffles
+    assert list(train.chunk_sizes) == [4, 4, 4, 4]  # row groups or record batches: what the sampler shuffles
     key, label, data, chunk = train.read(5)
-    assert key == "train-00000-of-00002_5.png" and label == 1 and chunk == "train-00000-of-00002.parquet#1"
+    first = "train-00000-of-00002.parquet" if kind == "parquet" else "data-00000-of-00002.arrow"
+    assert key == "train-00000-of-00002_5.png" and label == 1 and chunk == f"{first}#1"
     assert train.decode(5).shape == (40, 40, 3) and train.label(5) == 1
     assert train.decode(5, RGB8).mean() > train.decode(4, RGB8).mean()  # class 1 is the brighter one
 
 
-def test_a_hugging_face_parquet_dataset_pretrains_and_fine_tunes(tmp_path):
-    root = _imagenet_parquet(tmp_path / "imagenet")
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_a_hugging_face_dataset_on_disk_pretrains_and_fine_tunes(tmp_path, kind):
+    root = _imagenet_table(tmp_path / "imagenet", kind)
     cli, model, _, version = _pretrain(root, tmp_path / "pre")
     assert model.in_chans == 3 and cli.datamodule.pixels == RGB8 and cli.trainer.global_step > 0
     fine, exported = _finetune(root, tmp_path, "--model.pretrained", str(version / "encoder.safetensors"))
@@ -518,7 +541,7 @@ def test_parquet_files_of_another_layout_are_refused_in_one_line(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from simmim.data.parquet import ParquetSet
+    from simmim.data.tables import TableSet
     from simmim.errors import DataFolderError
 
     png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
@@ -537,37 +560,109 @@ def test_parquet_files_of_another_layout_are_refused_in_one_line(tmp_path):
             table = table.replace_schema_metadata({"huggingface": json.dumps(meta)})
         pq.write_table(table, folder / "train-00000-of-00001.parquet")
         with pytest.raises(DataFolderError, match=message):
-            ParquetSet(folder)
+            TableSet(folder)
     (tmp_path / "fake").mkdir()
     (tmp_path / "fake" / "x.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataFolderError, match="cannot read .*x.parquet"):
-        ParquetSet(tmp_path / "fake")
+        TableSet(tmp_path / "fake")
 
 
-def test_an_epoch_in_the_samplers_order_reads_each_row_group_once(tmp_path):
-    """The sampler shuffles within windows of 4 row groups: a one-group cache would read a group again at almost
-    every sample; the kept groups (two windows) read each once per epoch."""
+def test_arrow_files_that_are_compressed_damaged_or_not_files_are_refused_in_one_line(tmp_path):
+    """An Arrow stream is memory-mapped and read in place. Refused before anything is inflated or indexed: a
+    compressed batch (it would be inflated to a size it states itself), a batch whose offsets point past its data
+    (found by the full validation), a link to something other than a regular file, a file that is not a stream.
+    The `datasets` cache's names (`<name>-train-...arrow`, `<name>-validation-...arrow`) split."""
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from simmim.data.shards import open_shard_split
+    from simmim.data.tables import TableSet
+    from simmim.errors import DataFolderError
+
+    png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    table = pa.table({"image": [png] * 6, "label": pa.array([0, 1] * 3, pa.int64())})
+
+    zipped = tmp_path / "zipped"
+    zipped.mkdir()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.OSFile(str(zipped / "data-00000-of-00001.arrow"), "wb") as f:
+        with pa.ipc.new_stream(f, table.schema, options=options) as writer:
+            writer.write_table(table)
+    with pytest.raises(DataFolderError, match="record batch of .*data-00000-of-00001.arrow at byte .* is compressed"):
+        TableSet(zipped)
+
+    damaged = tmp_path / "damaged" / "data-00000-of-00001.arrow"
+    _write_table(damaged, table, 6)
+    raw = bytearray(damaged.read_bytes())
+    offsets = np.arange(7, dtype=np.int32) * len(png)  # the image column's offsets, as written
+    at = bytes(raw).find(offsets.tobytes())
+    assert at > 0
+    raw[at + 4 * 6 : at + 4 * 7] = np.int32(1 << 30).tobytes()  # the last image ends 1 GiB past the data
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(DataFolderError, match="record batch of .* is damaged"):
+        TableSet(damaged.parent)
+
+    linked = tmp_path / "linked"  # as the Hub's cache links its files to blobs: followed to a regular file only
+    linked.mkdir()
+    _write_table(tmp_path / "blob", table, 3)
+    (linked / "data-00000-of-00001.arrow").symlink_to(tmp_path / "blob")
+    assert len(TableSet(linked)) == 6
+    (linked / "data-00000-of-00001.arrow").unlink()
+    (linked / "data-00000-of-00001.arrow").symlink_to("/dev/zero")
+    with pytest.raises(DataFolderError, match="data-00000-of-00001.arrow is not a regular file"):
+        TableSet(linked, [linked / "data-00000-of-00001.arrow"])
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "x.arrow").write_bytes(b"not an arrow stream")
+    with pytest.raises(DataFolderError, match="cannot read .*x.arrow as an Arrow stream"):
+        TableSet(tmp_path / "text")
+
+    mixed = tmp_path / "mixed"
+    _write_table(mixed / "a.arrow", table, 3)
+    _write_table(mixed / "data" / "b.parquet", table, 3)
+    assert [Path(p).name for p in TableSet(mixed).paths] == ["b.parquet"]  # parquet first: a folder is one kind
+    with pytest.raises(DataFolderError, match="mixes .parquet and .arrow"):
+        TableSet(mixed, [mixed / "a.arrow", mixed / "data" / "b.parquet"])
+
+    cache = tmp_path / "cache"
+    for split, n in (("train", 2), ("validation", 1), ("test", 1)):
+        for k in range(n):
+            _write_table(cache / f"imagenet-1k-{split}-{k:05d}-of-{n:05d}.arrow", table, 3)
+    train, val = open_shard_split(cache)
+    assert [Path(p).name for p in train.paths] == [
+        "imagenet-1k-train-00000-of-00002.arrow",
+        "imagenet-1k-train-00001-of-00002.arrow",
+    ]
+    assert [Path(p).name for p in val.paths] == ["imagenet-1k-validation-00000-of-00001.arrow"]
+    assert len(train) == 12 and train.decode(7).shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_an_epoch_in_the_samplers_order_reads_each_chunk_once(tmp_path, kind):
+    """The sampler shuffles within windows of 4 chunks (row groups, record batches): a one-chunk cache would read a
+    chunk again at almost every sample; the kept chunks (two windows) read each once per epoch."""
     from simmim.data.shards import open_shard_split
     from simmim.seeding import ShardSampler, sample_seed
 
-    root = _imagenet_parquet(tmp_path / "imagenet", per_class=20)  # 40 training rows: 10 row groups of 4
+    root = _imagenet_table(tmp_path / "imagenet", kind, per_class=20)  # 40 training rows: 10 chunks of 4
     train = open_shard_split(root).train
     sampler = ShardSampler(train.chunk_sizes, 0)
     keys = [sample_seed(k)[0] for k in sampler]
     assert sorted(keys) == list(range(40))
     for i in keys:
         train.read(i)
-    assert train.row_groups_read == 10
+    assert train.groups_read == 10
 
 
-def test_parquet_labels_stay_with_their_rows_across_files_groups_and_splits(tmp_path):
-    """Two files without class metadata, row groups of 3, a null label: every row's label is the one its pixels
-    encode, in the whole set and in its whole-chunk splits (which read as parquet too)."""
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_table_labels_stay_with_their_rows_across_files_chunks_and_splits(tmp_path, suffix):
+    """Two files without class metadata, chunks of 3, a null label: every row's label is the one its pixels
+    encode, in the whole set and in its whole-chunk splits (which read as tables too)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from simmim.data.parquet import ParquetSet
     from simmim.data.shards import open_shard_split
+    from simmim.data.tables import TableSet
 
     (tmp_path / "set").mkdir()
     for f, labels in enumerate(([0, 1, 2, 1, 0, None, 2], [2, 2, 0, 1, 1])):
@@ -575,7 +670,7 @@ def test_parquet_labels_stay_with_their_rows_across_files_groups_and_splits(tmp_
                                                          np.uint8))[1].tobytes(), "path": f"{f}_{i}.png"}
                   for i, y in enumerate(labels)]  # fmt: skip
         table = pa.table({"image": images, "label": pa.array(labels, pa.int64())})
-        pq.write_table(table, tmp_path / "set" / f"part-{f}.parquet", row_group_size=3)
+        _write_table(tmp_path / "set" / f"part-{f}{suffix}", table, 3)
     whole = open_shard_split(tmp_path / "set").train
     assert len(whole) == 12 and whole.classes == ["0", "1", "2"] and whole.unlabelled == 1
     assert list(whole.chunk_sizes) == [3, 3, 1, 3, 2]
@@ -587,7 +682,7 @@ def test_parquet_labels_stay_with_their_rows_across_files_groups_and_splits(tmp_
 
     agree(whole)
     train, val = whole.val_split(0.4)
-    assert isinstance(train, ParquetSet) and isinstance(val, ParquetSet) and len(train) + len(val) == 12
+    assert isinstance(train, TableSet) and isinstance(val, TableSet) and len(train) + len(val) == 12
     agree(train)
     agree(val)
     agree(whole.pick_chunks(0.5, seed=1)[0])
