@@ -156,10 +156,10 @@ def decode_sample(files: Sequence, i: int, fmt: Optional[Any] = None) -> np.ndar
 
 
 def read_sample_image(
-    files: Sequence, i: int, refill: bool, fmt: Optional[Any] = None
+    files: Sequence, i: int, refill: bool, fmt: Optional[Any] = None, raising: Tuple[type, ...] = ()
 ) -> Tuple[Optional[np.ndarray], int, Tuple[int, ...]]:
     """Decode image `i` of `files` (`decode_sample`) for a dataset sample; an unreadable file is warned about by
-    name.
+    name (errors of the types `raising` are raised instead).
 
     Without `refill` (validation, prediction) the sample is then dropped: (None, i, (i,)). With `refill` (training)
     the next readable file in the list takes its place, so a batch never shrinks or empties, even at batch size 1.
@@ -177,6 +177,8 @@ def read_sample_image(
         try:
             return decode_sample(files, j, fmt), j, tuple(passed)
         except UnreadableImageError as e:
+            if isinstance(e, raising):
+                raise
             warnings.warn(f"skipping unreadable image: {e}", stacklevel=3)
             passed.append(j)
     if not refill:

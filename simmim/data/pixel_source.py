@@ -30,6 +30,7 @@ from simmim.data.pixels import (
 from simmim.errors import DataFolderError, require
 
 FORMAT_CANDIDATES = 100  # images tried, in order, for the pixel format
+FORMAT_AGREEMENT = 16  # decodable images among them whose formats must agree
 Normalisation = Optional[Union[List[float], str]]
 
 
@@ -57,22 +58,26 @@ class PixelSource:
         self.std: Optional[Tuple[float, ...]] = None
 
     def _pixel_format(self, channels: Optional[int], depth: Optional[str]) -> PixelFormat:
-        """The given channels and depth, each taken from the first decodable image where not given."""
+        """The given channels and depth, each taken from the first `FORMAT_AGREEMENT` decodable images where not
+        given (`agreed_format`)."""
         if channels is not None and depth is not None:
             return PixelFormat(channels, depth)
-        found = RGB8 if self.root is None else None  # the built-in digits
-        for data, name in itertools.islice(self._first_images(), FORMAT_CANDIDATES) if found is None else ():
+        if self.root is None:
+            return RGB8  # the built-in digits
+        found: List[Tuple[PixelFormat, str]] = []
+        for data, name in itertools.islice(self._first_images(), FORMAT_CANDIDATES):
             try:
-                found = infer_format(*read_array(data, name))
-                break
+                found.append((infer_format(*read_array(data, name)), name))
             except UnreadableImageError:
                 continue  # warned about where training reads it
-        if found is None:
+            if len(found) == FORMAT_AGREEMENT:
+                break
+        if not found:
             raise DataFolderError(
                 f"--data.root {self.root}: none of its first {FORMAT_CANDIDATES} images decodes, so their channels "
                 "and bit depth are unknown: fix them, or set --data.channels and --data.depth"
             )
-        return PixelFormat(channels or found.channels, depth or found.depth)
+        return agreed_format(self.root, found, channels, depth)
 
     def _first_images(self) -> Iterator[Tuple[np.ndarray, str]]:
         """(the encoded bytes, the name) of the first images, in order."""
@@ -165,6 +170,41 @@ class PixelSource:
         tmp.write_text(json.dumps({"key": key, "mean": mean, "std": std}))
         os.replace(tmp, path)
         return mean, std
+
+
+def agreed_format(
+    root: Any, found: Sequence[Tuple[PixelFormat, str]], channels: Optional[int], depth: Optional[str]
+) -> PixelFormat:
+    """The one format that carries the images `found` ((format, file name) each), `channels` and `depth` where
+    given. Where not given, the images must agree on it: on their channel count, and on their depth, except that
+    8-bit and 16-bit images together make a 16-bit run (8-bit pixels enter it exactly, x 257). Disagreeing images
+    are named, two of them."""
+
+    def first_of(key: str) -> dict:  # value -> the first file that has it, in the order found
+        seen: dict = {}
+        for fmt, name in found:
+            seen.setdefault(getattr(fmt, key), name)
+        return seen
+
+    def disagree(what: str, seen: dict, option: str) -> DataFolderError:
+        (a, name_a), (b, name_b) = list(seen.items())[:2]
+        return DataFolderError(
+            f"--data.root {root}: its images disagree on their {what}: {name_a} has {a}, {name_b} has {b}; keep "
+            f"images of one kind in one run, or set {option} (a file that the run cannot carry without loss is "
+            "then passed over by name and counted as unreadable)"
+        )
+
+    if channels is None:
+        by_channels = first_of("channels")
+        if len(by_channels) > 1:
+            raise disagree("channel counts", by_channels, "--data.channels")
+        channels = found[0][0].channels
+    if depth is None:
+        by_depth = first_of("depth")
+        if len(by_depth) > 1 and set(by_depth) != {"uint8", "uint16"}:
+            raise disagree("pixel types", by_depth, "--data.depth")
+        depth = "uint16" if set(by_depth) == {"uint8", "uint16"} else found[0][0].depth
+    return PixelFormat(channels, depth)
 
 
 def _statistics_shape(mean: Any, std: Any, channels: int) -> bool:

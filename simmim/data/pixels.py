@@ -243,13 +243,17 @@ def statistics_sample(n: int, count: int) -> np.ndarray:
 def channel_statistics(files: Sequence, fmt: PixelFormat, count: int = 1000) -> Tuple[List[float], List[float]]:
     """Per-channel mean and std over every pixel of up to `count` images of `files` (a fixed draw, seed 0), as
     fractions of the full range for integer pixels and in their own units for float ones: what `--model.mean auto`
-    normalises with. An unreadable image is passed over, with the warning every reader gives."""
+    normalises with. An unreadable image is passed over, with the warning every reader gives; an image of another
+    format (`PixelFormatError`) stops it: the files disagree, and the run would pass over every such image."""
     from simmim.data.images import read_sample_image
 
     picks = statistics_sample(len(files), count)
     total, squares, pixels = np.zeros(fmt.channels), np.zeros(fmt.channels), 0
     for i in picks:
-        img, _, _ = read_sample_image(files, int(i), refill=False, fmt=fmt)
+        try:
+            img, _, _ = read_sample_image(files, int(i), refill=False, fmt=fmt, raising=(PixelFormatError,))
+        except PixelFormatError as e:
+            raise PixelFormatError(f"an image drawn for the statistics does not fit the run's pixels: {e}") from None
         if img is not None:
             x = img.reshape(-1, fmt.channels).astype(np.float64) / fmt.full_range
             total, squares, pixels = total + x.sum(0), squares + np.square(x).sum(0), pixels + len(x)

@@ -4,6 +4,7 @@ GeoTIFF, `.npy`, 16-bit PNG), a run's pixel format and what it refuses, crafted 
 16-bit GeoTIFF tiles, 16-bit grayscale PNGs and float `.npy` arrays."""
 
 import io
+import os
 import zlib
 
 import cv2
@@ -23,7 +24,7 @@ from simmim.data.pixels import (
     infer_format,
     read_array,
 )
-from simmim.errors import ConfigError
+from simmim.errors import ConfigError, DataFolderError
 from simmim.pretrain.augment import PretrainTransform
 
 BAND_MEAN = np.linspace(2000, 14000, 13)  # uint16 values per band
@@ -384,6 +385,86 @@ def test_options_that_do_not_fit_the_images_are_refused_at_the_start(tmp_path):
     root = _geotiffs(tmp_path / "tiles", 8)
     with pytest.raises(SystemExit, match=r"--grid.bands \[14, 3, 2\]: must be one or three band numbers in 1..13"):
         _pretrain(root, tmp_path / "bands", "--grid.bands", "[14, 3, 2]")
+
+
+def test_images_that_disagree_on_their_format_stop_the_run_at_the_start_naming_two(tmp_path):
+    """Where the format is not given, the first 16 decodable images must agree: a 4-band tile among 13-band ones
+    stops the run at the start, naming one file of each; 8-bit and 16-bit images together make a 16-bit run; with
+    the option given, the start goes on. The statistics' draw then stops on a file of another format, naming it,
+    rather than passing it over as training does."""
+    from simmim.data.pixel_source import agreed_format
+    from simmim.pretrain.data import PretrainDataModule
+
+    root = _geotiffs(tmp_path / "tiles", 6)
+    rng = np.random.default_rng(1)
+    four = _bands(rng, mean=BAND_MEAN[:4], std=BAND_STD[:4])
+    tifffile.imwrite(root / "tile_03b.tif", four, photometric="minisblack", planarconfig="separate")
+    with pytest.raises(
+        DataFolderError, match=r"disagree on their channel counts: .*tile_00.tif has 13, .*tile_03b.tif has 4; "
+    ):
+        PretrainDataModule(str(root), img_size=32, mask_patch_size=8, index_cache=str(tmp_path / "cache"))
+    given = PretrainDataModule(str(root), img_size=32, mask_patch_size=8, channels=13, index_cache=str(tmp_path / "c"))
+    assert given.pixels == PixelFormat(13, "uint16")
+    with pytest.raises(PixelFormatError, match=r"drawn for the statistics does not fit .*tile_03b.tif has 4 channel"):
+        channel_statistics(given.file_index(), given.pixels, 100)
+
+    a, b, c = PixelFormat(1, "uint8"), PixelFormat(1, "uint16"), PixelFormat(1, "float32")
+    assert agreed_format("r", [(a, "a.png"), (b, "b.png")], None, None) == b  # 8 bits enter 16 exactly
+    with pytest.raises(DataFolderError, match=r"disagree on their pixel types: b.png has uint16, c.npy has float32"):
+        agreed_format("r", [(b, "b.png"), (c, "c.npy"), (a, "a.png")], None, None)
+    assert agreed_format("r", [(b, "b.png"), (c, "c.npy")], None, "float32") == c
+
+
+def _as_two_ranks(roots, tmp_path, *extra):
+    """`python -m simmim.pretrain` as the two ranks of one DDP run over gloo, started as a cluster starts them (each
+    told its rank by LOCAL_RANK), rank r reading `roots[r]`; (exit code, stderr) of each."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    runs = []
+    for rank, root in enumerate(roots):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "NODE_RANK": "0", "LOCAL_RANK": str(rank)}  # fmt: skip
+        cmd = [sys.executable, "-m", "simmim.pretrain", "--data.root", str(root), *TINY, "--data.index_cache",
+               str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / f"run{rank}"),
+               "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+               "--trainer.logger", "false", *extra]  # fmt: skip
+        runs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return [(run.wait(timeout=240), run.communicate()[1]) for run in runs]
+
+
+def test_two_ranks_that_read_other_formats_or_whose_statistics_fail_stop_together_with_the_reason(tmp_path):
+    """Two processes of one DDP run. Ranks whose images are of other formats (4-band uint16 and 2-band float32 arrays
+    under the same names) both stop at the start, saying so. Ranks that agree, but whose statistics fail on rank 0
+    (a constant band), both stop with rank 0's reason: rank 1, which works out no statistics, receives it."""
+    from simmim.data.index import open_index
+
+    def arrays(folder, channels, dtype, constant=False):
+        folder.mkdir()
+        rng = np.random.default_rng(channels)
+        for i in range(8):
+            a = rng.uniform(0, 1000, (16, 16, channels)).astype(dtype)
+            if constant:
+                a[:, :, 1] = 7
+            np.save(folder / f"{i}.npy", a)
+        open_index(folder, None, tmp_path / "cache")  # rank 1's node index (rank 0 builds its own at start)
+        return folder
+
+    runs = _as_two_ranks([arrays(tmp_path / "a", 4, np.uint16), arrays(tmp_path / "b", 2, np.float32)], tmp_path)
+    for rank, (code, err) in enumerate(runs):
+        assert code != 0 and "the ranks read different pixel formats from their first images" in err, (
+            rank,
+            err[-2000:],
+        )
+    assert "this rank: 4 channel(s), uint16" in runs[0][1] and "this rank: 2 channel(s), float32" in runs[1][1]
+
+    runs = _as_two_ranks([arrays(tmp_path / "c", 2, np.float32, True), arrays(tmp_path / "d", 2, np.float32)], tmp_path)
+    for rank, (code, err) in enumerate(runs):
+        assert code != 0 and "--model.mean/--model.std auto: channel(s) [1] hold one value" in err, (rank, err[-2000:])
 
 
 def test_8_bit_rgb_keeps_imagenet_values_for_what_is_not_given_and_reads_no_statistics(tmp_path, capsys):
