@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from simmim.data.crops import resize
+from simmim.data.crops import Normalise, resize
 from simmim.data.folders import LabelledImageDataset, labelled_split
 from simmim.data.index import FileIndex, agreed_index, folder_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader
@@ -73,8 +73,7 @@ class ResizeCenterCrop:
         full_range: float = 255.0,
     ):
         self.size = size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * full_range
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * full_range
+        self.normalise = Normalise(mean, std, full_range)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         h, w = image.shape[:2]
@@ -84,8 +83,7 @@ class ResizeCenterCrop:
             image = resize(image, (nw, nh), cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
         top, left = (nh - self.size) // 2, (nw - self.size) // 2
         image = image[:, :, None] if image.ndim == 2 else image  # a gray image given as (H, W)
-        crop = np.ascontiguousarray(image[top : top + self.size, left : left + self.size])
-        return (torch.from_numpy(crop).permute(2, 0, 1).float() - self.mean) / self.std
+        return self.normalise(image[top : top + self.size, left : left + self.size])
 
 
 def training_inputs(pl_module: pl.LightningModule) -> dict:

@@ -15,6 +15,7 @@ normalisation.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -28,7 +29,8 @@ from simmim.distributed import is_sharded
 from simmim.errors import ConfigError, require
 from simmim.optim import drop_nonfinite_grads
 from simmim.seeding import seed_step
-from swinv2.checkpoint import INPUTS_KEY
+from swinv2.checkpoint import INPUTS_KEY, check_inputs
+from swinv2.reading import MalformedRecordError
 
 _TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
@@ -145,11 +147,18 @@ class StageModule(pl.LightningModule):
         if not isinstance(record, dict) or self.mean is None or self.std is None:
             return
         ours = self.input_record()
-        same = record.get("depth") == ours["depth"] and all(
-            isinstance(record.get(k), list)
-            and len(record[k]) == len(ours[k])
-            and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(record[k], ours[k]))
-            for k in ("mean", "std")
+        try:
+            theirs = check_inputs(record, self.channels, "the checkpoint")
+        except MalformedRecordError:
+            theirs = None
+        same = (
+            theirs is not None
+            and theirs["depth"] == ours["depth"]
+            and all(
+                math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+                for k in ("mean", "std")
+                for a, b in zip(theirs[k], ours[k])
+            )
         )
         if not same:
             raise ConfigError(

@@ -20,19 +20,17 @@ import argparse
 import contextlib
 import fcntl
 import io
-import json
 import multiprocessing
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from simmim.data.images import UnreadableImageError, read_image_file
-from simmim.data.index import FileIndex, open_index, read_json
+from simmim.data.index import FileIndex, open_index, read_json, write_json
 from simmim.data.pixels import read_array
 from simmim.data.shards import (
     FORMAT,
@@ -67,12 +65,6 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     if a.chunk_mb <= 0 or a.part_size <= 0 or a.workers < 1:
         raise ConfigError("--chunk_mb, --part_size and --workers must be positive")
     return a
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -123,7 +115,7 @@ def _write_locked_part(
             del os.environ[RANK_ENV]
         else:
             os.environ[RANK_ENV] = before
-    _write_json(out_dir / f"part-{part}.json", record)
+    write_json(out_dir / f"part-{part}.json", record)
     return record
 
 
@@ -239,8 +231,8 @@ def _finish(out: Path, records: Dict[int, Dict[str, Any]], classes: List[str], s
     skipped = [s for p in sorted(records) for s in records[p]["skipped"]]
     record = {"format": FORMAT, "version": VERSION, "count": count, "classes": classes}
     record.update(unlabelled=sum(int(r["unlabelled"]) for r in records.values()), source=os.fspath(source))
-    _write_json(out / SHARDS_FILE, {**record, "skipped": skipped})
-    _write_json(out / INDEX_FILE, {"chunks": chunks, "config": config, "updated_at": str(time.time())})
+    write_json(out / SHARDS_FILE, {**record, "skipped": skipped})
+    write_json(out / INDEX_FILE, {"chunks": chunks, "config": config, "updated_at": str(time.time())})
     _tidy(out)
     return count
 
@@ -272,7 +264,7 @@ def convert_tree(src: Path, out: Path, a: argparse.Namespace) -> int:
         with _locked(out):
             found = _found(out, manifest)  # again, now that no other conversion can change it
             if found == "new":
-                _write_json(out / MANIFEST, manifest)
+                write_json(out / MANIFEST, manifest)
             _tidy(out)
             if found != "complete":
                 return _convert_locked(src, out, index, manifest, a)

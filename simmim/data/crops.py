@@ -25,6 +25,21 @@ def resize(img: np.ndarray, size: Tuple[int, int], interpolation: int) -> np.nda
     return out[:, :, None] if out.ndim == 2 else out
 
 
+class Normalise:
+    """(H, W, C) pixels -> float32 (C, H, W) tensor, `(x / full_range - mean) / std` per channel (`full_range`:
+    255 for 8-bit, 65535 for 16-bit, 1 for float pixels): the normalisation of every transform that hands floats
+    on (integer training batches are normalised on the device, `simmim.data.images.normalize_images`)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], full_range: float = 1.0) -> None:
+        self.full_range = np.float32(full_range)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
+
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        x = (pixels.astype(np.float32) / self.full_range - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
 class ResizedCrop:
     """RandomResizedCrop (by default area 0.67-1 of the image, aspect ratio 3/4-4/3: the official SimMIM-SwinV2
     pretraining's; torchvision's sampling with its centre-crop fallback), horizontal flip with probability 0.5, up to
@@ -59,9 +74,7 @@ class ResizedCrop:
             raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]: {scale}, {ratio}")
         self.img_size, self.train, self.scale, self.ratio = img_size, train, scale, ratio
         self.interpolation = interpolation
-        self.normalize = None
-        if normalize is not None:
-            self.normalize = tuple(np.asarray(v, dtype=np.float32).reshape(1, 1, -1) for v in normalize)
+        self.normalize = Normalise(*normalize) if normalize is not None else None
 
     def crop_box(self, height: int, width: int, rng: np.random.Generator) -> Box:
         """torchvision's `RandomResizedCrop.get_params`: up to 10 tries of a random area and log-uniform aspect
@@ -89,7 +102,7 @@ class ResizedCrop:
         if out.dtype == np.float32:
             if self.normalize is None:
                 raise ValueError("float pixels need the normalisation (mean, std) to be given to the transform")
-            out = (out - self.normalize[0]) / self.normalize[1]
+            return self.normalize(out)
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
     def geometry(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -97,7 +110,7 @@ class ResizedCrop:
         height, width = img.shape[:2]
         top, left, h, w = self.crop_box(height, width, rng) if self.train else (0, 0, height, width)
         size = (self.img_size, self.img_size)
-        out = cv2.resize(img[top : top + h, left : left + w], size, interpolation=self.interpolation)
+        out = resize(img[top : top + h, left : left + w], size, self.interpolation)
         if self.train and rng.random() < 0.5:
             out = cv2.flip(out, 1)
-        return out[:, :, None] if out.ndim == 2 else out  # OpenCV drops a single channel's axis
+        return out[:, :, None] if out.ndim == 2 else out  # OpenCV's flip drops a single channel's axis

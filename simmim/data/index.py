@@ -117,6 +117,14 @@ def _unique() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
 
 
+def write_json(path: Path, value: Any) -> None:
+    """`value` as JSON into `path`, atomically: written beside it under a hidden name no other process uses
+    (`.<name>.<host>-<pid>-<uuid>.tmp`), then renamed over it, so that a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{_unique()}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
 def _write(
     key: Path, files: Sequence[str], labels: np.ndarray, classes: List[str], meta: Dict, extra: Optional[Dict] = None
 ) -> FileIndex:
@@ -174,17 +182,25 @@ def _folders_unchanged(root: Path, folder: Path, meta: Dict) -> bool:
     return True
 
 
+def read_small(path: str | os.PathLike, limit: int, follow_links: bool = True) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (a FIFO or a device would block or never end; a larger
+    file is not ours), optionally without following a link. Raises OSError, or ValueError saying why."""
+    flags = os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    with open(path, "rb", opener=lambda p, f: os.open(p, f | flags)) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data
+
+
 def _read_small(path: Path, limit: int) -> Optional[bytes]:
-    """The bytes of a regular file of at most `limit` bytes, else None (a FIFO or a device would block or never
-    end; a larger file is not ours)."""
+    """`read_small`, or None where it fails."""
     try:
-        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return None
-            data = f.read(limit + 1)
-    except OSError:
+        return read_small(path, limit)
+    except (OSError, ValueError):
         return None
-    return data if len(data) <= limit else None
 
 
 def read_json(path: Path, limit: int) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
@@ -28,6 +27,8 @@ from simmim.data.pixels import (
     statistics_sample,
 )
 from simmim.errors import DataFolderError, require
+from swinv2.checkpoint import check_inputs
+from swinv2.reading import MalformedRecordError
 
 FORMAT_CANDIDATES = 100  # images tried, in order, for the pixel format
 FORMAT_AGREEMENT = 16  # decodable images among them whose formats must agree
@@ -151,24 +152,24 @@ class PixelSource:
 
     def _statistics(self, files: Sequence) -> Tuple[List[float], List[float]]:
         """`channel_statistics` of `files`, cached under the index cache by what identifies them."""
-        from simmim.data.index import default_cache
+        from simmim.data.index import default_cache, read_json, write_json
 
         key = json.dumps([repr(files.fingerprint()), len(files), self._sample_identity(files), self.pixels.describe(),
                           self.stats_images])  # fmt: skip
         name = f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
         path = Path(self.index_cache or default_cache()) / "stats" / name
-        try:
-            record = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < 1 << 20 else None
-            if record["key"] == key and _statistics_shape(record["mean"], record["std"], self.pixels.channels):
-                return record["mean"], record["std"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # absent or unusable: worked out again
+        record = read_json(path, 1 << 20)
+        if isinstance(record, dict) and record.get("key") == key:
+            try:  # the record a checkpoint would carry: one finite value per channel each, std positive
+                values = {"depth": self.pixels.depth, "mean": record.get("mean"), "std": record.get("std")}
+                checked = check_inputs(values, self.pixels.channels, path)
+                return checked["mean"], checked["std"]
+            except MalformedRecordError:
+                pass  # unusable: worked out again
         mean, std = channel_statistics(files, self.pixels, self.stats_images)
         print(f"data statistics ({min(self.stats_images, len(files))} training images): mean {mean}, std {std}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "mean": mean, "std": std}))
-        os.replace(tmp, path)
+        write_json(path, {"key": key, "mean": mean, "std": std})
         return mean, std
 
 
@@ -205,10 +206,3 @@ def agreed_format(
             raise disagree("pixel types", by_depth, "--data.depth")
         depth = "uint16" if set(by_depth) == {"uint8", "uint16"} else found[0][0].depth
     return PixelFormat(channels, depth)
-
-
-def _statistics_shape(mean: Any, std: Any, channels: int) -> bool:
-    """Whether a cached record holds `channels` finite numbers each (std positive)."""
-    ok = [isinstance(v, list) and len(v) == channels and all(isinstance(x, float) and math.isfinite(x) for x in v)
-          for v in (mean, std)]  # fmt: skip
-    return all(ok) and all(x > 0 for x in std)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import numpy as np
 
 from simmim.data import stores
+from simmim.data.index import read_small, write_json
 from simmim.errors import DataFolderError
 
 SHARDS_FILE = "shards.json"  # our record, beside litdata's index
@@ -96,13 +97,7 @@ def _read_record(root: str, name: str, limit: int, storage_options: Optional[Dic
     """The JSON file `name` of a shard set, at most `limit` bytes, read without following a link."""
     try:
         if stores.scheme(root) is None:
-            path = os.path.join(root, name)
-            with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW | os.O_NONBLOCK)) as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    raise ValueError("not a regular file")
-                data = f.read(limit + 1)
-            if len(data) > limit:
-                raise ValueError(f"larger than {limit} bytes")
+            data = read_small(os.path.join(root, name), limit, follow_links=False)
         else:
             data = stores.read_bounded(_join(root, name), limit, storage_options)
         return json.loads(data)
@@ -412,9 +407,7 @@ def _local_index(cache: str, index: Dict[str, Any]) -> str:
     digest = hashlib.sha256(body.encode()).hexdigest()[:20]
     folder = Path(cache) / "checked" / digest
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{INDEX_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({**index, "updated_at": digest}))  # written anew: nothing in the cache is trusted
-    os.replace(tmp, folder / INDEX_FILE)
+    write_json(folder / INDEX_FILE, {**index, "updated_at": digest})  # written anew: nothing in the cache is trusted
     return os.fspath(folder)
 
 

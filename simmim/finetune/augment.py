@@ -14,7 +14,7 @@ from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
-from simmim.data.crops import ResizedCrop
+from simmim.data.crops import Normalise, ResizedCrop, resize
 from simmim.data.pixels import RGB8, PixelFormat
 
 RECIPES = ("official", "digits")
@@ -134,9 +134,8 @@ class GeometricTransform:
         full_range: float,
         erase_prob: float = 0.25,
     ) -> None:
-        self.img_size, self.train, self.full_range = img_size, train, full_range
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
+        self.img_size, self.train = img_size, train
+        self.normalise = Normalise(mean, std, full_range)
         self.crop = ResizedCrop(img_size, train, scale=(0.08, 1.0), interpolation=cv2.INTER_CUBIC)
         self.erase = RandomErasing(erase_prob, mode="pixel", device="cpu") if train and erase_prob > 0 else None
 
@@ -148,13 +147,8 @@ class GeometricTransform:
             h, w = image.shape[:2]
             short = int(256 / 224 * self.img_size)
             scale = short / min(h, w)
-            out = cv2.resize(image, (max(short, round(w * scale)), max(short, round(h * scale))),
-                             interpolation=cv2.INTER_CUBIC)  # fmt: skip
-            out = out[:, :, None] if out.ndim == 2 else out
+            out = resize(image, (max(short, round(w * scale)), max(short, round(h * scale))), cv2.INTER_CUBIC)
             top, left = (out.shape[0] - self.img_size) // 2, (out.shape[1] - self.img_size) // 2
             out = out[top : top + self.img_size, left : left + self.img_size]
-        x = out.astype(np.float32)
-        if out.dtype != np.float32:
-            x /= np.float32(self.full_range)
-        x = torch.from_numpy(np.ascontiguousarray(((x - self.mean) / self.std).transpose(2, 0, 1)))
+        x = self.normalise(out)
         return self.erase(x) if self.erase is not None else x
