@@ -55,12 +55,16 @@ def _same_classes(root: Path, train: List[str], val: List[str], option: str) -> 
 
 
 def class_names(
-    root: Optional[str], option: str = "--data.root", index: Optional[str] = None, index_cache: Optional[str] = None
+    root: Optional[str],
+    option: str = "--data.root",
+    index: Optional[str] = None,
+    index_cache: Optional[str] = None,
+    shards_of: Optional[Callable[[str], ShardSplit]] = None,
 ) -> List[str]:
     """The classes a `ClassificationDataModule(root=root, index=index)` will have, from the folder names alone (no
     image is listed or read): `root/train/<class>` when `root` has train/ and val/ (whose class folders must be the
     same), else `root/<class>`; the digits for None. With a labelled file list `index`, the classes it names; for
-    shards, those their record names."""
+    shards (opened by `shards_of(root)`, default `open_shard_split`), those their record names."""
     if index is not None:
         if root is None:
             raise DataFolderError(f"--data.index {index} needs --data.root, the folder its paths are relative to")
@@ -68,7 +72,7 @@ def class_names(
     if root is None:
         return DIGIT_CLASSES
     if is_shard_root(root):
-        return labelled_shards(root, 0.0, option=option)[2]
+        return labelled_shards(root, 0.0, option=option, shards_of=shards_of)[2]
     root = Path(root)
     if not _split_folders(root):
         return class_folders(root, option)

@@ -80,12 +80,20 @@ class PixelSource:
             )
         return agreed_format(self.root, found, channels, depth)
 
+    def shard_split(self) -> Any:
+        """The shard set at `root` (`simmim.data.shards.open_shard_split`), opened once per data module: the format's
+        first images, the class names and `setup`'s split all read the set this rank opened."""
+        if getattr(self, "_shard_split", None) is None:
+            from simmim.data.shards import open_shard_split
+
+            self._shard_split = open_shard_split(self.root)
+        return self._shard_split
+
     def _first_images(self) -> Iterator[Tuple[np.ndarray, str]]:
         """(the encoded bytes, the name) of the first images, in order."""
         if self.sharded:
-            from simmim.data.shards import open_shard_split
-
-            shards = open_shard_split(self.root).train
+            train = self.shard_split().train
+            shards = train.chunk_view(train.chunks)  # a view with a reader of its own, dropped after
             for i in range(len(shards)):
                 key, _, data, chunk = shards.read(i)
                 yield np.frombuffer(data, dtype=np.uint8), shards.name(key, chunk)

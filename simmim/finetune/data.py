@@ -17,7 +17,7 @@ from simmim.data.index import FileIndex, agreed_index, open_index
 from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD, collate_readable, make_loader, skip_empty_validation
 from simmim.data.pixel_source import Normalisation, PixelSource
 from simmim.data.pixels import RGB8
-from simmim.data.shards import is_shard_root, open_shard_split
+from simmim.data.shards import is_shard_root
 from simmim.errors import DataFolderError, check_loader, require
 from simmim.finetune.augment import RECIPES, classification_transform
 from simmim.seeding import SeedState
@@ -87,7 +87,9 @@ class ClassificationDataModule(PixelSource, SeedState, pl.LightningDataModule):
         # A user's folder without class folders fails at start-up, from the folder names alone (the images are
         # listed by prepare_data, the digits written there); a list is read into its index here, on every rank.
         self.classes: Optional[List[str]] = (
-            class_names(root, index=index, index_cache=index_cache) if root is not None else None
+            class_names(root, index=index, index_cache=index_cache, shards_of=lambda _: self.shard_split())
+            if root is not None
+            else None
         )
         if predict_root is not None:
             require_images(predict_root)
@@ -133,7 +135,7 @@ class ClassificationDataModule(PixelSource, SeedState, pl.LightningDataModule):
             self.label_fraction,
             index_of=lambda f: index_of(f, self.index is not None),
             listed=self.index,
-            shards_of=lambda root: agreed_index(trainer, lambda: open_shard_split(root), root),
+            shards_of=lambda root: agreed_index(trainer, self.shard_split, root),  # root: self.root
         )
         same = self.classes is None or split.classes == self.classes
         if trainer is not None and trainer.world_size > 1:  # every rank stops, or none

@@ -23,7 +23,7 @@ from simmim.data.pixel_source import PixelSource
 from simmim.data.pixels import (
     PixelFormat,
 )
-from simmim.data.shards import is_shard_root, open_shard_split
+from simmim.data.shards import is_shard_root
 from simmim.errors import check_loader, require
 from simmim.pretrain.augment import PretrainTransform
 from simmim.pretrain.masking import MaskGenerator
@@ -177,7 +177,7 @@ class PretrainDataModule(PixelSource, SeedState, pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         trainer = getattr(self, "trainer", None)
         if self.sharded:  # one set is split in whole chunks; train/ and val/ sets are used as they are
-            train, val = agreed_index(trainer, lambda: open_shard_split(self.root), self.root)
+            train, val = agreed_index(trainer, self.shard_split, self.root)
             self.train_files, self.val_files = train.val_split(self.val_fraction) if val is None else (train, val)
             skip_empty_validation(self, "no validation chunks (--data.val_fraction too small for the shards' chunks)")
         else:
