@@ -65,12 +65,14 @@ class PixelSource:
             return PixelFormat(channels, depth)
         if self.root is None:
             return RGB8  # the built-in digits
-        found: List[Tuple[PixelFormat, str]] = []
+        found: List[Tuple[PixelFormat, str, bool]] = []
         for data, name in itertools.islice(self._first_images(), FORMAT_CANDIDATES):
             try:
-                found.append((infer_format(*read_array(data, name)), name))
+                img, bgr = read_array(data, name)
             except UnreadableImageError:
                 continue  # warned about where training reads it
+            fmt = infer_format(img, bgr)
+            found.append((fmt, name, fmt == RGB8 and img.shape[2] - (bgr and img.shape[2] == 2) == 1))
             if len(found) == FORMAT_AGREEMENT:
                 break
         if not found:
@@ -182,16 +184,19 @@ class PixelSource:
 
 
 def agreed_format(
-    root: Any, found: Sequence[Tuple[PixelFormat, str]], channels: Optional[int], depth: Optional[str]
+    root: Any, found: Sequence[Tuple[PixelFormat, str, bool]], channels: Optional[int], depth: Optional[str]
 ) -> PixelFormat:
-    """The one format that carries the images `found` ((format, file name) each), `channels` and `depth` where
-    given. Where not given, the images must agree on it: on their channel count, and on their depth, except that
-    8-bit and 16-bit images together make a 16-bit run (8-bit pixels enter it exactly, x 257). Disagreeing images
-    are named, two of them."""
+    """The one format that carries the images `found` ((format, file name, whether it is an 8-bit gray file) each),
+    `channels` and `depth` where given. Where not given, the images must agree on it: on their channel count, and on
+    their depth, except that 8-bit and 16-bit images together make a 16-bit run (8-bit pixels enter it exactly,
+    x 257), and that 8-bit gray files, which make an RGB run among 8-bit images, join one-channel images of another
+    depth as one channel. Disagreeing images are named, two of them."""
+    if any(fmt.depth != "uint8" for fmt, _, _ in found):
+        found = [(PixelFormat(1, "uint8") if gray else fmt, name, gray) for fmt, name, gray in found]
 
     def first_of(key: str) -> dict:  # value -> the first file that has it, in the order found
         seen: dict = {}
-        for fmt, name in found:
+        for fmt, name, _ in found:
             seen.setdefault(getattr(fmt, key), name)
         return seen
 
@@ -199,8 +204,8 @@ def agreed_format(
         (a, name_a), (b, name_b) = list(seen.items())[:2]
         return DataFolderError(
             f"--data.root {root}: its images disagree on their {what}: {name_a} has {a}, {name_b} has {b}; keep "
-            f"images of one kind in one run, or set {option} (a file that the run cannot carry without loss is "
-            "then passed over by name and counted as unreadable)"
+            f"images of one kind in one run, or set {option} and give --model.mean and --model.std values (a file "
+            "the run cannot carry without loss is then passed over by name and counted as unreadable)"
         )
 
     if channels is None:

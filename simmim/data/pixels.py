@@ -253,7 +253,10 @@ def channel_statistics(files: Sequence, fmt: PixelFormat, count: int = 1000) -> 
         try:
             img, _, _ = read_sample_image(files, int(i), refill=False, fmt=fmt, raising=(PixelFormatError,))
         except PixelFormatError as e:
-            raise PixelFormatError(f"an image drawn for the statistics does not fit the run's pixels: {e}") from None
+            raise PixelFormatError(
+                f"an image drawn for the statistics does not fit the run's pixels ({e}); to train past such files "
+                "(passed over by name and counted as unreadable), give --model.mean and --model.std values"
+            ) from None
         if img is not None:
             x = img.reshape(-1, fmt.channels).astype(np.float64) / fmt.full_range
             total, squares, pixels = total + x.sum(0), squares + np.square(x).sum(0), pixels + len(x)

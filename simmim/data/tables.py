@@ -10,8 +10,9 @@ Where the files are (`table_files`): `*.parquet` in a folder or its `data/`, or 
 split is its name's `train` or `validation` (`val`) part (`train-00000-of-00004.parquet`,
 `imagenet-1k-validation-00000-of-00002.arrow`), or its folder's (`train/`, `validation/`, as
 `DatasetDict.save_to_disk` lays them out). Every file is untrusted: its schema must be the layout above, its metadata
-is bounded and checked, a row group or record batch is bounded before it is used, an Arrow file is read only
-uncompressed (what `datasets` writes: memory-mapped, nothing decompressed) and each batch is validated in full. The
+is bounded and checked, an image column holds bytes (and paths) only, a row group or record batch is bounded before
+it is used, an Arrow batch is read only uncompressed and in the IPC version `pyarrow` writes (checked from its header
+before it is decoded) and is validated in full. The
 sampler (`simmim.seeding.ShardSampler`) shuffles samples within windows of 4 chunks, so each process keeps the last
 `GROUPS_KEPT` chunks it read (two windows): every chunk is read about once per epoch and process.
 """
@@ -106,19 +107,27 @@ def _class_names(root: Any, schema: Any) -> Optional[List[str]]:
 
 
 def _image_column(root: Any, schema: Any) -> bool:
-    """Whether the `image` column holds {bytes, path} structs (else bytes), checked."""
+    """Whether the `image` column holds `{bytes, path}` structs (else bytes), checked: exactly those fields (the
+    path optional), bytes binary and the path a string, so that nothing else in a row is ever turned into Python
+    objects (a list of a billion nulls takes a few bytes in a file)."""
     import pyarrow as pa
 
     if "image" not in schema.names:
         raise _fail(root, f"its files have no image column (columns: {schema.names[:8]})")
     kind = schema.field("image").type
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+    binary = (pa.types.is_binary, pa.types.is_large_binary)
+    if any(test(kind) for test in binary):
         return False
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-        inner = kind.field("bytes").type
-        if pa.types.is_binary(inner) or pa.types.is_large_binary(inner):
+        fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
+        path = fields.get("path", pa.string())
+        if (
+            set(fields) <= {"bytes", "path"}
+            and any(test(fields["bytes"]) for test in binary)
+            and (pa.types.is_string(path) or pa.types.is_large_string(path))
+        ):
             return True
-    raise _fail(root, f"its image column is {kind}, not bytes or {{bytes, path}} structs")
+    raise _fail(root, f"its image column is {str(kind)[:200]}, not bytes or {{bytes, path}} structs")
 
 
 def _check_schema(root: Any, schema: Any, path: str) -> None:
@@ -198,8 +207,15 @@ def _flatbuffer_field(buf: bytes, table: int, field: int) -> Optional[int]:
 
 def _batch_header(metadata: bytes) -> Tuple[int, bool]:
     """(rows, compressed) of an Arrow IPC record-batch message, read from its flatbuffer metadata before anything
-    is decoded (Arrow's `Message.fbs`: Message.header is field 2, RecordBatch.length field 0, .compression 3)."""
+    is decoded (Arrow's `Message.fbs`: Message.version is field 0, .header 2, .custom_metadata 4; RecordBatch.length
+    field 0, .compression 3). Only version 5 messages without custom metadata are read, as `pyarrow` (and so
+    `datasets`) writes them: version 4 streams marked their compression in the custom metadata instead."""
     root = int.from_bytes(metadata[:4], "little")
+    version = _flatbuffer_field(metadata, root, 0)
+    if version is None or int.from_bytes(metadata[version : version + 2], "little") != 4:
+        raise ValueError("a message of another IPC version than 5")
+    if _flatbuffer_field(metadata, root, 4) is not None:
+        raise ValueError("a message with custom metadata")
     kind, header = _flatbuffer_field(metadata, root, 1), _flatbuffer_field(metadata, root, 2)
     if kind is None or header is None or kind >= len(metadata) or metadata[kind] != 3:
         raise ValueError("a message that is not a record batch")
@@ -210,10 +226,12 @@ def _batch_header(metadata: bytes) -> Tuple[int, bool]:
 
 
 class ArrowFormat:
-    """Arrow IPC stream files, as `datasets` writes them: chunks are record batches, read from a memory map (zero
-    copies). A batch's header is read before the batch: its rows and its body are bounded, and a compressed batch
-    (which would be inflated to a size it states itself) is refused; the batch is then validated in full, so no
-    offset in it points outside its buffers."""
+    """Arrow IPC stream files, as `datasets` writes them: chunks are record batches. A file is scanned from a
+    memory map (nothing copied, nothing allocated by what a message claims), then closed; a chunk is read later as
+    the byte range its message took (no file stays open: a set of 10,000 files needs no 10,000 descriptors, and a
+    file truncated meanwhile is an error, not a SIGBUS). A batch's header is read before the batch: its rows and its
+    size are bounded, and a compressed batch (which would be inflated to a size it states itself) is refused; the
+    batch is then validated in full, so no offset in it points outside its buffers."""
 
     @staticmethod
     def _open(path: str) -> Tuple[Any, Any]:
@@ -221,21 +239,29 @@ class ArrowFormat:
         import pyarrow as pa
 
         source = pa.memory_map(path)
-        message = pa.ipc.read_message(source)
-        if message.type != "schema":
-            raise ValueError(f"its first message is a {message.type}, not the schema")
-        return source, pa.ipc.read_schema(message)
+        try:
+            message = pa.ipc.read_message(source)
+            if message.type != "schema":
+                raise ValueError(f"its first message is a {message.type}, not the schema")
+            return source, pa.ipc.read_schema(message)
+        except BaseException:
+            source.close()
+            raise
 
     @staticmethod
     def schema(path: str | os.PathLike) -> Any:
-        return ArrowFormat._open(os.fspath(path))[1]
+        source, schema = ArrowFormat._open(os.fspath(path))
+        source.close()
+        return schema
 
     @staticmethod
-    def _batch(root: Any, path: str, source: Any, schema: Any) -> Optional[Tuple[Any, int]]:
-        """(the next record batch of `source`, the size of its body), checked; None at the stream's end."""
+    def _batch(root: Any, path: str, source: Any, schema: Any, at: int) -> Optional[Tuple[Any, int]]:
+        """(the next record batch of `source`, the bytes its message takes), checked; None at the stream's end.
+        `at`: where the message starts in the file (for the messages)."""
         import pyarrow as pa
 
-        where = f"{path} at byte {source.tell()}"
+        where = f"{path} at byte {at}"
+        start = source.tell()
         try:
             message = pa.ipc.read_message(source)
         except EOFError:
@@ -247,18 +273,18 @@ class ArrowFormat:
         try:
             rows, compressed = _batch_header(message.metadata.to_pybytes())
         except ValueError as e:
-            raise _fail(root, f"the record batch of {where} has a damaged header ({e})") from None
-        body = message.body.size if message.body is not None else 0
+            raise _fail(root, f"the record batch of {where} is not read: {e}") from None
+        size = source.tell() - start
         if compressed:
             raise _fail(root, f"the record batch of {where} is compressed; write it uncompressed, as `datasets` does")
-        if not 0 <= rows <= MAX_CHUNK_SAMPLES or body > MAX_GROUP_BYTES:
-            raise _fail(root, f"the record batch of {where} holds {rows} rows in {body} bytes: too many")
+        if not 0 <= rows <= MAX_CHUNK_SAMPLES or size > MAX_GROUP_BYTES:
+            raise _fail(root, f"the record batch of {where} holds {rows} rows in {size} bytes: too many")
         try:
             batch = pa.ipc.read_record_batch(message, schema)
             batch.validate(full=True)
         except Exception as e:  # noqa: BLE001 (pyarrow's errors for a crafted batch)
             raise _fail(root, f"the record batch of {where} is damaged ({type(e).__name__}: {e})") from None
-        return batch, body
+        return batch, size
 
     @staticmethod
     def scan(root: Any, path: str) -> Tuple[Any, List[Group], Optional[np.ndarray]]:
@@ -273,28 +299,34 @@ class ArrowFormat:
             groups, labels, rows = [], [np.zeros(0, np.int64)], 0
             while True:
                 where = source.tell()
-                read = ArrowFormat._batch(root, path, source, schema)
+                read = ArrowFormat._batch(root, path, source, schema, where)
                 if read is None:
                     break
-                batch, body = read
+                batch, size = read
                 rows += batch.num_rows
                 if rows > MAX_ROWS:
                     raise _fail(root, f"it holds more than {MAX_ROWS} rows")
-                groups.append(Group(where, batch.num_rows, body))
+                groups.append(Group(where, batch.num_rows, size))
                 if labelled:
                     labels.append(_labels_of(batch.column("label")))
         return schema, groups, np.concatenate(labels) if labelled else None
 
     @staticmethod
     def read(root: Any, path: str, group: Group, name: str, handles: Dict) -> list:
-        """The image column of the record batch `group`, as a list (the file's map is kept in `handles`)."""
+        """The image column of the record batch `group`, as a list: the bytes its message took when the set was
+        scanned, read and checked again (the file's schema is kept in `handles`)."""
+        import pyarrow as pa
+
         if path not in handles:
-            handles[path] = ArrowFormat._open(path)
-        source, schema = handles[path]
-        source.seek(group.where)
-        read = ArrowFormat._batch(root, path, source, schema)
-        if read is None or read[0].num_rows != group.rows:
-            raise _fail(root, f"the record batch {name} is not where it was when the set was opened")
+            handles[path] = ArrowFormat.schema(path)
+        with open(path, "rb") as f:
+            f.seek(group.where)
+            data = f.read(group.nbytes)
+        read = None
+        if len(data) == group.nbytes:
+            read = ArrowFormat._batch(root, path, pa.BufferReader(data), handles[path], group.where)
+        if read is None or read[0].num_rows != group.rows or read[1] != group.nbytes:
+            raise _fail(root, f"the record batch {name} is not what it was when the set was opened")
         return read[0].column("image").to_pylist()
 
 
@@ -371,8 +403,8 @@ class TableSet(ShardSet):
         self.groups_read = 0  # by this process: what the cache saves
 
     def _open(self) -> Tuple[OrderedDict, Dict]:
-        """This process's chunks, the last `GROUPS_KEPT` read (chunk id -> its image column, a list), and its open
-        files."""
+        """This process's chunks, the last `GROUPS_KEPT` read (chunk id -> its image column, a list), and what it
+        keeps of the files (an Arrow file's schema)."""
         if self._reader is None or self._reader_pid != os.getpid():
             self._reader, self._reader_pid, self._last = (OrderedDict(), {}), os.getpid(), None
         return self._reader
@@ -406,13 +438,17 @@ class TableSet(ShardSet):
         return int(self.labels[self._locate(int(i))[1]])
 
 
+SPLIT_NAME = re.compile(r"(?:^|[-_.])(train|validation|val)(?:-\d+-of-\d+(?:-[0-9a-f]+)?)?\.(?:parquet|arrow)$")
+
+
 def split_of(path: Path) -> Optional[str]:
-    """'train' or 'val' when a table file's name or folder says so (`train-00000-of-00004.parquet`,
-    `imagenet-1k-validation-00001-of-00002.arrow`, `validation/data-00000-of-00001.arrow`), else None."""
-    for split, words in SPLITS.items():
-        if path.parent.name in words or any(re.search(rf"(^|[-_.]){w}[-_.]", path.name) for w in words):
-            return split
-    return None
+    """'train' or 'val' when a table file's folder or the end of its name says so: the split's word just before its
+    shard numbering or the suffix (`train-00000-of-00004.parquet`, `imagenet-1k-validation-00001-of-00002.arrow`,
+    `my-train-set-validation.arrow`, `validation/data-00000-of-00001.arrow`), else None."""
+    if path.parent.name in SPLITS["train"] + SPLITS["val"]:
+        return "train" if path.parent.name in SPLITS["train"] else "val"
+    found = SPLIT_NAME.search(path.name)
+    return None if found is None else "train" if found.group(1) == "train" else "val"
 
 
 def open_table_split(root: str | os.PathLike) -> ShardSplit:

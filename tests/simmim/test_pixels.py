@@ -5,6 +5,7 @@ GeoTIFF, `.npy`, 16-bit PNG), a run's pixel format and what it refuses, crafted 
 
 import io
 import os
+import re
 import zlib
 
 import cv2
@@ -408,11 +409,25 @@ def test_images_that_disagree_on_their_format_stop_the_run_at_the_start_naming_t
     with pytest.raises(PixelFormatError, match=r"drawn for the statistics does not fit .*tile_03b.tif has 4 channel"):
         channel_statistics(given.file_index(), given.pixels, 100)
 
-    a, b, c = PixelFormat(1, "uint8"), PixelFormat(1, "uint16"), PixelFormat(1, "float32")
-    assert agreed_format("r", [(a, "a.png"), (b, "b.png")], None, None) == b  # 8 bits enter 16 exactly
+    def start(folder):  # the format a pretraining run over `folder` takes
+        return PretrainDataModule(str(folder), img_size=32, mask_patch_size=8, index_cache=str(tmp_path / "c")).pixels
+
+    gray = tmp_path / "gray"  # 8-bit and 16-bit grayscale PNGs, as a medical set mixes them: one 16-bit channel
+    gray.mkdir()
+    cv2.imwrite(str(gray / "a.png"), rng.integers(0, 255, (40, 40), dtype=np.uint8))
+    cv2.imwrite(str(gray / "b.png"), rng.integers(0, 65535, (40, 40), dtype=np.uint16))
+    assert start(gray) == PixelFormat(1, "uint16")
+    cv2.imwrite(str(gray / "c.png"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    with pytest.raises(DataFolderError, match=r"disagree on their channel counts: .*a.png has 1, .*c.png has 3"):
+        start(gray)
+    (gray / "b.png").unlink()
+    assert start(gray) == RGB8  # 8-bit gray among 8-bit colour: RGB, as ever
+
+    a, b, c = PixelFormat(3, "uint8"), PixelFormat(3, "uint16"), PixelFormat(3, "float32")
+    assert agreed_format("r", [(a, "a.png", False), (b, "b.png", False)], None, None) == b  # 8 bits enter 16 exactly
     with pytest.raises(DataFolderError, match=r"disagree on their pixel types: b.png has uint16, c.npy has float32"):
-        agreed_format("r", [(b, "b.png"), (c, "c.npy"), (a, "a.png")], None, None)
-    assert agreed_format("r", [(b, "b.png"), (c, "c.npy")], None, "float32") == c
+        agreed_format("r", [(b, "b.png", False), (c, "c.npy", False), (a, "a.png", False)], None, None)
+    assert agreed_format("r", [(b, "b.png", False), (c, "c.npy", False)], None, "float32") == c
 
 
 def _as_two_ranks(roots, tmp_path, *extra):
@@ -426,31 +441,38 @@ def _as_two_ranks(roots, tmp_path, *extra):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     runs = []
-    for rank, root in enumerate(roots):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-               "NODE_RANK": "0", "LOCAL_RANK": str(rank)}  # fmt: skip
-        cmd = [sys.executable, "-m", "simmim.pretrain", "--data.root", str(root), *TINY, "--data.index_cache",
-               str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / f"run{rank}"),
-               "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-               "--trainer.logger", "false", *extra]  # fmt: skip
-        runs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    return [(run.wait(timeout=240), run.communicate()[1]) for run in runs]
+    try:
+        for rank, root in enumerate(roots):
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                   "NODE_RANK": "0", "LOCAL_RANK": str(rank)}  # fmt: skip
+            cmd = [sys.executable, "-m", "simmim.pretrain", "--data.root", str(root), *TINY, "--data.index_cache",
+                   str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / f"run{rank}"),
+                   "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                   "--trainer.logger", "false", *extra]  # fmt: skip
+            runs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        errs = [run.communicate(timeout=240)[1] for run in runs]
+        return [(run.returncode, err) for run, err in zip(runs, errs)]
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()
 
 
 def test_two_ranks_that_read_other_formats_or_whose_statistics_fail_stop_together_with_the_reason(tmp_path):
     """Two processes of one DDP run. Ranks whose images are of other formats (4-band uint16 and 2-band float32 arrays
-    under the same names) both stop at the start, saying so. Ranks that agree, but whose statistics fail on rank 0
-    (a constant band), both stop with rank 0's reason: rank 1, which works out no statistics, receives it."""
+    under the same names) both stop at the start, saying so. Ranks that agree on the first 16 images, but where the
+    statistics' draw on rank 0 meets a file of another channel count (its 20th), both stop with rank 0's reason:
+    rank 1, which works out no statistics, receives it."""
     from simmim.data.index import open_index
 
-    def arrays(folder, channels, dtype, constant=False):
+    def arrays(folder, channels, dtype, n=8, odd=None):
         folder.mkdir()
         rng = np.random.default_rng(channels)
-        for i in range(8):
-            a = rng.uniform(0, 1000, (16, 16, channels)).astype(dtype)
-            if constant:
-                a[:, :, 1] = 7
-            np.save(folder / f"{i}.npy", a)
+        for i in range(n):
+            np.save(
+                folder / f"{i:02d}.npy",
+                rng.uniform(0, 1000, (16, 16, odd if i == n - 1 and odd else channels)).astype(dtype),
+            )
         open_index(folder, None, tmp_path / "cache")  # rank 1's node index (rank 0 builds its own at start)
         return folder
 
@@ -462,9 +484,11 @@ def test_two_ranks_that_read_other_formats_or_whose_statistics_fail_stop_togethe
         )
     assert "this rank: 4 channel(s), uint16" in runs[0][1] and "this rank: 2 channel(s), float32" in runs[1][1]
 
-    runs = _as_two_ranks([arrays(tmp_path / "c", 2, np.float32, True), arrays(tmp_path / "d", 2, np.float32)], tmp_path)
+    roots = [arrays(tmp_path / "c", 2, np.float32, n=20, odd=3), arrays(tmp_path / "d", 2, np.float32, n=20)]
+    runs = _as_two_ranks(roots, tmp_path, "--data.val_fraction", "0")  # every file a training file, drawn
+    reason = r"--model.mean/--model.std auto: an image drawn for the statistics does not fit .*19.npy has 3 channel"
     for rank, (code, err) in enumerate(runs):
-        assert code != 0 and "--model.mean/--model.std auto: channel(s) [1] hold one value" in err, (rank, err[-2000:])
+        assert code != 0 and re.search(reason, err), (rank, err[-2000:])
 
 
 def test_8_bit_rgb_keeps_imagenet_values_for_what_is_not_given_and_reads_no_statistics(tmp_path, capsys):
@@ -632,6 +656,12 @@ def test_parquet_files_of_another_layout_are_refused_in_one_line(tmp_path):
         "float_label": (pa.table({"image": [png], "label": [0.5]}), None, "is double, not integers"),
         "label_out": (pa.table({"image": [png], "label": pa.array([3], pa.int64())}), ["a", "b"], "a label is 3"),
         "bad_names": (pa.table({"image": [png]}), [1, 2], "malformed list of label names"),
+        "more_fields": (  # nothing but bytes and a path is turned into Python objects
+            pa.table({"image": [{"bytes": png, "path": "a.png", "nulls": [None] * 1000}]}),
+            None,
+            r"its image column is struct<bytes: binary, path: string, nulls: list<\w+: null>>, not bytes",
+        ),
+        "path_list": (pa.table({"image": [{"bytes": png, "path": [None] * 10}]}), None, "not bytes or {bytes, path}"),
     }
     for name, (table, names, message) in cases.items():
         folder = tmp_path / name
@@ -679,10 +709,25 @@ def test_arrow_files_that_are_compressed_damaged_or_not_files_are_refused_in_one
     offsets = np.arange(7, dtype=np.int32) * len(png)  # the image column's offsets, as written
     at = bytes(raw).find(offsets.tobytes())
     assert at > 0
-    raw[at + 4 * 6 : at + 4 * 7] = np.int32(1 << 30).tobytes()  # the last image ends 1 GiB past the data
+    raw[at + 4 * 2 : at + 4 * 3] = np.int32(5 * len(png)).tobytes()  # a middle offset past the next: only a full
+    # validation looks at every offset
     damaged.write_bytes(bytes(raw))
     with pytest.raises(DataFolderError, match="record batch of .* is damaged"):
         TableSet(damaged.parent)
+
+    old_ipc = tmp_path / "v4" / "data-00000-of-00001.arrow"  # version 4 marked compression in custom metadata
+    old_ipc.parent.mkdir()
+    options = pa.ipc.IpcWriteOptions(metadata_version=pa.ipc.MetadataVersion.V4)
+    with pa.OSFile(str(old_ipc), "wb") as f, pa.ipc.new_stream(f, table.schema, options=options) as writer:
+        writer.write_table(table)
+    with pytest.raises(DataFolderError, match="record batch of .* is not read: a message of another IPC version"):
+        TableSet(old_ipc.parent)
+    marked = tmp_path / "marked" / "data-00000-of-00001.arrow"
+    marked.parent.mkdir()
+    with pa.OSFile(str(marked), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_batch(table.to_batches()[0], custom_metadata={"ARROW:experimental_compression": "zstd"})
+    with pytest.raises(DataFolderError, match="record batch of .* is not read: a message with custom metadata"):
+        TableSet(marked.parent)
 
     linked = tmp_path / "linked"  # as the Hub's cache links its files to blobs: followed to a regular file only
     linked.mkdir()
