@@ -362,6 +362,8 @@ def main() -> None:
                 lines += [f"## {stage}: DataLoader, batch {args.batch}, img/s (pin_memory={args.pin_memory})", ""]
                 lines += [f"| pipeline | {head} |", "|---|" + "---|" * len(args.workers)]
                 for name, ds in datasets.items():
+                    if name in (DECODE, TV_DECODE):
+                        continue  # not pipelines: timed per worker only
                     speeds = [loader_speed(name, ds, w, args.batch, args.epochs, args.pin_memory) for w in args.workers]
                     lines.append(f"| {name} | " + " | ".join(f"{s:.0f}" for s in speeds) + " |")
                 lines.append("")
