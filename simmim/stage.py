@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -29,7 +29,7 @@ from simmim.distributed import is_sharded
 from simmim.errors import ConfigError, require
 from simmim.optim import drop_nonfinite_grads
 from simmim.seeding import seed_step
-from swinv2.checkpoint import INPUTS_KEY, check_inputs
+from swinv2.checkpoint import INPUTS_KEY, LABELS_KEY, check_inputs
 from swinv2.reading import MalformedRecordError
 
 _TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
@@ -138,6 +138,16 @@ class StageModule(pl.LightningModule):
         swinv2.add_record(checkpoint, self.swin)
         if self.mean is not None and self.std is not None:
             checkpoint[INPUTS_KEY] = self.input_record()
+        if self.labels() is not None:
+            checkpoint[LABELS_KEY] = self.labels()
+
+    def labels(self) -> Optional[List[str]]:
+        """The class names of the classifier's outputs: the data module's classes when the encoder has a head of
+        as many outputs (None for an encoder, or without a data module)."""
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        classes = getattr(data, "classes", None)
+        num_classes = getattr(self.swin, "num_classes", 0)
+        return list(classes) if num_classes and classes is not None and len(classes) == num_classes else None
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """A checkpoint trained on other inputs than this run's (another pixel type, another normalisation: a

@@ -9,6 +9,7 @@ from swinv2.checkpoint import (
     create_model_from_checkpoint,
     load_pretrained,
     read_inputs,
+    read_labels,
     save_weights,
 )
 from swinv2.convert import CheckpointMismatchError, to_timm_state_dict, transformers_config_kwargs
@@ -27,6 +28,7 @@ __all__ = [
     "add_record",
     "checkpoint_windows",
     "read_inputs",
+    "read_labels",
     "read_checkpoint",
     "to_timm_state_dict",
     "LoadReport",

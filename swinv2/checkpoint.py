@@ -44,6 +44,9 @@ from swinv2.windows import Windows, check_windows, implied_windows, reference_wi
 ARCH_KEY = "swinv2_architecture"  # safetensors metadata entry / Lightning checkpoint entry: JSON of the record
 LAYOUT_KEY = "format"  # safetensors metadata entry: "swinv2-official" or "timm"
 INPUTS_KEY = "inputs"  # safetensors metadata entry / Lightning checkpoint entry: JSON of the input record
+LABELS_KEY = "labels"  # safetensors metadata entry / Lightning checkpoint entry: JSON list of the class names
+MAX_LABELS_CHARS = 8 << 20  # a label record: ImageNet-21k's names take about 1 MB
+MAX_LABEL_CHARS = 1024
 PIXEL_DEPTHS = ("uint8", "uint16", "float32")
 Source = Union[str, os.PathLike, Mapping]
 
@@ -115,6 +118,7 @@ def save_weights(
     model: SwinTransformerV2,
     layout: str = "official",
     inputs: Optional[Mapping[str, Any]] = None,
+    labels: Optional[List[str]] = None,
 ) -> str:
     """Write `model`'s weights as safetensors with its architecture record; returns `path`.
 
@@ -123,6 +127,7 @@ def save_weights(
             (`to_timm_state_dict`, which timm's `SwinTransformerV2` loads with `strict=True`).
         inputs: The input record (`check_inputs`): the pixels' type and the normalisation the weights were
             trained with, so that whoever reads them normalises the same way.
+        labels: The class names of a classifier's outputs, in order (`check_labels`).
     """
     if layout not in ("official", "timm"):
         raise ValueError(f"layout must be 'official' or 'timm', got {layout!r}")
@@ -135,6 +140,8 @@ def save_weights(
     }
     if inputs is not None:
         metadata[INPUTS_KEY] = json.dumps(check_inputs(inputs, model.in_chans, path))
+    if labels is not None:
+        metadata[LABELS_KEY] = json.dumps(check_labels(labels, model.num_classes, path))
     save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, path, metadata=metadata)
     return path
 
@@ -182,6 +189,32 @@ def read_inputs(raw: Mapping, name: str = "the checkpoint") -> Optional[Dict[str
     if isinstance(record, (str, bytes)):
         record = read_json_record(record, name)
     return check_inputs(record, (arch or {}).get("in_chans", 3), name)
+
+
+def check_labels(labels: Any, num_classes: int, where: Any) -> List[str]:
+    """A label record, checked: `num_classes` distinct class names, non-empty strings of at most 1024 characters."""
+    ok = isinstance(labels, (list, tuple)) and len(labels) == num_classes and len(set(labels)) == len(labels)
+    if not ok or not all(isinstance(n, str) and 0 < len(n) <= MAX_LABEL_CHARS for n in labels):
+        raise MalformedRecordError(f"{where}: the label record is not {num_classes} distinct class names")
+    return list(labels)
+
+
+def read_labels(raw: Mapping, name: str = "the checkpoint") -> Optional[List[str]]:
+    """The class names of a read checkpoint's outputs (safetensors header or Lightning checkpoint), checked against
+    its architecture's classes, or None when it has none."""
+    record = raw.get(LABELS_KEY) if isinstance(raw, Mapping) else None
+    if record is None:
+        return None
+    if isinstance(record, (str, bytes)):
+        if len(record) > MAX_LABELS_CHARS:
+            raise MalformedRecordError(f"{name}: the label record is longer than {MAX_LABELS_CHARS} characters")
+        try:
+            record = json.loads(record)
+        except (ValueError, RecursionError):
+            raise MalformedRecordError(f"{name}: the label record is not JSON") from None
+    arch = read_architecture(raw, name)
+    count = arch["num_classes"] if arch else len(record) if isinstance(record, list) else -1
+    return check_labels(record, count, name)
 
 
 def checkpoint_windows(raw: Mapping, name: str = "the checkpoint") -> Optional[Windows]:

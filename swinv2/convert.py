@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -221,4 +221,93 @@ def to_timm_state_dict(model: torch.nn.Module) -> StateDict:
         k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
         k = re.sub(r"^head\.", "head.fc.", k)
         out[k] = v
+    return out
+
+
+def transformers_config(model: torch.nn.Module) -> Dict[str, Any]:
+    """The transformers `Swinv2Config` fields (`config.json`) that rebuild `model` as transformers' `Swinv2Model`
+    (with a head: `Swinv2ForImageClassification`, whose labels the caller adds).
+
+    transformers' Swinv2 has one window for every stage, clamped to a stage's map height (`min(H_i, window)`), square
+    windows, the log-spaced continuous position bias, a LayerNorm after the patch embedding, and neither extra
+    main-branch norms (SwinV2-H/G) nor an absolute position embedding.
+
+    Raises:
+        ValueError: naming every part of `model` transformers' Swinv2 cannot express (a folder written anyway would
+            load without an error and compute something else).
+    """
+    require_swinv2_parts(model, "export it in transformers' layout")
+    arch = model.architecture()
+    problems: List[str] = []
+    if arch["extra_norm_period"]:
+        problems.append(f"a LayerNorm on the main branch every {arch['extra_norm_period']} blocks (SwinV2-H/G)")
+    if arch["position_bias"] != "log_cpb":
+        problems.append(f"the position bias {arch['position_bias']!r} (it has only the log-spaced continuous one)")
+    if arch["ape"]:
+        problems.append("an absolute position embedding")
+    if not arch["patch_norm"]:
+        problems.append("no LayerNorm after the patch embedding")
+    windows, pretrained = arch["window_size"], arch["pretrained_window_sizes"]
+    if any(h != w for h, w in windows + pretrained):
+        problems.append(f"non-square windows {windows} (pretrained {pretrained})")
+    window = windows[0][0]
+    height = arch["img_size"][0] // arch["patch_size"]
+    theirs = [min(height // 2**i, window) for i in range(len(windows))]
+    if not problems and theirs != [h for h, _ in windows]:
+        problems.append(
+            f"the stage windows {[h for h, _ in windows]}: its one window ({window}), clamped to each stage's map "
+            f"height, gives {theirs}"
+        )
+    if problems:
+        raise ValueError(f"transformers' Swinv2 cannot express {'; '.join(problems)}")
+    img = arch["img_size"]
+    return dict(
+        model_type="swinv2",
+        image_size=img[0] if img[0] == img[1] else list(img),
+        patch_size=arch["patch_size"],
+        num_channels=arch["in_chans"],
+        embed_dim=arch["embed_dim"],
+        depths=list(arch["depths"]),
+        num_heads=list(arch["num_heads"]),
+        window_size=window,
+        pretrained_window_sizes=[p for p, _ in pretrained],
+        mlp_ratio=arch["mlp_ratio"],
+        qkv_bias=arch["qkv_bias"],
+        hidden_act="gelu",
+        use_absolute_embeddings=False,
+        layer_norm_eps=1e-5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.1,
+        encoder_stride=arch["patch_size"] * 2 ** (len(arch["depths"]) - 1),
+    )
+
+
+def to_transformers_state_dict(model: torch.nn.Module, prefix: str = "") -> StateDict:
+    """`model`'s weights in transformers' Swinv2 layout (the inverse of `from_transformers`): the encoder's keys
+    behind `prefix` (`"swinv2."` inside `Swinv2ForImageClassification` and `Swinv2ForMaskedImageModeling`, `""` for
+    `Swinv2Model`), a head as `classifier.*`, the mask token as `embeddings.mask_token`; `attn.qkv` split into
+    query, key and value (key without a bias). The window buffers are left out: transformers computes its own.
+    Call `transformers_config` first: it refuses what this layout cannot hold."""
+    block_names = tuple((new, old) for old, new in _HF_BLOCK_NAMES if not old.startswith("attention.self.relative_"))
+    top_names = tuple((new, old) for old, new in _HF_TOP_NAMES)
+    out: StateDict = {}
+    for key, v in model.state_dict().items():
+        if key.rsplit(".", 1)[-1] in WINDOW_BUFFERS:
+            continue
+        if key.startswith("head."):
+            out["classifier." + key[len("head.") :]] = v
+            continue
+        block = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", key)
+        if block:
+            head, rest = f"encoder.layers.{block.group(1)}.blocks.{block.group(2)}.", block.group(3)
+            if rest == "attn.qkv.weight":
+                for name, part in zip(("query", "key", "value"), v.chunk(3)):
+                    out[f"{prefix}{head}attention.self.{name}.weight"] = part
+                continue
+            out[prefix + head + _rename_start(rest, block_names)] = v
+        elif key.startswith("layers."):
+            out[prefix + "encoder." + key] = v  # downsample: at the end of stages 0..N-2 in both layouts
+        else:
+            out[prefix + _rename_start(key, top_names)] = v
     return out

@@ -26,7 +26,7 @@ LAYERS = {
     "simmim.monitors": 6,
     "simmim.cli": 7,
 }
-ENTRY_POINTS = ("activations.py", "probe.py", "reconstruct.py", "shard.py", "transfer.py")
+ENTRY_POINTS = ("activations.py", "export.py", "probe.py", "reconstruct.py", "shard.py", "transfer.py")
 
 
 def imported_modules(path: Path, root: Path = ROOT) -> set:

@@ -69,8 +69,10 @@ class ExportWeights(pl.Callback):
         # safetensors replaces a symbolic link by the file, never follows it (a logger's folder may go unchecked at
         # start-up): tests/simmim/test_untrusted.py fails if a version of it changes that
         inputs = pl_module.input_record() if hasattr(pl_module, "input_record") else None
+        labels = pl_module.labels() if hasattr(pl_module, "labels") else None
         self.paths = [
-            swinv2.save_weights(os.path.join(folder, n), model, layout, inputs) for n, layout in self.files.items()
+            swinv2.save_weights(os.path.join(folder, n), model, layout, inputs, labels)
+            for n, layout in self.files.items()
         ]
 
 

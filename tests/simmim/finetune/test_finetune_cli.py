@@ -73,6 +73,17 @@ def test_fit_at_double_window_then_validate_and_predict(tmp_path, digits32, pret
     theirs.load_state_dict(load_file(timm_path), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), cli.model.model.eval()(x), atol=1e-4, rtol=1e-4)
+    for path in (official_path, timm_path, last):  # the class names travel with the weights
+        assert swinv2.read_labels(swinv2.read_checkpoint(path)) == cli.datamodule.classes
+    import transformers
+
+    from simmim.eval.export import main as export
+
+    export([last, "--to", "transformers", str(tmp_path / "hf")])  # fine-tuned at window 8, pretrained at 4
+    hf = transformers.Swinv2ForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert [hf.config.id2label[i] for i in range(10)] == cli.datamodule.classes
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, cli.model.model.eval()(x), atol=1e-5, rtol=0)
 
     ckpt_dir = os.path.dirname(last)
     assert any(f.startswith("best-") for f in os.listdir(ckpt_dir))

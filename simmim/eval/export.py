@@ -1,0 +1,167 @@
+"""`python -m simmim.export SRC --to FORMAT PATH`: SwinV2 weights written for others to load without this project.
+
+SRC is any file `swinv2.create_model_from_checkpoint` reads: an encoder or classifier export (`.safetensors`), a
+Lightning checkpoint of either stage, or another project's SwinV2 file that records or implies its architecture.
+
+- `--to transformers DIR`: a folder `from_pretrained` opens with no code from here: `config.json`,
+  `model.safetensors` and `preprocessor_config.json` (the image size, the pixels' scale and the normalisation of
+  the file's input record). `--kind` chooses the model: `encoder` (`Swinv2Model`), `classifier`
+  (`Swinv2ForImageClassification`, `id2label` from the file's label record) or `mim` (`Swinv2ForMaskedImageModeling`,
+  the encoder and SimMIM's decoder, from a pretraining checkpoint). What transformers' Swinv2 cannot express is
+  refused in one line (`swinv2.convert.transformers_config`) rather than written to load wrong.
+- `--to timm FILE`: the weights in timm's `SwinTransformerV2` layout, which `timm.create_model(...,
+  checkpoint_path=FILE)` or `load_state_dict(strict=True)` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from safetensors.torch import save_file
+
+import swinv2
+from simmim.errors import ConfigError, require
+from swinv2.convert import to_transformers_state_dict, transformers_config
+from swinv2.reading import MalformedRecordError
+
+FORMATS = ("transformers", "timm")
+KINDS = ("auto", "encoder", "classifier", "mim")
+DECODER = ("model.decoder.0.weight", "model.decoder.0.bias")  # SimMIM's 1x1 convolution in a pretraining checkpoint
+FULL_RANGE = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}
+IMAGENET = {"depth": "uint8", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def parse_args(args: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m simmim.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="a weights file: an export, a Lightning checkpoint of either stage, another SwinV2 file")
+    p.add_argument("--to", nargs=2, metavar=("FORMAT", "PATH"), required=True,
+                   help="transformers DIR (a new or empty folder) or timm FILE (a .safetensors file)")  # fmt: skip
+    p.add_argument("--kind", choices=KINDS, default="auto",
+                   help="transformers: encoder, classifier or mim (auto: classifier with a head)")  # fmt: skip
+    a = p.parse_args(args)
+    require(a.to[0] in FORMATS, "--to", a.to[0], f"must be one of {', '.join(FORMATS)}")
+    return a
+
+
+def _new_folder(path: Path) -> Path:
+    """`path` as a folder to write into: new or empty (a folder of someone's files is not written over)."""
+    require(not path.is_symlink() and not path.is_file(), "--to", str(path), "is a file or a link: name a folder")
+    if path.is_dir():
+        require(not any(path.iterdir()), "--to", str(path), "is a folder that is not empty: name a new one")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _decoder(raw: Dict[str, Any], src: str, model: swinv2.SwinTransformerV2) -> Dict[str, torch.Tensor]:
+    """SimMIM's decoder weights of a pretraining checkpoint, checked against the encoder."""
+    state = raw.get("state_dict") if isinstance(raw.get("state_dict"), dict) else raw
+    weight, bias = (state.get(k) for k in DECODER)
+    stride = model.patch_size * 2 ** (len(model.layers) - 1)
+    shape = (stride**2 * model.in_chans, model.num_features, 1, 1)
+    ok = isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
+    if not ok or tuple(weight.shape) != shape or tuple(bias.shape) != shape[:1]:
+        raise ConfigError(
+            f"--kind mim: {src} holds no SimMIM decoder of this encoder ({DECODER[0]}: {shape}); give the "
+            "pretraining run's Lightning checkpoint (checkpoints/last.ckpt)"
+        )
+    return {"decoder.0.weight": weight, "decoder.0.bias": bias}
+
+
+def preprocessor_config(model: swinv2.SwinTransformerV2, inputs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """transformers' image processor settings (`ViTImageProcessor`, what `AutoImageProcessor` builds for Swinv2):
+    resize to the model's image size, rescale by the pixels' full range, normalise with the file's mean and std
+    (ImageNet's for a file without an input record)."""
+    inputs = inputs or IMAGENET
+    height, width = model.img_size
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": height, "width": width},
+        "resample": 3,  # bicubic
+        "do_rescale": inputs["depth"] != "float32",
+        "rescale_factor": 1.0 / FULL_RANGE[inputs["depth"]],
+        "do_normalize": True,
+        "image_mean": list(inputs["mean"]),
+        "image_std": list(inputs["std"]),
+    }
+
+
+def to_transformers(src: str, folder: str, kind: str = "auto") -> Dict[str, Any]:
+    """Write `src` as a transformers folder (`config.json`, `model.safetensors`, `preprocessor_config.json`);
+    returns the config written."""
+    raw = swinv2.read_checkpoint(src)
+    model = swinv2.create_model_from_checkpoint(src).eval()
+    try:
+        inputs, labels = swinv2.read_inputs(raw, src), swinv2.read_labels(raw, src)
+    except MalformedRecordError as e:
+        raise ConfigError(str(e)) from None
+    if kind == "auto":
+        kind = "classifier" if model.num_classes else "encoder"
+    require(kind != "classifier" or model.num_classes > 0, "--kind", kind, f"needs a head: {src} has none")
+    try:
+        config = transformers_config(model)
+    except ValueError as e:
+        raise ConfigError(f"{src}: {e}") from None
+    if kind == "encoder":
+        state = {k: v for k, v in to_transformers_state_dict(model).items() if not k.startswith("classifier.")}
+        state.pop("embeddings.mask_token", None)  # Swinv2Model has none
+        config["architectures"] = ["Swinv2Model"]
+    elif kind == "classifier":
+        state = to_transformers_state_dict(model, "swinv2.")
+        state.pop("swinv2.embeddings.mask_token", None)
+        names = labels or [f"LABEL_{i}" for i in range(model.num_classes)]
+        config.update(architectures=["Swinv2ForImageClassification"], id2label=dict(enumerate(names)),
+                      label2id={n: i for i, n in enumerate(names)})  # fmt: skip
+    else:
+        require(model.mask_token is not None, "--kind", kind, f"needs the mask token: {src} has none")
+        require(model.img_size[0] == model.img_size[1], "--kind", kind, "needs a square image size (transformers')")
+        decoder = _decoder(raw, src, model)  # checked before anything is written
+        hparams = raw.get("hyper_parameters") if isinstance(raw.get("hyper_parameters"), dict) else {}
+        window = hparams.get("norm_target_patch_size")
+        if isinstance(window, int):
+            print(
+                f"note: this model was trained against targets normalised in {window}-pixel windows; transformers' "
+                "Swinv2ForMaskedImageModeling computes its loss against the raw pixels: the reconstruction is the "
+                "same, its loss is not the training loss"
+            )
+        state = {
+            k: v for k, v in to_transformers_state_dict(model, "swinv2.").items() if not k.startswith("classifier.")
+        }
+        state.update(decoder)
+        config["architectures"] = ["Swinv2ForMaskedImageModeling"]
+    out = _new_folder(Path(folder))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(model, inputs), indent=2) + "\n")
+    return config
+
+
+def to_timm(src: str, path: str) -> str:
+    """Write `src` in timm's layout (`swinv2.save_weights(..., "timm")`, with its records); returns the path."""
+    require(path.endswith(".safetensors"), "--to timm", path, "must be a .safetensors file")
+    require(not os.path.lexists(path), "--to timm", path, "exists: name a new file")
+    raw = swinv2.read_checkpoint(src)
+    model = swinv2.create_model_from_checkpoint(src)
+    try:
+        return swinv2.save_weights(path, model, "timm", swinv2.read_inputs(raw, src), swinv2.read_labels(raw, src))
+    except (ValueError, MalformedRecordError) as e:
+        raise ConfigError(f"{src}: {e}") from None
+
+
+def main(args: Optional[List[str]] = None) -> str:
+    a = parse_args(args)
+    fmt, path = a.to
+    if fmt == "timm":
+        require(a.kind in ("auto", "encoder", "classifier"), "--kind", a.kind, "timm's layout holds no decoder")
+        written = to_timm(a.src, path)
+    else:
+        config = to_transformers(a.src, path, a.kind)
+        written = f"{path} ({config['architectures'][0]})"
+    print(f"written: {written}")
+    return path

@@ -1,0 +1,136 @@
+"""`python -m simmim.export`: our weights written for transformers (checked by loading them with transformers'
+`from_pretrained`, the oracle) and for timm (loaded by timm with strict=True)."""
+
+import json
+
+import pytest
+import torch
+from conftest import RUN_MEAN, RUN_STD, TINY, randomize_
+
+import swinv2
+from simmim.errors import ConfigError
+from simmim.eval.export import main as export
+from simmim.pretrain.model import SimMIM
+
+transformers = pytest.importorskip("transformers")
+
+
+def _export(src, folder, kind="auto"):
+    export([str(src), "--to", "transformers", str(folder), "--kind", kind])
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_an_encoder_export_loads_as_transformers_swinv2model_with_the_same_features(tmp_path):
+    model = randomize_(swinv2.SwinTransformerV2(**{**TINY, "num_classes": 0}, mask_token=True)).eval()
+    inputs = {"depth": "uint16", "mean": [0.2, 0.3, 0.4], "std": [0.1, 0.2, 0.3]}
+    src = swinv2.save_weights(tmp_path / "encoder.safetensors", model, inputs=inputs)
+    config = _export(src, tmp_path / "hf")
+    assert config["architectures"] == ["Swinv2Model"] and config["window_size"] == 4
+    hf = transformers.Swinv2Model.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).last_hidden_state, model.forward_features(x).flatten(1, 2), atol=1e-5, rtol=0)
+    processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": 32, "width": 32} and processor["rescale_factor"] == 1 / 65535
+    assert processor["image_mean"] == inputs["mean"] and processor["image_std"] == inputs["std"]
+    image_processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    assert list(image_processor.image_mean) == inputs["mean"]
+
+
+def test_a_classifier_fine_tuned_at_another_window_loads_as_transformers_classifier_with_its_labels(tmp_path):
+    """Pretrained at window 4, fine-tuned at 64 px and window 8: transformers rebuilds the same position bias from
+    `pretrained_window_sizes` and gives the same logits; the label record becomes `id2label`."""
+    arch = {**TINY, "img_size": 64, "window_size": 8, "num_classes": 3}
+    model = randomize_(swinv2.SwinTransformerV2(**arch, pretrained_window_sizes=(4, 4))).eval()
+    src = swinv2.save_weights(tmp_path / "classifier.safetensors", model, labels=["cat", "dog", "fish"])
+    config = _export(src, tmp_path / "hf")
+    assert config["pretrained_window_sizes"] == [4, 4] and config["id2label"] == {"0": "cat", "1": "dog", "2": "fish"}
+    hf = transformers.Swinv2ForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.id2label == {0: "cat", 1: "dog", 2: "fish"}
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(hf(x).logits, model(x), atol=1e-5, rtol=0)
+
+
+def test_a_pretraining_checkpoint_loads_as_transformers_masked_image_model_with_the_same_loss(
+    pretraining_run, tmp_path, capsys
+):
+    """The shared pretraining run's Lightning checkpoint, encoder and decoder: transformers' reconstruction and its
+    masked L1 loss are ours (the run trains against the raw pixels, as the default recipe does and as transformers'
+    loss computes; a checkpoint trained against locally normalised targets, the official recipes', is exported with
+    a note that transformers' loss is not its training loss)."""
+    assert pretraining_run.cli.model.hparams.norm_target_patch_size is None
+    config = _export(pretraining_run.checkpoint, tmp_path / "hf", kind="mim")
+    assert "normalised in" not in capsys.readouterr().out
+    assert config["architectures"] == ["Swinv2ForMaskedImageModeling"] and config["encoder_stride"] == 8
+    hf = transformers.Swinv2ForMaskedImageModeling.from_pretrained(tmp_path / "hf").eval()
+    module = pretraining_run.cli.model
+    ours = SimMIM(swinv2.create_model_from_checkpoint(pretraining_run.checkpoint), 8).eval()
+    ours.decoder.load_state_dict(module.model.decoder.state_dict())
+    x, mask = torch.randn(3, 3, 32, 32), torch.rand(3, 8, 8) < 0.5
+    with torch.no_grad():
+        out = hf(x, bool_masked_pos=mask.flatten(1))
+        torch.testing.assert_close(out.reconstruction, ours.reconstruct(x, mask), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.loss, ours(x, mask), atol=1e-5, rtol=0)
+    processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == pytest.approx(RUN_MEAN) and processor["image_std"] == pytest.approx(RUN_STD)
+
+    raw = swinv2.read_checkpoint(pretraining_run.checkpoint)
+    raw["hyper_parameters"] = {**raw["hyper_parameters"], "norm_target_patch_size": 47}
+    torch.save(raw, tmp_path / "normalised.ckpt")
+    _export(tmp_path / "normalised.ckpt", tmp_path / "hf47", kind="mim")
+    assert "trained against targets normalised in 47-pixel windows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arch, reason",
+    [
+        ({"extra_norm_period": 1}, "a LayerNorm on the main branch every 1 blocks"),
+        ({"position_bias": "table"}, "the position bias 'table'"),
+        ({"img_size": 64, "window_size": (8, 4)}, "the stage windows \\[8, 4\\]: its one window \\(8\\)"),
+    ],
+)
+def test_what_transformers_swinv2_cannot_express_is_refused_in_one_line(tmp_path, arch, reason):
+    model = swinv2.SwinTransformerV2(**{**TINY, **arch})
+    src = swinv2.save_weights(tmp_path / "w.safetensors", model)
+    with pytest.raises(ConfigError, match=f"transformers' Swinv2 cannot express {reason}"):
+        _export(src, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_mim_needs_a_decoder_and_nothing_is_written_over(tmp_path):
+    model = swinv2.SwinTransformerV2(**{**TINY, "num_classes": 0}, mask_token=True)
+    src = swinv2.save_weights(tmp_path / "encoder.safetensors", model)
+    with pytest.raises(ConfigError, match="holds no SimMIM decoder of this encoder.*checkpoints/last.ckpt"):
+        _export(src, tmp_path / "hf", kind="mim")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is a folder that is not empty"):
+        _export(src, tmp_path / "full")
+
+
+def test_the_timm_export_loads_into_timm_strictly_with_the_same_features(tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    model = randomize_(swinv2.SwinTransformerV2(**TINY)).eval()
+    labels = [f"class {i}" for i in range(model.num_classes)]
+    src = swinv2.save_weights(tmp_path / "classifier.safetensors", model, labels=labels)
+    export([str(src), "--to", "timm", str(tmp_path / "timm.safetensors")])
+    theirs = timm.create_model(
+        "swinv2_tiny_window8_256",
+        pretrained=False,
+        img_size=32,
+        embed_dim=TINY["embed_dim"],
+        depths=TINY["depths"],
+        num_heads=TINY["num_heads"],
+        window_size=4,
+        num_classes=model.num_classes,
+    ).eval()
+    theirs.load_state_dict(load_file(tmp_path / "timm.safetensors"), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=0)
+    raw = swinv2.read_checkpoint(tmp_path / "timm.safetensors")
+    assert swinv2.read_labels(raw) == labels
