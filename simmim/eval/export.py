@@ -11,6 +11,11 @@ Lightning checkpoint of either stage, or another project's SwinV2 file that reco
   refused in one line (`swinv2.convert.transformers_config`) rather than written to load wrong.
 - `--to timm FILE`: the weights in timm's `SwinTransformerV2` layout, which `timm.create_model(...,
   checkpoint_path=FILE)` or `load_state_dict(strict=True)` loads.
+- `--to onnx FILE`: the model as an ONNX graph (opset `ONNX_OPSET`, PyTorch's `torch.export`-based exporter) with a
+  dynamic batch dimension at the model's image size: input `pixels` (normalised, as the model trains), outputs
+  `logits` (a classifier's) and `features` (the pooled encoder features). Checked after writing: onnxruntime's
+  outputs against PyTorch's on the same random inputs at batch 1 and 3. One file, up to 1.5 GB of weights (SwinV2-L);
+  larger weights (H, G) go to `FILE.data` beside it, which must travel with it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from simmim.errors import ConfigError, require
 from swinv2.convert import to_transformers_state_dict, transformers_config
 from swinv2.reading import MalformedRecordError
 
-FORMATS = ("transformers", "timm")
+FORMATS = ("transformers", "timm", "onnx")
+ONNX_OPSET = 18
+ONNX_ATOL = 1e-4  # onnxruntime against PyTorch, fp32
+ONNX_MAX_INLINE_BYTES = 1536 << 20  # larger weights go to FILE.data beside FILE (protobuf's 2 GB limit)
 KINDS = ("auto", "encoder", "classifier", "mim")
 DECODER = ("model.decoder.0.weight", "model.decoder.0.bias")  # SimMIM's 1x1 convolution in a pretraining checkpoint
 FULL_RANGE = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}
@@ -154,12 +162,89 @@ def to_timm(src: str, path: str) -> str:
         raise ConfigError(f"{src}: {e}") from None
 
 
+class _Outputs(torch.nn.Module):
+    """A SwinV2 as the ONNX graph computes it: (logits, features) with its head, else (features,)."""
+
+    def __init__(self, model: swinv2.SwinTransformerV2, head: bool) -> None:
+        super().__init__()
+        self.model, self.with_head = model, head
+
+    def forward(self, pixels: torch.Tensor) -> Any:
+        features = self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
+        return (self.model.head(features), features) if self.with_head else (features,)
+
+
+def _onnx_modules() -> Any:
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401 (PyTorch's exporter needs it)
+    except ImportError:
+        message = "--to onnx needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime"
+        raise ConfigError(message) from None
+    return onnxruntime
+
+
+def to_onnx(src: str, path: str, kind: str = "auto") -> float:
+    """Write `src` as an ONNX file at its image size with a dynamic batch, then check it with onnxruntime against
+    PyTorch at batch 1 and 3; returns the largest absolute difference."""
+    require(path.endswith(".onnx"), "--to onnx", path, "must be a .onnx file")
+    for name in (path, path + ".data"):
+        require(not os.path.lexists(name), "--to onnx", name, "exists: name a new file")
+    onnxruntime = _onnx_modules()
+    model = swinv2.create_model_from_checkpoint(src).eval()
+    require(kind != "classifier" or model.num_classes > 0, "--kind", kind, f"needs a head: {src} has none")
+    require(kind != "mim", "--kind", kind, "ONNX exports the encoder or the classifier")
+    head = kind != "encoder" and model.num_classes > 0
+    graph = _Outputs(model, head).eval()
+    names = ["logits", "features"] if head else ["features"]
+    example = torch.randn(2, model.in_chans, *model.img_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        shapes = {"pixels": {0: batch}}
+        external = sum(p.numel() * p.element_size() for p in model.parameters()) > ONNX_MAX_INLINE_BYTES
+        torch.onnx.export(graph, (example,), path, input_names=["pixels"], output_names=names,
+                          opset_version=ONNX_OPSET, dynamo=True, dynamic_shapes=shapes, external_data=external,
+                          verbose=False)  # fmt: skip
+        return _check_onnx(onnxruntime, graph, model, path, names)
+    except BaseException as e:
+        for name in (path, path + ".data"):
+            if os.path.exists(name):
+                os.remove(name)  # a graph that did not pass its check is not left to be used
+        if isinstance(e, (ConfigError, KeyboardInterrupt)):
+            raise
+        raise ConfigError(f"--to onnx {path}: the export failed ({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def _check_onnx(onnxruntime: Any, graph: torch.nn.Module, model: Any, path: str, names: List[str]) -> float:
+    """The largest difference between onnxruntime's outputs and PyTorch's at batch 1 and 3 (random inputs);
+    ConfigError beyond `ONNX_ATOL` or for an output of another shape."""
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for size in (1, 3):
+        x = torch.randn(size, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            expected = graph(x)
+        got = session.run(None, {"pixels": x.numpy()})
+        for name, a, b in zip(names, got, expected):
+            if a.shape != tuple(b.shape):
+                raise ConfigError(
+                    f"--to onnx {path}: onnxruntime's {name} at batch {size} is {a.shape}, not {tuple(b.shape)}"
+                )
+            worst = max(worst, float((torch.from_numpy(a) - b).abs().max()))
+    if not worst <= ONNX_ATOL:
+        raise ConfigError(f"--to onnx {path}: onnxruntime differs from PyTorch by {worst:.2e} (more than {ONNX_ATOL})")
+    return worst
+
+
 def main(args: Optional[List[str]] = None) -> str:
     a = parse_args(args)
     fmt, path = a.to
     if fmt == "timm":
         require(a.kind in ("auto", "encoder", "classifier"), "--kind", a.kind, "timm's layout holds no decoder")
         written = to_timm(a.src, path)
+    elif fmt == "onnx":
+        worst = to_onnx(a.src, path, a.kind)
+        written = f"{path} (onnxruntime matches PyTorch at batch 1 and 3 within {worst:.1e})"
     else:
         config = to_transformers(a.src, path, a.kind)
         written = f"{path} ({config['architectures'][0]})"

@@ -134,3 +134,46 @@ def test_the_timm_export_loads_into_timm_strictly_with_the_same_features(tmp_pat
         torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=0)
     raw = swinv2.read_checkpoint(tmp_path / "timm.safetensors")
     assert swinv2.read_labels(raw) == labels
+
+
+def _onnx_outputs(path, x):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [o.name for o in session.get_outputs()], session.run(None, {"pixels": x.numpy()})
+
+
+def test_an_onnx_export_matches_pytorch_at_batch_1_and_3(tmp_path, capsys):
+    """A tiny classifier: onnxruntime's logits and pooled features are PyTorch's (atol 1e-4) at batch 1 and 3 (the
+    batch is dynamic, the image size fixed); an encoder-only export has the features alone."""
+    pytest.importorskip("onnxruntime")
+    model = randomize_(swinv2.SwinTransformerV2(**TINY)).eval()
+    src = swinv2.save_weights(tmp_path / "classifier.safetensors", model)
+    export([str(src), "--to", "onnx", str(tmp_path / "classifier.onnx")])
+    assert "onnxruntime matches PyTorch at batch 1 and 3" in capsys.readouterr().out
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        names, (logits, features) = _onnx_outputs(tmp_path / "classifier.onnx", x)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(logits), model(x), atol=1e-4, rtol=0)
+            pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+            torch.testing.assert_close(torch.from_numpy(features), pooled, atol=1e-4, rtol=0)
+        assert names == ["logits", "features"]
+    export([str(src), "--to", "onnx", str(tmp_path / "encoder.onnx"), "--kind", "encoder"])
+    names, outputs = _onnx_outputs(tmp_path / "encoder.onnx", torch.randn(2, 3, 32, 32))
+    assert names == ["features"] and outputs[0].shape == (2, model.num_features)
+    with pytest.raises(ConfigError, match="exists: name a new file"):
+        export([str(src), "--to", "onnx", str(tmp_path / "encoder.onnx")])
+
+
+@pytest.mark.slow
+def test_a_swinv2_tiny_at_192_px_window_12_exports_to_onnx_and_matches_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = randomize_(swinv2.create_model("swinv2_tiny", img_size=192, window_size=12, num_classes=10)).eval()
+    src = swinv2.save_weights(tmp_path / "tiny.safetensors", model)
+    export([str(src), "--to", "onnx", str(tmp_path / "tiny.onnx")])
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 192, 192)
+        _, (logits, _) = _onnx_outputs(tmp_path / "tiny.onnx", x)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(logits), model(x), atol=1e-4, rtol=0)
