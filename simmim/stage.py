@@ -122,6 +122,13 @@ class StageModule(pl.LightningModule):
                     f"both the same values (on the command line, --model.{name} sets both)"
                 )
 
+    def on_train_start(self) -> None:
+        """The number of training images goes into the run's logs (`data/train_images`, step 0), beside the
+        metrics: what a model card reads back (`simmim.eval.card`)."""
+        files = getattr(getattr(self.trainer, "datamodule", None), "train_files", None)
+        if files is not None and self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_metrics({"data/train_images": float(len(files))}, step=0)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.global_rank, self.current_epoch, batch_idx)
 

@@ -16,6 +16,8 @@ Lightning checkpoint of either stage, or another project's SwinV2 file that reco
   `logits` (a classifier's) and `features` (the pooled encoder features). Checked after writing: onnxruntime's
   outputs against PyTorch's on the same random inputs at batch 1 and 3. One file, up to 1.5 GB of weights (SwinV2-L);
   larger weights (H, G) go to `FILE.data` beside it, which must travel with it.
+
+Every export gets a model card (`simmim.eval.card`): the folder's `README.md`, or `FILE` with the suffix `.md`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from safetensors.torch import save_file
 
 import swinv2
 from simmim.errors import ConfigError, require
+from simmim.eval.card import model_card
 from swinv2.convert import to_transformers_state_dict, transformers_config
 from swinv2.reading import MalformedRecordError
 
@@ -147,13 +150,22 @@ def to_transformers(src: str, folder: str, kind: str = "auto") -> Dict[str, Any]
               metadata={"format": "pt"})  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(model, inputs), indent=2) + "\n")
+    task = {"classifier": "image-classification", "encoder": "image-feature-extraction", "mim": "image-to-image"}
+    front = f"---\nlibrary_name: transformers\npipeline_tag: {task[kind]}\ntags:\n- swinv2\n- simmim\n---\n\n"
+    (out / "README.md").write_text(front + model_card(src, f"transformers {config['architectures'][0]}", out.name))
     return config
+
+
+def sidecar(path: str) -> Path:
+    """The model card beside an exported file: `model.onnx` -> `model.md`."""
+    return Path(path).with_suffix(".md")
 
 
 def to_timm(src: str, path: str) -> str:
     """Write `src` in timm's layout (`swinv2.save_weights(..., "timm")`, with its records); returns the path."""
     require(path.endswith(".safetensors"), "--to timm", path, "must be a .safetensors file")
-    require(not os.path.lexists(path), "--to timm", path, "exists: name a new file")
+    for name in (path, sidecar(path)):
+        require(not os.path.lexists(name), "--to timm", str(name), "exists: name a new file")
     raw = swinv2.read_checkpoint(src)
     model = swinv2.create_model_from_checkpoint(src)
     try:
@@ -188,7 +200,7 @@ def to_onnx(src: str, path: str, kind: str = "auto") -> float:
     """Write `src` as an ONNX file at its image size with a dynamic batch, then check it with onnxruntime against
     PyTorch at batch 1 and 3; returns the largest absolute difference."""
     require(path.endswith(".onnx"), "--to onnx", path, "must be a .onnx file")
-    for name in (path, path + ".data"):
+    for name in (path, path + ".data", str(sidecar(path))):
         require(not os.path.lexists(name), "--to onnx", name, "exists: name a new file")
     onnxruntime = _onnx_modules()
     model = swinv2.create_model_from_checkpoint(src).eval()
@@ -245,6 +257,8 @@ def main(args: Optional[List[str]] = None) -> str:
     elif fmt == "onnx":
         worst = to_onnx(a.src, path, a.kind)
         written = f"{path} (onnxruntime matches PyTorch at batch 1 and 3 within {worst:.1e})"
+    if fmt != "transformers":  # the transformers folder has its card as README.md
+        sidecar(path).write_text(model_card(a.src, f"{fmt} ({Path(path).name})"))
     else:
         config = to_transformers(a.src, path, a.kind)
         written = f"{path} ({config['architectures'][0]})"

@@ -2,6 +2,7 @@
 `from_pretrained`, the oracle) and for timm (loaded by timm with strict=True)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,61 @@ def test_a_swinv2_tiny_at_192_px_window_12_exports_to_onnx_and_matches_pytorch(t
         _, (logits, _) = _onnx_outputs(tmp_path / "tiny.onnx", x)
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(logits), model(x), atol=1e-4, rtol=0)
+
+
+def test_the_model_card_lists_what_the_runs_record_and_logs_hold(pretraining_run, tmp_path):
+    """The card of the shared pretraining run's export: the architecture and windows from the file's record, the
+    normalisation from its input record, the recipe from the run's config.yaml, and the number of training images
+    as the run's TensorBoard logs hold it (read here with TensorBoard's reader on its own). The run stops before
+    its first validation, so its logs hold no metric, and the card says so. (A fine-tuning run's card and its
+    logged accuracy: tests/simmim/finetune/test_finetune_cli.py.)"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _export(pretraining_run.checkpoint, tmp_path / "hf", kind="mim")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-to-image\n")
+    (log,) = pretraining_run.folder.glob("events.out.tfevents.*")
+    events = EventAccumulator(str(log))
+    events.Reload()
+    images = int(events.Scalars("data/train_images")[-1].value)
+    assert images == len(pretraining_run.cli.datamodule.train_files) > 0
+    assert f"({images} training images)" in card and "val/loss" not in events.Tags()["scalars"]
+    assert "No metrics were found in the run's logs" in card
+    assert "Windows per stage: [4, 4]" in card and "| `data.mask_ratio` | 0.5 |" in card
+    assert "| `model.encoder_kwargs` | {embed\\_dim: 24, depths: \\[2, 2\\], num\\_heads: \\[2, 4\\]} |" in card
+    assert f"with mean {list(RUN_MEAN)} and std {list(RUN_STD)}" in card
+    assert f"python -m simmim.pretrain --config {pretraining_run.folder / 'config.yaml'}" in card
+
+    export([str(pretraining_run.export), "--to", "timm", str(tmp_path / "encoder_timm.safetensors")])
+    sidecar = (tmp_path / "encoder_timm.md").read_text()
+    assert "exported as timm (encoder_timm.safetensors)" in sidecar
+    assert f"({images} training images)" in sidecar
+
+
+def test_a_fine_tuning_runs_card_lists_its_logged_accuracy_and_both_recipes(pretraining_run, digits32, tmp_path):
+    """A short fine-tuning run from the shared pretraining export, with its TensorBoard logs: the card lists the
+    last `val/acc1` the logs hold (read here on their own), the fine-tuning recipe and, from the pretrained file's
+    run folder, the pretraining recipe."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from simmim.finetune import main as finetune
+
+    encoder = "{embed_dim: 24, depths: [2, 2], num_heads: [2, 4]}"
+    cli = finetune(["fit", "--data.root", digits32, "--data.img_size", "32", "--data.batch_size", "16",
+                    "--data.num_workers", "0", "--model.encoder_kwargs", encoder, "--model.window_size", "4",
+                    "--model.pretrained", str(pretraining_run.export), "--trainer.max_epochs", "1",
+                    "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+                    "--trainer.val_check_interval", "2",
+                    "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
+                    "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    (log,) = Path(cli.trainer.log_dir).glob("events.out.tfevents.*")
+    events = EventAccumulator(str(log))
+    events.Reload()
+    logged = events.Scalars("val/acc1")[-1]
+    classifier = Path(cli.trainer.log_dir) / "classifier.safetensors"
+    _export(classifier, tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert f"| val/acc1 | {logged.value:.4f} | {logged.step} |" in card and "Trained by fine-tuning" in card
+    assert f"({len(cli.datamodule.train_files)} training images)" in card and "10 classes: 0, 1, 2" in card
+    assert "It started from" in card and "(pretraining)" in card and "| `data.mask_ratio` | 0.5 |" in card
+    assert f"python -m simmim.finetune fit --config {Path(cli.trainer.log_dir) / 'config.yaml'}" in card

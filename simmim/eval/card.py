@@ -1,0 +1,202 @@
+"""A model card for an export (`simmim.eval.export`): what the weights are and how they were made, generated from the
+file's records and its run's folder, never typed by hand.
+
+- The architecture, windows, inputs and classes: the file's records (`swinv2.architecture`, the input and label
+  records).
+- The recipe: the run's `config.yaml` (the folder holding the file, or the one above `checkpoints/`). For a
+  fine-tuning run whose `--model.pretrained` file has a run folder of its own, that run's recipe too.
+- The results: the last value of each metric in the run's TensorBoard logs (`val/loss`, `val/knn_acc1`,
+  `val/finetune_acc1`, `val/acc1`, `val/acc5`), and the number of training images the run logged.
+- The project's version and the command that trains the same recipe again.
+
+The run's files are untrusted like any other: the config is read as plain YAML of at most 1 MiB and only its plain
+values are shown (escaped for Markdown); the logs are read by TensorBoard's reader, only the scalars named above.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import swinv2
+
+METRICS = ("val/loss", "val/knn_acc1", "val/finetune_acc1", "val/acc1", "val/acc5")
+DATA_SIZE = "data/train_images"
+MAX_CONFIG_BYTES = 1 << 20
+MAX_EVENT_FILES = 64
+RECIPE = {  # section -> fields shown, in order
+    "data": ("root", "index", "img_size", "batch_size", "mask_patch_size", "mask_ratio", "val_fraction",
+             "label_fraction", "augment", "channels", "depth"),
+    "model": ("arch", "encoder_kwargs", "window_size", "pretrained", "base_lr", "warmup_lr", "min_lr", "warmup_epochs",
+              "lr_schedule", "weight_decay", "layer_decay", "drop_path_rate", "norm_target_patch_size",
+              "label_smoothing", "mixup", "cutmix", "mean", "std"),
+    "trainer": ("max_epochs", "max_steps", "precision", "devices", "num_nodes", "strategy", "accumulate_grad_batches"),
+}  # fmt: skip
+
+
+def run_folder(src: str | os.PathLike) -> Optional[Path]:
+    """The run folder of a weights file: the folder holding it, or the one above `checkpoints/`, where it holds a
+    `config.yaml`; None otherwise (a file from elsewhere)."""
+    path = Path(src).absolute()
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder
+    return None
+
+
+def read_config(folder: Path) -> Dict[str, Any]:
+    """A run's `config.yaml` as plain YAML (no tags), at most 1 MiB; {} where it cannot be read."""
+    import yaml
+
+    path = folder / "config.yaml"
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES or path.is_symlink():
+            return {}
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def final_metrics(folder: Path) -> Dict[str, Tuple[int, float]]:
+    """The last (step, value) of each of `METRICS` and `DATA_SIZE` in the run's TensorBoard logs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: Dict[str, Tuple[int, int, float]] = {}  # tag -> (wall time order, step, value)
+    for path in sorted(glob.glob(str(folder / "events.out.tfevents.*")))[:MAX_EVENT_FILES]:
+        if not os.path.isfile(path) or os.path.islink(path):
+            continue
+        events = EventAccumulator(path, size_guidance={"scalars": 0})
+        try:
+            events.Reload()
+        except Exception:  # noqa: BLE001 (a damaged log: its metrics are left out)
+            continue
+        for tag in set(events.Tags().get("scalars", [])) & {*METRICS, DATA_SIZE}:
+            last = events.Scalars(tag)[-1]
+            key = (last.wall_time, last.step)
+            if tag not in found or key >= found[tag][:2]:
+                found[tag] = (*key, float(last.value))
+    return {tag: (int(step), value) for tag, (_, step, value) in found.items()}
+
+
+def _plain(value: Any) -> str:
+    """A config value shown in Markdown: plain values only, escaped; anything else as its type."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        text = str(value)
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        text = "[" + ", ".join(str(v) for v in value) + "]"
+    elif isinstance(value, Mapping) and "class_path" in value:
+        text = str(value["class_path"])
+    elif isinstance(value, Mapping) and all(isinstance(v, (bool, int, float, str, list)) for v in value.values()):
+        text = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    else:
+        text = f"({type(value).__name__})"
+    text = text[:200]
+    for ch in "\\`*_[]<>|":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _recipe(config: Mapping[str, Any]) -> List[str]:
+    rows = []
+    for section, fields in RECIPE.items():
+        values = config.get(section) if isinstance(config.get(section), Mapping) else {}
+        for name in fields:
+            if name in values:
+                rows.append(f"| `{section}.{name}` | {_plain(values[name])} |")
+    return ["| option | value |", "|---|---|", *rows] if rows else ["(no options recorded)"]
+
+
+def _results(metrics: Mapping[str, Tuple[int, float]], whose: str) -> List[str]:
+    """The metrics table: the last value of each of `METRICS` the logs hold."""
+    shown = [(tag, metrics[tag]) for tag in METRICS if tag in metrics]
+    if not shown:
+        return [f"No metrics were found in {whose.lower()} logs."]
+    rows = [f"| {tag} | {value:.4f} | {step} |" for tag, (step, value) in shown]
+    return [f"{whose} logs, the last value of each metric:", "", "| metric | value | step |", "|---|---|---|", *rows]
+
+
+def _stage(config: Mapping[str, Any]) -> str:
+    data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
+    return "pretraining" if "mask_ratio" in data else "fine-tuning"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("simmim-swinv2")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def model_card(src: str, written: str, title: Optional[str] = None) -> str:
+    """The Markdown model card of the weights file `src`, exported as `written` (a description of what was
+    written: "transformers Swinv2Model", ...)."""
+    raw = swinv2.read_checkpoint(src)
+    model = swinv2.create_model_from_checkpoint(src)
+    arch = swinv2.architecture(model)
+    inputs, labels = swinv2.read_inputs(raw, src), swinv2.read_labels(raw, src)
+    folder = run_folder(src)
+    config = read_config(folder) if folder is not None else {}
+    metrics = final_metrics(folder) if folder is not None else {}
+    lines = [
+        f"# {title or Path(src).stem}",
+        "",
+        f"SwinV2 weights exported as {written} by simmim-swinv2 {_version()}.",
+        "",
+    ]
+    lines += [
+        "## Architecture",
+        "",
+        f"- Variant: {arch['variant']} (embed dim {arch['embed_dim']}, depths {arch['depths']}, heads "
+        f"{arch['num_heads']}, patch {arch['patch_size']}, MLP ratio {arch['mlp_ratio']}).",
+        f"- Image size {arch['img_size'][0]}x{arch['img_size'][1]}, {arch['in_chans']} input channel(s).",
+        f"- Windows per stage: {[w[0] for w in arch['window_size']]}; position bias pretrained at windows "
+        f"{[w[0] for w in arch['pretrained_window_sizes']]} ({arch['position_bias']}).",
+        f"- Outputs: {f'{model.num_classes} classes' if model.num_classes else 'features (no head)'}"
+        + (f": {', '.join(_plain(n) for n in labels[:20])}{', ...' if len(labels) > 20 else ''}." if labels else "."),
+        "",
+        "## Inputs",
+        "",
+    ]
+    if inputs:
+        scale = {
+            "uint8": "8-bit pixels / 255",
+            "uint16": "16-bit pixels / 65535",
+            "float32": "float pixels as they are",
+        }
+        lines += [f"- {scale[inputs['depth']]}, then per channel (x - mean) / std with mean {inputs['mean']} and std "
+                  f"{inputs['std']}."]  # fmt: skip
+    else:
+        lines += ["- Not recorded in the file (ImageNet's mean and std are the usual choice for RGB)."]
+    lines += ["", "## Data and recipe", ""]
+    if folder is None:
+        lines += ["The file has no run folder beside it: its data and recipe are not known here.", ""]
+    else:
+        data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
+        root = data.get("root")
+        images = metrics.get(DATA_SIZE)
+        lines += [
+            f"Trained by {_stage(config)} on {_plain(root) if root else 'the built-in digits'}"
+            + (f" ({int(images[1])} training images)" if images else "")
+            + ". The options of the run's `config.yaml`:",
+            "",
+            *_recipe(config),
+            "",
+        ]
+        pretrained = (config.get("model") or {}).get("pretrained") if isinstance(config.get("model"), Mapping) else None
+        earlier = run_folder(pretrained) if isinstance(pretrained, str) and os.path.isfile(pretrained) else None
+        if earlier is not None and earlier != folder:
+            before = read_config(earlier)
+            lines += [f"It started from {_plain(pretrained)}, made by this recipe ({_stage(before)}):", ""]
+            lines += [*_recipe(before), "", *_results(final_metrics(earlier), "That run's"), ""]
+    lines += ["## Results", "", *_results(metrics, "The run's")]
+    lines += ["", "## Reproduce", ""]
+    if folder is not None and config:
+        command = "simmim.pretrain" if _stage(config) == "pretraining" else "simmim.finetune fit"
+        lines += ["```bash", f"python -m {command} --config {folder / 'config.yaml'}", "```"]
+    else:
+        lines += ["No run configuration was found beside the file."]
+    return "\n".join(lines) + "\n"
