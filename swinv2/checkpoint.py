@@ -193,8 +193,9 @@ def read_inputs(raw: Mapping, name: str = "the checkpoint") -> Optional[Dict[str
 
 def check_labels(labels: Any, num_classes: int, where: Any) -> List[str]:
     """A label record, checked: `num_classes` distinct class names, non-empty strings of at most 1024 characters."""
-    ok = isinstance(labels, (list, tuple)) and len(labels) == num_classes and len(set(labels)) == len(labels)
-    if not ok or not all(isinstance(n, str) and 0 < len(n) <= MAX_LABEL_CHARS for n in labels):
+    ok = isinstance(labels, (list, tuple)) and len(labels) == num_classes
+    ok = ok and all(isinstance(n, str) and 0 < len(n) <= MAX_LABEL_CHARS for n in labels)
+    if not ok or len(set(labels)) != len(labels):
         raise MalformedRecordError(f"{where}: the label record is not {num_classes} distinct class names")
     return list(labels)
 

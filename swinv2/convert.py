@@ -251,13 +251,25 @@ def transformers_config(model: torch.nn.Module) -> Dict[str, Any]:
     if any(h != w for h, w in windows + pretrained):
         problems.append(f"non-square windows {windows} (pretrained {pretrained})")
     window = windows[0][0]
-    height = arch["img_size"][0] // arch["patch_size"]
-    theirs = [min(height // 2**i, window) for i in range(len(windows))]
-    if not problems and theirs != [h for h, _ in windows]:
-        problems.append(
-            f"the stage windows {[h for h, _ in windows]}: its one window ({window}), clamped to each stage's map "
-            f"height, gives {theirs}"
-        )
+    grid = [side // arch["patch_size"] for side in arch["img_size"]]
+    if any(side % (arch["patch_size"] * 2 ** (len(windows) - 1)) for side in arch["img_size"]):
+        problems.append(f"an image size {arch['img_size']} whose feature maps halve to an odd size")
+    for i, layer in enumerate(model.layers):
+        res = [side // 2**i for side in grid]
+        theirs = [min(r, window) for r in res]  # transformers' `_compute_window_shift`: the height's, both axes
+        for j, block in enumerate(layer.blocks):
+            shift = 0 if res[0] <= theirs[0] or j % 2 == 0 else window // 2
+            if (tuple(block.window_size), tuple(block.shift_size)) != ((theirs[0],) * 2, (shift,) * 2):
+                problems.append(
+                    f"stage {i + 1}'s window {list(block.window_size)} and shift {list(block.shift_size)}: its one "
+                    f"window ({window}), clamped to the map's height, gives {theirs[0]} and shift {shift}"
+                )
+                break
+        if any(r % theirs[0] for r in res):
+            problems.append(f"stage {i + 1}'s {res[0]}x{res[1]} map, not whole windows of {theirs[0]} (it pads "
+                            "before the shift, this model after)")  # fmt: skip
+        if problems and problems[-1].startswith(f"stage {i + 1}"):
+            break
     if problems:
         raise ValueError(f"transformers' Swinv2 cannot express {'; '.join(problems)}")
     img = arch["img_size"]

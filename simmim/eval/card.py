@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import importlib.metadata
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -27,6 +28,7 @@ METRICS = ("val/loss", "val/knn_acc1", "val/finetune_acc1", "val/acc1", "val/acc
 DATA_SIZE = "data/train_images"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_EVENT_FILES = 64
+MAX_EVENT_BYTES = 256 << 20  # a log larger than this is left out
 RECIPE = {  # section -> fields shown, in order
     "data": ("root", "index", "img_size", "batch_size", "mask_patch_size", "mask_ratio", "val_fraction",
              "label_fraction", "augment", "channels", "depth"),
@@ -55,7 +57,10 @@ def read_config(folder: Path) -> Dict[str, Any]:
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES or path.is_symlink():
             return {}
-        config = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            return {}  # an alias repeats a node: a few hundred bytes can stand for gigabytes once shown
+        config = yaml.safe_load(text)
     except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -66,10 +71,11 @@ def final_metrics(folder: Path) -> Dict[str, Tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     found: Dict[str, Tuple[int, int, float]] = {}  # tag -> (wall time order, step, value)
-    for path in sorted(glob.glob(str(folder / "events.out.tfevents.*")))[:MAX_EVENT_FILES]:
-        if not os.path.isfile(path) or os.path.islink(path):
+    keep = {"scalars": 0, "images": 1, "audio": 1, "histograms": 1, "compressedHistograms": 1, "tensors": 1}
+    for path in sorted(glob.glob(glob.escape(str(folder)) + "/events.out.tfevents.*"))[:MAX_EVENT_FILES]:
+        if not os.path.isfile(path) or os.path.islink(path) or os.path.getsize(path) > MAX_EVENT_BYTES:
             continue
-        events = EventAccumulator(path, size_guidance={"scalars": 0})
+        events = EventAccumulator(path, size_guidance=keep)
         try:
             events.Reload()
         except Exception:  # noqa: BLE001 (a damaged log: its metrics are left out)
@@ -94,8 +100,8 @@ def _plain(value: Any) -> str:
         text = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
     else:
         text = f"({type(value).__name__})"
-    text = text[:200]
-    for ch in "\\`*_[]<>|":
+    text = "".join(ch if ch.isprintable() else " " for ch in text[:200])  # no line breaks or control characters
+    for ch in "\\`*_[]<>|#&!":
         text = text.replace(ch, "\\" + ch)
     return text
 
@@ -131,9 +137,13 @@ def _version() -> str:
         return "unknown"
 
 
-def model_card(src: str, written: str, title: Optional[str] = None) -> str:
+def model_card(src: str, written: str, title: Optional[str] = None, note: Optional[str] = None) -> str:
     """The Markdown model card of the weights file `src`, exported as `written` (a description of what was
-    written: "transformers Swinv2Model", ...)."""
+    written: "transformers Swinv2Model", ...), with an optional `note` under its title.
+
+    Raises:
+        swinv2.reading.MalformedRecordError: a malformed input or label record in `src`.
+    """
     raw = swinv2.read_checkpoint(src)
     model = swinv2.create_model_from_checkpoint(src)
     arch = swinv2.architecture(model)
@@ -141,12 +151,8 @@ def model_card(src: str, written: str, title: Optional[str] = None) -> str:
     folder = run_folder(src)
     config = read_config(folder) if folder is not None else {}
     metrics = final_metrics(folder) if folder is not None else {}
-    lines = [
-        f"# {title or Path(src).stem}",
-        "",
-        f"SwinV2 weights exported as {written} by simmim-swinv2 {_version()}.",
-        "",
-    ]
+    lines = [f"# {title or Path(src).stem}", "", f"SwinV2 weights exported as {written} by simmim-swinv2 {_version()}."]
+    lines += ["", f"Note: {_plain(note)}", ""] if note else [""]
     lines += [
         "## Architecture",
         "",
@@ -194,9 +200,10 @@ def model_card(src: str, written: str, title: Optional[str] = None) -> str:
             lines += [*_recipe(before), "", *_results(final_metrics(earlier), "That run's"), ""]
     lines += ["## Results", "", *_results(metrics, "The run's")]
     lines += ["", "## Reproduce", ""]
-    if folder is not None and config:
+    path = str(folder / "config.yaml") if folder is not None else ""
+    if config and path.isprintable() and "`" not in path:
         command = "simmim.pretrain" if _stage(config) == "pretraining" else "simmim.finetune fit"
-        lines += ["```bash", f"python -m {command} --config {folder / 'config.yaml'}", "```"]
+        lines += ["```bash", f"python -m {command} --config {shlex.quote(path)}", "```"]
     else:
         lines += ["No run configuration was found beside the file."]
     return "\n".join(lines) + "\n"

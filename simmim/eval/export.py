@@ -114,6 +114,7 @@ def to_transformers(src: str, folder: str, kind: str = "auto") -> Dict[str, Any]
     if kind == "auto":
         kind = "classifier" if model.num_classes else "encoder"
     require(kind != "classifier" or model.num_classes > 0, "--kind", kind, f"needs a head: {src} has none")
+    note: Optional[str] = None
     try:
         config = transformers_config(model)
     except ValueError as e:
@@ -135,24 +136,26 @@ def to_transformers(src: str, folder: str, kind: str = "auto") -> Dict[str, Any]
         hparams = raw.get("hyper_parameters") if isinstance(raw.get("hyper_parameters"), dict) else {}
         window = hparams.get("norm_target_patch_size")
         if isinstance(window, int):
-            print(
-                f"note: this model was trained against targets normalised in {window}-pixel windows; transformers' "
+            note = (
+                f"this model was trained against targets normalised in {window}-pixel windows; transformers' "
                 "Swinv2ForMaskedImageModeling computes its loss against the raw pixels: the reconstruction is the "
                 "same, its loss is not the training loss"
             )
+            print(f"note: {note}")
         state = {
             k: v for k, v in to_transformers_state_dict(model, "swinv2.").items() if not k.startswith("classifier.")
         }
         state.update(decoder)
         config["architectures"] = ["Swinv2ForMaskedImageModeling"]
-    out = _new_folder(Path(folder))
+    task = {"classifier": "image-classification", "encoder": "image-feature-extraction", "mim": "image-to-image"}
+    front = f"---\nlibrary_name: transformers\npipeline_tag: {task[kind]}\ntags:\n- swinv2\n- simmim\n---\n\n"
+    card = front + model_card(src, f"transformers {config['architectures'][0]}", Path(folder).name, note)
+    out = _new_folder(Path(folder))  # everything is checked and made before the first file is written
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(model, inputs), indent=2) + "\n")
-    task = {"classifier": "image-classification", "encoder": "image-feature-extraction", "mim": "image-to-image"}
-    front = f"---\nlibrary_name: transformers\npipeline_tag: {task[kind]}\ntags:\n- swinv2\n- simmim\n---\n\n"
-    (out / "README.md").write_text(front + model_card(src, f"transformers {config['architectures'][0]}", out.name))
+    (out / "README.md").write_text(card)
     return config
 
 
@@ -237,6 +240,8 @@ def _check_onnx(onnxruntime: Any, graph: torch.nn.Module, model: Any, path: str,
         with torch.no_grad():
             expected = graph(x)
         got = session.run(None, {"pixels": x.numpy()})
+        if len(got) != len(names):
+            raise ConfigError(f"--to onnx {path}: the graph has {len(got)} outputs, not {len(names)}")
         for name, a, b in zip(names, got, expected):
             if a.shape != tuple(b.shape):
                 raise ConfigError(
@@ -251,14 +256,20 @@ def _check_onnx(onnxruntime: Any, graph: torch.nn.Module, model: Any, path: str,
 def main(args: Optional[List[str]] = None) -> str:
     a = parse_args(args)
     fmt, path = a.to
+    card = None
+    if fmt != "transformers":  # made first: a file whose card cannot be made is not written
+        try:
+            card = model_card(a.src, f"{fmt} ({Path(path).name})")
+        except MalformedRecordError as e:
+            raise ConfigError(str(e)) from None
     if fmt == "timm":
         require(a.kind in ("auto", "encoder", "classifier"), "--kind", a.kind, "timm's layout holds no decoder")
         written = to_timm(a.src, path)
     elif fmt == "onnx":
         worst = to_onnx(a.src, path, a.kind)
         written = f"{path} (onnxruntime matches PyTorch at batch 1 and 3 within {worst:.1e})"
-    if fmt != "transformers":  # the transformers folder has its card as README.md
-        sidecar(path).write_text(model_card(a.src, f"{fmt} ({Path(path).name})"))
+    if card is not None:  # the transformers folder has its card as README.md
+        sidecar(path).write_text(card)
     else:
         config = to_transformers(a.src, path, a.kind)
         written = f"{path} ({config['architectures'][0]})"

@@ -82,6 +82,10 @@ def test_a_pretraining_checkpoint_loads_as_transformers_masked_image_model_with_
     torch.save(raw, tmp_path / "normalised.ckpt")
     _export(tmp_path / "normalised.ckpt", tmp_path / "hf47", kind="mim")
     assert "trained against targets normalised in 47-pixel windows" in capsys.readouterr().out
+    assert (
+        "Note: this model was trained against targets normalised in 47-pixel windows"
+        in (tmp_path / "hf47" / "README.md").read_text()
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,15 +93,20 @@ def test_a_pretraining_checkpoint_loads_as_transformers_masked_image_model_with_
     [
         ({"extra_norm_period": 1}, "a LayerNorm on the main branch every 1 blocks"),
         ({"position_bias": "table"}, "the position bias 'table'"),
-        ({"img_size": 64, "window_size": (8, 4)}, "the stage windows \\[8, 4\\]: its one window \\(8\\)"),
+        ({"img_size": 64, "window_size": (8, 4)}, "stage 2's window \\[4, 4\\] and shift \\[0, 0\\]: its one window "
+         "\\(8\\), clamped to the map's height, gives 8 and shift 0"),
+        ({"img_size": 40, "window_size": 3}, "stage 1's 10x10 map, not whole windows of 3"),  # padded, shifted
+        ({"img_size": (64, 32), "window_size": 4}, "stage 2's window \\[4, 4\\] and shift \\[2, 0\\]"),  # not square
+        ({"img_size": 28, "window_size": 7}, "an image size \\[28, 28\\] whose feature maps halve to an odd size"),
     ],
-)
+)  # fmt: skip
 def test_what_transformers_swinv2_cannot_express_is_refused_in_one_line(tmp_path, arch, reason):
+    """Each of these would load into transformers without an error and compute something else."""
     model = swinv2.SwinTransformerV2(**{**TINY, **arch})
     src = swinv2.save_weights(tmp_path / "w.safetensors", model)
-    with pytest.raises(ConfigError, match=f"transformers' Swinv2 cannot express {reason}"):
+    with pytest.raises(ConfigError, match=f"transformers' Swinv2 cannot express {reason}") as refused:
         _export(src, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+    assert "\n" not in str(refused.value) and not (tmp_path / "hf").exists()
 
 
 def test_mim_needs_a_decoder_and_nothing_is_written_over(tmp_path):
@@ -236,3 +245,51 @@ def test_a_fine_tuning_runs_card_lists_its_logged_accuracy_and_both_recipes(pret
     assert f"({len(cli.datamodule.train_files)} training images)" in card and "10 classes: 0, 1, 2" in card
     assert "It started from" in card and "(pretraining)" in card and "| `data.mask_ratio` | 0.5 |" in card
     assert f"python -m simmim.finetune fit --config {Path(cli.trainer.log_dir) / 'config.yaml'}" in card
+
+
+def test_a_pretraining_runs_card_lists_its_logged_loss_and_knn_accuracy(digits32, tmp_path):
+    """A short pretraining run with the default recipe's monitors on (validation, the kNN monitor on the digits'
+    labels): its card lists the last `val/loss` and `val/knn_acc1` the run's logs hold, read here on their own."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from simmim.pretrain import main as pretrain
+
+    encoder = "{embed_dim: 24, depths: [2, 2], num_heads: [2, 4]}"
+    cli = pretrain(["--data.root", digits32, "--data.img_size", "32", "--data.mask_patch_size", "8",
+                    "--data.batch_size", "16", "--data.num_workers", "0", "--model.encoder_kwargs", encoder,
+                    "--model.window_size", "4", "--model.knn_root", digits32, "--model.knn_every_n_epochs", "1",
+                    "--model.finetune_every_n_epochs", "0", "--trainer.max_epochs", "1",
+                    "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                    "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
+                    "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    folder = Path(cli.trainer.log_dir)
+    (log,) = folder.glob("events.out.tfevents.*")
+    events = EventAccumulator(str(log))
+    events.Reload()
+    _export(folder / "encoder.safetensors", tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    for tag in ("val/loss", "val/knn_acc1"):
+        logged = events.Scalars(tag)[-1]
+        assert f"| {tag} | {logged.value:.4f} | {logged.step} |" in card, tag
+
+
+def test_a_crafted_run_config_cannot_blow_up_or_rewrite_the_card(pretraining_run, tmp_path):
+    """The run's config.yaml is untrusted: a YAML alias bomb (a few hundred bytes standing for gigabytes) is not
+    read, and a line break in a value cannot add lines to the card."""
+    import shutil
+
+    from simmim.eval.card import model_card
+
+    run = tmp_path / "run"
+    shutil.copytree(pretraining_run.folder, run)
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(9)
+    )
+    (run / "config.yaml").write_text(bomb + "data:\n  root: *j\n")
+    card = model_card(str(run / "encoder.safetensors"), "a test")
+    assert "(no options recorded)" in card  # the config is not read: it holds aliases
+    (run / "config.yaml").write_text('data:\n  root: "/data\\n# Injected heading\\n"\n')
+    card = model_card(str(run / "encoder.safetensors"), "a test")
+    assert "\n# Injected" not in card and "/data \\# Injected heading" in card
