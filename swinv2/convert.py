@@ -250,6 +250,9 @@ def transformers_config(model: torch.nn.Module) -> Dict[str, Any]:
     windows, pretrained = arch["window_size"], arch["pretrained_window_sizes"]
     if any(h != w for h, w in windows + pretrained):
         problems.append(f"non-square windows {windows} (pretrained {pretrained})")
+    if any((p or w) == 1 for (w, _), (p, _) in zip(windows, pretrained)):
+        problems.append(f"a position-bias window of 1 (windows {windows}, pretrained {pretrained}): it divides the "
+                        "coordinates by the window - 1, and gives NaN")  # fmt: skip
     window = windows[0][0]
     grid = [side // arch["patch_size"] for side in arch["img_size"]]
     if any(side % (arch["patch_size"] * 2 ** (len(windows) - 1)) for side in arch["img_size"]):

@@ -28,7 +28,7 @@ METRICS = ("val/loss", "val/knn_acc1", "val/finetune_acc1", "val/acc1", "val/acc
 DATA_SIZE = "data/train_images"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_EVENT_FILES = 64
-MAX_EVENT_BYTES = 256 << 20  # a log larger than this is left out
+MAX_EVENT_BYTES = 64 << 20  # the logs read, all files together (about 10 s of TensorBoard's reading)
 RECIPE = {  # section -> fields shown, in order
     "data": ("root", "index", "img_size", "batch_size", "mask_patch_size", "mask_ratio", "val_fraction",
              "label_fraction", "augment", "channels", "depth"),
@@ -50,7 +50,8 @@ def run_folder(src: str | os.PathLike) -> Optional[Path]:
 
 
 def read_config(folder: Path) -> Dict[str, Any]:
-    """A run's `config.yaml` as plain YAML (no tags), at most 1 MiB; {} where it cannot be read."""
+    """A run's `config.yaml` as plain YAML of at most 1 MiB, without aliases or tags, every scalar kept as the
+    string it is written as; {} where it cannot be read."""
     import yaml
 
     path = folder / "config.yaml"
@@ -60,8 +61,8 @@ def read_config(folder: Path) -> Dict[str, Any]:
         text = path.read_text()
         if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
             return {}  # an alias repeats a node: a few hundred bytes can stand for gigabytes once shown
-        config = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        config = yaml.load(text, Loader=yaml.BaseLoader)  # every scalar a string: no number is parsed
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
         return {}
     return config if isinstance(config, dict) else {}
 
@@ -71,10 +72,12 @@ def final_metrics(folder: Path) -> Dict[str, Tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     found: Dict[str, Tuple[int, int, float]] = {}  # tag -> (wall time order, step, value)
-    keep = {"scalars": 0, "images": 1, "audio": 1, "histograms": 1, "compressedHistograms": 1, "tensors": 1}
+    keep = {"scalars": 1, "images": 1, "audio": 1, "histograms": 1, "compressedHistograms": 1, "tensors": 1}
+    budget = MAX_EVENT_BYTES  # all files together: TensorBoard checks every record's checksum in Python
     for path in sorted(glob.glob(glob.escape(str(folder)) + "/events.out.tfevents.*"))[:MAX_EVENT_FILES]:
-        if not os.path.isfile(path) or os.path.islink(path) or os.path.getsize(path) > MAX_EVENT_BYTES:
+        if not os.path.isfile(path) or os.path.islink(path) or os.path.getsize(path) > budget:
             continue
+        budget -= os.path.getsize(path)
         events = EventAccumulator(path, size_guidance=keep)
         try:
             events.Reload()
@@ -88,19 +91,25 @@ def final_metrics(folder: Path) -> Dict[str, Tuple[int, float]]:
     return {tag: (int(step), value) for tag, (_, step, value) in found.items()}
 
 
-def _plain(value: Any) -> str:
-    """A config value shown in Markdown: plain values only, escaped; anything else as its type."""
+def _render(value: Any, depth: int = 0) -> str:
+    """A value of the config as short text: scalars, and lists and mappings of them 3 deep at most, 20 items each
+    (a value is never expanded past what is shown)."""
+    if isinstance(value, (list, tuple)) and depth < 3:
+        return "[" + ", ".join(_render(v, depth + 1) for v in value[:20]) + (", ..." if len(value) > 20 else "") + "]"
+    if isinstance(value, Mapping) and depth < 3:
+        if "class_path" in value:
+            return _render(value["class_path"], depth + 1)
+        items = list(value.items())[:20]
+        return "{" + ", ".join(f"{_render(k, 3)}: {_render(v, depth + 1)}" for k, v in items) + "}"
     if value is None or isinstance(value, (bool, int, float, str)):
-        text = str(value)
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-        text = "[" + ", ".join(str(v) for v in value) + "]"
-    elif isinstance(value, Mapping) and "class_path" in value:
-        text = str(value["class_path"])
-    elif isinstance(value, Mapping) and all(isinstance(v, (bool, int, float, str, list)) for v in value.values()):
-        text = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
-    else:
-        text = f"({type(value).__name__})"
-    text = "".join(ch if ch.isprintable() else " " for ch in text[:200])  # no line breaks or control characters
+        return str(value)[:200]
+    return f"({type(value).__name__})"
+
+
+def _plain(value: Any) -> str:
+    """A value shown in Markdown: `_render`ed, cut at 200 characters, line breaks and control characters replaced,
+    Markdown escaped."""
+    text = "".join(ch if ch.isprintable() else " " for ch in _render(value)[:200])
     for ch in "\\`*_[]<>|#&!":
         text = text.replace(ch, "\\" + ch)
     return text
@@ -151,8 +160,9 @@ def model_card(src: str, written: str, title: Optional[str] = None, note: Option
     folder = run_folder(src)
     config = read_config(folder) if folder is not None else {}
     metrics = final_metrics(folder) if folder is not None else {}
-    lines = [f"# {title or Path(src).stem}", "", f"SwinV2 weights exported as {written} by simmim-swinv2 {_version()}."]
-    lines += ["", f"Note: {_plain(note)}", ""] if note else [""]
+    lines = [f"# {_plain(title or Path(src).stem)}", ""]
+    lines += [f"SwinV2 weights exported as {_plain(written)} by simmim-swinv2 {_version()}."]
+    lines += ["", f"Note: {note}", ""] if note else [""]  # our own text
     lines += [
         "## Architecture",
         "",
@@ -186,14 +196,15 @@ def model_card(src: str, written: str, title: Optional[str] = None, note: Option
         images = metrics.get(DATA_SIZE)
         lines += [
             f"Trained by {_stage(config)} on {_plain(root) if root else 'the built-in digits'}"
-            + (f" ({int(images[1])} training images)" if images else "")
+            + (f" ({int(images[1])} training images)" if images and 0 <= images[1] < 1e12 else "")
             + ". The options of the run's `config.yaml`:",
             "",
             *_recipe(config),
             "",
         ]
         pretrained = (config.get("model") or {}).get("pretrained") if isinstance(config.get("model"), Mapping) else None
-        earlier = run_folder(pretrained) if isinstance(pretrained, str) and os.path.isfile(pretrained) else None
+        named = isinstance(pretrained, str) and pretrained not in ("null", "~", "") and os.path.isfile(pretrained)
+        earlier = run_folder(pretrained) if named else None
         if earlier is not None and earlier != folder:
             before = read_config(earlier)
             lines += [f"It started from {_plain(pretrained)}, made by this recipe ({_stage(before)}):", ""]

@@ -166,9 +166,6 @@ def sidecar(path: str) -> Path:
 
 def to_timm(src: str, path: str) -> str:
     """Write `src` in timm's layout (`swinv2.save_weights(..., "timm")`, with its records); returns the path."""
-    require(path.endswith(".safetensors"), "--to timm", path, "must be a .safetensors file")
-    for name in (path, sidecar(path)):
-        require(not os.path.lexists(name), "--to timm", str(name), "exists: name a new file")
     raw = swinv2.read_checkpoint(src)
     model = swinv2.create_model_from_checkpoint(src)
     try:
@@ -202,9 +199,6 @@ def _onnx_modules() -> Any:
 def to_onnx(src: str, path: str, kind: str = "auto") -> float:
     """Write `src` as an ONNX file at its image size with a dynamic batch, then check it with onnxruntime against
     PyTorch at batch 1 and 3; returns the largest absolute difference."""
-    require(path.endswith(".onnx"), "--to onnx", path, "must be a .onnx file")
-    for name in (path, path + ".data", str(sidecar(path))):
-        require(not os.path.lexists(name), "--to onnx", name, "exists: name a new file")
     onnxruntime = _onnx_modules()
     model = swinv2.create_model_from_checkpoint(src).eval()
     require(kind != "classifier" or model.num_classes > 0, "--kind", kind, f"needs a head: {src} has none")
@@ -253,11 +247,23 @@ def _check_onnx(onnxruntime: Any, graph: torch.nn.Module, model: Any, path: str,
     return worst
 
 
+def _check_target(fmt: str, path: str) -> None:
+    """A timm or ONNX target: a new file of the format's suffix (with its card, and an ONNX file's `.data`), and
+    the packages ONNX needs."""
+    suffix = {"timm": ".safetensors", "onnx": ".onnx"}[fmt]
+    require(path.endswith(suffix), f"--to {fmt}", path, f"must be a {suffix} file")
+    for name in (path, str(sidecar(path)), *([path + ".data"] if fmt == "onnx" else [])):
+        require(not os.path.lexists(name), f"--to {fmt}", name, "exists: name a new file")
+    if fmt == "onnx":
+        _onnx_modules()
+
+
 def main(args: Optional[List[str]] = None) -> str:
     a = parse_args(args)
     fmt, path = a.to
     card = None
-    if fmt != "transformers":  # made first: a file whose card cannot be made is not written
+    if fmt != "transformers":  # the target checked, then the card made: a file whose card fails is not written
+        _check_target(fmt, path)
         try:
             card = model_card(a.src, f"{fmt} ({Path(path).name})")
         except MalformedRecordError as e:

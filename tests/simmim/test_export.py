@@ -82,10 +82,9 @@ def test_a_pretraining_checkpoint_loads_as_transformers_masked_image_model_with_
     torch.save(raw, tmp_path / "normalised.ckpt")
     _export(tmp_path / "normalised.ckpt", tmp_path / "hf47", kind="mim")
     assert "trained against targets normalised in 47-pixel windows" in capsys.readouterr().out
-    assert (
-        "Note: this model was trained against targets normalised in 47-pixel windows"
-        in (tmp_path / "hf47" / "README.md").read_text()
-    )
+    card = (tmp_path / "hf47" / "README.md").read_text()
+    assert "Note: this model was trained against targets normalised in 47-pixel windows; transformers' " in card
+    assert "its loss is not the training loss" in card
 
 
 @pytest.mark.parametrize(
@@ -98,6 +97,7 @@ def test_a_pretraining_checkpoint_loads_as_transformers_masked_image_model_with_
         ({"img_size": 40, "window_size": 3}, "stage 1's 10x10 map, not whole windows of 3"),  # padded, shifted
         ({"img_size": (64, 32), "window_size": 4}, "stage 2's window \\[4, 4\\] and shift \\[2, 0\\]"),  # not square
         ({"img_size": 28, "window_size": 7}, "an image size \\[28, 28\\] whose feature maps halve to an odd size"),
+        ({"pretrained_window_sizes": (4, 1)}, "a position-bias window of 1"),  # NaN in transformers
     ],
 )  # fmt: skip
 def test_what_transformers_swinv2_cannot_express_is_refused_in_one_line(tmp_path, arch, reason):
@@ -214,7 +214,7 @@ def test_the_model_card_lists_what_the_runs_record_and_logs_hold(pretraining_run
 
     export([str(pretraining_run.export), "--to", "timm", str(tmp_path / "encoder_timm.safetensors")])
     sidecar = (tmp_path / "encoder_timm.md").read_text()
-    assert "exported as timm (encoder_timm.safetensors)" in sidecar
+    assert "exported as timm (encoder\\_timm.safetensors)" in sidecar
     assert f"({images} training images)" in sidecar
 
 
@@ -293,3 +293,11 @@ def test_a_crafted_run_config_cannot_blow_up_or_rewrite_the_card(pretraining_run
     (run / "config.yaml").write_text('data:\n  root: "/data\\n# Injected heading\\n"\n')
     card = model_card(str(run / "encoder.safetensors"), "a test")
     assert "\n# Injected" not in card and "/data \\# Injected heading" in card
+
+
+def test_a_malformed_label_record_is_refused_in_one_line():
+    from swinv2.reading import MalformedRecordError
+
+    for record in ("[[1], [2]]", '["a", "a"]', '["a", ""]', "[1, 2"):
+        with pytest.raises(MalformedRecordError, match="label record"):
+            swinv2.read_labels({"labels": record})
