@@ -32,6 +32,8 @@ from simmim.seeding import seed_step
 from swinv2.checkpoint import INPUTS_KEY, LABELS_KEY, check_inputs
 from swinv2.reading import MalformedRecordError
 
+TRAIN_IMAGES_METRIC = "data/train_images"  # logged at the start of training: the number of training images
+
 _TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
@@ -127,7 +129,7 @@ class StageModule(pl.LightningModule):
         metrics: what a model card reads back (`simmim.eval.card`)."""
         files = getattr(getattr(self.trainer, "datamodule", None), "train_files", None)
         if files is not None and self.logger is not None and self.trainer.is_global_zero:
-            self.logger.log_metrics({"data/train_images": float(len(files))}, step=0)
+            self.logger.log_metrics({TRAIN_IMAGES_METRIC: float(len(files))}, step=0)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.global_rank, self.current_epoch, batch_idx)
@@ -145,8 +147,9 @@ class StageModule(pl.LightningModule):
         swinv2.add_record(checkpoint, self.swin)
         if self.mean is not None and self.std is not None:
             checkpoint[INPUTS_KEY] = self.input_record()
-        if self.labels() is not None:
-            checkpoint[LABELS_KEY] = self.labels()
+        labels = self.labels()
+        if labels is not None:
+            checkpoint[LABELS_KEY] = labels
 
     def labels(self) -> Optional[List[str]]:
         """The class names of the classifier's outputs: the data module's classes when the encoder has a head of

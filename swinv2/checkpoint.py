@@ -432,7 +432,9 @@ def infer_architecture(sd: StateDict) -> Dict[str, Any]:
     return arch
 
 
-def create_model_from_checkpoint(source: Source, strict: bool = True, **overrides: Any) -> SwinTransformerV2:
+def create_model_from_checkpoint(
+    source: Source, strict: bool = True, name: Optional[str] = None, **overrides: Any
+) -> SwinTransformerV2:
     """Build the model a weights file was written from, and load it.
 
     The architecture comes from the file's record (every file this project writes has one); for other files
@@ -444,13 +446,14 @@ def create_model_from_checkpoint(source: Source, strict: bool = True, **override
         source: A path or an already read checkpoint.
         strict: Raise if the model and the file do not have exactly the same weights (set False when `overrides`
             change the head or drop the mask token).
+        name: What errors call the file (default: its path, or "the checkpoint" for one already read).
         **overrides: `SwinTransformerV2` arguments that replace the recorded ones (`num_classes`, `window_size`,
             `img_size`, `drop_path_rate`, `use_checkpoint`, ...).
 
     Returns:
         The model, with the `LoadReport` as `model.load_report`.
     """
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the checkpoint"
+    name = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the checkpoint")
     raw = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
     arch = read_architecture(raw, name)
     if arch is None:

@@ -72,7 +72,7 @@ class PixelSource:
             except UnreadableImageError:
                 continue  # warned about where training reads it
             fmt = infer_format(img, bgr)
-            found.append((fmt, name, fmt == RGB8 and img.shape[2] - (bgr and img.shape[2] == 2) == 1))
+            found.append((fmt, name, fmt == RGB8 and img.shape[2] <= 2))  # 8-bit gray (with or without alpha)
             if len(found) == FORMAT_AGREEMENT:
                 break
         if not found:

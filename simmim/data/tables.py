@@ -350,7 +350,7 @@ class TableSet(ShardSet):
             raise _fail(self.root, "it mixes .parquet and .arrow files")
         self.format = _format_of(Path(self.paths[0]))
         names, record, labels, classes, structs = [], [], [], None, None
-        for path in self.paths:
+        for file, path in enumerate(self.paths):
             if not os.path.isfile(path):  # a link is followed (the Hub's cache links its files), to a file only
                 raise _fail(self.root, f"{path} is not a regular file")
             schema, groups, file_labels = self.format.scan(self.root, path)
@@ -369,7 +369,7 @@ class TableSet(ShardSet):
                     raise _fail(self.root, f"a chunk of {path} holds {group.rows} rows")
                 if group.rows:
                     names.append(f"{os.path.basename(path)}#{n}")
-                    record.append((self.paths.index(path), group))
+                    record.append((file, group))
             rows = sum(g.rows for g in groups)
             labels.append(np.full(rows, -1, np.int64) if file_labels is None else file_labels)
         self.structs = structs

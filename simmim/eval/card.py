@@ -20,13 +20,16 @@ import importlib.metadata
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import swinv2
+from simmim.checkpointing.untrusted import MAX_CONFIG_BYTES
+from simmim.stage import TRAIN_IMAGES_METRIC as DATA_SIZE
+
+if TYPE_CHECKING:
+    from simmim.eval.export import Weights
 
 METRICS = ("val/loss", "val/knn_acc1", "val/finetune_acc1", "val/acc1", "val/acc5")
-DATA_SIZE = "data/train_images"
-MAX_CONFIG_BYTES = 1 << 20
 MAX_EVENT_FILES = 64
 MAX_EVENT_BYTES = 64 << 20  # the logs read, all files together (about 10 s of TensorBoard's reading)
 RECIPE = {  # section -> fields shown, in order
@@ -146,17 +149,12 @@ def _version() -> str:
         return "unknown"
 
 
-def model_card(src: str, written: str, title: Optional[str] = None, note: Optional[str] = None) -> str:
-    """The Markdown model card of the weights file `src`, exported as `written` (a description of what was
-    written: "transformers Swinv2Model", ...), with an optional `note` under its title.
-
-    Raises:
-        swinv2.reading.MalformedRecordError: a malformed input or label record in `src`.
-    """
-    raw = swinv2.read_checkpoint(src)
-    model = swinv2.create_model_from_checkpoint(src)
+def model_card(weights: Weights, written: str, title: Optional[str] = None, note: Optional[str] = None) -> str:
+    """The Markdown model card of a weights file read for an export (`simmim.eval.export.Weights`: its path, model
+    and records), exported as `written` (a description of what was written: "transformers Swinv2Model", ...), with
+    an optional `note` under its title."""
+    src, model, inputs, labels = weights.path, weights.model, weights.inputs, weights.labels
     arch = swinv2.architecture(model)
-    inputs, labels = swinv2.read_inputs(raw, src), swinv2.read_labels(raw, src)
     folder = run_folder(src)
     config = read_config(folder) if folder is not None else {}
     metrics = final_metrics(folder) if folder is not None else {}

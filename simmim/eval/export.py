@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -32,6 +33,8 @@ import torch
 from safetensors.torch import save_file
 
 import swinv2
+from simmim.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from simmim.data.pixels import DEPTHS
 from simmim.errors import ConfigError, require
 from simmim.eval.card import model_card
 from swinv2.convert import to_transformers_state_dict, transformers_config
@@ -43,8 +46,29 @@ ONNX_ATOL = 1e-4  # onnxruntime against PyTorch, fp32
 ONNX_MAX_INLINE_BYTES = 1536 << 20  # larger weights go to FILE.data beside FILE (protobuf's 2 GB limit)
 KINDS = ("auto", "encoder", "classifier", "mim")
 DECODER = ("model.decoder.0.weight", "model.decoder.0.bias")  # SimMIM's 1x1 convolution in a pretraining checkpoint
-FULL_RANGE = {"uint8": 255.0, "uint16": 65535.0, "float32": 1.0}
-IMAGENET = {"depth": "uint8", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+IMAGENET = {"depth": "uint8", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+@dataclass
+class Weights:
+    """A weights file read once for an export and its card: its path, the checkpoint as read, the model built from
+    it, and its input and label records (checked)."""
+
+    path: str
+    raw: Dict[str, Any]
+    model: swinv2.SwinTransformerV2
+    inputs: Optional[Dict[str, Any]]
+    labels: Optional[List[str]]
+
+
+def read_weights(src: str) -> Weights:
+    """`src` read, its model built and its records checked, once (a Lightning checkpoint may be gigabytes)."""
+    raw = swinv2.read_checkpoint(src)
+    try:
+        model = swinv2.create_model_from_checkpoint(raw, name=src).eval()
+        return Weights(src, raw, model, swinv2.read_inputs(raw, src), swinv2.read_labels(raw, src))
+    except MalformedRecordError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_args(args: Optional[List[str]] = None) -> argparse.Namespace:
@@ -72,8 +96,7 @@ def _decoder(raw: Dict[str, Any], src: str, model: swinv2.SwinTransformerV2) -> 
     """SimMIM's decoder weights of a pretraining checkpoint, checked against the encoder."""
     state = raw.get("state_dict") if isinstance(raw.get("state_dict"), dict) else raw
     weight, bias = (state.get(k) for k in DECODER)
-    stride = model.patch_size * 2 ** (len(model.layers) - 1)
-    shape = (stride**2 * model.in_chans, model.num_features, 1, 1)
+    shape = (model.encoder_stride**2 * model.in_chans, model.num_features, 1, 1)
     ok = isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
     if not ok or tuple(weight.shape) != shape or tuple(bias.shape) != shape[:1]:
         raise ConfigError(
@@ -95,22 +118,17 @@ def preprocessor_config(model: swinv2.SwinTransformerV2, inputs: Optional[Dict[s
         "size": {"height": height, "width": width},
         "resample": 3,  # bicubic
         "do_rescale": inputs["depth"] != "float32",
-        "rescale_factor": 1.0 / FULL_RANGE[inputs["depth"]],
+        "rescale_factor": 1.0 / DEPTHS[inputs["depth"]],
         "do_normalize": True,
         "image_mean": list(inputs["mean"]),
         "image_std": list(inputs["std"]),
     }
 
 
-def to_transformers(src: str, folder: str, kind: str = "auto") -> Dict[str, Any]:
-    """Write `src` as a transformers folder (`config.json`, `model.safetensors`, `preprocessor_config.json`);
-    returns the config written."""
-    raw = swinv2.read_checkpoint(src)
-    model = swinv2.create_model_from_checkpoint(src).eval()
-    try:
-        inputs, labels = swinv2.read_inputs(raw, src), swinv2.read_labels(raw, src)
-    except MalformedRecordError as e:
-        raise ConfigError(str(e)) from None
+def to_transformers(weights: Weights, folder: str, kind: str = "auto") -> Dict[str, Any]:
+    """Write `weights` as a transformers folder (`config.json`, `model.safetensors`, `preprocessor_config.json`,
+    `README.md`); returns the config written."""
+    src, raw, model, inputs, labels = weights.path, weights.raw, weights.model, weights.inputs, weights.labels
     if kind == "auto":
         kind = "classifier" if model.num_classes else "encoder"
     require(kind != "classifier" or model.num_classes > 0, "--kind", kind, f"needs a head: {src} has none")
@@ -149,7 +167,7 @@ def to_transformers(src: str, folder: str, kind: str = "auto") -> Dict[str, Any]
         config["architectures"] = ["Swinv2ForMaskedImageModeling"]
     task = {"classifier": "image-classification", "encoder": "image-feature-extraction", "mim": "image-to-image"}
     front = f"---\nlibrary_name: transformers\npipeline_tag: {task[kind]}\ntags:\n- swinv2\n- simmim\n---\n\n"
-    card = front + model_card(src, f"transformers {config['architectures'][0]}", Path(folder).name, note)
+    card = front + model_card(weights, f"transformers {config['architectures'][0]}", Path(folder).name, note)
     out = _new_folder(Path(folder))  # everything is checked and made before the first file is written
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
@@ -164,14 +182,12 @@ def sidecar(path: str) -> Path:
     return Path(path).with_suffix(".md")
 
 
-def to_timm(src: str, path: str) -> str:
-    """Write `src` in timm's layout (`swinv2.save_weights(..., "timm")`, with its records); returns the path."""
-    raw = swinv2.read_checkpoint(src)
-    model = swinv2.create_model_from_checkpoint(src)
+def to_timm(weights: Weights, path: str) -> str:
+    """Write `weights` in timm's layout (`swinv2.save_weights(..., "timm")`, with its records); returns the path."""
     try:
-        return swinv2.save_weights(path, model, "timm", swinv2.read_inputs(raw, src), swinv2.read_labels(raw, src))
-    except (ValueError, MalformedRecordError) as e:
-        raise ConfigError(f"{src}: {e}") from None
+        return swinv2.save_weights(path, weights.model, "timm", weights.inputs, weights.labels)
+    except ValueError as e:
+        raise ConfigError(f"{weights.path}: {e}") from None
 
 
 class _Outputs(torch.nn.Module):
@@ -196,13 +212,12 @@ def _onnx_modules() -> Any:
     return onnxruntime
 
 
-def to_onnx(src: str, path: str, kind: str = "auto") -> float:
-    """Write `src` as an ONNX file at its image size with a dynamic batch, then check it with onnxruntime against
-    PyTorch at batch 1 and 3; returns the largest absolute difference."""
+def to_onnx(weights: Weights, path: str, kind: str = "auto") -> float:
+    """Write `weights` as an ONNX file at its image size with a dynamic batch, then check it with onnxruntime
+    against PyTorch at batch 1 and 3; returns the largest absolute difference."""
     onnxruntime = _onnx_modules()
-    model = swinv2.create_model_from_checkpoint(src).eval()
-    require(kind != "classifier" or model.num_classes > 0, "--kind", kind, f"needs a head: {src} has none")
-    require(kind != "mim", "--kind", kind, "ONNX exports the encoder or the classifier")
+    model = weights.model
+    require(kind != "classifier" or model.num_classes > 0, "--kind", kind, f"needs a head: {weights.path} has none")
     head = kind != "encoder" and model.num_classes > 0
     graph = _Outputs(model, head).eval()
     names = ["logits", "features"] if head else ["features"]
@@ -247,7 +262,7 @@ def _check_onnx(onnxruntime: Any, graph: torch.nn.Module, model: Any, path: str,
     return worst
 
 
-def _check_target(fmt: str, path: str) -> None:
+def _check_target(fmt: str, path: str, kind: str) -> None:
     """A timm or ONNX target: a new file of the format's suffix (with its card, and an ONNX file's `.data`), and
     the packages ONNX needs."""
     suffix = {"timm": ".safetensors", "onnx": ".onnx"}[fmt]
@@ -256,28 +271,25 @@ def _check_target(fmt: str, path: str) -> None:
         require(not os.path.lexists(name), f"--to {fmt}", name, "exists: name a new file")
     if fmt == "onnx":
         _onnx_modules()
+    kinds = ("auto", "encoder", "classifier")
+    require(kind in kinds, "--kind", kind, f"--to {fmt} writes an encoder or a classifier (no decoder)")
 
 
 def main(args: Optional[List[str]] = None) -> str:
     a = parse_args(args)
     fmt, path = a.to
-    card = None
-    if fmt != "transformers":  # the target checked, then the card made: a file whose card fails is not written
-        _check_target(fmt, path)
-        try:
-            card = model_card(a.src, f"{fmt} ({Path(path).name})")
-        except MalformedRecordError as e:
-            raise ConfigError(str(e)) from None
-    if fmt == "timm":
-        require(a.kind in ("auto", "encoder", "classifier"), "--kind", a.kind, "timm's layout holds no decoder")
-        written = to_timm(a.src, path)
-    elif fmt == "onnx":
-        worst = to_onnx(a.src, path, a.kind)
-        written = f"{path} (onnxruntime matches PyTorch at batch 1 and 3 within {worst:.1e})"
-    if card is not None:  # the transformers folder has its card as README.md
-        sidecar(path).write_text(card)
-    else:
-        config = to_transformers(a.src, path, a.kind)
+    if fmt == "transformers":  # its card is the folder's README.md
+        config = to_transformers(read_weights(a.src), path, a.kind)
         written = f"{path} ({config['architectures'][0]})"
+    else:  # the target checked, then the card made: a file whose card fails is not written
+        _check_target(fmt, path, a.kind)
+        weights = read_weights(a.src)
+        card = model_card(weights, f"{fmt} ({Path(path).name})")
+        if fmt == "timm":
+            written = to_timm(weights, path)
+        else:
+            worst = to_onnx(weights, path, a.kind)
+            written = f"{path} (onnxruntime matches PyTorch at batch 1 and 3 within {worst:.1e})"
+        sidecar(path).write_text(card)
     print(f"written: {written}")
     return path
