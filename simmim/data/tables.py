@@ -58,11 +58,14 @@ def table_files(root: str | os.PathLike) -> List[Path]:
     if root.is_file():
         return [root] if root.suffix in SUFFIXES else []
     folders = [root, root / "data"] + [root / name for names in SPLITS.values() for name in names]
-    for suffix in SUFFIXES:
-        found = [p for folder in folders if folder.is_dir() for p in sorted(folder.glob(f"*{suffix}")) if p.is_file()]
-        if found:
-            return found
-    return []
+    found: Dict[str, List[Path]] = {suffix: [] for suffix in SUFFIXES}
+    for folder in folders:  # each listed once, for both suffixes (a folder of images may hold millions of files)
+        if folder.is_dir():
+            names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(SUFFIXES) and e.name[0] != ".")
+            for path in (folder / name for name in names):
+                if path.is_file():
+                    found[path.suffix].append(path)
+    return next((found[suffix] for suffix in SUFFIXES if found[suffix]), [])
 
 
 def is_table_root(root: Optional[str | os.PathLike]) -> bool:
