@@ -10,6 +10,8 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise calls the network at import
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="simmim-test-cache-")  # file indexes: not the user's cache
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+# compiled kernels too: torch keeps them in the system's temporary folder across runs (gigabytes over many runs)
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "torchinductor")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
