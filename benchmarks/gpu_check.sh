@@ -52,6 +52,7 @@ fi
 OUTDIR=${OUT:-benchmarks/results/gpu_check_$(date +%F)}
 mkdir -p "$OUTDIR"
 RUNS=$(mktemp -d)
+trap 'rm -rf "$RUNS"' EXIT  # also when the check stops early or is interrupted
 FAILED=0
 
 LOG="$OUTDIR/gpu_check.log"  # one file: the device tool brings back at most 8
@@ -112,6 +113,5 @@ done
 if [ "$MODE" = gpu ]; then
   step memory $PY benchmarks/memory.py "${MEMORY[@]}" --out "$OUTDIR/memory.md"
 fi
-rm -rf "$RUNS"
 echo "gpu_check ($MODE): $FAILED step(s) failed; logs in $OUTDIR"
 exit $FAILED

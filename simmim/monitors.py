@@ -60,9 +60,9 @@ def knn_top1(
 
 
 class ResizeCenterCrop:
-    """(H, W, C) pixels (uint8 RGB, or any `simmim.data.pixels` format) -> normalised float (C, size, size): the
-    short side resized to `size` (area interpolation when shrinking, bicubic when enlarging), then the center
-    square; `(x / full_range - mean) / std` per channel (`full_range`: 255 for 8-bit, 65535 for 16-bit, 1 for
+    """(H, W, C) pixels of the format `fmt` (`simmim.data.pixels`; None: uint8 RGB) -> normalised float (C, size,
+    size): the short side resized to `size` (area interpolation when shrinking, bicubic when enlarging), then the
+    center square; `(x / full_range - mean) / std` per channel (`full_range`: 255 for 8-bit, 65535 for 16-bit, 1 for
     float pixels)."""
 
     def __init__(
@@ -70,10 +70,10 @@ class ResizeCenterCrop:
         size: int,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        full_range: float = 255.0,
+        fmt: Optional[PixelFormat] = None,
     ):
         self.size = size
-        self.normalise = Normalise(mean, std, full_range)
+        self.normalise = Normalise(mean, std, (fmt or RGB8).full_range)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         h, w = image.shape[:2]
@@ -111,8 +111,7 @@ def eval_loader(
     """In-order (images, labels, index, readable) batches of labelled files, resized and center-cropped to `img_size`
     and normalised with `mean` and `std`; unreadable files are left out of their batch with a warning. `fmt`: the
     pixel format they are read in (`simmim.data.pixels`; None: 8-bit RGB, 16-bit and float files rescaled)."""
-    full = fmt.full_range if fmt is not None else 255.0
-    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(img_size, mean, std, full), fmt=fmt)
+    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(img_size, mean, std, fmt), fmt=fmt)
     return make_loader(dataset, batch_size, num_workers, False, partial(collate_readable, num_fields=3), trainer)
 
 

@@ -66,6 +66,7 @@ def test_notebook_runs_and_has_no_outputs(path, shared, monkeypatch, tmp_path):
     # What a notebook makes in the temporary folder it removes: 03 once left 0.5 GB behind at every run, until the
     # test machine's disk was full.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # and in any process a notebook starts
     nb = json.loads(path.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert all(not c.get("outputs") for c in code), f"{path.name} was committed with outputs"

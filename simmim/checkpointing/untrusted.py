@@ -27,7 +27,7 @@ import pickle
 import stat
 import typing
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, List, Literal, Mapping, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -542,6 +542,16 @@ def _link_message(path: str, root: str) -> str:
 # Run configs read by the evaluation tools
 
 MAX_CONFIG_BYTES = 1 << 20
+
+
+def run_folder(src: str | os.PathLike) -> Optional[Path]:
+    """The run folder of a weights file: the folder holding it, or the one above `checkpoints/`, where it holds a
+    `config.yaml`; None otherwise (a file from elsewhere)."""
+    path = Path(src).absolute()
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder
+    return None
 
 
 def read_run_config(path: str | os.PathLike, sections: Mapping[str, type]) -> Dict[str, Dict[str, Any]]:

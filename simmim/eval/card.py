@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import swinv2
-from simmim.checkpointing.untrusted import MAX_CONFIG_BYTES
+from simmim.checkpointing.untrusted import MAX_CONFIG_BYTES, run_folder
 from simmim.stage import TRAIN_IMAGES_METRIC as DATA_SIZE
 
 if TYPE_CHECKING:
@@ -40,16 +40,6 @@ RECIPE = {  # section -> fields shown, in order
               "label_smoothing", "mixup", "cutmix", "mean", "std"),
     "trainer": ("max_epochs", "max_steps", "precision", "devices", "num_nodes", "strategy", "accumulate_grad_batches"),
 }  # fmt: skip
-
-
-def run_folder(src: str | os.PathLike) -> Optional[Path]:
-    """The run folder of a weights file: the folder holding it, or the one above `checkpoints/`, where it holds a
-    `config.yaml`; None otherwise (a file from elsewhere)."""
-    path = Path(src).absolute()
-    for folder in (path.parent, path.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return folder
-    return None
 
 
 def read_config(folder: Path) -> Dict[str, Any]:

@@ -32,8 +32,7 @@ def loader(
     unreadable files are left out of their batch. Workers, if any, start safely for OpenCV (`WorkerLoader`).
     `inputs`: the pixel format and normalisation (`checkpoint_inputs`); None: 8-bit RGB with ImageNet's."""
     fmt, mean, std = inputs if inputs is not None else (None, IMAGENET_MEAN, IMAGENET_STD)
-    full = fmt.full_range if fmt is not None else 255.0
-    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(size, mean, std, full), fmt=fmt)
+    dataset = LabelledImageDataset(files, labels, ResizeCenterCrop(size, mean, std, fmt), fmt=fmt)
     generator = torch.Generator().manual_seed(seed)
     return WorkerLoader(
         dataset,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from simmim.checkpointing.untrusted import checked_hyperparameters, read_run_config
+from simmim.checkpointing.untrusted import checked_hyperparameters, read_run_config, run_folder
 from simmim.data.images import decode_item
 from simmim.data.pixels import RGB8, PixelFormat
 from simmim.data.shards import open_images
@@ -35,11 +35,10 @@ from swinv2.reading import read_checkpoint
 def run_config(checkpoint: Path) -> dict:
     """The `data` section of the run's saved config (`<run>/config.yaml`), checked as untrusted input
     (`simmim.checkpointing.untrusted.read_run_config`), or {} without one."""
-    for folder in (checkpoint.parent, checkpoint.parent.parent):
-        if (folder / "config.yaml").is_file():
-            sections = {"data": PretrainDataModule, "model": SimMIMPretrainer}
-            return read_run_config(folder / "config.yaml", sections)["data"]
-    return {}
+    folder = run_folder(checkpoint)
+    if folder is None:
+        return {}
+    return read_run_config(folder / "config.yaml", {"data": PretrainDataModule, "model": SimMIMPretrainer})["data"]
 
 
 def load_pretrainer(checkpoint: Path) -> Tuple[SimMIMPretrainer, Optional[PixelFormat]]:
@@ -107,7 +106,7 @@ def main(args: Optional[List[str]] = None) -> torch.Tensor:
     files = spread(open_images(opts.images), opts.num_images)
     if not files:
         raise ConfigError(f"--images {opts.images}: no images found")
-    resize = ResizeCenterCrop(img_size, mean, std, fmt.full_range if fmt is not None else 255.0)
+    resize = ResizeCenterCrop(img_size, mean, std, fmt)
     x = torch.stack([resize(decode_item(f, fmt)) for f in files])
     rng = np.random.default_rng(opts.seed)
     mask = torch.from_numpy(np.stack([masks(rng) for _ in files]))

@@ -189,20 +189,25 @@ def test_a_swinv2_tiny_at_192_px_window_12_exports_to_onnx_and_matches_pytorch(t
             torch.testing.assert_close(torch.from_numpy(logits), model(x), atol=1e-4, rtol=0)
 
 
+def _logged(folder):
+    """The TensorBoard log of a run's folder, read with TensorBoard's own reader (not the card's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (log,) = Path(folder).glob("events.out.tfevents.*")
+    events = EventAccumulator(str(log))
+    events.Reload()
+    return events
+
+
 def test_the_model_card_lists_what_the_runs_record_and_logs_hold(pretraining_run, tmp_path):
     """The card of the shared pretraining run's export: the architecture and windows from the file's record, the
     normalisation from its input record, the recipe from the run's config.yaml, and the number of training images
     as the run's TensorBoard logs hold it (read here with TensorBoard's reader on its own). The run stops before
-    its first validation, so its logs hold no metric, and the card says so. (A fine-tuning run's card and its
-    logged accuracy: tests/simmim/finetune/test_finetune_cli.py.)"""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    its first validation, so its logs hold no metric, and the card says so (runs with metrics: the tests below)."""
     _export(pretraining_run.checkpoint, tmp_path / "hf", kind="mim")
     card = (tmp_path / "hf" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-to-image\n")
-    (log,) = pretraining_run.folder.glob("events.out.tfevents.*")
-    events = EventAccumulator(str(log))
-    events.Reload()
+    events = _logged(pretraining_run.folder)
     images = int(events.Scalars("data/train_images")[-1].value)
     assert images == len(pretraining_run.cli.datamodule.train_files) > 0
     assert f"({images} training images)" in card and "val/loss" not in events.Tags()["scalars"]
@@ -222,8 +227,6 @@ def test_a_fine_tuning_runs_card_lists_its_logged_accuracy_and_both_recipes(pret
     """A short fine-tuning run from the shared pretraining export, with its TensorBoard logs: the card lists the
     last `val/acc1` the logs hold (read here on their own), the fine-tuning recipe and, from the pretrained file's
     run folder, the pretraining recipe."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from simmim.finetune import main as finetune
 
     encoder = "{embed_dim: 24, depths: [2, 2], num_heads: [2, 4]}"
@@ -234,10 +237,7 @@ def test_a_fine_tuning_runs_card_lists_its_logged_accuracy_and_both_recipes(pret
                     "--trainer.val_check_interval", "2",
                     "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
                     "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
-    (log,) = Path(cli.trainer.log_dir).glob("events.out.tfevents.*")
-    events = EventAccumulator(str(log))
-    events.Reload()
-    logged = events.Scalars("val/acc1")[-1]
+    logged = _logged(cli.trainer.log_dir).Scalars("val/acc1")[-1]
     classifier = Path(cli.trainer.log_dir) / "classifier.safetensors"
     _export(classifier, tmp_path / "hf")
     card = (tmp_path / "hf" / "README.md").read_text()
@@ -250,8 +250,6 @@ def test_a_fine_tuning_runs_card_lists_its_logged_accuracy_and_both_recipes(pret
 def test_a_pretraining_runs_card_lists_its_logged_loss_and_knn_accuracy(digits32, tmp_path):
     """A short pretraining run with the default recipe's monitors on (validation, the kNN monitor on the digits'
     labels): its card lists the last `val/loss` and `val/knn_acc1` the run's logs hold, read here on their own."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from simmim.pretrain import main as pretrain
 
     encoder = "{embed_dim: 24, depths: [2, 2], num_heads: [2, 4]}"
@@ -263,9 +261,7 @@ def test_a_pretraining_runs_card_lists_its_logged_loss_and_knn_accuracy(digits32
                     "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
                     "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
     folder = Path(cli.trainer.log_dir)
-    (log,) = folder.glob("events.out.tfevents.*")
-    events = EventAccumulator(str(log))
-    events.Reload()
+    events = _logged(folder)
     _export(folder / "encoder.safetensors", tmp_path / "hf")
     card = (tmp_path / "hf" / "README.md").read_text()
     for tag in ("val/loss", "val/knn_acc1"):
