@@ -214,7 +214,13 @@ class ShardSet(Sequence[str]):
                 raise _fail(root, f"cannot read its chunk {name} ({e.strerror or e})") from None
             if not regular:
                 raise _fail(root, f"its chunk {name} is not a regular file")
-        self.chunk_bytes = np.asarray([c["chunk_bytes"] for c in checked["chunks"]], dtype=np.int64)
+        self._set_chunks(self.chunk_names, self.sizes, [c["chunk_bytes"] for c in checked["chunks"]])
+
+    def _set_chunks(self, names: List[str], sizes: Sequence[int], nbytes: Sequence[int]) -> None:
+        """The set's chunks (names, sample counts, byte sizes), all of them in this view, and no reader open yet."""
+        self.chunk_names = names
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.chunk_bytes = np.asarray(nbytes, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
         self.chunks = np.arange(len(self.sizes))  # the chunks of this view
         self._bounds = self.starts

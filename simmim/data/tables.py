@@ -391,18 +391,12 @@ class TableSet(ShardSet):
             raise _fail(self.root, f"a label is {top}, but the files name {len(self.classes)} classes")
         self.unlabelled = int((self.labels < 0).sum())
         self.storage_options, self.cache, self.index_folder = {}, "", None
-        self.chunk_names = names
-        self.sizes = np.asarray([g.rows for _, g in record], dtype=np.int64)
-        self.chunk_bytes = np.asarray([g.nbytes for _, g in record], dtype=np.int64)
+        self._set_chunks(names, [g.rows for _, g in record], [g.nbytes for _, g in record])
         # what identifies the set wherever it is copied: names, sizes, chunks, labels, classes (no times)
         stats = [(os.path.basename(p), os.path.getsize(p)) for p in self.paths]
         h = hashlib.sha256(json.dumps([stats, [(f, *g) for f, g in record], self.classes]).encode())
         h.update(self.labels.tobytes())
         self.digest = h.hexdigest()[:20]
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
-        self.chunks = np.arange(len(self.sizes))
-        self._bounds = self.starts
-        self._reader, self._reader_pid, self._last = None, None, None
         self.groups_read = 0  # by this process: what the cache saves
 
     def _open(self) -> Tuple[OrderedDict, Dict]:
