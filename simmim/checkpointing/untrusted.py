@@ -12,7 +12,8 @@ same for what the Lightning side reads and writes (docs/security.md):
 - `drop_foreign_paths`: `ModelCheckpoint` state restored from a checkpoint may name only files inside that
   callback's own folder (Lightning deletes the paths it remembers).
 - `check_output_folder`: a folder the run writes into leads nowhere outside the run root through a symbolic link.
-- `read_run_config`: a run's saved `config.yaml`, read by the evaluation tools, parsed as plain YAML and checked.
+- `read_run_config`: a run's saved `config.yaml`, read by the evaluation tools, parsed as plain YAML and checked;
+  `run_folder` finds it beside a weights file or above its `checkpoints/`.
 
 Errors are one line: `swinv2.reading.UnsafeCheckpointError` for something that would run code or change the
 process, `MalformedRecordError` for values of the wrong type or out of bounds, `ConfigError` for folders.
