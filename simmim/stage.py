@@ -127,7 +127,7 @@ class StageModule(pl.LightningModule):
     def on_train_start(self) -> None:
         """The number of training images goes into the run's logs (`data/train_images`, step 0), beside the
         metrics: what a model card reads back (`simmim.eval.card`)."""
-        files = getattr(getattr(self.trainer, "datamodule", None), "train_files", None)
+        files = getattr(self._datamodule(), "train_files", None)
         if files is not None and self.logger is not None and self.trainer.is_global_zero:
             self.logger.log_metrics({TRAIN_IMAGES_METRIC: float(len(files))}, step=0)
 
@@ -154,8 +154,7 @@ class StageModule(pl.LightningModule):
     def labels(self) -> Optional[List[str]]:
         """The class names of the classifier's outputs: the data module's classes when the encoder has a head of
         as many outputs (None for an encoder, or without a data module)."""
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        classes = getattr(data, "classes", None)
+        classes = getattr(self._datamodule(), "classes", None)
         num_classes = getattr(self.swin, "num_classes", 0)
         return list(classes) if num_classes and classes is not None and len(classes) == num_classes else None
 
@@ -187,10 +186,14 @@ class StageModule(pl.LightningModule):
                 f"{ours['std']}: pass the checkpoint's --model.mean and --model.std (and the same data)"
             )
 
+    def _datamodule(self) -> Any:
+        """The trainer's data module, or None (no trainer, or a trainer without one)."""
+        return getattr(self._trainer, "datamodule", None)
+
     def input_record(self) -> Dict[str, Any]:
         """What the model's inputs are: the pixels' type (the data module's) and the normalisation, which every
         weights file written from this module records (`swinv2.read_inputs`)."""
-        pixels = getattr(self._trainer and self.trainer.datamodule, "pixels", None)
+        pixels = getattr(self._datamodule(), "pixels", None)
         depth = pixels.depth if pixels is not None else "uint8"
         return {"depth": depth, "mean": list(self.mean or ()), "std": list(self.std or ())}
 

@@ -121,6 +121,10 @@ def from_transformers(sd: StateDict, prefix: str = "swinv2.") -> StateDict:
     return out
 
 
+# transformers `Swinv2Config` fields whose other values this SwinV2 does not implement
+HF_FIXED = {"hidden_act": "gelu", "layer_norm_eps": 1e-5, "use_absolute_embeddings": False}
+
+
 def transformers_config_kwargs(config: Union[str, os.PathLike, Mapping]) -> Dict:
     """`SwinTransformerV2` keyword arguments for a transformers `Swinv2Config` (a `config.json` path or its dict).
 
@@ -130,12 +134,8 @@ def transformers_config_kwargs(config: Union[str, os.PathLike, Mapping]) -> Dict
     if not isinstance(config, Mapping):
         with open(config) as f:
             config = json.load(f)
-    unsupported = {
-        "hidden_act": (config.get("hidden_act", "gelu"), "gelu"),
-        "layer_norm_eps": (config.get("layer_norm_eps", 1e-5), 1e-5),
-        "use_absolute_embeddings": (config.get("use_absolute_embeddings", False), False),
-    }
-    for key, (value, ours) in unsupported.items():
+    for key, ours in HF_FIXED.items():
+        value = config.get(key, ours)
         if value != ours:
             raise ValueError(f"transformers config has {key}={value!r}; this SwinV2 implements only {ours!r}")
     classifier = "Swinv2ForImageClassification" in (config.get("architectures") or [])
@@ -255,7 +255,7 @@ def transformers_config(model: torch.nn.Module) -> Dict[str, Any]:
                         "coordinates by the window - 1, and gives NaN")  # fmt: skip
     window = windows[0][0]
     grid = [side // arch["patch_size"] for side in arch["img_size"]]
-    if any(side % (arch["patch_size"] * 2 ** (len(windows) - 1)) for side in arch["img_size"]):
+    if any(side % model.encoder_stride for side in arch["img_size"]):
         problems.append(f"an image size {arch['img_size']} whose feature maps halve to an odd size")
     for i, layer in enumerate(model.layers):
         res = [side // 2**i for side in grid]
@@ -288,13 +288,11 @@ def transformers_config(model: torch.nn.Module) -> Dict[str, Any]:
         pretrained_window_sizes=[p for p, _ in pretrained],
         mlp_ratio=arch["mlp_ratio"],
         qkv_bias=arch["qkv_bias"],
-        hidden_act="gelu",
-        use_absolute_embeddings=False,
-        layer_norm_eps=1e-5,
+        **HF_FIXED,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         drop_path_rate=0.1,
-        encoder_stride=arch["patch_size"] * 2 ** (len(arch["depths"]) - 1),
+        encoder_stride=model.encoder_stride,
     )
 
 

@@ -14,6 +14,7 @@ same for what the Lightning side reads and writes (docs/security.md):
 - `check_output_folder`: a folder the run writes into leads nowhere outside the run root through a symbolic link.
 - `read_run_config`: a run's saved `config.yaml`, read by the evaluation tools, parsed as plain YAML and checked;
   `run_folder` finds it beside a weights file or above its `checkpoints/`.
+- `read_small`: a file named by someone else is read only as a regular file of bounded size (a FIFO would block).
 
 Errors are one line: `swinv2.reading.UnsafeCheckpointError` for something that would run code or change the
 process, `MalformedRecordError` for values of the wrong type or out of bounds, `ConfigError` for folders.
@@ -545,6 +546,19 @@ def _link_message(path: str, root: str) -> str:
 MAX_CONFIG_BYTES = 1 << 20
 
 
+def read_small(path: str | os.PathLike, limit: int, follow_links: bool = True) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (a FIFO or a device would block or never end; a larger
+    file is not ours), optionally without following a link. Raises OSError, or ValueError saying why."""
+    flags = os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    with open(path, "rb", opener=lambda p, f: os.open(p, f | flags)) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data
+
+
 def run_folder(src: str | os.PathLike) -> Optional[Path]:
     """The run folder of a weights file: the folder holding it, or the one above `checkpoints/`, where it holds a
     `config.yaml`; None otherwise (a file from elsewhere)."""
@@ -562,11 +576,12 @@ def read_run_config(path: str | os.PathLike, sections: Mapping[str, type]) -> Di
     import yaml
 
     path = Path(path)
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path} is not a regular file of at most 1 MiB: not a run's config.yaml")
     try:
-        config = yaml.safe_load(path.read_text())
+        data = read_small(path, MAX_CONFIG_BYTES)
+    except ValueError:
+        raise ConfigError(f"{path} is not a regular file of at most 1 MiB: not a run's config.yaml") from None
+    try:
+        config = yaml.safe_load(data.decode())
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path} is not YAML ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(config, Mapping):

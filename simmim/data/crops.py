@@ -36,7 +36,8 @@ class Normalise:
         self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
 
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
-        x = (pixels.astype(np.float32) / self.full_range - self.mean) / self.std
+        x = pixels.astype(np.float32, copy=False)  # float pixels: no copy, and no division by their range of 1
+        x = ((x / self.full_range if self.full_range != 1 else x) - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import socket
-import stat
 import time
 import uuid
 import warnings
@@ -29,6 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from simmim.checkpointing.untrusted import read_small
 from simmim.data.images import IMAGE_EXTENSIONS, folder_not_found, no_images
 from simmim.errors import DataFolderError
 
@@ -180,19 +180,6 @@ def _folders_unchanged(root: Path, folder: Path, meta: Dict) -> bool:
         except (OSError, ValueError):
             return False
     return True
-
-
-def read_small(path: str | os.PathLike, limit: int, follow_links: bool = True) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes (a FIFO or a device would block or never end; a larger
-    file is not ours), optionally without following a link. Raises OSError, or ValueError saying why."""
-    flags = os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
-    with open(path, "rb", opener=lambda p, f: os.open(p, f | flags)) as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError("not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"larger than {limit} bytes")
-    return data
 
 
 def _read_small(path: Path, limit: int) -> Optional[bytes]:

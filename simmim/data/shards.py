@@ -28,8 +28,9 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 
+from simmim.checkpointing.untrusted import read_small
 from simmim.data import stores
-from simmim.data.index import read_small, write_json
+from simmim.data.index import write_json
 from simmim.errors import DataFolderError
 
 SHARDS_FILE = "shards.json"  # our record, beside litdata's index

@@ -435,17 +435,21 @@ class TableSet(ShardSet):
         return int(self.labels[self._locate(int(i))[1]])
 
 
-SPLIT_NAME = re.compile(r"(?:^|[-_.])(train|validation|val)(?:-\d+-of-\d+(?:-[0-9a-f]+)?)?\.(?:parquet|arrow)$")
+SPLIT_OF_WORD = {word: split for split, words in SPLITS.items() for word in words}  # "validation" -> "val"
+SPLIT_NAME = re.compile(
+    rf"(?:^|[-_.])({'|'.join(SPLIT_OF_WORD)})(?:-\d+-of-\d+(?:-[0-9a-f]+)?)?"
+    rf"(?:{'|'.join(re.escape(s) for s in SUFFIXES)})$"
+)
 
 
 def split_of(path: Path) -> Optional[str]:
     """'train' or 'val' when a table file's folder or the end of its name says so: the split's word just before its
     shard numbering or the suffix (`train-00000-of-00004.parquet`, `imagenet-1k-validation-00001-of-00002.arrow`,
     `my-train-set-validation.arrow`, `validation/data-00000-of-00001.arrow`), else None."""
-    if path.parent.name in SPLITS["train"] + SPLITS["val"]:
-        return "train" if path.parent.name in SPLITS["train"] else "val"
+    if path.parent.name in SPLIT_OF_WORD:
+        return SPLIT_OF_WORD[path.parent.name]
     found = SPLIT_NAME.search(path.name)
-    return None if found is None else "train" if found.group(1) == "train" else "val"
+    return None if found is None else SPLIT_OF_WORD[found.group(1)]
 
 
 def open_table_split(root: str | os.PathLike) -> ShardSplit:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import swinv2
-from simmim.checkpointing.untrusted import MAX_CONFIG_BYTES, run_folder
+from simmim.checkpointing.untrusted import MAX_CONFIG_BYTES, read_small, run_folder
 from simmim.stage import TRAIN_IMAGES_METRIC as DATA_SIZE
 
 if TYPE_CHECKING:
@@ -47,11 +47,8 @@ def read_config(folder: Path) -> Dict[str, Any]:
     string it is written as; {} where it cannot be read."""
     import yaml
 
-    path = folder / "config.yaml"
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES or path.is_symlink():
-            return {}
-        text = path.read_text()
+        text = read_small(folder / "config.yaml", MAX_CONFIG_BYTES, follow_links=False).decode()
         if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
             return {}  # an alias repeats a node: a few hundred bytes can stand for gigabytes once shown
         config = yaml.load(text, Loader=yaml.BaseLoader)  # every scalar a string: no number is parsed
@@ -108,10 +105,16 @@ def _plain(value: Any) -> str:
     return text
 
 
+def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """A section of a run's config (`data`, `model`, `trainer`), {} where it is missing or not a mapping."""
+    section = config.get(name)
+    return section if isinstance(section, Mapping) else {}
+
+
 def _recipe(config: Mapping[str, Any]) -> List[str]:
     rows = []
     for section, fields in RECIPE.items():
-        values = config.get(section) if isinstance(config.get(section), Mapping) else {}
+        values = _section(config, section)
         for name in fields:
             if name in values:
                 rows.append(f"| `{section}.{name}` | {_plain(values[name])} |")
@@ -128,8 +131,7 @@ def _results(metrics: Mapping[str, Tuple[int, float]], whose: str) -> List[str]:
 
 
 def _stage(config: Mapping[str, Any]) -> str:
-    data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
-    return "pretraining" if "mask_ratio" in data else "fine-tuning"
+    return "pretraining" if "mask_ratio" in _section(config, "data") else "fine-tuning"
 
 
 def _version() -> str:
@@ -179,8 +181,7 @@ def model_card(weights: Weights, written: str, title: Optional[str] = None, note
     if folder is None:
         lines += ["The file has no run folder beside it: its data and recipe are not known here.", ""]
     else:
-        data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
-        root = data.get("root")
+        root = _section(config, "data").get("root")
         images = metrics.get(DATA_SIZE)
         lines += [
             f"Trained by {_stage(config)} on {_plain(root) if root else 'the built-in digits'}"
@@ -190,7 +191,7 @@ def model_card(weights: Weights, written: str, title: Optional[str] = None, note
             *_recipe(config),
             "",
         ]
-        pretrained = (config.get("model") or {}).get("pretrained") if isinstance(config.get("model"), Mapping) else None
+        pretrained = _section(config, "model").get("pretrained")
         named = isinstance(pretrained, str) and pretrained not in ("null", "~", "") and os.path.isfile(pretrained)
         earlier = run_folder(pretrained) if named else None
         if earlier is not None and earlier != folder:

@@ -51,14 +51,16 @@ IMAGENET = {"depth": "uint8", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_
 
 @dataclass
 class Weights:
-    """A weights file read once for an export and its card: its path, the checkpoint as read, the model built from
-    it, and its input and label records (checked)."""
+    """A weights file read once for an export and its card: its path, the model built from it, its input and label
+    records (checked), and of the rest of the file only what `--kind mim` reads (SimMIM's decoder entries, the
+    hyper-parameters): a Lightning checkpoint's optimizer state is not kept."""
 
     path: str
-    raw: Dict[str, Any]
     model: swinv2.SwinTransformerV2
     inputs: Optional[Dict[str, Any]]
     labels: Optional[List[str]]
+    decoder: Dict[str, Any]
+    hyper_parameters: Dict[str, Any]
 
 
 def read_weights(src: str) -> Weights:
@@ -66,9 +68,12 @@ def read_weights(src: str) -> Weights:
     raw = swinv2.read_checkpoint(src)
     try:
         model = swinv2.create_model_from_checkpoint(raw, name=src).eval()
-        return Weights(src, raw, model, swinv2.read_inputs(raw, src), swinv2.read_labels(raw, src))
+        inputs, labels = swinv2.read_inputs(raw, src), swinv2.read_labels(raw, src)
     except MalformedRecordError as e:
         raise ConfigError(str(e)) from None
+    state = raw.get("state_dict") if isinstance(raw.get("state_dict"), dict) else raw
+    hparams = raw.get("hyper_parameters") if isinstance(raw.get("hyper_parameters"), dict) else {}
+    return Weights(src, model, inputs, labels, {k: state.get(k) for k in DECODER}, hparams)
 
 
 def parse_args(args: Optional[List[str]] = None) -> argparse.Namespace:
@@ -83,19 +88,17 @@ def parse_args(args: Optional[List[str]] = None) -> argparse.Namespace:
     return a
 
 
-def _new_folder(path: Path) -> Path:
+def _check_folder(path: Path) -> None:
     """`path` as a folder to write into: new or empty (a folder of someone's files is not written over)."""
     require(not path.is_symlink() and not path.is_file(), "--to", str(path), "is a file or a link: name a folder")
     if path.is_dir():
         require(not any(path.iterdir()), "--to", str(path), "is a folder that is not empty: name a new one")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
-def _decoder(raw: Dict[str, Any], src: str, model: swinv2.SwinTransformerV2) -> Dict[str, torch.Tensor]:
+def _decoder(weights: Weights) -> Dict[str, torch.Tensor]:
     """SimMIM's decoder weights of a pretraining checkpoint, checked against the encoder."""
-    state = raw.get("state_dict") if isinstance(raw.get("state_dict"), dict) else raw
-    weight, bias = (state.get(k) for k in DECODER)
+    src, model = weights.path, weights.model
+    weight, bias = (weights.decoder[k] for k in DECODER)
     shape = (model.encoder_stride**2 * model.in_chans, model.num_features, 1, 1)
     ok = isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
     if not ok or tuple(weight.shape) != shape or tuple(bias.shape) != shape[:1]:
@@ -128,31 +131,31 @@ def preprocessor_config(model: swinv2.SwinTransformerV2, inputs: Optional[Dict[s
 def to_transformers(weights: Weights, folder: str, kind: str = "auto") -> Dict[str, Any]:
     """Write `weights` as a transformers folder (`config.json`, `model.safetensors`, `preprocessor_config.json`,
     `README.md`); returns the config written."""
-    src, raw, model, inputs, labels = weights.path, weights.raw, weights.model, weights.inputs, weights.labels
-    if kind == "auto":
-        kind = "classifier" if model.num_classes else "encoder"
-    require(kind != "classifier" or model.num_classes > 0, "--kind", kind, f"needs a head: {src} has none")
+    src, model, inputs, labels = weights.path, weights.model, weights.inputs, weights.labels
+    kind = _kind(weights, kind)
     note: Optional[str] = None
     try:
         config = transformers_config(model)
     except ValueError as e:
         raise ConfigError(f"{src}: {e}") from None
+    prefix = "" if kind == "encoder" else "swinv2."  # Swinv2Model's keys, or its place inside the other two
+    state = {  # a head only in the classifier, the mask token only in the pretraining model
+        k: v
+        for k, v in to_transformers_state_dict(model, prefix).items()
+        if (kind == "classifier" or not k.startswith("classifier."))
+        and (kind == "mim" or k != f"{prefix}embeddings.mask_token")
+    }
     if kind == "encoder":
-        state = {k: v for k, v in to_transformers_state_dict(model).items() if not k.startswith("classifier.")}
-        state.pop("embeddings.mask_token", None)  # Swinv2Model has none
         config["architectures"] = ["Swinv2Model"]
     elif kind == "classifier":
-        state = to_transformers_state_dict(model, "swinv2.")
-        state.pop("swinv2.embeddings.mask_token", None)
         names = labels or [f"LABEL_{i}" for i in range(model.num_classes)]
         config.update(architectures=["Swinv2ForImageClassification"], id2label=dict(enumerate(names)),
                       label2id={n: i for i, n in enumerate(names)})  # fmt: skip
     else:
         require(model.mask_token is not None, "--kind", kind, f"needs the mask token: {src} has none")
         require(model.img_size[0] == model.img_size[1], "--kind", kind, "needs a square image size (transformers')")
-        decoder = _decoder(raw, src, model)  # checked before anything is written
-        hparams = raw.get("hyper_parameters") if isinstance(raw.get("hyper_parameters"), dict) else {}
-        window = hparams.get("norm_target_patch_size")
+        state.update(_decoder(weights))  # checked before anything is written
+        window = weights.hyper_parameters.get("norm_target_patch_size")
         if isinstance(window, int):
             note = (
                 f"this model was trained against targets normalised in {window}-pixel windows; transformers' "
@@ -160,21 +163,27 @@ def to_transformers(weights: Weights, folder: str, kind: str = "auto") -> Dict[s
                 "same, its loss is not the training loss"
             )
             print(f"note: {note}")
-        state = {
-            k: v for k, v in to_transformers_state_dict(model, "swinv2.").items() if not k.startswith("classifier.")
-        }
-        state.update(decoder)
         config["architectures"] = ["Swinv2ForMaskedImageModeling"]
     task = {"classifier": "image-classification", "encoder": "image-feature-extraction", "mim": "image-to-image"}
     front = f"---\nlibrary_name: transformers\npipeline_tag: {task[kind]}\ntags:\n- swinv2\n- simmim\n---\n\n"
     card = front + model_card(weights, f"transformers {config['architectures'][0]}", Path(folder).name, note)
-    out = _new_folder(Path(folder))  # everything is checked and made before the first file is written
+    out = Path(folder)  # everything is checked and made before the first file is written
+    _check_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(model, inputs), indent=2) + "\n")
     (out / "README.md").write_text(card)
     return config
+
+
+def _kind(weights: Weights, kind: str) -> str:
+    """`--kind` resolved for `weights`: auto is the classifier with a head, else the encoder; a classifier needs
+    one."""
+    has_head = weights.model.num_classes > 0
+    require(kind != "classifier" or has_head, "--kind", kind, f"needs a head: {weights.path} has none")
+    return ("classifier" if has_head else "encoder") if kind == "auto" else kind
 
 
 def sidecar(path: str) -> Path:
@@ -217,8 +226,7 @@ def to_onnx(weights: Weights, path: str, kind: str = "auto") -> float:
     against PyTorch at batch 1 and 3; returns the largest absolute difference."""
     onnxruntime = _onnx_modules()
     model = weights.model
-    require(kind != "classifier" or model.num_classes > 0, "--kind", kind, f"needs a head: {weights.path} has none")
-    head = kind != "encoder" and model.num_classes > 0
+    head = _kind(weights, kind) == "classifier"
     graph = _Outputs(model, head).eval()
     names = ["logits", "features"] if head else ["features"]
     example = torch.randn(2, model.in_chans, *model.img_size)
@@ -263,8 +271,10 @@ def _check_onnx(onnxruntime: Any, graph: torch.nn.Module, model: Any, path: str,
 
 
 def _check_target(fmt: str, path: str, kind: str) -> None:
-    """A timm or ONNX target: a new file of the format's suffix (with its card, and an ONNX file's `.data`), and
-    the packages ONNX needs."""
+    """The target, before anything is read: for transformers a new or empty folder; for timm or ONNX a new file of
+    the format's suffix (with its card, and an ONNX file's `.data`), and the packages ONNX needs."""
+    if fmt == "transformers":
+        return _check_folder(Path(path))
     suffix = {"timm": ".safetensors", "onnx": ".onnx"}[fmt]
     require(path.endswith(suffix), f"--to {fmt}", path, f"must be a {suffix} file")
     for name in (path, str(sidecar(path)), *([path + ".data"] if fmt == "onnx" else [])):
@@ -278,12 +288,12 @@ def _check_target(fmt: str, path: str, kind: str) -> None:
 def main(args: Optional[List[str]] = None) -> str:
     a = parse_args(args)
     fmt, path = a.to
+    _check_target(fmt, path, a.kind)
+    weights = read_weights(a.src)
     if fmt == "transformers":  # its card is the folder's README.md
-        config = to_transformers(read_weights(a.src), path, a.kind)
+        config = to_transformers(weights, path, a.kind)
         written = f"{path} ({config['architectures'][0]})"
-    else:  # the target checked, then the card made: a file whose card fails is not written
-        _check_target(fmt, path, a.kind)
-        weights = read_weights(a.src)
+    else:  # the card made first: a file whose card fails is not written
         card = model_card(weights, f"{fmt} ({Path(path).name})")
         if fmt == "timm":
             written = to_timm(weights, path)
