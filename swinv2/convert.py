@@ -122,7 +122,7 @@ def from_transformers(sd: StateDict, prefix: str = "swinv2.") -> StateDict:
 
 
 # transformers `Swinv2Config` fields whose other values this SwinV2 does not implement
-HF_FIXED = {"hidden_act": "gelu", "layer_norm_eps": 1e-5, "use_absolute_embeddings": False}
+HF_FIXED = {"hidden_act": "gelu", "use_absolute_embeddings": False, "layer_norm_eps": 1e-5}
 
 
 def transformers_config_kwargs(config: Union[str, os.PathLike, Mapping]) -> Dict:

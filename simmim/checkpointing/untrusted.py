@@ -578,7 +578,7 @@ def read_run_config(path: str | os.PathLike, sections: Mapping[str, type]) -> Di
     path = Path(path)
     try:
         data = read_small(path, MAX_CONFIG_BYTES)
-    except ValueError:
+    except (ValueError, IsADirectoryError):
         raise ConfigError(f"{path} is not a regular file of at most 1 MiB: not a run's config.yaml") from None
     try:
         config = yaml.safe_load(data.decode())

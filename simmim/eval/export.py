@@ -226,7 +226,7 @@ def to_onnx(weights: Weights, path: str, kind: str = "auto") -> float:
     against PyTorch at batch 1 and 3; returns the largest absolute difference."""
     onnxruntime = _onnx_modules()
     model = weights.model
-    head = _kind(weights, kind) == "classifier"
+    head = _kind(weights, kind) != "encoder" and model.num_classes > 0
     graph = _Outputs(model, head).eval()
     names = ["logits", "features"] if head else ["features"]
     example = torch.randn(2, model.in_chans, *model.img_size)
