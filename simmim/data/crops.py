@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -13,16 +13,24 @@ import torch
 Box = Tuple[int, int, int, int]  # top, left, height, width
 
 
-def resize(img: np.ndarray, size: Tuple[int, int], interpolation: int) -> np.ndarray:
-    """OpenCV's resize of an (H, W, C) image to `size` (width, height), any channel count: its area interpolation
-    takes at most 4 channels, so more are resized 4 at a time. Returns (h, w, C), the channel axis kept."""
-    if interpolation == cv2.INTER_AREA and img.ndim == 3 and img.shape[2] > 4:
-        parts = [
-            resize(np.ascontiguousarray(img[:, :, c : c + 4]), size, interpolation) for c in range(0, img.shape[2], 4)
-        ]
-        return np.concatenate(parts, axis=2)
-    out = cv2.resize(img, size, interpolation=interpolation)
+OPENCV_CHANNELS = 128  # the most channels OpenCV's Python functions take in one image (CV_CN_MAX)
+
+
+def by_channels(fn: Callable[[np.ndarray], np.ndarray], img: np.ndarray, most: int = OPENCV_CHANNELS) -> np.ndarray:
+    """`fn` (an OpenCV function of one image) of an (H, W, C) image of any channel count: at most `most` channels at
+    a time when there are more. Returns (h, w, C), the channel axis kept."""
+    if img.shape[2] > most:
+        parts = [np.ascontiguousarray(img[:, :, c : c + most]) for c in range(0, img.shape[2], most)]
+        return np.concatenate([by_channels(fn, part, most) for part in parts], axis=2)
+    out = fn(img)
     return out[:, :, None] if out.ndim == 2 else out
+
+
+def resize(img: np.ndarray, size: Tuple[int, int], interpolation: int) -> np.ndarray:
+    """OpenCV's resize of an (H, W, C) image to `size` (width, height), any channel count (its area interpolation
+    takes at most 4 channels at a time). Returns (h, w, C), the channel axis kept."""
+    most = 4 if interpolation == cv2.INTER_AREA else OPENCV_CHANNELS
+    return by_channels(lambda part: cv2.resize(part, size, interpolation=interpolation), img, most)
 
 
 class Normalise:
@@ -113,5 +121,5 @@ class ResizedCrop:
         size = (self.img_size, self.img_size)
         out = resize(img[top : top + h, left : left + w], size, self.interpolation)
         if self.train and rng.random() < 0.5:
-            out = cv2.flip(out, 1)
-        return out[:, :, None] if out.ndim == 2 else out  # OpenCV's flip drops a single channel's axis
+            out = by_channels(lambda part: cv2.flip(part, 1), out)
+        return out

@@ -177,10 +177,17 @@ class PixelSource:
             except MalformedRecordError:
                 pass  # unusable: worked out again
         mean, std = channel_statistics(files, self.pixels, self.stats_images)
-        print(f"data statistics ({min(self.stats_images, len(files))} training images): mean {mean}, std {std}")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"key": key, "mean": mean, "std": std})
+        print(f"data statistics ({min(self.stats_images, len(files))} training images): mean {_shown(mean)}, std "
+              f"{_shown(std)}; every value in {path}")  # fmt: skip
         return mean, std
+
+
+def _shown(values: Sequence[float], most: int = 16) -> str:
+    """Per-channel values to 4 significant digits; of more than `most` channels, the first and the count."""
+    text = [f"{v:.4g}" for v in values]
+    return f"[{', '.join(text if len(text) <= most else text[: most // 2] + [f'... ({len(text)} channels)'])}]"
 
 
 def agreed_format(

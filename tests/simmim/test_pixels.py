@@ -26,6 +26,7 @@ from simmim.data.pixels import (
     read_array,
 )
 from simmim.errors import ConfigError, DataFolderError
+from simmim.finetune.augment import GeometricTransform
 from simmim.pretrain.augment import PretrainTransform
 
 BAND_MEAN = np.linspace(2000, 14000, 13)  # uint16 values per band
@@ -166,6 +167,26 @@ def test_the_crop_and_flip_of_any_channel_count_are_the_rgb_ones_band_for_band()
     assert normed.dtype == torch.float32 and torch.allclose(normed[0], torch.from_numpy(expected), atol=1e-6)
 
 
+@pytest.mark.parametrize("depth", ["uint16", "float32"])
+def test_images_of_more_bands_than_opencv_takes_in_one_call_crop_resize_and_flip_band_for_band(depth):
+    """OpenCV's functions take at most 128 channels: a 200-band (hyperspectral) image goes through them in groups,
+    for training and evaluation, both stages' transforms, and comes out as its 3-band slices do."""
+    bands = np.random.default_rng(7).integers(0, 60000, (40, 48, 200)).astype(depth)
+    pre = PretrainTransform(24, train=True)
+    for seed in range(4):
+        out = pre.geometry(bands, np.random.default_rng(seed))
+        assert out.shape == (24, 24, 200) and out.dtype == bands.dtype
+        for first in (0, 126, 197):  # a group's first bands, across the groups' border, the last ones
+            part = pre.geometry(np.ascontiguousarray(bands[:, :, first : first + 3]), np.random.default_rng(seed))
+            assert np.abs(out[:, :, first : first + 3].astype(np.float64) - part).max() <= 1, (seed, first)
+    for train in (True, False):  # fine-tuning's geometry: bicubic
+        np.random.seed(0)
+        x = GeometricTransform(24, train, [0.0] * 200, [1.0] * 200, 1.0, 0.0)(bands.astype(np.float32))
+        np.random.seed(0)
+        part = GeometricTransform(24, train, [0.0] * 3, [1.0] * 3, 1.0, 0.0)(bands[:, :, 130:133].astype(np.float32))
+        assert x.shape == (200, 24, 24) and torch.allclose(x[130:133], part, rtol=0, atol=0.5), train
+
+
 def test_16_bit_batches_are_normalised_on_the_device_as_fractions_of_their_range():
     x = torch.randint(0, 65535, (2, 13, 8, 8)).to(torch.uint16)
     mean, std = torch.linspace(0.1, 0.3, 13), torch.linspace(0.05, 0.1, 13)
@@ -255,6 +276,33 @@ def _finetune(root, tmp_path, *extra):
                     "--trainer.default_root_dir", str(tmp_path / "fine"), *extra])  # fmt: skip
     exported = tmp_path / "fine" / "logs" / "version_0" / "classifier.safetensors"
     return cli, exported
+
+
+def test_200_band_images_flow_through_both_stages_the_probe_and_the_viewer(tmp_path, capsys):
+    """More bands than OpenCV takes in one call (128): hyperspectral cubes as 16-bit arrays, in two classes. Their
+    statistics print in one short line."""
+    rng = np.random.default_rng(8)
+    root = tmp_path / "cubes"
+    for cls, shift in (("a", 0), ("b", 2000)):
+        (root / cls).mkdir(parents=True)
+        for i in range(8):
+            np.save(
+                root / cls / f"{i}.npy", rng.integers(100, 4000, (32, 32, 200)).astype(np.uint16) + np.uint16(shift)
+            )
+    cli, model, inputs, version = _pretrain(root, tmp_path / "pre", "--grid.bands", "[150, 100, 50]")
+    assert model.in_chans == 200 and len(inputs["mean"]) == 200 and cli.datamodule.pixels == PixelFormat(200, "uint16")
+    assert np.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data statistics"))
+    assert "(200 channels)" in line and len(line) < 400, line
+    fine, exported = _finetune(root, tmp_path, "--model.pretrained", str(version / "encoder.safetensors"))
+    assert fine.model.model.in_chans == 200 and "val/acc1" in fine.trainer.callback_metrics
+    from simmim.probe import main as probe
+    from simmim.reconstruct import main as reconstruct
+
+    assert 0 <= probe(["--checkpoint", str(version / "encoder.safetensors"), "--data.root", str(root), "--epochs", "2"])
+    grid = reconstruct(["--checkpoint", str(version / "checkpoints" / "last.ckpt"), "--images", str(root),
+                        "--out", str(tmp_path / "grid.png"), "--num_images", "2", "--bands", "150,100,50"])  # fmt: skip
+    assert grid.shape[0] == 3 and float(grid.std()) > 0.05
 
 
 def test_fine_tuning_takes_a_13_band_export_with_its_format_and_normalisation_and_no_channel_option(tmp_path, caplog):
