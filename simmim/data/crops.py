@@ -33,6 +33,16 @@ def resize(img: np.ndarray, size: Tuple[int, int], interpolation: int) -> np.nda
     return by_channels(lambda part: cv2.resize(part, size, interpolation=interpolation), img, most)
 
 
+def planes(img: np.ndarray) -> np.ndarray:
+    """An (H, W, C) image as a contiguous (C, H, W) array, the layout a batch is stacked in: OpenCV's split into the
+    planes of one array, the same values as NumPy's transposing copy in about a quarter of its time."""
+    out = np.empty((img.shape[2], *img.shape[:2]), img.dtype)
+    dst = list(out)
+    if img.shape[2] > OPENCV_CHANNELS or any(a is not b for a, b in zip(cv2.split(img, dst), dst)):
+        out[...] = img.transpose(2, 0, 1)  # NumPy's copy: more channels than OpenCV takes, or it wrote elsewhere
+    return out
+
+
 class Normalise:
     """(H, W, C) pixels -> float32 (C, H, W) tensor, `(x / full_range - mean) / std` per channel (`full_range`:
     255 for 8-bit, 65535 for 16-bit, 1 for float pixels): the normalisation of every transform that hands floats
@@ -112,7 +122,7 @@ class ResizedCrop:
             if self.normalize is None:
                 raise ValueError("float pixels need the normalisation (mean, std) to be given to the transform")
             return self.normalize(out)
-        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+        return torch.from_numpy(planes(out))
 
     def geometry(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The crop, resize and flip of `img` (H, W, C): (S, S, C) of the same type."""

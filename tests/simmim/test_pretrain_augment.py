@@ -9,6 +9,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
+from simmim.data.crops import planes
 from simmim.data.images import normalize_images
 from simmim.pretrain.augment import PretrainTransform
 
@@ -112,3 +113,12 @@ def test_the_fallback_is_torchvisions_centre_crop(shape):
     torch.manual_seed(0)
     ref = RandomResizedCrop.get_params(torch.zeros(3, *shape), scale=[0.67, 1.0], ratio=[3 / 4, 4 / 3])
     assert ours == tuple(ref), (ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("channels", [1, 3, 4, 13, 128, 129, 256])
+def test_planes_are_numpys_transposing_copy_for_every_type_and_channel_count(dtype, channels):
+    img = np.random.default_rng(channels).integers(0, 200, (7, 9, channels)).astype(dtype)
+    out = planes(img)
+    assert out.dtype == img.dtype and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, img.transpose(2, 0, 1))
