@@ -93,7 +93,7 @@ def read_array(data: np.ndarray, name: object) -> Tuple[np.ndarray, bool]:
             f"cannot decode {name}: its pixels are {img.dtype}; images are carried as uint8, uint16 or float32 "
             "(int8, int16, float16 and float64 convert to float32): save it as one of those"
         )
-    if img.dtype.kind == "f" and not np.isfinite(img).all():
+    if img.dtype.kind == "f" and not (np.isfinite(img.min()) and np.isfinite(img.max())):  # NaN propagates; no copy
         raise UnreadableImageError(f"cannot decode {name}: it holds NaN or infinite pixels")
     return img, bgr
 

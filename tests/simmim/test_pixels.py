@@ -390,6 +390,14 @@ def test_arrays_of_other_layouts_and_types_are_refused_or_converted_by_rule(tmp_
     cases = {
         "band_first.npy": (rng.random((13, 16, 16), dtype=np.float32), "look band-first"),
         "nan.npy": (np.full((8, 8), np.nan, np.float32), "NaN or infinite"),
+        **{  # one bad pixel among finite ones, in each float type a file may hold
+            f"one_{bad}_{dtype.__name__}.npy": (
+                np.where(np.eye(8, dtype=bool), bad, 1.0).astype(dtype),
+                "NaN or infinite",
+            )
+            for bad in (np.nan, np.inf, -np.inf)
+            for dtype in (np.float16, np.float32, np.float64)
+        },
         "int32.npy": (np.zeros((8, 8), np.int32), "its pixels are int32"),
         "complex.npy": (np.zeros((8, 8), np.complex64), "a .npy image is an"),
     }
