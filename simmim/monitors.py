@@ -82,7 +82,7 @@ class ResizeCenterCrop:
         if (nh, nw) != (h, w):
             image = resize(image, (nw, nh), cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
         top, left = (nh - self.size) // 2, (nw - self.size) // 2
-        image = image[:, :, None] if image.ndim == 2 else image  # a gray image given as (H, W)
+        image = image[:, :, None] if image.ndim == 2 else image  # a gray image given as (H, W), not resized
         return self.normalise(image[top : top + self.size, left : left + self.size])
 
 

@@ -17,8 +17,10 @@ OPENCV_CHANNELS = 128  # the most channels OpenCV's Python functions take in one
 
 
 def by_channels(fn: Callable[[np.ndarray], np.ndarray], img: np.ndarray, most: int = OPENCV_CHANNELS) -> np.ndarray:
-    """`fn` (an OpenCV function of one image) of an (H, W, C) image of any channel count: at most `most` channels at
-    a time when there are more. Returns (h, w, C), the channel axis kept."""
+    """`fn` (an OpenCV function of one image) of an (H, W, C) image of any channel count (or an (H, W) gray one): at
+    most `most` channels at a time when there are more. Returns (h, w, C), the channel axis kept."""
+    if img.ndim == 2:
+        img = img[:, :, None]
     if img.shape[2] > most:
         parts = [np.ascontiguousarray(img[:, :, c : c + most]) for c in range(0, img.shape[2], most)]
         return np.concatenate([by_channels(fn, part, most) for part in parts], axis=2)

@@ -49,6 +49,8 @@ def test_resize_center_crop_keeps_the_middle_of_the_short_side():
     assert x.shape == (3, 30, 30)
     band = x[0, 0]  # std 1 of the 0-1 range: pixels / 255
     assert band[10:20].min() > 0.9 and band[:8].max() < 0.1 and band[22:].max() < 0.1
+    gray = ResizeCenterCrop(30, mean=(0,), std=(1,))(np.ascontiguousarray(image[:, :, 0]))  # (H, W), shrunk
+    assert gray.shape == (1, 30, 30) and torch.equal(gray[0], x[0])
 
 
 def test_both_monitors_read_their_images_normalised_as_the_module_trains(tmp_path, monkeypatch):

@@ -279,15 +279,15 @@ def _finetune(root, tmp_path, *extra):
 
 
 def test_200_band_images_flow_through_both_stages_the_probe_and_the_viewer(tmp_path, capsys):
-    """More bands than OpenCV takes in one call (128): hyperspectral cubes as 16-bit arrays, in two classes. Their
-    statistics print in one short line."""
+    """More bands than OpenCV takes in one call (128): hyperspectral cubes as 16-bit arrays, in two classes, larger
+    than the model's input (the probe and the viewer resize them). Their statistics print in one short line."""
     rng = np.random.default_rng(8)
     root = tmp_path / "cubes"
     for cls, shift in (("a", 0), ("b", 2000)):
         (root / cls).mkdir(parents=True)
         for i in range(8):
             np.save(
-                root / cls / f"{i}.npy", rng.integers(100, 4000, (32, 32, 200)).astype(np.uint16) + np.uint16(shift)
+                root / cls / f"{i}.npy", rng.integers(100, 4000, (40, 40, 200)).astype(np.uint16) + np.uint16(shift)
             )
     cli, model, inputs, version = _pretrain(root, tmp_path / "pre", "--grid.bands", "[150, 100, 50]")
     assert model.in_chans == 200 and len(inputs["mean"]) == 200 and cli.datamodule.pixels == PixelFormat(200, "uint16")
