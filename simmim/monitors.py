@@ -76,13 +76,13 @@ class ResizeCenterCrop:
         self.normalise = Normalise(mean, std, (fmt or RGB8).full_range)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
+        image = image[:, :, None] if image.ndim == 2 else image  # a gray image given as (H, W)
         h, w = image.shape[:2]
         scale = self.size / min(h, w)
         nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
         if (nh, nw) != (h, w):
             image = resize(image, (nw, nh), cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
         top, left = (nh - self.size) // 2, (nw - self.size) // 2
-        image = image[:, :, None] if image.ndim == 2 else image  # a gray image given as (H, W), not resized
         return self.normalise(image[top : top + self.size, left : left + self.size])
 
 

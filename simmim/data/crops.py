@@ -52,13 +52,14 @@ class Normalise:
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], full_range: float = 1.0) -> None:
         self.full_range = np.float32(full_range)
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
 
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
-        x = pixels.astype(np.float32, copy=False)  # float pixels: no copy, and no division by their range of 1
-        x = ((x / self.full_range if self.full_range != 1 else x) - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        # in (C, H, W) order from the start: per-channel constants over whole planes, several times faster than over
+        # the last axis of (H, W, C), the same values
+        x = planes(pixels).astype(np.float32, copy=False)  # float pixels: no second copy, and no division by 1
+        return torch.from_numpy(((x / self.full_range if self.full_range != 1 else x) - self.mean) / self.std)
 
 
 class ResizedCrop:

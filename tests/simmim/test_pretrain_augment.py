@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from simmim.data.crops import planes
+from simmim.data.crops import Normalise, planes
 from simmim.data.images import normalize_images
 from simmim.pretrain.augment import PretrainTransform
 
@@ -122,3 +122,15 @@ def test_planes_are_numpys_transposing_copy_for_every_type_and_channel_count(dty
     out = planes(img)
     assert out.dtype == img.dtype and out.flags.c_contiguous
     np.testing.assert_array_equal(out, img.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("dtype, full, channels", [(np.uint8, 255, 3), (np.uint16, 65535, 13), (np.float32, 1, 200)])
+def test_normalise_is_the_per_channel_formula_bit_for_bit_on_a_cropped_view(dtype, full, channels):
+    image = np.random.default_rng(channels).integers(0, 200, (37, 41, channels)).astype(dtype)
+    view = image[2:30, 3:33]  # a centre crop, as the evaluation transforms hand it on
+    mean, std = np.linspace(0.1, 0.5, channels), np.linspace(0.2, 0.3, channels)
+    x = view.astype(np.float32) / np.float32(full) if full != 1 else view.astype(np.float32)
+    expected = (x - mean.astype(np.float32)) / std.astype(np.float32)  # over the last axis, (H, W, C)
+    out = Normalise(mean, std, full)(view)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.equal(out, torch.from_numpy(np.ascontiguousarray(expected.transpose(2, 0, 1))))
